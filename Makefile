@@ -1,0 +1,76 @@
+# Esup-Pod xAPI deployment bundle: the two commands of the README, and what they build on.
+#   make demo   lab hosts up, site.yml applied, one statement delivered end to end and reported
+#   make test   lint, the worker's tests, every molecule scenario
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+
+export CONTAINERS_CONF := $(CURDIR)/lab/containers.conf
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+# Tools and collections come from the pinned venv, never from whatever the machine has.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+VENV := .venv
+WORKER_VENV := .venv-worker
+RALPH_VENV := .venv-ralph
+SCENARIOS ?= default sysv
+
+.PHONY: help demo demo-down test lint worker-test molecule resilience bench image clean
+
+help:
+	@echo "make demo       bring the lab up, apply site.yml, deliver one statement"
+	@echo "make demo-down  remove the lab hosts"
+	@echo "make test       lint + worker tests + molecule scenarios ($(SCENARIOS))"
+
+# --- environments -------------------------------------------------------------------------
+$(VENV)/.done: tools/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r tools/requirements.txt
+	touch $@
+
+$(WORKER_VENV)/.done: xapi_worker/pyproject.toml xapi_worker/constraints.txt
+	$(PYTHON) -m venv $(WORKER_VENV)
+	$(WORKER_VENV)/bin/pip install -q --upgrade pip
+	$(WORKER_VENV)/bin/pip install -q -c xapi_worker/constraints.txt -e './xapi_worker[test]'
+	touch $@
+
+$(RALPH_VENV)/.done: tools/ralph-requirements.txt
+	$(PYTHON) -m venv $(RALPH_VENV)
+	$(RALPH_VENV)/bin/pip install -q -r tools/ralph-requirements.txt
+	touch $@
+
+venvs: $(VENV)/.done $(WORKER_VENV)/.done $(RALPH_VENV)/.done
+
+image:
+	bash lab/build-image.sh
+
+# --- the two README commands ---------------------------------------------------------------
+demo: $(VENV)/.done image
+	bash lab/up.sh
+	ansible-playbook -i inventories/lab lab/prepare.yml
+	ansible-playbook -i inventories/lab site.yml
+	ansible-playbook -i inventories/lab playbooks/check.yml
+
+demo-down:
+	bash lab/down.sh
+
+test: lint worker-test molecule
+
+lint: $(VENV)/.done
+	yamllint -s .
+	ansible-lint --profile production
+	ruff check .
+	ruff format --check .
+
+worker-test: $(WORKER_VENV)/.done $(RALPH_VENV)/.done
+	RALPH_VENV=$(CURDIR)/$(RALPH_VENV) $(WORKER_VENV)/bin/pytest -q xapi_worker/tests
+
+molecule: $(VENV)/.done image
+	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
+
+resilience: $(VENV)/.done image
+	molecule test -s resilience
+
+clean:
+	rm -rf $(VENV) $(WORKER_VENV) $(RALPH_VENV)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Brings the three lab hosts up as podman containers booting systemd (see inventories/lab).
+# Idempotent: hosts already running are left as they are.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/containers.conf}
+image=${LAB_IMAGE:-localhost/xapi-lab-debian:bookworm-1}
+network=xapi-lab
+bash "$here/build-image.sh" "$image"
+podman network exists "$network" || podman network create "$network" >/dev/null
+for host in frontal encodage lrs; do
+  name=xapi-lab-$host
+  if podman container exists "$name"; then
+    podman start "$name" >/dev/null
+  else
+    extra=()
+    # The broker host runs its own nftables firewall (roles/redis).
+    [ "$host" = frontal ] && extra+=(--cap-add NET_ADMIN)
+    podman run -d --name "$name" --hostname "$name" --network "$network" \
+      --systemd always "${extra[@]}" "$image" /sbin/init >/dev/null
+  fi
+  echo "lab host $name: up"
+done
+# Wait for systemd in each host before Ansible talks to it.
+for host in frontal encodage lrs; do
+  for _ in $(seq 60); do
+    state=$(podman exec "xapi-lab-$host" systemctl is-system-running 2>/dev/null || true)
+    case "$state" in running|degraded) break ;; esac
+    sleep 1
+  done
+done

@@ -1,0 +1,246 @@
+"""Settings of the xAPI worker: a KEY=VALUE file named by ``XAPI_WORKER_CONFIG``, then the
+process environment, which overrides the file.
+
+Pod's own names (``XAPI_LRS_URL``, ``XAPI_LRS_LOGIN``, ``XAPI_LRS_PWD``,
+``XAPI_CELERY_BROKER_URL``) are kept so one file can serve Pod and the worker; the worker's own
+knobs are prefixed ``XAPI_WORKER_``. Secrets never appear in ``repr()``, in error messages or in
+logs: :func:`mask_url` hides a password embedded in a URL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+CONFIG_ENV = "XAPI_WORKER_CONFIG"
+QUEUE = "xapi"
+TASK_NAME = "pod.xapi.xapi_tasks.send_xapi_statement_task"
+XAPI_VERSION = "1.0.3"
+
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed. The message names the setting, never its value."""
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with the password of its userinfo part (if any) replaced by ``****``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0] if userinfo else ""
+    netloc = f"{user}:****@{hostport}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def parse_config_text(text: str, source: str = "config file") -> dict[str, str]:
+    """Parse ``KEY=VALUE`` lines: blank lines and ``#`` comments ignored, an optional
+    ``export`` prefix accepted, values optionally wrapped in single or double quotes."""
+    values: dict[str, str] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not _KEY_RE.match(key):
+            raise SettingsError(f"{source}, line {lineno}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            quote, value = value[0], value[1:-1]
+            if quote == '"':
+                value = value.replace('\\"', '"').replace("\\\\", "\\")
+        elif value and value[0] in "'\"":
+            raise SettingsError(f"{source}, line {lineno}: unterminated quote for {key}")
+        values[key] = value
+    return values
+
+
+def _positive_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be greater than 0")
+    return value
+
+
+def _positive_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number") from None
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"{name} must be a finite number greater than 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective settings. ``lrs_password`` and the broker password are hidden from repr."""
+
+    lrs_url: str
+    lrs_login: str
+    lrs_password: str = field(repr=False)
+    broker_url: str = field(repr=False)
+    batch_size: int = 100
+    flush_interval_ms: int = 500
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_age_days: float = 7.0
+    ca_bundle: str = ""
+    visibility_timeout: int = 600
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    dead_letter_key: str = "xapi.dead_letters"
+    prefetch_multiplier: int = 0  # 0 = derived: 2 x batch size
+
+    @property
+    def broker_url_masked(self) -> str:
+        return mask_url(self.broker_url)
+
+    @property
+    def effective_prefetch_multiplier(self) -> int:
+        return self.prefetch_multiplier or 2 * self.batch_size
+
+    def public_view(self) -> dict[str, Any]:
+        """Every setting by its external name, secrets masked (for ``xapi-worker settings``)."""
+        view: dict[str, Any] = {}
+        for f in fields(self):
+            name = _ATTR_TO_NAME[f.name]
+            value: Any = getattr(self, f.name)
+            if f.name == "lrs_password":
+                value = "****" if value else ""
+            elif f.name == "broker_url":
+                value = self.broker_url_masked
+            elif f.name == "lrs_url":
+                value = mask_url(value)
+            view[name] = value
+        return view
+
+
+def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    try:
+        parts = urlsplit(raw)
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        raise SettingsError(f"{name} is not a valid URL") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise SettingsError(f"{name} must be a URL of scheme {' or '.join(schemes)} with a host")
+    return raw
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+def _nonempty(name: str, raw: str) -> str:
+    if not raw:
+        raise SettingsError(f"{name} is empty")
+    return raw
+
+
+def _ca_bundle(name: str, raw: str) -> str:
+    if raw and not Path(raw).is_file():
+        raise SettingsError(f"{name} names a file that does not exist: {raw}")
+    return raw
+
+
+def _non_negative_int(name: str, raw: str) -> int:
+    return 0 if raw.strip() == "0" else _positive_int(name, raw)
+
+
+# external name -> (attribute, parser, required)
+_SPEC: dict[str, tuple[str, Callable[[str, str], Any], bool]] = {
+    "XAPI_LRS_URL": ("lrs_url", lambda n, r: _url(n, r, ("http", "https")), True),
+    "XAPI_LRS_LOGIN": ("lrs_login", _nonempty, True),
+    "XAPI_LRS_PWD": ("lrs_password", _nonempty, True),
+    "XAPI_CELERY_BROKER_URL": (
+        "broker_url",
+        lambda n, r: _url(n, r, ("redis", "rediss")),
+        True,
+    ),
+    "XAPI_WORKER_BATCH_SIZE": ("batch_size", _positive_int, False),
+    "XAPI_WORKER_FLUSH_INTERVAL_MS": ("flush_interval_ms", _positive_int, False),
+    "XAPI_WORKER_CONNECT_TIMEOUT": ("connect_timeout", _positive_float, False),
+    "XAPI_WORKER_READ_TIMEOUT": ("read_timeout", _positive_float, False),
+    "XAPI_WORKER_MAX_AGE_DAYS": ("max_age_days", _positive_float, False),
+    "XAPI_WORKER_CA_BUNDLE": ("ca_bundle", _ca_bundle, False),
+    "XAPI_WORKER_VISIBILITY_TIMEOUT": ("visibility_timeout", _positive_int, False),
+    "XAPI_WORKER_RETRY_BASE_SECONDS": ("retry_base_seconds", _positive_float, False),
+    "XAPI_WORKER_RETRY_MAX_SECONDS": ("retry_max_seconds", _positive_float, False),
+    "XAPI_WORKER_DEAD_LETTER_KEY": ("dead_letter_key", _nonempty, False),
+    "XAPI_WORKER_PREFETCH_MULTIPLIER": ("prefetch_multiplier", _non_negative_int, False),
+}
+_ATTR_TO_NAME = {attr: name for name, (attr, _, _) in _SPEC.items()}
+SETTING_NAMES = tuple(_SPEC)
+
+
+def settings_from_mapping(values: Mapping[str, str]) -> Settings:
+    """Build :class:`Settings` from external names; raise :class:`SettingsError` naming the
+    first missing or malformed setting."""
+    kwargs: dict[str, Any] = {}
+    for name, (attr, parse, required) in _SPEC.items():
+        raw = values.get(name)
+        if raw is None or (required and raw.strip() == ""):
+            if required:
+                raise SettingsError(f"{name} is not set")
+            continue
+        kwargs[attr] = parse(name, raw.strip())
+    settings = Settings(**kwargs)
+    # A countdown (retry) message is held unacknowledged by the worker until it is due, then
+    # waits at most one flush interval and one HTTP exchange; Redis gives it to another
+    # consumer once it has been unacknowledged for visibility_timeout seconds.
+    budget = (
+        settings.retry_max_seconds
+        + settings.flush_interval_ms / 1000
+        + settings.connect_timeout
+        + settings.read_timeout
+    )
+    if budget >= settings.visibility_timeout:
+        raise SettingsError(
+            "XAPI_WORKER_VISIBILITY_TIMEOUT must exceed XAPI_WORKER_RETRY_MAX_SECONDS + "
+            "XAPI_WORKER_FLUSH_INTERVAL_MS/1000 + XAPI_WORKER_CONNECT_TIMEOUT + "
+            f"XAPI_WORKER_READ_TIMEOUT (= {budget:g} s)"
+        )
+    if settings.retry_base_seconds > settings.retry_max_seconds:
+        raise SettingsError(
+            "XAPI_WORKER_RETRY_BASE_SECONDS must not exceed XAPI_WORKER_RETRY_MAX_SECONDS"
+        )
+    return settings
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the file named by ``XAPI_WORKER_CONFIG`` (if set), then let ``environ`` override."""
+    env = os.environ if environ is None else environ
+    merged: dict[str, str] = {}
+    path = env.get(CONFIG_ENV, "")
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SettingsError(f"{CONFIG_ENV}: cannot read {path}: {exc.strerror}") from None
+        file_values = parse_config_text(text, source=path)
+        unknown = sorted(
+            k for k in file_values if k.startswith("XAPI_WORKER_") and k not in _SPEC
+        )
+        if unknown:
+            raise SettingsError(f"{path}: unknown setting {unknown[0]}")
+        merged.update(file_values)
+    for name in _SPEC:
+        if name in env:
+            merged[name] = env[name]
+    return settings_from_mapping(merged)
