@@ -15,7 +15,7 @@ WORKER_VENV := .venv-worker
 RALPH_VENV := .venv-ralph
 SCENARIOS ?= default sysv
 
-.PHONY: help demo demo-down test lint worker-test molecule resilience bench image clean
+.PHONY: venvs help demo demo-down test lint worker-test molecule resilience bench image clean
 
 help:
 	@echo "make demo       bring the lab up, apply site.yml, deliver one statement"
@@ -55,7 +55,12 @@ demo: $(VENV)/.done image
 demo-down:
 	bash lab/down.sh
 
-test: lint worker-test molecule
+test: $(VENV)/.done $(WORKER_VENV)/.done $(RALPH_VENV)/.done image
+	bash tools/run-tests.sh \
+	  "lint=$(MAKE) --no-print-directory lint" \
+	  "bundle-tests=pytest -q -p no:cacheprovider tests" \
+	  "worker-tests=$(MAKE) --no-print-directory worker-test" \
+	  $(foreach s,$(SCENARIOS),"molecule-$(s)=molecule test -s $(s)")
 
 lint: $(VENV)/.done
 	yamllint -s .

@@ -28,7 +28,8 @@ xapi_app.conf.task_routes = {"pod.xapi.xapi_tasks.*": {"queue": "xapi"}}
 
 @xapi_app.task
 def send_xapi_statement_task(statement: dict) -> None:
-    response = requests.post(
+    # No timeout, no version header: upstream's defects, reproduced on purpose.
+    response = requests.post(  # noqa: S113
         XAPI_LRS_URL, json=statement, auth=(XAPI_LRS_LOGIN, XAPI_LRS_PWD)
     )
     if response.status_code != 200:
