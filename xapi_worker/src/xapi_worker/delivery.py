@@ -9,7 +9,7 @@ import random
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -161,7 +161,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
+        when = when.replace(tzinfo=timezone.utc)  # noqa: UP017 (Python 3.9 on Debian 11)
     return max(0.0, when.timestamp() - now)
 
 
@@ -179,14 +179,15 @@ def retry_delay(
     delay = ceiling * (0.5 + 0.5 * rng())
     if retry_after is not None:
         delay = max(delay, retry_after)
-    return round(min(delay, maximum), 3)
+    return float(round(min(delay, maximum), 3))
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
+    when = datetime.fromtimestamp(ts, tz=timezone.utc)  # noqa: UP017
+    return when.isoformat(timespec="milliseconds")
 
 
-def parse_iso(value: Any) -> float | None:
+def parse_iso(value: object) -> float | None:
     if not isinstance(value, str):
         return None
     try:
@@ -194,5 +195,5 @@ def parse_iso(value: Any) -> float | None:
     except ValueError:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
+        when = when.replace(tzinfo=timezone.utc)  # noqa: UP017 (Python 3.9 on Debian 11)
     return when.timestamp()

@@ -234,9 +234,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except OSError as exc:
             raise SettingsError(f"{CONFIG_ENV}: cannot read {path}: {exc.strerror}") from None
         file_values = parse_config_text(text, source=path)
-        unknown = sorted(
-            k for k in file_values if k.startswith("XAPI_WORKER_") and k not in _SPEC
-        )
+        unknown = sorted(k for k in file_values if k.startswith("XAPI_WORKER_") and k not in _SPEC)
         if unknown:
             raise SettingsError(f"{path}: unknown setting {unknown[0]}")
         merged.update(file_values)

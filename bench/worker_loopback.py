@@ -1,0 +1,90 @@
+"""Loopback benchmark of the xAPI worker: redis-server + Ralph (FS backend) + one worker, all on
+127.0.0.1. N statements are queued first (as Pod's frontal would, with ``.delay()``), then a
+worker is started and timed until the LRS holds all of them. Run from the repository root:
+
+    RALPH_VENV=$PWD/.venv-ralph .venv-worker/bin/python bench/worker_loopback.py [N]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "xapi_worker" / "tests"))
+
+from support import (  # noqa: E402  (test helpers: processes and the Pod-like producer)
+    LRS_PASSWORD,
+    LRS_USER,
+    Ralph,
+    RedisServer,
+    Worker,
+    make_ralph_auth,
+    pod_producer,
+    video_statement,
+    wait_for,
+    write_config,
+)
+
+
+def run(n: int, batch_size: int, auth: Path) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        redis = RedisServer(work)
+        ralph = Ralph(work, auth)
+        worker = None
+        try:
+            config = write_config(
+                work / "worker.env",
+                {
+                    "XAPI_LRS_URL": ralph.url,
+                    "XAPI_LRS_LOGIN": LRS_USER,
+                    "XAPI_LRS_PWD": LRS_PASSWORD,
+                    "XAPI_CELERY_BROKER_URL": redis.url(),
+                    "XAPI_WORKER_BATCH_SIZE": batch_size,
+                    "XAPI_WORKER_FLUSH_INTERVAL_MS": 500,
+                },
+            )
+            verbs = ["initialized", "played", "paused", "seeked", "completed", "terminated"]
+            with pod_producer(redis.url()) as delay:
+                for i in range(n):
+                    delay(video_statement(verbs[i % len(verbs)], i))
+            worker = Worker(work, config, f"bench{batch_size}")
+            started = time.monotonic()
+
+            def count() -> int:
+                return sum(
+                    1
+                    for p in ralph.data.glob("*.jsonl")
+                    for line in p.read_text().splitlines()
+                    if line
+                )
+
+            if not wait_for(lambda: count() >= n, 900, interval=0.05):
+                raise SystemExit(f"only {count()} of {n} delivered:\n{worker.text()[-2000:]}")
+            elapsed = time.monotonic() - started
+            posts = worker.text().count("delivered batch:")
+            return elapsed, posts
+        finally:
+            if worker is not None:
+                worker.stop()
+            ralph.stop()
+            redis.stop()
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    with tempfile.TemporaryDirectory() as tmp:
+        auth = make_ralph_auth(Path(tmp))
+        rows = [(size, *run(n, size, auth)) for size in (1, 100)]
+    print(f"N = {n} statements, 1 worker (--concurrency 1), loopback, Ralph FS backend")
+    print(f"{'batch size':>10} | {'seconds':>8} | {'statements/s':>12} | {'POSTs':>6}")
+    print(f"{'-' * 10}-+-{'-' * 8}-+-{'-' * 12}-+-{'-' * 6}")
+    for size, elapsed, posts in rows:
+        print(f"{size:>10} | {elapsed:>8.2f} | {n / elapsed:>12.0f} | {posts:>6}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Dead letters: a Redis list (``XAPI_WORKER_DEAD_LETTER_KEY``, default ``xapi.dead_letters``)
+in the broker's database, one JSON object per statement the LRS refused for good."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from .delivery import iso
+from .settings import QUEUE, Settings
+
+
+class RedisAccess:
+    """A redis-py client on the broker URL, rebuilt after a fork."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._client: redis.Redis | None = None
+        self._pid = 0
+
+    def __repr__(self) -> str:
+        return f"RedisAccess({self._settings.broker_url_masked!r})"
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None or self._pid != os.getpid():
+            self._client = redis.Redis.from_url(
+                self._settings.broker_url, socket_timeout=10, socket_connect_timeout=5
+            )
+            self._pid = os.getpid()
+        return self._client
+
+    @property
+    def key(self) -> str:
+        return self._settings.dead_letter_key
+
+    def add(
+        self,
+        statement: dict[str, Any],
+        reason: str,
+        status: int | None,
+        response: str,
+        task_id: str,
+        attempts: int = 1,
+        first_seen: float | None = None,
+    ) -> None:
+        now = time.time()
+        entry = {
+            "statement": statement,
+            "reason": reason,
+            "status": status,
+            "response": response,
+            "time": iso(now),
+            "task_id": task_id,
+            "attempts": attempts,
+            "first_seen": iso(first_seen if first_seen is not None else now),
+        }
+        self.client.rpush(self.key, json.dumps(entry, ensure_ascii=False))
+
+    def entries(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        raws: list[bytes] = self.client.lrange(self.key, 0, -1)  # type: ignore[assignment]
+        for raw in raws:
+            try:
+                yield raw, json.loads(raw)
+            except ValueError:
+                yield raw, {"unparsable": raw.decode("utf-8", "replace")}
+
+    def remove(self, raw: bytes) -> None:
+        self.client.lrem(self.key, 1, raw)  # type: ignore[arg-type]
+
+    def purge(self) -> int:
+        pipe = self.client.pipeline()
+        pipe.llen(self.key)
+        pipe.delete(self.key)
+        count, _ = pipe.execute()  # type: ignore[no-untyped-call]
+        return int(count)
+
+    def status(self) -> dict[str, int]:
+        pipe = self.client.pipeline()
+        pipe.llen(QUEUE)
+        pipe.llen(self.key)
+        pipe.hlen("unacked")
+        queue, dead, unacked = pipe.execute()  # type: ignore[no-untyped-call]
+        return {"queue": int(queue), "dead_letters": int(dead), "unacked": int(unacked)}

@@ -1,0 +1,95 @@
+"""HTTP client of the LRS: one pooled keep-alive ``requests.Session`` per process, basic
+auth, ``X-Experience-API-Version`` on every request, connect/read timeouts, TLS verified."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .delivery import Answer, parse_retry_after
+from .settings import XAPI_VERSION, Settings, mask_url
+
+EXCERPT_CHARS = 500
+
+
+def _excerpt(text: str, secret: str) -> str:
+    text = text[:EXCERPT_CHARS]
+    return text.replace(secret, "****") if secret else text
+
+
+def statements_query_url(lrs_url: str, query: str) -> str:
+    parts = urlsplit(lrs_url)
+    joined = f"{parts.query}&{query}" if parts.query else query
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, joined, parts.fragment))
+
+
+class LRSClient:
+    """Talks to ``XAPI_LRS_URL``. Safe to create before a fork: the session is (re)built
+    lazily in whichever process first uses it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._session: requests.Session | None = None
+        self._pid = 0
+
+    def __repr__(self) -> str:
+        return f"LRSClient({mask_url(self._settings.lrs_url)!r})"
+
+    @property
+    def session(self) -> requests.Session:
+        if self._session is None or self._pid != os.getpid():
+            session = requests.Session()
+            session.auth = (self._settings.lrs_login, self._settings.lrs_password)
+            session.headers.update(
+                {
+                    "X-Experience-API-Version": XAPI_VERSION,
+                    "Content-Type": "application/json",
+                    "Accept": "application/json",
+                }
+            )
+            session.verify = self._settings.ca_bundle or True
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._session = session
+            self._pid = os.getpid()
+        return self._session
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        return (self._settings.connect_timeout, self._settings.read_timeout)
+
+    def _answer(self, response: requests.Response, started: float) -> Answer:
+        latency = (time.monotonic() - started) * 1000
+        return Answer(
+            status=response.status_code,
+            excerpt=_excerpt(response.text, self._settings.lrs_password),
+            retry_after=parse_retry_after(response.headers.get("Retry-After"), time.time()),
+            latency_ms=latency,
+        )
+
+    def post_statements(self, statements: list[dict[str, Any]]) -> Answer:
+        body = json.dumps(statements, separators=(",", ":"), ensure_ascii=False).encode()
+        started = time.monotonic()
+        try:
+            response = self.session.post(
+                self._settings.lrs_url, data=body, timeout=self.timeout, allow_redirects=False
+            )
+        except requests.RequestException as exc:
+            return Answer(
+                status=None,
+                error=_excerpt(f"{type(exc).__name__}: {exc}", self._settings.lrs_password),
+                latency_ms=(time.monotonic() - started) * 1000,
+            )
+        return self._answer(response, started)
+
+    def probe(self) -> requests.Response:
+        """GET statements?limit=1 (used by ``xapi-worker check``); exceptions propagate."""
+        url = statements_query_url(self._settings.lrs_url, "limit=1")
+        return self.session.get(url, timeout=self.timeout, allow_redirects=False)

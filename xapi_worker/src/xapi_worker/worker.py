@@ -1,0 +1,326 @@
+"""The Celery side: the app factory, the batch task that replaces
+``pod.xapi.xapi_tasks.send_xapi_statement_task``, and what happens to each statement.
+
+Acknowledgement: the batch task runs in a pool process; the worker's main process holds every
+message of the batch unacknowledged and, when the pool returns, acknowledges the messages whose
+statement was settled (delivered, dead-lettered or re-published for a later attempt) and puts
+back the others. A pool process lost mid-batch (SIGKILL, OOM) puts the whole batch back. A
+worker lost as a whole leaves its messages in Redis' ``unacked`` set, from which the next
+consumer restores them once ``visibility_timeout`` has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection
+from typing import Any
+
+from celery import Celery
+from celery.app.task import Task
+from celery.worker.request import Request
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+
+from .deadletters import RedisAccess
+from .delivery import (
+    Answer,
+    Item,
+    Kind,
+    Result,
+    Verdict,
+    deliver,
+    ensure_statement_id,
+    iso,
+    merge_duplicates,
+    parse_iso,
+    retry_delay,
+)
+from .lrs import LRSClient
+from .settings import QUEUE, TASK_NAME, Settings, mask_url
+
+log = logging.getLogger("xapi_worker")
+
+H_ATTEMPT = "xapi_attempt"
+H_FIRST_SEEN = "xapi_first_seen"
+ROUTES = {"pod.xapi.xapi_tasks.*": {"queue": QUEUE}}
+
+
+def make_celery(settings: Settings, name: str = "xapi_worker") -> Celery:
+    """A Celery app configured for this broker, usable as worker and as producer."""
+    app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_routes=ROUTES,
+        task_default_queue=QUEUE,
+        accept_content=["json"],
+        task_serializer="json",
+        result_serializer="json",
+        result_accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=settings.effective_prefetch_multiplier,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        enable_utc=True,
+        timezone="UTC",
+    )
+    return app
+
+
+def _statement_of(req: SimpleRequest) -> dict[str, Any] | None:
+    args = tuple(req.args or ())
+    kwargs = dict(req.kwargs or {})
+    if len(args) == 1 and not kwargs and isinstance(args[0], dict):
+        return args[0]
+    if not args and set(kwargs) == {"statement"} and isinstance(kwargs["statement"], dict):
+        return dict(kwargs["statement"])
+    return None
+
+
+def _int(value: object, default: int) -> int:
+    try:
+        return max(1, int(str(value)))
+    except (TypeError, ValueError):
+        return default
+
+
+class Processor:
+    """Settles one batch of requests; returns the ids of the requests to put back."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.lrs = LRSClient(settings)
+        self.dead = RedisAccess(settings)
+
+    def __repr__(self) -> str:
+        return f"Processor({mask_url(self.settings.lrs_url)!r})"
+
+    # --- logging of each HTTP exchange -------------------------------------------------------
+    def _on_sent(self, count: int, answer: Answer) -> None:
+        kind = answer.kind
+        if kind is Kind.OK:
+            log.info(
+                "delivered batch: %d statements, HTTP %s, %.0f ms",
+                count,
+                answer.status,
+                answer.latency_ms,
+            )
+        elif kind is Kind.REJECTED and count > 1:
+            log.info(
+                "LRS rejected a batch of %d statements (HTTP %s, %.0f ms): splitting it",
+                count,
+                answer.status,
+                answer.latency_ms,
+            )
+
+    # --- the batch ----------------------------------------------------------------------------
+    def process(self, requests: Collection[SimpleRequest]) -> dict[str, list[str]]:
+        now = time.time()
+        requeue: list[str] = []
+        items: list[Item] = []
+        for req in requests:
+            task_id = str(req.id)
+            statement = _statement_of(req)
+            headers = req.request_dict or {}
+            attempt = _int(headers.get(H_ATTEMPT), 1)
+            first_seen = parse_iso(headers.get(H_FIRST_SEEN)) or now
+            if statement is None:
+                log.warning("dead letter: task %s carries no statement dict", task_id)
+                try:
+                    self.dead.add(
+                        {"args": list(req.args or ()), "kwargs": dict(req.kwargs or {})},
+                        "malformed task: expected one positional statement dict",
+                        None,
+                        "",
+                        task_id,
+                        attempt,
+                        first_seen,
+                    )
+                except Exception:
+                    log.exception("cannot write dead letter for task %s: put back", task_id)
+                    requeue.append(task_id)
+                continue
+            ensure_statement_id(statement, task_id)
+            redelivered = bool((req.delivery_info or {}).get("redelivered"))
+            items.append(Item(task_id, statement, attempt, first_seen, attempt > 1 or redelivered))
+        leaders = merge_duplicates(items)
+        try:
+            results = deliver(leaders, self.lrs.post_statements, on_sent=self._on_sent)
+        except Exception as exc:  # a bug of ours: keep the statements, try again later
+            log.exception("internal error while delivering a batch")
+            answer = Answer(status=None, error=f"internal error: {type(exc).__name__}")
+            results = [Result(i, Verdict.RETRY, answer) for i in leaders]
+        requeue.extend(self._settle(results, now))
+        return {"requeue": requeue}
+
+    def _settle(self, results: list[Result], now: float) -> list[str]:
+        requeue: list[str] = []
+        retry_groups: dict[int, list[Item]] = {}
+        answers: dict[int, Answer] = {}
+        for res in results:
+            if res.verdict is Verdict.DUPLICATE:
+                log.info(
+                    "statement %s already stored (HTTP 409 after an earlier attempt): delivered",
+                    res.item.statement.get("id"),
+                )
+            elif res.verdict is Verdict.DEAD:
+                reason = f"rejected by the LRS (HTTP {res.answer.status})"
+                if not self._dead_letter(res.item, reason, res.answer):
+                    requeue.extend(self._keys(res.item))
+            elif res.verdict is Verdict.RETRY:
+                retry_groups.setdefault(id(res.answer), []).append(res.item)
+                answers[id(res.answer)] = res.answer
+        for key, group in retry_groups.items():
+            requeue.extend(self._retry(group, answers[key], now))
+        return requeue
+
+    @staticmethod
+    def _keys(item: Item) -> list[str]:
+        return [item.key] + [f.key for f in item.followers]
+
+    def _dead_letter(self, item: Item, reason: str, answer: Answer) -> bool:
+        try:
+            self.dead.add(
+                item.statement,
+                reason,
+                answer.status,
+                answer.excerpt or answer.error,
+                item.key,
+                item.attempt,
+                item.first_seen,
+            )
+        except Exception:
+            log.exception("cannot write dead letter for task %s: put back", item.key)
+            return False
+        log.warning(
+            "dead letter: statement %s (task %s, attempt %d): %s: %s",
+            item.statement.get("id"),
+            item.key,
+            item.attempt,
+            reason,
+            (answer.excerpt or answer.error)[:200].replace("\n", " "),
+        )
+        return True
+
+    def _retry(self, group: list[Item], answer: Answer, now: float) -> list[str]:
+        s = self.settings
+        kind = answer.kind
+        what = f"HTTP {answer.status}" if answer.status is not None else answer.error[:160]
+        if kind is Kind.AUTH:
+            log.error(
+                "LRS %s refused the credentials (HTTP %s): check XAPI_LRS_LOGIN/XAPI_LRS_PWD; "
+                "%d statements kept for a later attempt",
+                mask_url(s.lrs_url),
+                answer.status,
+                len(group),
+            )
+        elif kind is Kind.CONFIG:
+            log.error(
+                "LRS answered HTTP %s for %s: check XAPI_LRS_URL; %d statements kept for a "
+                "later attempt",
+                answer.status,
+                mask_url(s.lrs_url),
+                len(group),
+            )
+        bounded = kind not in (Kind.AUTH, Kind.CONFIG)
+        max_age = s.max_age_days * 86400
+        requeue: list[str] = []
+        delays: list[float] = []
+        expired = 0
+        # One delay for the whole group, so the statements come back together as one batch.
+        group_delay = retry_delay(
+            max(i.attempt for i in group),
+            s.retry_base_seconds,
+            s.retry_max_seconds,
+            answer.retry_after,
+        )
+        for item in group:
+            if bounded and now - item.first_seen > max_age:
+                reason = f"max age exceeded ({s.max_age_days:g} days), last error: {what}"
+                expired += 1
+                if not self._dead_letter(item, reason, answer):
+                    requeue.extend(self._keys(item))
+                continue
+            delay = group_delay
+            try:
+                self.app.send_task(
+                    TASK_NAME,
+                    args=[item.statement],
+                    countdown=delay,
+                    headers={H_ATTEMPT: item.attempt + 1, H_FIRST_SEEN: iso(item.first_seen)},
+                )
+            except Exception:
+                log.exception("cannot re-publish task %s: put back", item.key)
+                requeue.extend(self._keys(item))
+                continue
+            delays.append(delay)
+        if delays:
+            log.warning(
+                "retry: %d statements re-published for attempt %d in %.1f s: %s",
+                len(delays),
+                max(i.attempt for i in group) + 1,
+                group_delay,
+                what,
+            )
+        return requeue
+
+
+class XapiBatches(Batches):  # type: ignore[misc]
+    """celery-batches' task with acknowledgement decided per request by the task's result,
+    and the batch put back when the pool process running it is lost."""
+
+    abstract = True
+
+    def flush(self, requests: Collection[Request]) -> object:
+        reqs = list(requests)
+        payload = ([SimpleRequest.from_request(r) for r in reqs],)
+
+        def on_return(result: object) -> None:
+            if isinstance(result, dict):
+                requeue = set(result.get("requeue", ()))
+            else:  # the task raised: nothing was settled
+                requeue = {r.id for r in reqs}
+            for r in reqs:
+                if r.id in requeue:
+                    r.reject(requeue=True)
+                else:
+                    r.acknowledge()
+
+        def on_error(exc: BaseException) -> None:
+            log.error("batch of %d lost (%r): messages put back", len(reqs), exc)
+            for r in reqs:
+                r.reject(requeue=True)
+
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, payload, 0, None),
+            callback=on_return,
+            error_callback=on_error,
+        )
+
+
+def register_task(app: Celery, settings: Settings) -> Task:
+    processor = Processor(app, settings)
+
+    @app.task(  # type: ignore[untyped-decorator]
+        base=XapiBatches,
+        name=TASK_NAME,
+        bind=True,
+        flush_every=settings.batch_size,
+        flush_interval=settings.flush_interval_ms / 1000,
+        acks_late=True,
+        ignore_result=True,
+    )
+    def send_xapi_statement_task(
+        self: XapiBatches, requests: list[SimpleRequest]
+    ) -> dict[str, list[str]]:
+        return processor.process(requests)
+
+    task: Task = send_xapi_statement_task
+    return task

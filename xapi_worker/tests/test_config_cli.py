@@ -1,0 +1,74 @@
+"""Settings errors stop the worker with a message naming the setting; ``xapi-worker check``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from support import LRS_PASSWORD, VENV_BIN, free_port, run_cli, worker_env, write_config
+
+
+def _celery(config, extra=None):
+    return subprocess.run(
+        [str(VENV_BIN / "celery"), "-A", "xapi_worker.app", "worker", "-Q", "xapi", "-l", "INFO"],
+        env=worker_env(config, extra),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _base(tmp_path, **values):
+    data = {
+        "XAPI_LRS_URL": "http://127.0.0.1:9/xAPI/statements/",
+        "XAPI_LRS_LOGIN": "u",
+        "XAPI_LRS_PWD": LRS_PASSWORD,
+        "XAPI_CELERY_BROKER_URL": "redis://:brokerpw@127.0.0.1:1/6",
+    }
+    data.update(values)
+    return write_config(tmp_path / "w.env", {k: v for k, v in data.items() if v is not None})
+
+
+def test_missing_setting_stops_worker(tmp_path):
+    result = _celery(_base(tmp_path, XAPI_LRS_URL=None))
+    assert result.returncode == 3
+    assert "XAPI_LRS_URL is not set" in result.stderr
+
+
+def test_malformed_setting_stops_worker(tmp_path):
+    result = _celery(_base(tmp_path), {"XAPI_WORKER_BATCH_SIZE": "many"})
+    assert result.returncode == 3
+    assert "XAPI_WORKER_BATCH_SIZE" in result.stderr
+    assert LRS_PASSWORD not in result.stderr + result.stdout
+    assert "brokerpw" not in result.stderr + result.stdout
+    cli = run_cli(_base(tmp_path), "check", extra={"XAPI_CELERY_BROKER_URL": "amqp://x/"})
+    assert cli.returncode == 3 and "XAPI_CELERY_BROKER_URL" in cli.stderr
+
+
+def test_settings_masks_secrets(tmp_path):
+    result = run_cli(_base(tmp_path), "settings")
+    assert result.returncode == 0
+    view = json.loads(result.stdout)
+    assert view["XAPI_LRS_PWD"] == "****"
+    assert view["XAPI_CELERY_BROKER_URL"] == "redis://:****@127.0.0.1:1/6"
+    assert LRS_PASSWORD not in result.stdout and "brokerpw" not in result.stdout
+
+
+def test_check_exit_codes(tmp_path, redis_srv, ralph, make_config):
+    ok = run_cli(make_config(ralph.url), "check")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("OK ") == 2
+    bad_pw = run_cli(make_config(ralph.url, XAPI_LRS_PWD="nope"), "check")
+    assert bad_pw.returncode == 7 and "XAPI_LRS_LOGIN/XAPI_LRS_PWD" in bad_pw.stderr
+    down = f"http://127.0.0.1:{free_port()}/xAPI/statements/"
+    lrs_down = run_cli(make_config(down), "check")
+    assert lrs_down.returncode == 6 and "unreachable" in lrs_down.stderr
+    wrong_path = run_cli(make_config(ralph.url.replace("xAPI", "nowhere")), "check")
+    assert wrong_path.returncode == 8
+    broker_down = f"redis://127.0.0.1:{free_port()}/6"
+    bd = run_cli(make_config(ralph.url, XAPI_CELERY_BROKER_URL=broker_down), "check")
+    assert bd.returncode == 4 and "XAPI_CELERY_BROKER_URL" in bd.stderr
+    redis_srv.client().config_set("requirepass", "brokerpw")
+    auth = f"redis://:wrongpw@127.0.0.1:{redis_srv.port}/6"
+    ba = run_cli(make_config(ralph.url, XAPI_CELERY_BROKER_URL=auth), "check")
+    assert ba.returncode == 5 and "wrongpw" not in ba.stderr + ba.stdout
