@@ -82,6 +82,17 @@ def lrs_get(session: requests.Session, params: dict[str, Any]) -> requests.Respo
     return response
 
 
+def stored(response: requests.Response, statement_id: str) -> bool:
+    """True when the LRS returned the statement. The xAPI spec answers ?statementId= with
+    the statement itself (404 when unknown); Ralph answers 200 with a StatementResult whose
+    list is empty while the statement is not stored."""
+    if response.status_code != 200:
+        return False
+    body = response.json()
+    found = body.get("statements", [body]) if isinstance(body, dict) else body
+    return any(isinstance(item, dict) and item.get("id") == statement_id for item in found)
+
+
 def statement() -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC).isoformat()
     return {
@@ -130,8 +141,7 @@ def run(timeout: float) -> dict[str, Any]:
     started = time.monotonic()
     send_xapi_statement_task.delay(sent)
     while time.monotonic() - started < timeout:
-        response = lrs_get(session, {"statementId": sent["id"]})
-        if response.status_code == 200:
+        if stored(lrs_get(session, {"statementId": sent["id"]}), sent["id"]):
             latency = (time.monotonic() - started) * 1000
             return {"ok": True, "id": sent["id"], "latency_ms": round(latency)}
         time.sleep(0.1)
