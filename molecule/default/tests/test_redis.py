@@ -1,0 +1,295 @@
+"""roles/redis: the broker is on `frontal`; the encoding host can use it, nobody else can.
+
+Clients speak RESP over a plain Python socket on the hosts themselves (no redis-tools on
+the clients). Passwords come from the lab's group_vars, the broker's port/db/user from the
+shared xapi role's defaults: nothing is restated here.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+DURABILITY_KEY = "redis-test:durability"
+# Objects the denial test below provokes on purpose (they show up in ACL LOG).
+PROVOKED_DENIALS = {"keys", "config|get", "flushall", "redis-test:not-a-queue", "not-a-channel"}
+
+# A minimal RESP client run on the host: argv = host port json(commands); prints the replies
+# ("+OK", "-ERR ...", integers, strings, lists) or the connection error.
+RESP_CLIENT = r"""
+import json, socket, sys
+host, port, cmds = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+def enc(args):
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        a = str(a).encode()
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    return out
+try:
+    s = socket.create_connection((host, port), timeout=3)
+except OSError as e:
+    print(json.dumps({"connect_error": type(e).__name__}))
+    sys.exit(0)
+f = s.makefile("rb")
+def read():
+    line = f.readline().rstrip(b"\r\n")
+    t, rest = line[:1], line[1:].decode()
+    if t in (b"+", b"-"):
+        return t.decode() + rest
+    if t == b":":
+        return int(rest)
+    if t == b"$":
+        n = int(rest)
+        return None if n < 0 else f.read(n + 2)[:-2].decode("utf-8", "replace")
+    if t == b"*":
+        n = int(rest)
+        return None if n < 0 else [read() for _ in range(n)]
+    raise ValueError(line)
+replies = []
+for c in cmds:
+    s.sendall(enc(c))
+    replies.append(read())
+print(json.dumps({"replies": replies}))
+"""
+
+
+def _yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+@pytest.fixture(scope="module")
+def settings() -> dict:
+    """Broker settings as the roles see them: xapi defaults, then the lab's group_vars."""
+    merged = _yaml(ROOT / "roles/xapi/defaults/main.yml")
+    merged.update(_yaml(ROOT / "inventories/lab/group_vars/all/xapi.yml"))
+    return merged
+
+
+@pytest.fixture(scope="module")
+def broker_ip(frontal) -> str:
+    return frontal.check_output("hostname -I").split()[0]
+
+
+def resp(host, target: str, port: int, *commands: list) -> dict:
+    cmd = " ".join(
+        shlex.quote(a)
+        for a in ("python3", "-c", RESP_CLIENT, target, str(port), json.dumps(commands))
+    )
+    return json.loads(host.check_output(cmd))
+
+
+def as_xapi(settings: dict, *commands: list) -> list:
+    return [
+        ["AUTH", settings["xapi_broker_user"], settings["xapi_broker_password"]],
+        ["SELECT", settings["xapi_broker_db"]],
+        *commands,
+    ]
+
+
+def as_admin(settings: dict, *commands: list) -> list:
+    return [["AUTH", "default", settings["redis_default_password"]], *commands]
+
+
+def wait_ready(frontal, settings: dict) -> None:
+    for _ in range(60):
+        out = resp(
+            frontal, "127.0.0.1", settings["xapi_broker_port"], *as_admin(settings, ["PING"])
+        )
+        if out.get("replies", [None, None])[-1] == "+PONG":
+            return
+        time.sleep(0.5)
+    pytest.fail("Redis did not come back")
+
+
+def test_debian_unit_enabled_and_kept(frontal):
+    service = frontal.service("redis-server")
+    assert service.is_enabled and service.is_running
+    shown = frontal.check_output(
+        "systemctl show -p FragmentPath -p DropInPaths -p ProtectSystem -p User redis-server"
+    )
+    props = dict(line.split("=", 1) for line in shown.splitlines())
+    assert props["FragmentPath"].endswith("/lib/systemd/system/redis-server.service")
+    assert props["DropInPaths"] == ""
+    assert props["ProtectSystem"] == "strict" and props["User"] == "redis"
+
+
+@pytest.mark.parametrize("path", ["/etc/redis/redis.conf", "/etc/redis/users.acl"])
+def test_config_files_not_world_readable(frontal, path):
+    f = frontal.file(path)
+    assert f.user == "redis" and f.group == "redis" and f.mode == 0o640
+
+
+def test_acl_file_holds_only_password_hashes(frontal, settings):
+    acl = frontal.file("/etc/redis/users.acl").content_string
+    assert f"user {settings['xapi_broker_user']} " in acl
+    for secret in (settings["xapi_broker_password"], settings["redis_default_password"]):
+        assert secret not in acl
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("protected-mode", "yes"),
+        ("maxmemory-policy", "noeviction"),
+        ("appendonly", "yes"),
+        ("appendfsync", "everysec"),
+        ("aclfile", "/etc/redis/users.acl"),
+    ],
+)
+def test_runtime_setting(frontal, settings, name, expected):
+    out = resp(
+        frontal,
+        "127.0.0.1",
+        settings["xapi_broker_port"],
+        *as_admin(settings, ["CONFIG", "GET", name]),
+    )
+    assert out["replies"] == ["+OK", [name, expected]]
+
+
+def test_maxmemory_is_set(frontal, settings):
+    out = resp(
+        frontal,
+        "127.0.0.1",
+        settings["xapi_broker_port"],
+        *as_admin(settings, ["CONFIG", "GET", "maxmemory"]),
+    )
+    assert int(out["replies"][1][1]) > 0
+
+
+def test_client_without_credentials_is_refused(encodage, settings, broker_ip):
+    out = resp(encodage, broker_ip, settings["xapi_broker_port"], ["PING"], ["LLEN", "xapi"])
+    assert all(r.startswith("-NOAUTH") for r in out["replies"])
+
+
+def test_wrong_password_is_refused(encodage, settings, broker_ip):
+    out = resp(
+        encodage,
+        broker_ip,
+        settings["xapi_broker_port"],
+        ["AUTH", settings["xapi_broker_user"], "not-the-password"],
+    )
+    assert out["replies"][0].startswith("-WRONGPASS")
+
+
+def test_xapi_user_works_from_encodage(encodage, settings, broker_ip):
+    out = resp(
+        encodage,
+        broker_ip,
+        settings["xapi_broker_port"],
+        *as_xapi(settings, ["PING"], ["LLEN", "xapi"]),
+    )
+    assert out["replies"][:3] == ["+OK", "+OK", "+PONG"]
+    assert isinstance(out["replies"][3], int)
+
+
+def test_xapi_user_works_from_the_frontal_address(frontal, settings, broker_ip):
+    """Pod's producer on the frontal reaches the broker by its network address."""
+    out = resp(frontal, broker_ip, settings["xapi_broker_port"], *as_xapi(settings, ["PING"]))
+    assert out["replies"] == ["+OK", "+OK", "+PONG"]
+
+
+def test_xapi_user_gets_nothing_beyond_the_queue(encodage, settings, broker_ip):
+    out = resp(
+        encodage,
+        broker_ip,
+        settings["xapi_broker_port"],
+        *as_xapi(
+            settings,
+            ["KEYS", "*"],
+            ["CONFIG", "GET", "maxmemory"],
+            ["FLUSHALL"],
+            ["LPUSH", "redis-test:not-a-queue", "x"],
+            ["PUBLISH", "not-a-channel", "x"],
+        ),
+    )
+    assert all(r.startswith("-NOPERM") for r in out["replies"][2:]), out
+
+
+def test_lrs_cannot_reach_redis(frontal, lrs, settings, broker_ip):
+    counter = "nft -j list chain inet xapi_redis redis_clients"
+
+    def dropped() -> int:
+        rules = json.loads(frontal.check_output(counter))["nftables"]
+        return sum(
+            r["rule"]["expr"][0]["counter"]["packets"]
+            for r in rules
+            if "rule" in r and "counter" in r["rule"]["expr"][0]
+        )
+
+    before = dropped()
+    out = resp(lrs, broker_ip, settings["xapi_broker_port"], ["PING"])
+    assert out.get("connect_error") in ("TimeoutError", "timeout", "ConnectionRefusedError"), out
+    assert dropped() > before
+
+
+def test_firewall_is_its_own_table_loaded_by_its_unit(frontal):
+    assert frontal.service("xapi-redis-firewall").is_enabled
+    tables = frontal.check_output("nft list tables")
+    assert "table inet xapi_redis" in tables
+    after = frontal.check_output("systemctl show -p After xapi-redis-firewall")
+    assert "nftables.service" in after
+
+
+def test_no_unexpected_acl_denial_of_the_xapi_user(frontal, settings):
+    """Whatever ran against the broker so far (Celery, tests), the xAPI user was never refused
+    a command, key or channel other than the ones provoked on purpose above. (Failed logins,
+    reason "auth", are provoked by the wrong-password test.)"""
+    out = resp(
+        frontal,
+        "127.0.0.1",
+        settings["xapi_broker_port"],
+        *as_admin(settings, ["ACL", "LOG", "128"]),
+    )
+    entries = [dict(zip(e[::2], e[1::2], strict=True)) for e in out["replies"][1]]
+    unexpected = [
+        (e["reason"], e["object"])
+        for e in entries
+        if e["username"] == settings["xapi_broker_user"]
+        and e["reason"] != "auth"
+        and e["object"] not in PROVOKED_DENIALS
+    ]
+    assert unexpected == []
+
+
+def test_queued_message_survives_restart_and_crash(frontal, settings):
+    # Last: a restart also empties ACL LOG, which the test above reads.
+    port = settings["xapi_broker_port"]
+    db = settings["xapi_broker_db"]
+    out = resp(
+        frontal,
+        "127.0.0.1",
+        port,
+        *as_admin(
+            settings,
+            ["SELECT", db],
+            ["DEL", DURABILITY_KEY],
+            ["LPUSH", DURABILITY_KEY, "statement"],
+        ),
+    )
+    assert out["replies"][-1] == 1
+    frontal.check_output("systemctl restart redis-server")
+    wait_ready(frontal, settings)
+    out = resp(
+        frontal,
+        "127.0.0.1",
+        port,
+        *as_admin(settings, ["SELECT", db], ["LPUSH", DURABILITY_KEY, "s2"]),
+    )
+    assert out["replies"][-1] == 2
+    time.sleep(2)  # appendfsync everysec: past the fsync, a crash loses nothing
+    frontal.check_output("systemctl kill -s KILL redis-server")
+    time.sleep(1)
+    wait_ready(frontal, settings)
+    out = resp(
+        frontal,
+        "127.0.0.1",
+        port,
+        *as_admin(settings, ["SELECT", db], ["LLEN", DURABILITY_KEY], ["DEL", DURABILITY_KEY]),
+    )
+    assert out["replies"][1:] == ["+OK", 2, 1]
