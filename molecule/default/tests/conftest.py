@@ -9,9 +9,14 @@ through ansible for each.
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import testinfra
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,3 +47,32 @@ def encodage(container_prefix: str) -> testinfra.host.Host:
 @pytest.fixture(scope="session")
 def lrs(container_prefix: str) -> testinfra.host.Host:
     return _host(container_prefix, "lrs")
+
+
+@pytest.fixture(scope="session")
+def inventory(container_prefix: str) -> str:
+    """The inventory operators' playbooks run with: the lab's, or molecule's (its hosts and
+    the lab's group_vars, linked by molecule.yml)."""
+    if container_prefix == "xapi-lab-":
+        return str(ROOT / "inventories" / "lab")
+    if "MOLECULE_INVENTORY_FILE" in os.environ:
+        return str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
+    return str(Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory")
+
+
+@pytest.fixture(scope="session")
+def playbook(inventory: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Runs one of the bundle's playbooks as an operator would."""
+
+    def run(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
+        return subprocess.run(
+            ["ansible-playbook", "-i", inventory, str(ROOT / "playbooks" / name), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+
+    return run

@@ -1,39 +1,55 @@
-"""The operators' check, run as operators run it: playbooks/check.yml on this scenario's hosts."""
+"""The operators' playbooks, run as operators run them on this scenario's hosts."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
+import json
+import time
+import uuid
 
 
-@pytest.fixture(scope="module")
-def inventory(container_prefix: str) -> str:
-    if container_prefix == "xapi-lab-":
-        return str(ROOT / "inventories" / "lab")
-    # molecule's inventory directory: its hosts file and the lab's group_vars (linked).
-    if "MOLECULE_INVENTORY_FILE" in os.environ:
-        return str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
-    return str(Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory")
-
-
-def run_check(inventory: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
-    return subprocess.run(
-        ["ansible-playbook", "-i", inventory, str(ROOT / "playbooks" / "check.yml")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-
-
-def test_check_playbook_delivers_a_statement(inventory: str) -> None:
-    result = run_check(inventory)
+def test_check_playbook_delivers_a_statement(playbook) -> None:
+    result = playbook("check.yml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "delivered end to end" in result.stdout
+
+
+def test_status_playbook_reports_a_healthy_pipeline(playbook) -> None:
+    result = playbook("status.yml")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "broker and LRS       OK" in result.stdout
+    assert "workers answering    1 of 1" in result.stdout
+
+
+def queue_invalid_statement(frontal) -> str:
+    """A statement the LRS must refuse (no verb), queued with Pod's own producer."""
+    statement_id = str(uuid.uuid4())
+    statement = {
+        "id": statement_id,
+        "actor": {"mbox": "mailto:dead-letter@example.org"},
+        "object": {"id": "https://pod.example.org/video/0002/", "objectType": "Activity"},
+    }
+    code = (
+        "import json,sys; from pod.xapi.xapi_tasks import send_xapi_statement_task as t; "
+        "t.delay(json.loads(sys.argv[1]))"
+    )
+    cmd = frontal.run(
+        "cd /usr/local/django_projects/podv4 && runuser -u pod -- "
+        "/home/pod/.virtualenvs/django_pod4/bin/python -c %s %s",
+        code,
+        json.dumps(statement),
+    )
+    assert cmd.rc == 0, cmd.stderr
+    return statement_id
+
+
+def test_dead_letters_playbook_lists_and_purges(playbook, frontal) -> None:
+    statement_id = queue_invalid_statement(frontal)
+    deadline = time.monotonic() + 60
+    listed = playbook("dead-letters.yml")
+    while statement_id not in listed.stdout and time.monotonic() < deadline:
+        time.sleep(2)
+        listed = playbook("dead-letters.yml")
+    assert statement_id in listed.stdout, listed.stdout[-3000:]
+    purged = playbook("dead-letters.yml", "-e", "action=purge")
+    assert purged.returncode == 0, purged.stdout[-3000:]
+    assert statement_id not in playbook("dead-letters.yml").stdout
