@@ -1,0 +1,287 @@
+"""roles/xapi_encodage under systemd: Pod's code on the encoding host without touching the
+database, and a supervised worker delivering statements end to end (real Redis on the
+frontal, real Celery, real Ralph LRS). Each FACTS §2 defect of the seed has a test here or in
+molecule/sysv (see roles/xapi_encodage/README.md).
+
+Run by molecule (verify), or against the lab: pytest molecule/default/tests/test_encodage.py --lab
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+import uuid
+
+import pytest
+
+POD_DIR = "/usr/local/django_projects/podv4"
+VENV = "/home/pod/.virtualenvs/django_pod4"
+SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
+DEFAULTS = "/etc/default/celeryd-xapi"
+WORKER_ENV = "/etc/celeryd-xapi/worker.env"
+NODE_UNIT = "celeryd-xapi@xapi.service"
+RECORD = "/var/log/pod-invocations.log"
+
+# Pod's own producer (pod.xapi.xapi_tasks.send_xapi_statement_task.delay), as the frontal's
+# views call it, run from the encoding venv with Pod's settings_local.py.
+PRODUCE = """
+import datetime, sys
+from pod.xapi.xapi_tasks import send_xapi_statement_task
+send_xapi_statement_task.delay({
+    "id": sys.argv[1],
+    "actor": {"objectType": "Agent", "name": "molecule", "mbox": "mailto:molecule@example.org"},
+    "verb": {"id": "https://w3id.org/xapi/video/verbs/played", "display": {"en-US": "played"}},
+    "object": {"objectType": "Activity", "id": "https://pod.example.org/video/0001-test/",
+               "definition": {"type": "https://w3id.org/xapi/video/activity-type/video"}},
+    "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+})
+"""
+# Reads one statement back from the LRS, with the credentials of settings_local.py.
+READ_BACK = """
+import sys, requests
+from pod.custom import settings_local as s
+r = requests.get(s.XAPI_LRS_URL, params={"statementId": sys.argv[1]},
+                 auth=(s.XAPI_LRS_LOGIN, s.XAPI_LRS_PWD),
+                 headers={"X-Experience-API-Version": "1.0.3"}, timeout=10)
+print(r.status_code)
+print(r.text)
+"""
+
+
+def as_pod_python(host, code: str, *args: str):
+    quoted = " ".join(shlex.quote(a) for a in args)
+    return host.run(
+        f"cd {POD_DIR} && runuser -u pod -- env PYTHONPATH={POD_DIR} "
+        f"{VENV}/bin/python -c {shlex.quote(code)} {quoted}"
+    )
+
+
+def produce(host) -> str:
+    statement_id = str(uuid.uuid4())
+    result = as_pod_python(host, PRODUCE, statement_id)
+    assert result.rc == 0, result.stderr
+    return statement_id
+
+
+def delivered(host, statement_id: str, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = as_pod_python(host, READ_BACK, statement_id)
+        if result.rc == 0 and result.stdout.startswith("200") and statement_id in result.stdout:
+            return True
+        time.sleep(1)
+    return False
+
+
+def main_pid(host, unit: str = NODE_UNIT) -> int:
+    return int(host.check_output(f"systemctl show -p MainPID --value {unit}"))
+
+
+def wait_active(host, unit: str, old_pid: int, timeout: float = 20) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        pid = main_pid(host, unit)
+        if pid not in (0, old_pid) and host.run(f"systemctl is-active {unit}").rc == 0:
+            return time.monotonic() - start
+        time.sleep(0.5)
+    pytest.fail(f"{unit} not back within {timeout} s")
+
+
+def wait_ready(host, unit: str = NODE_UNIT, timeout: float = 30) -> None:
+    """Until the worker has logged `ready` since its current start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        since = host.check_output(f"systemctl show -p ActiveEnterTimestamp --value {unit}").strip()
+        log = host.run(f"journalctl -u {unit} --since '{since}' --no-pager -o cat")
+        if " ready." in log.stdout:
+            return
+        time.sleep(1)
+    pytest.fail(f"{unit} never logged `ready`")
+
+
+def secrets_of(host) -> list[str]:
+    text = host.file(SETTINGS).content_string
+    pwd = re.search(r'^XAPI_LRS_PWD = "(.*)"$', text, re.M).group(1)
+    broker = re.search(r'^XAPI_CELERY_BROKER_URL = "(.*)"$', text, re.M).group(1)
+    broker_pwd = re.match(r"rediss?://[^:/@]*:([^@]*)@", broker).group(1)
+    return [pwd, broker_pwd]
+
+
+# --- Pod on the encoding host, database untouched -------------------------------------------
+
+
+def test_pod_checked_out_at_the_tag_by_pod(encodage):
+    assert encodage.user("pod").exists
+    assert encodage.file(POD_DIR).user == "pod"
+    tag = encodage.run(f"runuser -u pod -- git -C {POD_DIR} describe --tags --exact-match")
+    assert tag.stdout.strip() == "4.1.0", tag.stderr
+
+
+def test_no_database_or_index_command_ran(encodage):
+    """The stand-in manage.py and Makefile record every call: none may have happened."""
+    record = encodage.file(RECORD)
+    assert record.exists, "lab/prepare.yml makes the record"
+    assert record.content_string == "", record.content_string
+
+
+def test_no_encoding_web_or_search_stack(encodage):
+    for package in ("ffmpeg", "nginx", "uwsgi", "elasticsearch"):
+        assert not encodage.package(package).is_installed, package
+    for command in ("ffmpeg", "nginx", "uwsgi"):
+        assert encodage.run(f"command -v {command}").rc != 0, command
+
+
+def test_venv_as_pods_doc_with_the_proven_pins(encodage):
+    """FACTS §2.4 (the venv is django_pod4) and §2.11 (kombu 5.5.4 with redis 5.2.0)."""
+    cfg = encodage.file(f"{VENV}/pyvenv.cfg").content_string
+    assert "include-system-site-packages = true" in cfg
+    assert "home = /usr/bin" in cfg
+    versions = encodage.check_output(
+        f"{VENV}/bin/python -c \"import importlib.metadata as m; print(' '.join("
+        "m.version(p) for p in ('celery', 'kombu', 'redis', 'requests')))\""
+    )
+    assert versions.split() == ["5.4.0", "5.5.4", "5.2.0", "2.32.4"]
+
+
+# --- Settings --------------------------------------------------------------------------------
+
+
+def test_settings_local_block_readable_by_pod_only(encodage, frontal):
+    settings = encodage.file(SETTINGS)
+    assert (settings.user, settings.group, settings.mode) == ("pod", "pod", 0o640)
+    text = settings.content_string
+    assert "# BEGIN xAPI settings managed by Ansible" in text
+    assert "USE_XAPI = True" in text
+    for name in ("XAPI_LRS_URL", "XAPI_LRS_LOGIN", "XAPI_LRS_PWD", "XAPI_CELERY_BROKER_URL"):
+        assert re.search(rf"^{name} = \".+\"$", text, re.M), name
+    assert encodage.run(f"runuser -u pod -- /usr/bin/python3 -m py_compile {SETTINGS}").rc == 0
+    assert encodage.run(f"runuser -u nobody -- cat {SETTINGS}").rc != 0
+
+
+def test_broker_is_the_frontal_with_authentication(encodage, frontal):
+    """FACTS §2.8: not the Docker name `redis`, but the frontal, with a password."""
+    url = re.search(
+        r'^XAPI_CELERY_BROKER_URL = "(.*)"$', encodage.file(SETTINGS).content_string, re.M
+    ).group(1)
+    match = re.match(r"rediss?://([^:@/]+):([^@]+)@([^:/]+):(\d+)/6", url)
+    assert match, "broker URL with user, password, host, port and db 6"
+    host = match.group(3)
+    assert host != "redis"
+    assert host in {
+        frontal.backend.get_hostname(),
+        frontal.check_output("hostname"),
+        *frontal.check_output("hostname -I").split(),
+    }
+
+
+def test_worker_settings_file_for_pod_only(encodage):
+    folder, env = encodage.file("/etc/celeryd-xapi"), encodage.file(WORKER_ENV)
+    assert (folder.user, folder.group, folder.mode) == ("root", "pod", 0o750)
+    assert (env.user, env.group, env.mode) == ("root", "pod", 0o640)
+    assert encodage.run(f"runuser -u pod -- test -r {WORKER_ENV}").rc == 0
+    assert encodage.run(f"runuser -u nobody -- cat {WORKER_ENV}").rc != 0
+
+
+def test_defaults_file_is_correct(encodage):
+    """FACTS §2.1, 2.2, 2.4, 2.6, 2.7, 2.10."""
+    defaults = encodage.file(DEFAULTS)
+    assert defaults.user == "root"
+    assert defaults.mode & 0o022 == 0, oct(defaults.mode)
+    text = defaults.content_string
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in lines if "CELERY_ROUTES" in line]
+    assert not [line for line in lines if "DJANGO_SETTINGS_MODULE" in line]
+    opts = re.search(r'^CELERYD_OPTS="(.*)"$', text, re.M).group(1)
+    assert "-Q xapi" in opts
+    assert "--max-tasks-per-child" not in opts
+    assert "86400" not in opts
+    assert f'CELERY_BIN="{VENV}/bin/celery"' in text
+    assert encodage.file(f"{VENV}/bin/celery").is_executable
+    assert f'XAPI_WORKER_CONFIG="{WORKER_ENV}"' in text
+    assert encodage.run(f"sh -n {DEFAULTS}").rc == 0
+    for secret in secrets_of(encodage):
+        assert secret not in text
+
+
+# --- Service ---------------------------------------------------------------------------------
+
+
+def test_units_enabled_sandboxed_and_supervised(encodage):
+    """FACTS §2.9 (enabled at boot) and §3 (restart after a crash)."""
+    assert encodage.run("systemctl is-enabled celeryd-xapi.service").stdout.strip() == "enabled"
+    assert encodage.run(f"systemctl is-enabled {NODE_UNIT}").stdout.strip() == "enabled"
+    props = dict(
+        line.split("=", 1)
+        for line in encodage.check_output(
+            f"systemctl show {NODE_UNIT} -p Type -p Restart -p User -p NoNewPrivileges "
+            "-p ProtectSystem -p ProtectHome -p PrivateTmp -p WorkingDirectory -p ActiveState "
+            "-p EnvironmentFiles"
+        ).splitlines()
+    )
+    assert props["ActiveState"] == "active"
+    assert props["Type"] == "exec"
+    assert props["Restart"] == "always"
+    assert props["User"] == "pod"
+    assert props["NoNewPrivileges"] == "yes"
+    assert props["ProtectSystem"] == "strict"
+    assert props["ProtectHome"] == "read-only"
+    assert props["PrivateTmp"] == "yes"
+    assert props["WorkingDirectory"] == POD_DIR
+    assert props["EnvironmentFiles"].startswith(DEFAULTS)
+    assert not encodage.file("/etc/init.d/celeryd-xapi").exists
+
+
+def test_worker_runs_as_pod_on_queue_xapi(encodage):
+    pid = main_pid(encodage)
+    assert pid > 0
+    assert encodage.check_output(f"ps -o user= -p {pid}").strip() == "pod"
+    cmdline = encodage.file(f"/proc/{pid}/cmdline").content_string.replace("\0", " ")
+    assert "-A xapi_worker.app worker" in cmdline
+    assert "-Q xapi" in cmdline
+    assert "--max-tasks-per-child" not in cmdline
+    assert "--time-limit" not in cmdline
+
+
+def test_documented_checks_answer(encodage):
+    """FACTS §2.3: the seed's check lacks `worker`; the README gives working checks."""
+    check = encodage.run(
+        f"runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} {VENV}/bin/xapi-worker check"
+    )
+    assert check.rc == 0, check.stdout + check.stderr
+    ping = encodage.run(
+        f"cd {POD_DIR} && runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} "
+        f"{VENV}/bin/celery -A xapi_worker.app inspect ping -t 10"
+    )
+    assert ping.rc == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
+
+
+def test_statement_delivered_end_to_end(encodage):
+    """Pod's own producer -> Redis on the frontal -> worker -> LRS, read back by id."""
+    wait_ready(encodage)
+    statement_id = produce(encodage)
+    assert delivered(encodage, statement_id), statement_id
+
+
+def test_worker_back_within_seconds_after_kill_9(encodage):
+    wait_ready(encodage)
+    old = main_pid(encodage)
+    encodage.run(f"kill -9 {old}")
+    elapsed = wait_active(encodage, NODE_UNIT, old)
+    assert elapsed < 10, elapsed
+    wait_ready(encodage)
+    statement_id = produce(encodage)
+    assert delivered(encodage, statement_id), statement_id
+
+
+def test_systemctl_restart_celeryd_xapi_restarts_every_node(encodage):
+    old = main_pid(encodage)
+    assert encodage.run("systemctl restart celeryd-xapi").rc == 0
+    wait_active(encodage, NODE_UNIT, old)
+
+
+def test_no_secret_in_the_worker_log(encodage):
+    journal = encodage.check_output("journalctl -u 'celeryd-xapi*' --no-pager -o cat")
+    assert "Connected to redis://" in journal
+    for secret in secrets_of(encodage):
+        assert secret not in journal

@@ -1,0 +1,264 @@
+"""roles/xapi_encodage with Celery's generic init script (service manager sysv): two
+encoding hosts, two worker nodes each; sysv-enc1 runs the bundled worker, sysv-enc2 Pod's own
+task module. Covers the seed's defects (FACTS §2) on the init-script path, and delivery
+through each host while the other's workers are stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+POD_DIR = "/usr/local/django_projects/podv4"
+VENV = "/home/pod/.virtualenvs/django_pod4"
+DEFAULTS = "/etc/default/celeryd-xapi"
+INITD = "/etc/init.d/celeryd-xapi"
+SDIST = "/usr/local/lib/xapi-worker/sdist/celery-5.4.0.tar.gz"
+MEMBER = "celery-5.4.0/extra/generic-init.d/celeryd"
+NODES = ("xapi1", "xapi2")
+APP = {"sysv-enc1": "xapi_worker.app", "sysv-enc2": "pod.xapi.xapi_tasks"}
+# What each app logs for a statement it delivered.
+DELIVERED_LOG = {
+    "sysv-enc1": r"delivered batch: \d+ statements, HTTP 20",
+    "sysv-enc2": r"Task pod\.xapi\.xapi_tasks\.send_xapi_statement_task\[[^]]+\] succeeded",
+}
+
+PRODUCE = """
+import datetime, sys
+from pod.xapi.xapi_tasks import send_xapi_statement_task
+send_xapi_statement_task.delay({
+    "id": sys.argv[1],
+    "actor": {"objectType": "Agent", "name": "molecule", "mbox": "mailto:molecule@example.org"},
+    "verb": {"id": "https://w3id.org/xapi/video/verbs/played", "display": {"en-US": "played"}},
+    "object": {"objectType": "Activity", "id": "https://pod.example.org/video/0002-sysv/",
+               "definition": {"type": "https://w3id.org/xapi/video/activity-type/video"}},
+    "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+})
+"""
+READ_BACK = """
+import sys, requests
+from pod.custom import settings_local as s
+r = requests.get(s.XAPI_LRS_URL, params={"statementId": sys.argv[1]},
+                 auth=(s.XAPI_LRS_LOGIN, s.XAPI_LRS_PWD),
+                 headers={"X-Experience-API-Version": "1.0.3"}, timeout=10)
+print(r.status_code)
+print(r.text)
+"""
+
+
+def name_of(host) -> str:
+    return host.backend.get_hostname()
+
+
+def as_pod_python(host, code: str, *args: str):
+    quoted = " ".join(shlex.quote(a) for a in args)
+    return host.run(
+        f"cd {POD_DIR} && runuser -u pod -- env PYTHONPATH={POD_DIR} "
+        f"{VENV}/bin/python -c {shlex.quote(code)} {quoted}"
+    )
+
+
+def produce(host) -> str:
+    statement_id = str(uuid.uuid4())
+    result = as_pod_python(host, PRODUCE, statement_id)
+    assert result.rc == 0, result.stderr
+    return statement_id
+
+
+def delivered(host, statement_id: str, timeout: float = 45) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = as_pod_python(host, READ_BACK, statement_id)
+        if result.rc == 0 and result.stdout.startswith("200") and statement_id in result.stdout:
+            return True
+        time.sleep(1)
+    return False
+
+
+def worker_pids(host) -> list[int]:
+    found = host.run("pgrep -u pod -f 'celery.* worker'")
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def node_pids(host) -> dict[str, int]:
+    pids = {}
+    for node in NODES:
+        pidfile = host.file(f"/run/celery/{node}.pid")
+        if pidfile.exists:
+            pids[node] = int(pidfile.content_string.strip())
+    return pids
+
+
+def delivered_count(host) -> int:
+    logs = host.run("cat /var/log/celery/xapi1.log /var/log/celery/xapi2.log").stdout
+    return len(re.findall(DELIVERED_LOG[name_of(host)], logs))
+
+
+def wait_nodes_ready(host, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = [
+            node
+            for node in NODES
+            if host.run(f"grep -q ' ready\\.' /var/log/celery/{node}.log").rc == 0
+            and host.run(f"kill -0 $(cat /run/celery/{node}.pid)").rc == 0
+        ]
+        if len(ready) == len(NODES):
+            return
+        time.sleep(1)
+    pytest.fail(f"{name_of(host)}: worker nodes not ready")
+
+
+# --- The init script -------------------------------------------------------------------------
+
+
+def test_init_script_is_celerys_generic_one_from_the_sdist(enc):
+    """FACTS §2.5 and §3: the sdist's script, under the defaults file's name, LSB renamed."""
+    script = enc.file(INITD)
+    assert (script.user, script.group, script.mode) == ("root", "root", 0o755)
+    assert enc.file(SDIST).exists
+    diff = enc.run(f"tar -xzOf {SDIST} {MEMBER} | diff - {INITD}")
+    changed = [line for line in diff.stdout.splitlines() if line[:2] in ("< ", "> ")]
+    assert changed == ["< # Provides:          celeryd", "> # Provides:          celeryd-xapi"]
+
+
+def test_no_alias_clash_and_enabled_at_boot(enc):
+    """FACTS §2.5 (Provides: celeryd became an alias) and §2.9 (nothing enabled it)."""
+    names = enc.check_output("systemctl show -p Names --value celeryd-xapi.service")
+    assert names.split() == ["celeryd-xapi.service"]
+    assert enc.run("systemctl is-enabled celeryd-xapi").stdout.strip() == "enabled"
+    assert enc.run("ls /etc/rc2.d/ | grep -q '^S[0-9]*celeryd-xapi$'").rc == 0
+
+
+def test_defaults_file(enc):
+    """FACTS §2.1, 2.2, 2.4, 2.6, 2.7, 2.10; su for a user without login shell."""
+    defaults = enc.file(DEFAULTS)
+    assert defaults.user == "root"
+    assert defaults.mode & 0o022 == 0
+    text = defaults.content_string
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in lines if "CELERY_ROUTES" in line or "DJANGO_SETTINGS" in line]
+    opts = re.search(r'^CELERYD_OPTS="(.*)"$', text, re.M).group(1)
+    assert "-Q xapi" in opts
+    assert "--max-tasks-per-child" not in opts and "86400" not in opts
+    assert f'CELERY_BIN="{VENV}/bin/celery"' in text
+    assert f'CELERY_APP="{APP[name_of(enc)]}"' in text
+    assert 'CELERYD_NODES="xapi1 xapi2"' in text
+    assert enc.user("pod").shell == "/usr/sbin/nologin"
+    assert 'CELERYD_SU_ARGS="-s /bin/sh"' in text
+    exported = 'export XAPI_WORKER_CONFIG="/etc/celeryd-xapi/worker.env"' in text
+    assert exported == (name_of(enc) == "sysv-enc1")
+
+
+def test_two_nodes_run_as_pod_on_queue_xapi(enc):
+    wait_nodes_ready(enc)
+    pids = node_pids(enc)
+    assert sorted(pids) == list(NODES)
+    for node, pid in pids.items():
+        assert enc.check_output(f"ps -o user= -p {pid}").strip() == "pod"
+        cmdline = enc.file(f"/proc/{pid}/cmdline").content_string.replace("\0", " ")
+        assert f"-n {node}@{name_of(enc)}" in cmdline
+        assert "-Q xapi" in cmdline
+
+
+def test_no_database_or_index_command_ran(enc):
+    assert enc.file("/var/log/pod-invocations.log").content_string == ""
+
+
+def test_venv_pins(enc):
+    kombu = enc.check_output(
+        f"{VENV}/bin/python -c \"import importlib.metadata as m; print(m.version('kombu'))\""
+    )
+    assert kombu == "5.5.4"
+
+
+# --- Delivery through each host ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("serving, stopped", [("enc1", "enc2"), ("enc2", "enc1")])
+def test_delivery_through_one_host_while_the_other_is_stopped(request, serving, stopped):
+    serving_host = request.getfixturevalue(serving)
+    stopped_host = request.getfixturevalue(stopped)
+    wait_nodes_ready(serving_host)
+    assert stopped_host.run("systemctl stop celeryd-xapi").rc == 0
+    try:
+        deadline = time.monotonic() + 30
+        while worker_pids(stopped_host) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not worker_pids(stopped_host), "workers still running after stop"
+        before = delivered_count(serving_host)
+        statement_id = produce(stopped_host)
+        assert delivered(serving_host, statement_id), statement_id
+        deadline = time.monotonic() + 10
+        while delivered_count(serving_host) <= before and time.monotonic() < deadline:
+            time.sleep(1)
+        assert delivered_count(serving_host) > before, "the serving host's log shows it"
+    finally:
+        assert stopped_host.run("systemctl start celeryd-xapi").rc == 0
+    wait_nodes_ready(stopped_host)
+
+
+# --- A locally modified Pod checkout is never reset -------------------------------------------
+
+
+def molecule_inventory() -> str:
+    found = os.environ.get("MOLECULE_INVENTORY_FILE") or next(
+        iter(sorted(glob.glob(os.path.expanduser("~/.ansible/tmp/molecule.*.sysv/inventory")))),
+        "",
+    )
+    if not found:
+        pytest.skip("no molecule inventory (run under `molecule verify -s sysv`)")
+    return found
+
+
+def run_role(limit: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    # The project's ansible.cfg (roles path, YAML output); the inventory is molecule's.
+    # Plain output to parse: molecule's verifier environment forces colours.
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    env.pop("ANSIBLE_FORCE_COLOR", None)
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            molecule_inventory(),
+            str(ROOT / "playbooks/xapi_encodage.yml"),
+            "--limit",
+            limit,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    result.stdout = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+    return result
+
+
+def test_local_changes_of_pod_are_kept(enc2):
+    readme = f"{POD_DIR}/README.md"
+    patch = "# local patch of this site"
+    enc2.run(f"echo '{patch}' >> {readme}")
+    try:
+        same_version = run_role("sysv-enc2")
+        assert same_version.returncode == 0, same_version.stdout[-3000:]
+        assert re.search(r"sysv-enc2\s+:.*changed=0", same_version.stdout)
+        assert enc2.file(readme).content_string.rstrip().endswith(patch)
+        other_version = run_role("sysv-enc2", "-e", "xapi_encodage_pod_version=main")
+        assert other_version.returncode != 0
+        assert "has local changes and is not at" in other_version.stdout
+        assert "README.md" in other_version.stdout
+        assert enc2.file(readme).content_string.rstrip().endswith(patch)
+    finally:
+        enc2.run(f"cd {POD_DIR} && runuser -u pod -- git checkout -- README.md")
+    assert enc2.run(f"runuser -u pod -- git -C {POD_DIR} status --porcelain").stdout == ""
