@@ -1,0 +1,89 @@
+"""Bad inventory input stops the run before any change, with a message naming the variable.
+
+Each case runs a role's playbook in check mode against this machine (a local connection in
+every group of a throw-away inventory) with one bad value: the role's argument specs or its
+first assert must fail it, naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = {
+    "xapi_broker_password": "a-good-broker-password",
+    "xapi_lrs_url": "https://lrs.example.org/xAPI/statements/",
+    "xapi_lrs_login": "pod",
+    "xapi_lrs_password": "a-good-lrs-password",
+}
+
+CASES = [
+    ("redis.yml", {"xapi_broker_db": "42"}, "xapi_broker_db"),
+    ("redis.yml", {"redis_firewall_enabled": "maybe"}, "redis_firewall_enabled"),
+    ("redis.yml", {"redis_maxmemory": "lots"}, "redis_maxmemory"),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_service_manager": "upstart"},
+        "xapi_encodage_service_manager",
+    ),
+    ("xapi_encodage.yml", {"xapi_encodage_worker_app": "other"}, "xapi_encodage_worker_app"),
+    (
+        "xapi_frontal.yml",
+        {"xapi_frontal_authenticated_name": "nickname"},
+        "xapi_frontal_authenticated_name",
+    ),
+    ("xapi_frontal.yml", {"xapi_lrs_url": "ftp://lrs.example.org/"}, "xapi_lrs_url"),
+    ("xapi_frontal.yml", {"xapi_lrs_password": None}, "xapi_lrs_password"),
+]
+
+
+@pytest.fixture(scope="module")
+def inventory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("inv") / "hosts.yml"
+    groups = "".join(
+        f"    {group}:\n      hosts:\n        localhost:\n"
+        for group in ("pod_frontal", "pod_encodage", "xapi_broker")
+    )
+    path.write_text(
+        "all:\n  vars:\n    ansible_connection: local\n"
+        "    ansible_python_interpreter: /usr/bin/python3\n  children:\n" + groups
+    )
+    return path
+
+
+@pytest.mark.parametrize(("playbook", "bad", "named"), CASES)
+def test_bad_value_is_refused_naming_the_variable(
+    inventory: Path, tmp_path: Path, playbook: str, bad: dict[str, str | None], named: str
+) -> None:
+    values = {**GOOD, **bad}
+    extra = tmp_path / "vars.yml"
+    extra.write_text(
+        "".join(f"{key}: {value!r}\n" for key, value in values.items() if value is not None)
+    )
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            str(inventory),
+            "--check",
+            "-e",
+            f"@{extra}",
+            str(ROOT / "playbooks" / playbook),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-2000:]
+    assert named in output, output[-2000:]
+    # Refused before the role changed anything: no task reported a change.
+    assert "changed=0" in output, output[-2000:]
