@@ -15,7 +15,7 @@ WORKER_VENV := .venv-worker
 RALPH_VENV := .venv-ralph
 SCENARIOS ?= default sysv
 
-.PHONY: venvs help demo demo-down test lint worker-test molecule resilience bench image clean
+.PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean
 
 help:
 	@echo "make demo       bring the lab up, apply site.yml, deliver one statement"
@@ -23,7 +23,7 @@ help:
 	@echo "make test       lint + worker tests + molecule scenarios ($(SCENARIOS))"
 
 # --- environments -------------------------------------------------------------------------
-$(VENV)/.done: tools/requirements.txt
+$(VENV)/.done: tools/requirements.txt | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r tools/requirements.txt
@@ -42,7 +42,10 @@ $(RALPH_VENV)/.done: tools/ralph-requirements.txt
 
 venvs: $(VENV)/.done $(WORKER_VENV)/.done $(RALPH_VENV)/.done
 
-image:
+system-deps:
+	bash tools/install-system-deps.sh
+
+image: system-deps
 	bash lab/build-image.sh
 
 # --- the two README commands ---------------------------------------------------------------
