@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import testinfra
+
+# Helpers shared by the scenarios' tests (molecule/shared).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
 ROOT = Path(__file__).resolve().parents[3]
 

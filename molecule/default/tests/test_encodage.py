@@ -9,69 +9,16 @@ Run by molecule (verify), or against the lab: pytest molecule/default/tests/test
 from __future__ import annotations
 
 import re
-import shlex
 import time
-import uuid
 
 import pytest
+from pod_on_host import POD_DIR, VENV, delivered, produce
 
-POD_DIR = "/usr/local/django_projects/podv4"
-VENV = "/home/pod/.virtualenvs/django_pod4"
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
 DEFAULTS = "/etc/default/celeryd-xapi"
 WORKER_ENV = "/etc/celeryd-xapi/worker.env"
 NODE_UNIT = "celeryd-xapi@xapi.service"
 RECORD = "/var/log/pod-invocations.log"
-
-# Pod's own producer (pod.xapi.xapi_tasks.send_xapi_statement_task.delay), as the frontal's
-# views call it, run from the encoding venv with Pod's settings_local.py.
-PRODUCE = """
-import datetime, sys
-from pod.xapi.xapi_tasks import send_xapi_statement_task
-send_xapi_statement_task.delay({
-    "id": sys.argv[1],
-    "actor": {"objectType": "Agent", "name": "molecule", "mbox": "mailto:molecule@example.org"},
-    "verb": {"id": "https://w3id.org/xapi/video/verbs/played", "display": {"en-US": "played"}},
-    "object": {"objectType": "Activity", "id": "https://pod.example.org/video/0001-test/",
-               "definition": {"type": "https://w3id.org/xapi/video/activity-type/video"}},
-    "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-})
-"""
-# Reads one statement back from the LRS, with the credentials of settings_local.py.
-READ_BACK = """
-import sys, requests
-from pod.custom import settings_local as s
-r = requests.get(s.XAPI_LRS_URL, params={"statementId": sys.argv[1]},
-                 auth=(s.XAPI_LRS_LOGIN, s.XAPI_LRS_PWD),
-                 headers={"X-Experience-API-Version": "1.0.3"}, timeout=10)
-print(r.status_code)
-print(r.text)
-"""
-
-
-def as_pod_python(host, code: str, *args: str):
-    quoted = " ".join(shlex.quote(a) for a in args)
-    return host.run(
-        f"cd {POD_DIR} && runuser -u pod -- env PYTHONPATH={POD_DIR} "
-        f"{VENV}/bin/python -c {shlex.quote(code)} {quoted}"
-    )
-
-
-def produce(host) -> str:
-    statement_id = str(uuid.uuid4())
-    result = as_pod_python(host, PRODUCE, statement_id)
-    assert result.rc == 0, result.stderr
-    return statement_id
-
-
-def delivered(host, statement_id: str, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = as_pod_python(host, READ_BACK, statement_id)
-        if result.rc == 0 and result.stdout.startswith("200") and statement_id in result.stdout:
-            return True
-        time.sleep(1)
-    return False
 
 
 def main_pid(host, unit: str = NODE_UNIT) -> int:
