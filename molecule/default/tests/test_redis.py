@@ -132,6 +132,16 @@ def test_acl_file_holds_only_password_hashes(frontal, settings):
         assert secret not in acl
 
 
+def test_no_password_in_the_frontal_journal_or_processes(frontal, settings):
+    """The role's own checks pass passwords on stdin: an Ansible `environment:` value
+    would land on sudo's command line, hence in `ps` and in the journal."""
+    for secret in (settings["xapi_broker_password"], settings["redis_default_password"]):
+        assert frontal.run("journalctl --no-pager | grep -cF -- %s", secret).stdout.strip() == "0"
+        assert (
+            frontal.run("ps -eo args | grep -v grep | grep -cF -- %s", secret).stdout.strip() == "0"
+        )
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
