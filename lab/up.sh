@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Brings the three lab hosts up as podman containers booting systemd (see inventories/lab).
+# Brings the lab hosts up as podman containers booting systemd (see inventories/lab).
 # Idempotent: hosts already running are left as they are.
+# LAB_PREFIX and LAB_HOSTS let another set of hosts (the benchmark's, bench/) live beside the
+# demo lab without touching it; the defaults are the demo lab's.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/containers.conf}
 image=${LAB_IMAGE:-localhost/xapi-lab-debian:bookworm-1}
-network=xapi-lab
+prefix=${LAB_PREFIX:-xapi-lab}
+read -r -a hosts <<<"${LAB_HOSTS:-frontal encodage lrs}"
+network=$prefix
 bash "$here/build-image.sh" "$image"
 podman network exists "$network" || podman network create "$network" >/dev/null
-for host in frontal encodage lrs; do
-  name=xapi-lab-$host
+for host in "${hosts[@]}"; do
+  name=$prefix-$host
   if podman container exists "$name"; then
     podman start "$name" >/dev/null
   else
@@ -22,9 +26,9 @@ for host in frontal encodage lrs; do
   echo "lab host $name: up"
 done
 # Wait for systemd in each host before Ansible talks to it.
-for host in frontal encodage lrs; do
+for host in "${hosts[@]}"; do
   for _ in $(seq 60); do
-    state=$(podman exec "xapi-lab-$host" systemctl is-system-running 2>/dev/null || true)
+    state=$(podman exec "$prefix-$host" systemctl is-system-running 2>/dev/null || true)
     case "$state" in running|degraded) break ;; esac
     sleep 1
   done
