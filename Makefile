@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 VENV := .venv
 WORKER_VENV := .venv-worker
 RALPH_VENV := .venv-ralph
-SCENARIOS ?= default sysv
+SCENARIOS ?= default sysv resilience
 
 .PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,8 +69,16 @@ def inventory(container_prefix: str) -> str:
 def playbook(inventory: str) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Runs one of the bundle's playbooks as an operator would."""
 
+    facts = tempfile.mkdtemp(prefix="xapi-facts-")
+
     def run(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
+        # A fact cache of this test session: the repository's (.ansible/facts) may hold the
+        # addresses of an earlier scenario's hosts of the same name.
+        env = dict(
+            os.environ,
+            ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+            ANSIBLE_CACHE_PLUGIN_CONNECTION=facts,
+        )
         return subprocess.run(
             ["ansible-playbook", "-i", inventory, str(ROOT / "playbooks" / name), *args],
             capture_output=True,

@@ -1,0 +1,113 @@
+"""The scenario's hosts, reached with `podman exec` (stdin passes through, which testinfra's
+backend does not offer), and what the tests read from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+PREFIX = os.environ.get("XAPI_RES_PREFIX", "res-")
+FILES = Path(__file__).resolve().parents[1] / "files"
+POD_DIR = "/usr/local/django_projects/podv4"
+VENV = "/home/pod/.virtualenvs/django_pod4"
+WORK = "/var/tmp/xapi-resilience"  # on the frontal, owned by pod
+LRS_STORE = "/var/lib/ralph/statements"
+WORKER_ENV = "/etc/celeryd-xapi/worker.env"
+HOSTS = ("frontal", "encodage", "lrs")
+
+
+def container(host: str) -> str:
+    return PREFIX + host
+
+
+def sh(
+    host: str, script: str, *, check: bool = True, timeout: float = 120, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        ["podman", "exec", "-i", container(host), "sh", "-c", script],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{host}: `{script}` exited {result.returncode}: {result.stderr}")
+    return result
+
+
+def copy_to(host: str, source: Path, dest: str) -> None:
+    subprocess.run(["podman", "cp", str(source), f"{container(host)}:{dest}"], check=True)
+
+
+def pod_python(script: str, *args: str) -> str:
+    """Command line running a script as user pod with Pod's venv and settings (frontal)."""
+    return (
+        f"cd {POD_DIR} && runuser -u pod -- env PYTHONPATH={POD_DIR} "
+        f"{VENV}/bin/python {script} {' '.join(args)}"
+    )
+
+
+def lrs_store_ids() -> Counter[str]:
+    """Every statement id in Ralph's store files, with the number of times it is stored."""
+    text = sh("lrs", f"cat {LRS_STORE}/* 2>/dev/null || true").stdout
+    ids: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.strip():
+            ids[json.loads(line)["id"]] += 1
+    return ids
+
+
+def broker_state() -> dict:
+    """Queue length, unacknowledged messages and dead letters, read on the frontal."""
+    out = sh("frontal", pod_python(f"{WORK}/broker_state.py")).stdout
+    return json.loads(out)
+
+
+def produced() -> list[tuple[float, str, int]]:
+    """(enqueue time, id, refused attempts) of every statement enqueued so far."""
+    text = sh("frontal", f"cat {WORK}/progress.tsv 2>/dev/null || true").stdout
+    rows = []
+    for line in text.splitlines():
+        stamp, statement_id, refused = line.split("\t")
+        rows.append((float(stamp), statement_id, int(refused)))
+    return rows
+
+
+def wait_until(predicate, timeout: float, interval: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def service_active(host: str, unit: str) -> bool:
+    return sh(host, f"systemctl is-active {unit}", check=False).stdout.strip() == "active"
+
+
+def main_pid(host: str, unit: str) -> str:
+    return sh(host, f"systemctl show -p MainPID --value {unit}").stdout.strip()
+
+
+def host_booted(host: str) -> bool:
+    state = sh(host, "systemctl is-system-running", check=False).stdout.strip()
+    return state in ("running", "degraded")
+
+
+def secrets() -> dict[str, str]:
+    """The lab passwords the scenario runs with (inventories/lab/group_vars/all/xapi.yml)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[3]
+    values = yaml.safe_load((root / "inventories/lab/group_vars/all/xapi.yml").read_text())
+    return {
+        "LRS password": values["xapi_lrs_password"],
+        "Redis password (xapi user)": values["xapi_broker_password"],
+        "Redis password (default user)": values["redis_default_password"],
+    }
