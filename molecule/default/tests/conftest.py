@@ -9,10 +9,7 @@ through ansible for each.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ import testinfra
 
 # Helpers shared by the scenarios' tests (molecule/shared).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
+from playbooks import Runner, molecule_inventory, runner
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -60,32 +58,10 @@ def inventory(container_prefix: str) -> str:
     the lab's group_vars, linked by molecule.yml)."""
     if container_prefix == "xapi-lab-":
         return str(ROOT / "inventories" / "lab")
-    if "MOLECULE_INVENTORY_FILE" in os.environ:
-        return str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent)
-    return str(Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory")
+    return molecule_inventory()
 
 
 @pytest.fixture(scope="session")
-def playbook(inventory: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+def playbook(inventory: str) -> Runner:
     """Runs one of the bundle's playbooks as an operator would."""
-
-    facts = tempfile.mkdtemp(prefix="xapi-facts-")
-
-    def run(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-        # A fact cache of this test session: the repository's (.ansible/facts) may hold the
-        # addresses of an earlier scenario's hosts of the same name.
-        env = dict(
-            os.environ,
-            ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-            ANSIBLE_CACHE_PLUGIN_CONNECTION=facts,
-        )
-        return subprocess.run(
-            ["ansible-playbook", "-i", inventory, str(ROOT / "playbooks" / name), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-            check=False,
-        )
-
-    return run
+    return runner(inventory)
