@@ -1,0 +1,160 @@
+"""Code the benchmark runs on the lab hosts: Pod's own producer and the direct batched
+ingest on the frontal (as user pod, Pod's venv and settings_local.py, through
+molecule/shared/pod_on_host.py), the LRS store, and the workers' memory."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Callable
+
+from labhosts import REPO, PodmanHost
+
+sys.path.insert(0, str(REPO / "molecule" / "shared"))
+from pod_on_host import as_pod_python  # shared with the molecule tests
+
+# Statements of Pod's video player (w3id video profile), numbered; used by both producers.
+STATEMENT = """
+import json, sys, time, uuid
+VERBS = ["initialized", "played", "paused", "seeked", "completed", "terminated"]
+def statement(i):
+    verb = VERBS[i % len(VERBS)]
+    return {
+        "id": str(uuid.uuid4()),
+        "actor": {"name": "bench", "mbox": "mailto:bench@example.org"},
+        "verb": {"id": "https://w3id.org/xapi/video/verbs/" + verb, "display": {"en-US": verb}},
+        "object": {"id": "https://pod.example.org/video/%04d-bench/" % (i % 50),
+                   "objectType": "Activity",
+                   "definition": {"type": "https://w3id.org/xapi/video/activity-type/video"}},
+        "result": {"extensions": {"https://w3id.org/xapi/video/extensions/time": float(i)}},
+        "context": {"contextActivities": {"category": [{"id": "https://w3id.org/xapi/video"}]}},
+        "timestamp": "2026-01-01T00:00:00+00:00",
+    }
+"""
+# Pod's frontal: send_xapi_statement_task.delay() as pod/xapi/views.py calls it. Prints
+# [[id, enqueue time], ...].
+PRODUCE = (
+    STATEMENT
+    + """
+from pod.xapi.xapi_tasks import send_xapi_statement_task
+sent = []
+for i in range(int(sys.argv[1])):
+    s = statement(i)
+    sent.append([s["id"], time.time()])
+    send_xapi_statement_task.delay(s)
+print(json.dumps(sent))
+"""
+)
+# The ceiling: no queue, batches POSTed straight to the LRS from the frontal. A statement's
+# time is when it is made, so its latency includes waiting for its batch, as in a worker.
+DIRECT = (
+    STATEMENT
+    + """
+import requests
+from pod.custom import settings_local as s
+session = requests.Session()
+session.auth = (s.XAPI_LRS_LOGIN, s.XAPI_LRS_PWD)
+session.headers["X-Experience-API-Version"] = "1.0.3"
+n, size = int(sys.argv[1]), int(sys.argv[2])
+sent, batch = [], []
+for i in range(n):
+    st = statement(i)
+    sent.append([st["id"], time.time()])
+    batch.append(st)
+    if len(batch) == size or i == n - 1:
+        session.post(s.XAPI_LRS_URL, json=batch, timeout=120).raise_for_status()
+        batch = []
+print(json.dumps(sent))
+"""
+)
+QUEUE_LENGTH = """
+import redis
+from pod.custom import settings_local as s
+print(redis.Redis.from_url(s.XAPI_CELERY_BROKER_URL).llen("xapi"))
+"""
+PURGE = """
+import redis
+from pod.custom import settings_local as s
+print(redis.Redis.from_url(s.XAPI_CELERY_BROKER_URL).delete("xapi"))
+"""
+STORE = "/var/lib/ralph/statements/fs_lrs.jsonl"
+HISTORY = "/var/lib/ralph/history.json"
+HEARTBEAT = """
+import socket, time, urllib.request
+url = "http://%s:8100/__heartbeat__" % socket.gethostbyname(socket.gethostname())
+for _ in range(120):
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        break
+    except OSError:
+        time.sleep(0.25)
+else:
+    raise SystemExit("Ralph does not answer " + url)
+"""
+
+
+def on_pod(host: PodmanHost, code: str, *args: str) -> str:
+    result = as_pod_python(host, code, *args)
+    if result.rc != 0:
+        raise RuntimeError(f"{host.container}: {result.stderr[-3000:]}")
+    return result.stdout
+
+
+def produce(frontal: PodmanHost, n: int) -> list[tuple[str, float]]:
+    return [(i, t) for i, t in json.loads(on_pod(frontal, PRODUCE, str(n)))]
+
+
+def direct(frontal: PodmanHost, n: int, batch: int) -> list[tuple[str, float]]:
+    return [(i, t) for i, t in json.loads(on_pod(frontal, DIRECT, str(n), str(batch)))]
+
+
+def queue_length(frontal: PodmanHost) -> int:
+    return int(on_pod(frontal, QUEUE_LENGTH))
+
+
+def purge_queue(frontal: PodmanHost) -> None:
+    """Drops what a run left queued (a time-boxed run of a slow configuration)."""
+    on_pod(frontal, PURGE)
+
+
+def reset_lrs(lrs: PodmanHost) -> None:
+    """Empties Ralph's store and history: its FS backend re-reads the store (and rewrites the
+    history) on every request, so each run must start from the same empty LRS."""
+    lrs.check(f"systemctl stop ralph-lrs && rm -f {STORE} {HISTORY} && systemctl start ralph-lrs")
+    lrs.check(f"python3 -c '{HEARTBEAT}'")
+
+
+def stored_count(lrs: PodmanHost) -> int:
+    out = lrs.run(f"[ -f {STORE} ] && wc -l < {STORE} || echo 0").stdout.strip()
+    return int(out or 0)
+
+
+def stored_times(lrs: PodmanHost) -> dict[str, float]:
+    """Statement id -> Ralph's `stored` stamp (same kernel clock as the frontal's)."""
+    times = {}
+    for line in lrs.check(f"cat {STORE}").splitlines():
+        if line.strip():
+            doc = json.loads(line)
+            times[doc["id"]] = dt.datetime.fromisoformat(doc["stored"]).timestamp()
+    return times
+
+
+def worker_rss_kib(host: PodmanHost) -> int:
+    """Sum of the resident memory of the host's Celery worker processes (main + pool)."""
+    out = host.run("ps -eo rss=,args=").stdout
+    return sum(
+        int(line.split(None, 1)[0])
+        for line in out.splitlines()
+        if "celery" in line and " worker" in line
+    )
+
+
+def wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

@@ -1,0 +1,208 @@
+"""The deployed pipeline benchmark (`make bench`): deployment times, then each
+configuration deployed by the bundle and measured end to end, raw results as JSON.
+
+    python bench/pipeline.py [--n 2000] [--phases deploy,b,c,a,b2nodes,b2hosts]
+
+Run from the repository root with the Makefile's environment (CONTAINERS_CONF,
+ANSIBLE_CONFIG, the tools venv on PATH); bench/run.sh does it and renders the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import onhost
+from labhosts import REPO, PodmanHost, playbook
+
+PREFIX = "xapi-bench"
+HOSTS = "frontal encodage encodage2 lrs"
+ONE = "bench/inventory/hosts.yml"
+TWO = "bench/inventory/two-encodage.yml"
+FRONTAL, LRS = PodmanHost(f"{PREFIX}-frontal"), PodmanHost(f"{PREFIX}-lrs")
+ENCODAGE = [PodmanHost(f"{PREFIX}-encodage"), PodmanHost(f"{PREFIX}-encodage2")]
+# Same size as the bundled worker's default batch (XAPI_WORKER_BATCH_SIZE).
+DIRECT_BATCH = 100
+
+# name: (label, playbook, inventory, extra vars file, encoding hosts measured)
+CONFIGS: dict[str, tuple[str, str, str, str, int]] = {
+    "a": ("(a) seed: Pod's task module", "playbooks/xapi_encodage.yml", ONE, "a-seed", 1),
+    "b": ("(b) bundle defaults", "playbooks/xapi_encodage.yml", ONE, "b-defaults", 1),
+    "b2nodes": ("(b) 2 nodes, 1 host", "playbooks/xapi_encodage.yml", ONE, "b-2nodes", 1),
+    "b2hosts": ("(b) 2 encoding hosts", "site.yml", TWO, "b-defaults", 2),
+}
+
+
+def lab(script: str) -> None:
+    env = dict(os.environ, LAB_PREFIX=PREFIX, LAB_HOSTS=HOSTS)
+    subprocess.run(["bash", f"lab/{script}"], cwd=REPO, env=env, check=True)
+
+
+def deployment(logs: Path, facts: Path) -> dict[str, Any]:
+    """Fresh hosts, the operator's Pod (lab/prepare.yml, not timed), then site.yml three
+    times: first run, second run (must change nothing), --check --diff."""
+    lab("down.sh")
+    lab("up.sh")
+    playbook("prepare", logs, "-i", TWO, "lab/prepare.yml")
+    # A control machine that never saw these hosts: the first run gathers its facts.
+    shutil.rmtree(facts, ignore_errors=True)
+    runs = [
+        playbook("site-first", logs, "-i", ONE, "site.yml"),
+        playbook("site-second", logs, "-i", ONE, "site.yml"),
+        playbook("site-check", logs, "-i", ONE, "site.yml", "--check", "--diff"),
+    ]
+    return {r.name: vars(r) for r in runs}
+
+
+class RssSampler(threading.Thread):
+    """Peak, over the run, of the summed RSS of the Celery processes of the hosts."""
+
+    def __init__(self, hosts: list[PodmanHost]) -> None:
+        super().__init__(daemon=True)
+        self.hosts, self.peak_kib, self.done = hosts, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            total = sum(onhost.worker_rss_kib(h) for h in self.hosts)
+            self.peak_kib = max(self.peak_kib, total)
+            self.done.wait(1.0)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def measure(n: int, hosts: list[PodmanHost], direct: bool, window: float) -> dict[str, Any]:
+    """N statements in one burst from the frontal, timed until Ralph stored the last one or
+    until `window` seconds passed (then what is left in the queue is dropped, and the
+    latencies of the statements not stored count as their wait so far: lower bounds)."""
+    if not onhost.wait(lambda: onhost.queue_length(FRONTAL) == 0, 300, 2):
+        raise RuntimeError("the queue does not drain before the run")
+    if not direct:  # warm-up: workers connected, then the same empty LRS for every run
+        onhost.reset_lrs(LRS)
+        onhost.produce(FRONTAL, 10)
+        if not onhost.wait(lambda: onhost.stored_count(LRS) >= 10, 120):
+            raise RuntimeError("warm-up statements not delivered")
+    onhost.reset_lrs(LRS)
+    sampler = RssSampler(hosts)
+    sampler.start()
+    sent: list[tuple[str, float]] = []
+
+    def send() -> None:
+        if direct:
+            sent.extend(onhost.direct(FRONTAL, n, DIRECT_BATCH))
+        else:
+            sent.extend(onhost.produce(FRONTAL, n))
+
+    producer = threading.Thread(target=send)
+    begun = time.time()
+    producer.start()
+    complete = onhost.wait(lambda: onhost.stored_count(LRS) >= n, window)
+    ended = time.time()
+    producer.join()
+    sampler.done.set()
+    sampler.join()
+    if not complete:
+        onhost.purge_queue(FRONTAL)
+    if len(sent) != n:
+        raise RuntimeError(f"the producer sent {len(sent)} of {n} statements")
+    stored = onhost.stored_times(LRS)
+    done = [(i, t) for i, t in sent if i in stored]
+    if complete and len(done) != n:
+        raise RuntimeError(f"{n - len(done)} statements missing in the LRS")
+    latencies = [stored.get(i, ended) - t for i, t in sent]
+    first = min(t for _, t in sent)
+    elapsed = max(stored[i] for i, _ in done) - first if complete else ended - first
+    return {
+        "n": n,
+        "stored": len(done),
+        "complete": complete,
+        "seconds": round(elapsed, 2),
+        "statements_per_s": round(len(done) / elapsed, 2),
+        "enqueue_seconds": round(max(t for _, t in sent) - first, 2),
+        "producer_start_delay_s": round(first - begun, 2),
+        "latency_p50_ms": round(percentile(latencies, 0.50) * 1000),
+        "latency_p99_ms": round(percentile(latencies, 0.99) * 1000),
+        "worker_rss_peak_mib": round(sampler.peak_kib / 1024, 1) if hosts else None,
+    }
+
+
+def run_config(name: str, n: int, logs: Path, window: float) -> dict[str, Any]:
+    if name == "c":
+        print(f"bench: (c) direct batched ingest, N={n}", flush=True)
+        row = measure(n, [], direct=True, window=window)
+        return {"config": "c", "label": "(c) Ralph direct, batches of 100", **row}
+    label, book, inventory, extra, hosts = CONFIGS[name]
+    run = playbook(
+        f"deploy-{name}", logs, "-i", inventory, book, "-e", f"@bench/configs/{extra}.yml"
+    )
+    print(f"bench: {label} deployed in {run.seconds} s, N={n}", flush=True)
+    # A worker left on the second host by an earlier 2-host run would share the queue.
+    for spare in ENCODAGE[hosts:]:
+        spare.run("systemctl stop celeryd-xapi 2>/dev/null || true")
+    row = measure(n, ENCODAGE[:hosts], direct=False, window=window)
+    return {"config": name, "label": label, "deploy_seconds": run.seconds, **row}
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next(ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln)
+    meminfo = Path("/proc/meminfo").read_text().split()
+    return {
+        "nproc": os.cpu_count(),
+        "ram_gib": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 1024 / 1024, 1),
+        "cpu": model,
+        "os": Path("/etc/debian_version").read_text().strip(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--phases", default="deploy,b,c,a,b2nodes,b2hosts")
+    parser.add_argument("--out", default="bench/results")
+    # The seed configuration delivers about one statement every two seconds: 2,000 would
+    # take over an hour. Its run is time-boxed (0: no limit); the others get an hour.
+    parser.add_argument("--seed-window", type=float, default=480)
+    args = parser.parse_args()
+    out = REPO / args.out
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    facts = Path(os.environ["ANSIBLE_CACHE_PLUGIN_CONNECTION"])
+    started = dt.datetime.now(dt.UTC)
+    result: dict[str, Any] = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": os.environ.get("BENCH_COMMAND", "make bench"),
+        "machine": machine(),
+        "n": args.n,
+        "direct_batch": DIRECT_BATCH,
+        "seed_window_s": args.seed_window,
+        "deployment": None,
+        "runs": [],
+    }
+    for phase in args.phases.split(","):
+        if phase == "deploy":
+            result["deployment"] = deployment(logs, facts)
+            print(f"bench: deployment {result['deployment']}", flush=True)
+        else:
+            window = args.seed_window if phase == "a" and args.seed_window else 3600
+            result["runs"].append(run_config(phase, args.n, logs, window))
+            print(f"bench: {result['runs'][-1]}", flush=True)
+        (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["total_seconds"] = round((dt.datetime.now(dt.UTC) - started).total_seconds())
+    text = json.dumps(result, indent=2) + "\n"
+    (out / "latest.json").write_text(text)
+    (out / f"bench-{started:%Y%m%dT%H%M%SZ}.json").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Renders bench/results/latest.json into docs/benchmarks.md (the section between the
+`bench:pipeline` markers; the rest of the page is kept) and the chart
+docs/benchmarks-pipeline.png. Needs matplotlib (bench/requirements.txt, .venv-bench)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: a file only
+import matplotlib.pyplot as plt  # after the backend choice
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+CHART = REPO / "docs" / "benchmarks-pipeline.png"
+START, END = "<!-- bench:pipeline:start -->", "<!-- bench:pipeline:end -->"
+
+
+def chart(runs: list[dict[str, Any]]) -> None:
+    labels = [r["label"] for r in runs]
+    rates = [r["statements_per_s"] for r in runs]
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
+    bars = ax.barh(labels, rates, color=["#c44" if r["config"] == "a" else "#48a" for r in runs])
+    ax.bar_label(bars, labels=[f"{v:g}" for v in rates], padding=3)
+    ax.invert_yaxis()
+    ax.set_xlabel("statements/s, frontal enqueue -> stored in Ralph (higher is better)")
+    ax.set_xlim(0, max(rates) * 1.15)
+    fig.tight_layout()
+    fig.savefig(CHART)
+
+
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def section(res: dict[str, Any]) -> str:
+    runs = {r["config"]: r for r in res["runs"]}
+    m = res["machine"]
+    lines = [
+        START,
+        "## Deployed pipeline (`make bench`)",
+        "",
+        f"Measured {res['date'][:10]} with `{res['command']}` on this machine: "
+        f"{m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, Debian {m['os']}; lab hosts "
+        "are podman containers (systemd) on it, so workers, Redis, Ralph and the producer share "
+        "the same 2 cores. Raw results: `bench/results/latest.json` (logs of every playbook "
+        "run in `bench/results/logs/`, not committed).",
+        "",
+        f"Each run: {res['n']:,} w3id video statements queued in one burst on the frontal "
+        "with Pod's own `send_xapi_statement_task.delay()` (as user pod, Pod's venv), timed "
+        "until Ralph has stored the last one. Statements/s = stored / (last `stored` stamp - "
+        "first enqueue). Latency = Ralph's `stored` stamp - the statement's enqueue time (one "
+        "kernel clock), so under a burst it is mostly time spent waiting in the queue. Worker "
+        "RSS = peak (1 s samples) of the summed RSS of the Celery processes on the encoding "
+        "host(s). Ralph's store and history are emptied before each run (FS backend, "
+        f"FACTS §5). (c) POSTs batches of {res['direct_batch']} from the frontal to Ralph, no "
+        "queue. Each configuration is deployed by the bundle (`bench/configs/*.yml` as extra "
+        "vars of `playbooks/xapi_encodage.yml`; 2 hosts: `site.yml` with "
+        "`bench/inventory/two-encodage.yml`).",
+        "",
+        "| configuration | stored | seconds | statements/s | p50 latency | p99 latency "
+        "| worker RSS (peak) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["runs"]:
+        bound = "" if r["complete"] else "≥ "
+        rss = f"{r['worker_rss_peak_mib']} MiB" if r["worker_rss_peak_mib"] else "—"
+        lines.append(
+            f"| {r['label']} | {r['stored']:,} / {r['n']:,} | {r['seconds']} "
+            f"| {r['statements_per_s']:g} | {bound}{r['latency_p50_ms'] / 1000:.2f} s "
+            f"| {bound}{r['latency_p99_ms'] / 1000:.2f} s | {rss} |"
+        )
+    lines += ["", "![statements/s per configuration](benchmarks-pipeline.png)", ""]
+    if "a" in runs and not runs["a"]["complete"]:
+        a = runs["a"]
+        lines += [
+            f"(a) is time-boxed ({res['seed_window_s']:.0f} s, `--seed-window`): it stored "
+            f"{a['stored']} of {a['n']:,} statements in that time; its rate is the stored count "
+            "over the window, and its latencies count the statements still queued at the end "
+            "with their wait so far (lower bounds, hence ≥). At that rate the full run would "
+            f"take about {a['n'] / a['statements_per_s'] / 60:.0f} minutes.",
+            "",
+        ]
+    dep = res.get("deployment")
+    if dep:
+        first, second, check = dep["site-first"], dep["site-second"], dep["site-check"]
+        lines += [
+            "Deployment (`site.yml`, 3 hosts, `bench/inventory/hosts.yml`; fresh containers "
+            "after `lab/prepare.yml`, which is the operator's existing Pod and is not timed):",
+            "",
+            "| run | wall time | changed |",
+            "|---|---:|---:|",
+            f"| first run, bare hosts | {first['seconds']} s | {first['changed']} |",
+            f"| second run | {second['seconds']} s | {second['changed']} |",
+            f"| `--check --diff` | {check['seconds']} s | {check['changed']} |",
+            "",
+        ]
+    lines += ["Targets:", ""]
+    if "a" in runs and "b" in runs:
+        ratio = runs["b"]["statements_per_s"] / runs["a"]["statements_per_s"]
+        lines.append(f"- (b) ≥ 20x (a): {ratio:.0f}x — {verdict(ratio >= 20)}")
+    if "b" in runs and "c" in runs:
+        share = runs["b"]["statements_per_s"] / runs["c"]["statements_per_s"]
+        lines.append(f"- (b) ≥ 50 % of (c): {share:.0%} — {verdict(share >= 0.5)}")
+    if dep:
+        ok = second["seconds"] <= 60 and second["changed"] == 0
+        lines.append(
+            f"- second run ≤ 60 s with changed=0: {second['seconds']} s, changed="
+            f"{second['changed']} — {verdict(ok)}"
+        )
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "bench/results/latest.json"
+    res = json.loads(source.read_text())
+    chart(res["runs"])
+    text = DOC.read_text()
+    new = section(res)
+    if START in text:
+        head, rest = text.split(START, 1)
+        text = head + new + rest.split(END, 1)[1]
+    else:  # first time: after the page title, before the loopback section
+        title, body = text.split("\n", 1)
+        text = f"{title}\n\n{new}\n{body}"
+    DOC.write_text(text)
+    print(f"wrote {DOC.relative_to(REPO)} and {CHART.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# `make bench`: the deployed pipeline benchmark on hosts of its own (containers
+# xapi-bench-*, the demo lab is not touched), then docs/benchmarks.md regenerated.
+# Arguments go to bench/pipeline.py (e.g. --n 200 --phases b,c for a quick try).
+# BENCH_KEEP=1 leaves the bench hosts running afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Facts of the bench hosts apart from the demo lab's (same inventory host names).
+export ANSIBLE_CACHE_PLUGIN_CONNECTION=$PWD/.ansible/bench-facts
+export BENCH_COMMAND=${BENCH_COMMAND:-make bench}
+python bench/pipeline.py "$@"
+.venv-bench/bin/python bench/report.py
+if [ "${BENCH_KEEP:-0}" != 1 ]; then
+  LAB_PREFIX=xapi-bench LAB_HOSTS="frontal encodage encodage2 lrs" bash lab/down.sh
+fi
