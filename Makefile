@@ -13,6 +13,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 VENV := .venv
 WORKER_VENV := .venv-worker
 RALPH_VENV := .venv-ralph
+BENCH_VENV := .venv-bench
 SCENARIOS ?= default sysv resilience
 
 .PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean
@@ -21,6 +22,7 @@ help:
 	@echo "make demo       bring the lab up, apply site.yml, deliver one statement"
 	@echo "make demo-down  remove the lab hosts"
 	@echo "make test       lint + worker tests + molecule scenarios ($(SCENARIOS))"
+	@echo "make bench      deployed pipeline benchmark (own hosts), docs/benchmarks.md"
 
 # --- environments -------------------------------------------------------------------------
 $(VENV)/.done: tools/requirements.txt | system-deps
@@ -33,6 +35,11 @@ $(WORKER_VENV)/.done: xapi_worker/pyproject.toml xapi_worker/constraints.txt
 	$(PYTHON) -m venv $(WORKER_VENV)
 	$(WORKER_VENV)/bin/pip install -q --upgrade pip
 	$(WORKER_VENV)/bin/pip install -q -c xapi_worker/constraints.txt -e './xapi_worker[test]'
+	touch $@
+
+$(BENCH_VENV)/.done: bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q -r bench/requirements.txt
 	touch $@
 
 $(RALPH_VENV)/.done: tools/ralph-requirements.txt
@@ -80,5 +87,10 @@ molecule: $(VENV)/.done image
 resilience: $(VENV)/.done image
 	molecule test -s resilience
 
+# Not part of make test: fresh bench hosts, every configuration deployed and measured
+# (~35 min), docs/benchmarks.md regenerated. BENCH_ARGS="--n 200 --phases b,c" to try it.
+bench: $(VENV)/.done $(BENCH_VENV)/.done image
+	bash bench/run.sh $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) $(WORKER_VENV) $(RALPH_VENV)
+	rm -rf $(VENV) $(WORKER_VENV) $(RALPH_VENV) $(BENCH_VENV)
