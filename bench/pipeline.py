@@ -1,7 +1,7 @@
 """The deployed pipeline benchmark (`make bench`): deployment times, then each
 configuration deployed by the bundle and measured end to end, raw results as JSON.
 
-    python bench/pipeline.py [--n 2000] [--phases deploy,b,c,a,b2nodes,b2hosts]
+    python bench/pipeline.py [--n 2000] [--phases deploy,b,bdrain,c,a,b2nodes,b2hosts]
 
 Run from the repository root with the Makefile's environment (CONTAINERS_CONF,
 ANSIBLE_CONFIG, the tools venv on PATH); bench/run.sh does it and renders the report.
@@ -136,11 +136,50 @@ def measure(n: int, hosts: list[PodmanHost], direct: bool, window: float) -> dic
     }
 
 
+def drain(n: int, hosts: list[PodmanHost]) -> dict[str, Any]:
+    """The workers alone: N statements queued while they are stopped, then the rate between
+    the first and the last statement stored once they start (no producer on the CPUs)."""
+    onhost.reset_lrs(LRS)
+    onhost.produce(FRONTAL, 10)  # warm-up, as in measure()
+    if not onhost.wait(lambda: onhost.stored_count(LRS) >= 10, 120):
+        raise RuntimeError("warm-up statements not delivered")
+    for host in hosts:
+        host.check("systemctl stop celeryd-xapi")
+    onhost.reset_lrs(LRS)
+    sent = onhost.produce(FRONTAL, n)
+    sampler = RssSampler(hosts)
+    sampler.start()
+    for host in hosts:
+        host.check("systemctl start celeryd-xapi")
+    complete = onhost.wait(lambda: onhost.stored_count(LRS) >= n, 3600)
+    sampler.done.set()
+    sampler.join()
+    stored = onhost.stored_times(LRS)
+    if not complete or any(i not in stored for i, _ in sent):
+        raise RuntimeError(f"only {len(stored)} of {n} statements stored")
+    first, last = min(stored.values()), max(stored.values())
+    return {
+        "n": n,
+        "stored": n,
+        "complete": True,
+        "seconds": round(last - first, 2),
+        "statements_per_s": round((n - 1) / (last - first), 2),
+        "latency_p50_ms": None,
+        "latency_p99_ms": None,
+        "worker_rss_peak_mib": round(sampler.peak_kib / 1024, 1),
+    }
+
+
 def run_config(name: str, n: int, logs: Path, window: float) -> dict[str, Any]:
     if name == "c":
         print(f"bench: (c) direct batched ingest, N={n}", flush=True)
         row = measure(n, [], direct=True, window=window)
         return {"config": "c", "label": "(c) Ralph direct, batches of 100", **row}
+    if name == "bdrain":  # a diagnostic of (b): run after it, same deployment
+        print(f"bench: (b) workers alone, N={n}", flush=True)
+        ENCODAGE[1].run("systemctl stop celeryd-xapi 2>/dev/null || true")
+        row = drain(n, ENCODAGE[:1])
+        return {"config": "bdrain", "label": "(b) workers alone, pre-queued", **row}
     label, book, inventory, extra, hosts = CONFIGS[name]
     run = playbook(
         f"deploy-{name}", logs, "-i", inventory, book, "-e", f"@bench/configs/{extra}.yml"
@@ -168,7 +207,7 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--phases", default="deploy,b,c,a,b2nodes,b2hosts")
+    parser.add_argument("--phases", default="deploy,b,bdrain,c,a,b2nodes,b2hosts")
     parser.add_argument("--out", default="bench/results")
     # The seed configuration delivers about one statement every two seconds: 2,000 would
     # take over an hour. Its run is time-boxed (0: no limit); the others get an hour.

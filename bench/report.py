@@ -69,10 +69,13 @@ def section(res: dict[str, Any]) -> str:
     for r in res["runs"]:
         bound = "" if r["complete"] else "≥ "
         rss = f"{r['worker_rss_peak_mib']} MiB" if r["worker_rss_peak_mib"] else "—"
+        p50, p99 = (
+            (f"{bound}{r[k] / 1000:.2f} s" if r[k] is not None else "—")
+            for k in ("latency_p50_ms", "latency_p99_ms")
+        )
         lines.append(
             f"| {r['label']} | {r['stored']:,} / {r['n']:,} | {r['seconds']} "
-            f"| {r['statements_per_s']:g} | {bound}{r['latency_p50_ms'] / 1000:.2f} s "
-            f"| {bound}{r['latency_p99_ms'] / 1000:.2f} s | {rss} |"
+            f"| {r['statements_per_s']:g} | {p50} | {p99} | {rss} |"
         )
     lines += ["", "![statements/s per configuration](benchmarks-pipeline.png)", ""]
     if "a" in runs and not runs["a"]["complete"]:
