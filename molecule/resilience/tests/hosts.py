@@ -10,10 +10,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+# Pod's layout on the lab hosts, as the other scenarios know it (molecule/shared, put on
+# sys.path by conftest.py).
+from pod_on_host import POD_DIR, VENV
+
 PREFIX = os.environ.get("XAPI_RES_PREFIX", "res-")
 FILES = Path(__file__).resolve().parents[1] / "files"
-POD_DIR = "/usr/local/django_projects/podv4"
-VENV = "/home/pod/.virtualenvs/django_pod4"
 WORK = "/var/tmp/xapi-resilience"  # on the frontal, owned by pod
 LRS_STORE = "/var/lib/ralph/statements"
 WORKER_ENV = "/etc/celeryd-xapi/worker.env"
