@@ -120,8 +120,17 @@ WORLD_READABLE = (
 
 @pytest.mark.parametrize("host", HOSTS)
 def test_no_password_in_world_readable_files(host: str) -> None:
-    patterns = "\n".join(secrets().values()) + "\n"
-    found = sh(host, WORLD_READABLE, stdin=patterns, timeout=600).stdout.split()
+    # A planted world-readable canary proves the sweep reads files at all: an empty answer
+    # from a broken find or grep must not pass for a clean host.
+    canary = f"xapi-canary-{uuid.uuid4().hex}"
+    sh(host, f"echo {canary} > /var/tmp/xapi-canary && chmod 0644 /var/tmp/xapi-canary")
+    try:
+        patterns = "\n".join([*secrets().values(), canary]) + "\n"
+        found = sh(host, WORLD_READABLE, stdin=patterns, timeout=600).stdout.split()
+    finally:
+        sh(host, "rm -f /var/tmp/xapi-canary")
+    assert "/var/tmp/xapi-canary" in found, f"the sweep did not find its canary on {host}"
+    found.remove("/var/tmp/xapi-canary")
     assert not found, f"world-readable files holding a password on {host}: {found}"
 
 
