@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Brings the lab hosts up as podman containers booting systemd (see inventories/lab).
-# Idempotent: hosts already running are left as they are.
+# Idempotent: hosts already running are left as they are; a host podman calls running but that
+# cannot be exec'd into is recreated (a fresh host: make demo provisions it again).
 # LAB_PREFIX and LAB_HOSTS let another set of hosts (the benchmark's, bench/) live beside the
 # demo lab without touching it; the defaults are the demo lab's.
 set -euo pipefail
@@ -14,6 +15,14 @@ bash "$here/build-image.sh" "$image"
 podman network exists "$network" || podman network create "$network" >/dev/null
 for host in "${hosts[@]}"; do
   name=$prefix-$host
+  # A container podman reports as running can be dead underneath (the machine rebooted under
+  # it: "cannot exec in a stopped container"); nothing can be done in it, so it is recreated.
+  if podman container exists "$name" &&
+    [ "$(podman inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" = true ] &&
+    ! podman exec "$name" true >/dev/null 2>&1; then
+    echo "lab host $name: podman says running but exec fails (stale after a reboot?): recreating it"
+    podman rm -f -t 5 "$name" >/dev/null
+  fi
   if podman container exists "$name"; then
     podman start "$name" >/dev/null
   else
