@@ -6,6 +6,10 @@ five `podman exec` (home, mkdir, chmod, run, rm: ~0.25 s each here); with it, on
 module goes to python's stdin. This subclass only adds `--interactive` when there is
 input and declares pipelining; files still go through the container's mount. Lab only:
 production uses SSH, where ansible.cfg turns pipelining on already.
+
+The parent runs `podman mount` on every connection, that is on every task; most tasks never
+transfer a file (pipelined modules go through stdin), so the mount is made on the first
+file transfer of the connection instead.
 """
 
 from __future__ import annotations
@@ -68,6 +72,28 @@ DOCUMENTATION = """
 class Connection(PodmanConnection):
     transport = "podman_pipelined"
     has_pipelining = True
+    _mount_attempted = False
+
+    def _connect(self) -> Connection:
+        # No `podman mount` here: see _mount().
+        self._connected = True
+        return self
+
+    def _mount(self) -> None:
+        """Mount the container's filesystem as the parent's _connect does, once."""
+        if not self._mount_attempted:
+            self._mount_attempted = True
+            PodmanConnection._connect(self)
+
+    @ensure_connect
+    def put_file(self, in_path: str, out_path: str) -> None:
+        self._mount()
+        super().put_file(in_path, out_path)
+
+    @ensure_connect
+    def fetch_file(self, in_path: str, out_path: str) -> None:
+        self._mount()
+        super().fetch_file(in_path, out_path)
 
     @ensure_connect
     def exec_command(
