@@ -74,8 +74,8 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
     counter = iter(range(1000))
 
-    def start(config: Path, concurrency: int = 1) -> Worker:
-        worker = Worker(tmp_path, config, f"w{next(counter)}", concurrency)
+    def start(config: Path, concurrency: int = 1, name: str | None = None) -> Worker:
+        worker = Worker(tmp_path, config, name or f"w{next(counter)}", concurrency)
         started.append(worker)
         return worker
 

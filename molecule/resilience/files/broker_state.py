@@ -2,8 +2,9 @@
 the broker URL of Pod's settings_local.py (so no password is passed to it).
 
     python broker_state.py              JSON: messages waiting in queue `xapi`, messages
-                                        delivered to a worker but unacknowledged, dead
-                                        letters (id, reason, status)
+                                        delivered to a worker but unacknowledged, taken
+                                        but not yet recorded (the workers' in-flight
+                                        lists), dead letters (id, reason, status)
     python broker_state.py wait-unacked SECONDS
                                         returns as soon as a worker holds unacknowledged
                                         messages (to strike it mid-batch); prints how many
@@ -38,4 +39,15 @@ for raw in client.lrange(DEAD_LETTERS, 0, -1):
     dead.append(
         {"id": statement.get("id"), "reason": entry.get("reason"), "status": entry.get("status")}
     )
-print(json.dumps({"queue": client.llen("xapi"), "unacked": client.hlen("unacked"), "dead": dead}))
+# The worker's transport: messages a node has taken and not yet recorded in unacked.
+in_flight = sum(client.llen(key) for key in client.smembers("xapi.inflight"))
+print(
+    json.dumps(
+        {
+            "queue": client.llen("xapi"),
+            "unacked": client.hlen("unacked"),
+            "in_flight": in_flight,
+            "dead": dead,
+        }
+    )
+)

@@ -13,6 +13,7 @@ import redis
 
 from .delivery import iso
 from .settings import QUEUE, Settings
+from .transport import registry_key, unreadable_key
 
 
 class RedisAccess:
@@ -81,9 +82,22 @@ class RedisAccess:
         return int(count)
 
     def status(self) -> dict[str, int]:
-        pipe = self.client.pipeline()
+        client = self.client
+        members: set[bytes] = client.smembers(registry_key(QUEUE))  # type: ignore[assignment]
+        lists = sorted(m.decode() for m in members)
+        pipe = client.pipeline()
         pipe.llen(QUEUE)
         pipe.llen(self.key)
         pipe.hlen("unacked")
-        queue, dead, unacked = pipe.execute()  # type: ignore[no-untyped-call]
-        return {"queue": int(queue), "dead_letters": int(dead), "unacked": int(unacked)}
+        pipe.llen(unreadable_key(QUEUE))
+        for key in lists:
+            pipe.llen(key)
+        queue, dead, unacked, unreadable, *in_flight = pipe.execute()  # type: ignore[no-untyped-call]
+        return {
+            "queue": int(queue),
+            "dead_letters": int(dead),
+            "unacked": int(unacked),
+            # taken by a node, not yet recorded in unacked: returned when the node restarts
+            "in_flight": sum(int(n) for n in in_flight),
+            "unreadable": int(unreadable),
+        }

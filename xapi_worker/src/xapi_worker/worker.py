@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from celery import Celery
 from celery.app.task import Task
+from celery.signals import celeryd_init
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
@@ -38,6 +39,8 @@ from .delivery import (
 )
 from .lrs import LRSClient
 from .settings import QUEUE, TASK_NAME, Settings, mask_url
+from .transport import ALIAS as TRANSPORT
+from .transport import NODE_OPTION
 
 log = logging.getLogger("xapi_worker")
 
@@ -61,6 +64,8 @@ def make_celery(settings: Settings, name: str = "xapi_worker") -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=settings.effective_prefetch_multiplier,
+        # Kombu's Redis transport with its BRPOP-then-HSET loss window closed (transport.py).
+        broker_transport=TRANSPORT,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
@@ -69,7 +74,24 @@ def make_celery(settings: Settings, name: str = "xapi_worker") -> Celery:
         enable_utc=True,
         timezone="UTC",
     )
+    celeryd_init.connect(_name_the_node(app), weak=False)
     return app
+
+
+def _name_the_node(app: Celery) -> Callable[..., None]:
+    """Give the transport the worker's node name (``-n xapi@%h``), stable across restarts,
+    which names the node's in-flight list. Sent before the worker connects to the broker."""
+
+    own_conf = app.conf
+
+    def on_init(sender: str, conf: object = None, **_: object) -> None:
+        if conf is not own_conf:  # another app's worker in this process
+            return
+        options = dict(app.conf.broker_transport_options or {})
+        options[NODE_OPTION] = str(sender)
+        app.conf.broker_transport_options = options
+
+    return on_init
 
 
 def _statement_of(req: SimpleRequest) -> dict[str, Any] | None:

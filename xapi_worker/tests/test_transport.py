@@ -1,0 +1,122 @@
+"""The transport's in-flight lists (transport.py): a message taken from the queue is in the
+queue, in its node's in-flight list or in ``unacked``, never nowhere; what a dead node left in
+flight comes back. Real redis-server, Ralph and Celery workers."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from celery import Celery
+from support import TASK_NAME, Proxy, pod_producer, video_statement, wait_for
+
+HOST = socket.gethostname()
+
+
+def _inflight(node: str) -> str:
+    return f"xapi.inflight.{node}@{HOST}"
+
+
+def _ids_of_queue(r) -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in r.lrange("xapi", 0, -1)]
+
+
+def test_message_taken_by_a_node_that_died_is_delivered_when_it_restarts(
+    redis_srv, ralph, make_config, start_worker
+):
+    statements = [video_statement("played", n) for n in range(3)]
+    with pod_producer(redis_srv.url()) as delay:
+        for statement in statements:
+            delay(statement)
+    r = redis_srv.client()
+    # The state a SIGKILL leaves right after the worker's BLMOVE, before its MULTI/EXEC:
+    # the message is in node n1's in-flight list and nowhere else.
+    key = _inflight("n1")
+    assert r.lmove("xapi", key, "RIGHT", "LEFT") is not None
+    r.sadd("xapi.inflight", key)
+    assert (r.llen("xapi"), r.llen(key), r.hlen("unacked")) == (2, 1, 0)
+
+    worker = start_worker(make_config(ralph.url), name="n1")
+    assert wait_for(lambda: len(ralph.stored()) >= 3, 30), worker.text()[-3000:]
+    assert sorted(ralph.stored_ids()) == sorted(s["id"] for s in statements)
+    assert "1 message(s) this node had taken but not recorded" in worker.text()
+    assert wait_for(lambda: r.llen(key) == 0 and r.hlen("unacked") == 0, 10)
+
+
+def test_in_flight_list_of_a_node_gone_for_good_is_returned_by_another(
+    redis_srv, ralph, make_config, start_worker
+):
+    with pod_producer(redis_srv.url()) as delay:
+        delay(video_statement("paused", 1))
+        delay(video_statement("paused", 2))
+    r = redis_srv.client()
+    gone, alive = _inflight("gone"), _inflight("busy")
+    r.lmove("xapi", gone, "RIGHT", "LEFT")  # no heartbeat: its node is gone
+    r.lmove("xapi", alive, "RIGHT", "LEFT")
+    r.set(alive + ".alive", "busy", ex=300)  # a live node's message is not taken from it
+    r.sadd("xapi.inflight", gone, alive)
+
+    worker = start_worker(make_config(ralph.url), name="other")
+    assert wait_for(lambda: len(ralph.stored()) >= 1, 30), worker.text()[-3000:]
+    assert "taken by a node gone for more than the visibility timeout" in worker.text()
+    assert r.llen(gone) == 0 and not r.sismember("xapi.inflight", gone)
+    assert r.llen(alive) == 1 and len(ralph.stored()) == 1
+
+
+def test_worker_keeps_in_flight_empty_and_heartbeat_while_it_works(
+    redis_srv, ralph, make_config, start_worker
+):
+    proxy = Proxy(upstream_port=ralph.port, delay=1.0).start()
+    try:
+        with pod_producer(redis_srv.url()) as delay:
+            for n in range(30):
+                delay(video_statement("seeked", n))
+        worker = start_worker(
+            make_config(proxy.url, XAPI_WORKER_BATCH_SIZE=10, XAPI_WORKER_VISIBILITY_TIMEOUT=40),
+            name="hb",
+        )
+        r = redis_srv.client()
+        key = _inflight("hb")
+        # While the LRS is slow, taken messages wait in unacked; the in-flight list only holds
+        # a message for the instant between BLMOVE and the MULTI that records it.
+        assert wait_for(lambda: r.hlen("unacked") > 0, 20), worker.text()[-3000:]
+        assert r.llen(key) <= 1
+        assert r.sismember("xapi.inflight", key)
+        assert 0 < r.ttl(key + ".alive") <= 40
+        assert wait_for(lambda: len(ralph.stored()) >= 30, 60), worker.text()[-3000:]
+        assert wait_for(lambda: r.hlen("unacked") == 0 and r.llen(key) == 0, 10)
+        worker.stop()
+        # A clean stop gives up the heartbeat, so a node that never comes back is recovered.
+        assert not r.exists(key + ".alive")
+    finally:
+        proxy.stop()
+
+
+def test_messages_sent_with_a_priority_are_not_stranded(
+    redis_srv, ralph, make_config, start_worker
+):
+    app = Celery("xapi_tasks", broker=redis_srv.url())  # kombu's own transport, as on Pod
+    statement = video_statement("completed", 7)
+    try:
+        app.send_task(TASK_NAME, args=[statement], queue="xapi", priority=5)
+    finally:
+        app.close()
+    r = redis_srv.client()
+    assert r.llen("xapi\x06\x163") == 1  # kombu's priority list, which BLMOVE cannot read
+    worker = start_worker(make_config(ralph.url))
+    assert wait_for(lambda: ralph.stored_ids() == [statement["id"]], 30), worker.text()[-3000:]
+    assert "sent with a priority: moved to xapi" in worker.text()
+
+
+def test_garbage_on_the_queue_is_set_aside_and_the_rest_delivered(
+    redis_srv, ralph, make_config, start_worker
+):
+    r = redis_srv.client()
+    r.lpush("xapi", b"\x80 not a kombu message")
+    with pod_producer(redis_srv.url()) as delay:
+        delay(video_statement("terminated", 3))
+    worker = start_worker(make_config(ralph.url))
+    assert wait_for(lambda: len(ralph.stored()) == 1, 30), worker.text()[-3000:]
+    assert r.lrange("xapi.unreadable", 0, -1) == [b"\x80 not a kombu message"]
+    assert "not a kombu message on xapi: moved to xapi.unreadable" in worker.text()
+    assert r.llen("xapi") == 0
