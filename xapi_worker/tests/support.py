@@ -283,14 +283,21 @@ def worker_env(config: Path, extra: dict[str, str] | None = None) -> dict[str, s
 
 
 class Worker:
-    def __init__(self, workdir: Path, config: Path, name: str, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: Path,
+        name: str,
+        concurrency: int = 1,
+        app: str = "xapi_worker.app",
+    ) -> None:
         self.log = workdir / f"worker-{name}.log"
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
                     str(VENV_BIN / "celery"),
                     "-A",
-                    "xapi_worker.app",
+                    app,
                     "worker",
                     "-Q",
                     "xapi",
