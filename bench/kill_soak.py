@@ -100,8 +100,10 @@ def main() -> None:
         producer.start()
         app = "kombu_app" if args.transport == "kombu" else "xapi_worker.app"
         try:
-            for _ in range(args.kills):
-                worker = Worker(work, config, "soak", app=app)
+            for kill in range(args.kills):
+                # A log directory per start: Worker waits for " ready." in its log.
+                (work / f"start{kill}").mkdir()
+                worker = Worker(work / f"start{kill}", config, "soak", app=app)
                 # Right after "ready" the worker takes its prefetch back to back: most takes,
                 # and so most chances to die between a take and its record, are there.
                 time.sleep(rng.uniform(0, args.window))
