@@ -29,16 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "xapi_worker" / "tests"))
 
 from support import (  # noqa: E402  (test helpers: processes and the Pod-like producer)
-    LRS_PASSWORD,
-    LRS_USER,
     Ralph,
     RedisServer,
     Worker,
+    local_worker_config,
     make_ralph_auth,
     pod_producer,
     video_statement,
     wait_for,
-    write_config,
 )
 
 # An app module that swaps the bundled transport for kombu's own, for the comparison run.
@@ -64,21 +62,17 @@ def main() -> None:
         auth = make_ralph_auth(work / "auth")
         redis = RedisServer(work)
         ralph = Ralph(work, auth)
-        config = write_config(
+        config = local_worker_config(
             work / "worker.env",
-            {
-                "XAPI_LRS_URL": ralph.url,
-                "XAPI_LRS_LOGIN": LRS_USER,
-                "XAPI_LRS_PWD": LRS_PASSWORD,
-                "XAPI_CELERY_BROKER_URL": redis.url(),
-                "XAPI_WORKER_BATCH_SIZE": 100,
-                "XAPI_WORKER_FLUSH_INTERVAL_MS": 100,
-                "XAPI_WORKER_RETRY_BASE_SECONDS": 0.2,
-                "XAPI_WORKER_RETRY_MAX_SECONDS": 1,
-                "XAPI_WORKER_READ_TIMEOUT": 3,
-                "XAPI_WORKER_CONNECT_TIMEOUT": 1,
-                "XAPI_WORKER_VISIBILITY_TIMEOUT": 8,
-            },
+            redis.url(),
+            ralph.url,
+            XAPI_WORKER_BATCH_SIZE=100,
+            XAPI_WORKER_FLUSH_INTERVAL_MS=100,
+            XAPI_WORKER_RETRY_BASE_SECONDS=0.2,
+            XAPI_WORKER_RETRY_MAX_SECONDS=1,
+            XAPI_WORKER_READ_TIMEOUT=3,
+            XAPI_WORKER_CONNECT_TIMEOUT=1,
+            XAPI_WORKER_VISIBILITY_TIMEOUT=8,
         )
         if args.transport == "kombu":
             (work / "kombu_app.py").write_text(KOMBU_APP)

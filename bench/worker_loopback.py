@@ -16,16 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "xapi_worker" / "tests"))
 
 from support import (  # noqa: E402  (test helpers: processes and the Pod-like producer)
-    LRS_PASSWORD,
-    LRS_USER,
     Ralph,
     RedisServer,
     Worker,
+    local_worker_config,
     make_ralph_auth,
     pod_producer,
     video_statement,
     wait_for,
-    write_config,
 )
 
 
@@ -36,16 +34,12 @@ def run(n: int, batch_size: int, auth: Path) -> tuple[float, int]:
         ralph = Ralph(work, auth)
         worker = None
         try:
-            config = write_config(
+            config = local_worker_config(
                 work / "worker.env",
-                {
-                    "XAPI_LRS_URL": ralph.url,
-                    "XAPI_LRS_LOGIN": LRS_USER,
-                    "XAPI_LRS_PWD": LRS_PASSWORD,
-                    "XAPI_CELERY_BROKER_URL": redis.url(),
-                    "XAPI_WORKER_BATCH_SIZE": batch_size,
-                    "XAPI_WORKER_FLUSH_INTERVAL_MS": 500,
-                },
+                redis.url(),
+                ralph.url,
+                XAPI_WORKER_BATCH_SIZE=batch_size,
+                XAPI_WORKER_FLUSH_INTERVAL_MS=500,
             )
             verbs = ["initialized", "played", "paused", "seeked", "completed", "terminated"]
             with pod_producer(redis.url()) as delay:

@@ -275,6 +275,17 @@ def write_config(path: Path, values: dict[str, Any]) -> Path:
     return path
 
 
+def local_worker_config(path: Path, broker_url: str, lrs_url: str, **settings: Any) -> Path:
+    """A worker settings file for the test LRS user, as the benchmarks write them."""
+    values: dict[str, Any] = {
+        "XAPI_LRS_URL": lrs_url,
+        "XAPI_LRS_LOGIN": LRS_USER,
+        "XAPI_LRS_PWD": LRS_PASSWORD,
+        "XAPI_CELERY_BROKER_URL": broker_url,
+    }
+    return write_config(path, {**values, **settings})
+
+
 def worker_env(config: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XAPI_")}
     env["XAPI_WORKER_CONFIG"] = str(config)
