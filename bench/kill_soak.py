@@ -41,7 +41,7 @@ from support import (  # noqa: E402  (test helpers: processes and the Pod-like p
 
 # An app module that swaps the bundled transport for kombu's own, for the comparison run.
 KOMBU_APP = """
-from xapi_worker.app import app, send_xapi_statement_task, settings
+from xapi_worker.app import app
 app.conf.broker_transport = None
 """
 

@@ -4,7 +4,6 @@ flight comes back. Real redis-server, Ralph and Celery workers."""
 
 from __future__ import annotations
 
-import json
 import socket
 
 from celery import Celery
@@ -15,10 +14,6 @@ HOST = socket.gethostname()
 
 def _inflight(node: str) -> str:
     return f"xapi.inflight.{node}@{HOST}"
-
-
-def _ids_of_queue(r) -> list[str]:
-    return [json.loads(raw)["headers"]["id"] for raw in r.lrange("xapi", 0, -1)]
 
 
 def test_message_taken_by_a_node_that_died_is_delivered_when_it_restarts(

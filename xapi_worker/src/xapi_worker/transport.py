@@ -267,7 +267,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
-    """``broker_transport = "xapi_worker.transport:Transport"``, on ``redis://``/``rediss://``."""
+    """``broker_transport = "xapi-redis"`` (the alias registered below), on ``redis://`` and
+    ``rediss://`` URLs alike (kombu parses the URL, TLS options included, as for its own)."""
 
     Channel = Channel
 
