@@ -8,6 +8,12 @@ the queue to an in-flight list of this worker node (``xapi.inflight.<node>``); i
 list in the same ``MULTI``/``EXEC`` that writes it to ``unacked``. So at every instant a
 message is in the queue, in an in-flight list or in ``unacked``.
 
+Throughput: when ``BLMOVE`` returns, the messages behind it (up to what the prefetch limit
+leaves room for, at most ``TAKE_MAX``) are moved too, by one Lua script of ``LMOVE``s, and
+all of them are recorded in ``unacked`` (and leave the in-flight list) in one ``MULTI``. The
+acknowledgements Celery makes in one turn of its event loop go out in one pipeline. So a
+batch of 100 costs a handful of round trips instead of three per message.
+
 What is left in an in-flight list was never handed to a task (the task only ever sees
 messages already in ``unacked``), so it is pushed back to the head of its queue, unchanged:
 
@@ -28,9 +34,10 @@ import logging
 import os
 import socket
 import time
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import redis
+from kombu.asynchronous import Hub
 from kombu.message import Message
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
@@ -50,6 +57,20 @@ ALIVE = ".alive"
 HEARTBEAT_EVERY = 10.0
 #: Kombu's priority lists that producers may have used (see the module docstring).
 PRIORITY_LISTS = tuple(kombu_redis.PRIORITY_STEPS[1:])
+#: Most messages taken in one go after a ``BLMOVE`` (bounded by the prefetch limit too).
+TAKE_MAX = 500
+# Moves up to ARGV[1] messages from the queue (KEYS[1]) to the in-flight list (KEYS[2]), as
+# that many BLMOVEs would, atomically; returns them oldest first. Uses only LMOVE (and the
+# keys the xAPI user's ACL allows); run with EVALSHA, loaded with SCRIPT LOAD.
+TAKE_MORE = """
+local taken = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not raw then break end
+  taken[#taken + 1] = raw
+end
+return taken
+"""
 
 
 def registry_key(queue: str) -> str:
@@ -82,22 +103,49 @@ def return_inflight(client: redis.Redis, key: str, queue: str) -> int:
 
 
 class QoS(kombu_redis.QoS):  # type: ignore[misc]
+    _ack_batch: list[str] | None = None
+
     def append(self, message: Message, delivery_tag: str) -> None:
-        pending = self.channel.connection.take_pending()
-        if pending is None:  # not a message of ours (basic_get, a restore): kombu's way
+        if self.channel.recorded.pop(delivery_tag, None) is None:
+            # Not taken by Channel._hand_over (basic_get, a restore): kombu's way.
             super().append(message, delivery_tag)
             return
-        key, raw = pending
-        delivery = message.delivery_info
-        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.pipe_or_acquire() as pipe:
-            # One MULTI/EXEC: the message is in unacked or still in the in-flight list,
-            # never in neither.
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag, record)
-            pipe.lrem(key, 1, raw)
-            pipe.execute()
-        VirtualQoS.append(self, message, delivery_tag)
+        VirtualQoS.append(self, message, delivery_tag)  # already in unacked
+
+    def ack(self, delivery_tag: str) -> None:
+        # Celery acknowledges through the event loop (hub.call_soon), a batch's worth in one
+        # loop turn: those acknowledgements leave unacked together, one turn later.
+        hub = self.channel.connection.hub
+        if hub is None:  # no event loop (a plain consumer): kombu's way
+            super().ack(delivery_tag)
+            return
+        if self._ack_batch is None:
+            self._ack_batch = []
+            hub.call_soon(self.flush_acks)
+        self._ack_batch.append(delivery_tag)
+
+    def flush_acks(self) -> None:
+        """Remove the acknowledged messages from unacked, in one pipeline.
+
+        Should it fail (broker gone), they stay in unacked and come back after the visibility
+        timeout: delivered twice (the LRS answers 409 to the second), never lost.
+        """
+        tags, self._ack_batch = self._ack_batch, None
+        if not tags:
+            return
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zrem(self.unacked_index_key, *tags)
+                pipe.hdel(self.unacked_key, *tags)
+                pipe.execute()
+        except self.channel.connection_errors as exc:
+            log.warning(
+                "%d acknowledgement(s) not sent (%r): redelivered after the visibility timeout",
+                len(tags),
+                exc,
+            )
+        for tag in tags:  # the prefetch slots are free either way
+            VirtualQoS.ack(self, tag)
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         # Kombu acts on one call out of `interval` (every ~100 s, and when polling starts);
@@ -124,6 +172,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._next_beat = 0.0
         self._polling: tuple[str, str | None] | None = None
         self._acked_queues: set[str] = set()
+        # delivery tag -> in-flight list, for messages recorded in unacked by _hand_over and
+        # not yet passed to QoS.append
+        self.recorded: dict[str, str] = {}
+        self._take_more: Any = None  # redis-py Script, registered on first use
 
     # --- the atomic take ---------------------------------------------------------------------
     def basic_consume(self, queue: str, *args: object, **kwargs: object) -> object:
@@ -167,30 +219,100 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             if key is None:
                 self.connection._deliver(loads(bytes_to_str(reply[1])), queue)
             else:
-                self._hand_over(queue, key, reply)
+                self._in_poll = None
+                self._hand_over(queue, key, [reply, *self._more(queue, key)])
             return True
         finally:
             self._in_poll = None
 
-    def _hand_over(self, queue: str, key: str, raw: bytes) -> None:
-        transport = self.connection
-        transport.pending = (key, raw)
-        try:
-            transport._deliver(loads(bytes_to_str(raw)), queue)
-        except Exception:
-            if transport.take_pending() is None:
-                raise  # recorded in unacked: kombu's and Celery's usual error path
-            # Not a kombu message (kombu would drop it with a traceback): set it aside where
-            # an operator sees it (`xapi-worker status`), instead of looping on it.
-            log.exception("not a kombu message on %s: moved to %s", queue, unreadable_key(queue))
+    def _more(self, queue: str, key: str) -> list[bytes]:
+        """The messages queued behind the one BLMOVE took, as many as prefetch allows."""
+        room = self.qos.can_consume_max_estimate()
+        count = min(TAKE_MAX, room if room is not None else TAKE_MAX) - 1
+        if count < 1:
+            return []
+        with self.conn_or_acquire() as client:
+            if self._take_more is None:
+                self._take_more = client.register_script(TAKE_MORE)
+            taken: list[bytes] = self._take_more(keys=[queue, key], args=[count], client=client)
+        return taken
+
+    def _hand_over(self, queue: str, key: str, raws: list[bytes]) -> None:
+        """Record the taken messages in unacked, then deliver them, oldest first.
+
+        One MULTI/EXEC moves them all from the in-flight list to unacked: each is in one
+        place or the other, never in neither. What is not a kombu message goes, in the same
+        transaction, to ``<queue>.unreadable`` (kombu would drop it with a traceback), where
+        an operator sees it (`xapi-worker status`).
+        """
+        now = time.time()
+        good: list[tuple[str, dict[str, Any]]] = []
+        bad: list[bytes] = []
+        for raw in raws:
+            try:
+                payload = loads(bytes_to_str(raw))
+                props = payload["properties"]
+                tag = str(props["delivery_tag"])
+                info = props["delivery_info"]
+                record = dumps([payload, info["exchange"], info["routing_key"]])
+            except Exception:
+                bad.append(raw)
+                continue
+            good.append((tag, payload))
+            self.recorded[tag] = record
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()  # MULTI/EXEC
+            if good:
+                pipe.zadd(self.qos.unacked_index_key, {tag: now for tag, _ in good})
+                pipe.hset(
+                    self.qos.unacked_key, mapping={tag: self.recorded[tag] for tag, _ in good}
+                )
+            for raw in raws:
+                pipe.lrem(key, 1, raw)
+            for raw in bad:
+                pipe.rpush(unreadable_key(queue), raw)
+            try:
+                pipe.execute()
+            except BaseException:
+                for tag, _ in good:  # still in the in-flight list: back at this node's start
+                    self.recorded.pop(tag, None)
+                raise
+        if bad:
+            log.error(
+                "not a kombu message on %s: moved to %s (%d)",
+                queue,
+                unreadable_key(queue),
+                len(bad),
+            )
+        failure: BaseException | None = None
+        for tag, payload in good:
+            refused = False
+            try:
+                self.connection._deliver(payload, queue)
+            except Exception as exc:  # deliver the rest first; kombu's error path after
+                failure, refused = failure or exc, True
+            if self.recorded.pop(tag, None) is None:
+                continue  # passed to QoS.append: a consumer holds it
+            if not refused:
+                # Delivered to a consumer that does not acknowledge (its consumer changed
+                # since the take): consumed, as with kombu.
+                self.qos._remove_from_indices(tag).execute()
+                continue
+            # Refused before it reached QoS.append (e.g. a body kombu cannot decode): set
+            # aside, rather than restored again after every visibility timeout.
+            log.error(
+                "message %s on %s cannot be delivered: moved to %s",
+                tag,
+                queue,
+                unreadable_key(queue),
+            )
             with self.conn_or_acquire() as client:
-                client.lmove(key, unreadable_key(queue), "LEFT", "RIGHT")
-            return
-        if transport.take_pending() is not None:
-            # Delivered to a consumer that does not acknowledge (its consumer changed since
-            # the take): consumed, as with kombu.
-            with self.conn_or_acquire() as client:
-                client.lrem(key, 1, raw)
+                pipe = client.pipeline()
+                self.qos._remove_from_indices(tag, pipe)
+                pipe.rpush(unreadable_key(queue), dumps(payload))
+                pipe.execute()
+        if failure is not None:
+            raise failure
 
     # --- start, heartbeat, recovery ----------------------------------------------------------
     def _before_take(self, queue: str, key: str) -> None:
@@ -254,6 +376,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 self._fold_priorities(client, queue)
 
     def close(self) -> None:
+        try:
+            if self._qos is not None:
+                self._qos.flush_acks()
+        except Exception:  # not fatal: those messages come back after the visibility timeout
+            log.debug("acknowledgements not flushed at close", exc_info=True)
         # A node that stops cleanly gives up its heartbeat: should it never come back, other
         # nodes return what a last BLMOVE may have left in its list on their next pass.
         if self._started and not self._closing:
@@ -271,14 +398,11 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
     ``rediss://`` URLs alike (kombu parses the URL, TLS options included, as for its own)."""
 
     Channel = Channel
+    hub: Hub | None = None  # Celery's event loop, once registered with it
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.pending: tuple[str, bytes] | None = None
-
-    def take_pending(self) -> tuple[str, bytes] | None:
-        pending, self.pending = self.pending, None
-        return pending
+    def register_with_event_loop(self, connection: object, loop: Hub) -> None:
+        self.hub = loop
+        super().register_with_event_loop(connection, loop)
 
 
 # The name Celery prints ("Connected to xapi-redis://host:port/db") and resolves.
