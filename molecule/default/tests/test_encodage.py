@@ -47,6 +47,15 @@ def wait_ready(host, unit: str = NODE_UNIT, timeout: float = 30) -> None:
     pytest.fail(f"{unit} never logged `ready`")
 
 
+def until(predicate, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(1)
+    return False
+
+
 def secrets_of(host) -> list[str]:
     text = host.file(SETTINGS).content_string
     pwd = re.search(r'^XAPI_LRS_PWD = "(.*)"$', text, re.M).group(1)
@@ -225,6 +234,26 @@ def test_systemctl_restart_celeryd_xapi_restarts_every_node(encodage):
     old = main_pid(encodage)
     assert encodage.run("systemctl restart celeryd-xapi").rc == 0
     wait_active(encodage, NODE_UNIT, old)
+
+
+def test_nodes_follow_the_inventory_both_ways(encodage, playbook):
+    """A node added to xapi_encodage_worker_nodes is started; one removed from it is stopped
+    and disabled (found in celeryd-xapi.service.wants), the others left running."""
+    added = playbook("xapi_encodage.yml", "-e", '{"xapi_encodage_worker_nodes": ["xapi", "xapi2"]}')
+    assert added.returncode == 0, added.stdout[-3000:]
+    # The handler's restart of the group may still be stopping the old processes.
+    assert until(lambda: encodage.run("systemctl is-active celeryd-xapi@xapi2.service").rc == 0)
+    removed = playbook("xapi_encodage.yml")
+    assert removed.returncode == 0, removed.stdout[-3000:]
+    assert "item=celeryd-xapi@xapi2.service" in removed.stdout
+    assert encodage.run("systemctl is-active celeryd-xapi@xapi2.service").rc != 0
+    assert encodage.run("systemctl is-enabled celeryd-xapi@xapi2.service").stdout.strip() == (
+        "disabled"
+    )
+    assert until(lambda: encodage.run(f"systemctl is-active {NODE_UNIT}").rc == 0)
+    wait_ready(encodage)
+    statement_id = produce(encodage)
+    assert delivered(encodage, statement_id), statement_id
 
 
 def test_no_secret_in_the_worker_log(encodage):
