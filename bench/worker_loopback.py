@@ -7,6 +7,7 @@ worker is started and timed until the LRS holds all of them. Run from the reposi
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 import time
@@ -25,6 +26,11 @@ from support import (  # noqa: E402  (test helpers: processes and the Pod-like p
     video_statement,
     wait_for,
 )
+
+
+def logged_batches(log: str) -> list[int]:
+    """Sizes of the POSTs the worker logged ("delivered batch: N statements, ...")."""
+    return [int(m) for m in re.findall(r"delivered batch: (\d+) statements", log)]
 
 
 def run(n: int, batch_size: int, auth: Path) -> tuple[float, int]:
@@ -59,8 +65,10 @@ def run(n: int, batch_size: int, auth: Path) -> tuple[float, int]:
             if not wait_for(lambda: count() >= n, 900, interval=0.05):
                 raise SystemExit(f"only {count()} of {n} delivered:\n{worker.text()[-2000:]}")
             elapsed = time.monotonic() - started
-            posts = worker.text().count("delivered batch:")
-            return elapsed, posts
+            # Ralph stores before it answers, so the worker logs the last POST a moment after
+            # the LRS holds everything: wait for the log to account for all n.
+            wait_for(lambda: sum(logged_batches(worker.text())) >= n, 30, interval=0.05)
+            return elapsed, len(logged_batches(worker.text()))
         finally:
             if worker is not None:
                 worker.stop()
