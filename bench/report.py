@@ -109,6 +109,12 @@ def section(res: dict[str, Any]) -> str:
     if "b" in runs and "c" in runs:
         share = runs["b"]["statements_per_s"] / runs["c"]["statements_per_s"]
         lines.append(f"- (b) ≥ 50 % of (c): {share:.0%} — {verdict(share >= 0.5)}")
+    if "bdrain" in runs and "c" in runs:
+        share = runs["bdrain"]["statements_per_s"] / runs["c"]["statements_per_s"]
+        lines.append(
+            f"- not a target, for reading the one above: (b)'s workers alone reach {share:.0%} "
+            "of (c)"
+        )
     if dep:
         ok = second["seconds"] <= 60 and second["changed"] == 0
         lines.append(
