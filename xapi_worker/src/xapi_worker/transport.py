@@ -172,8 +172,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._next_beat = 0.0
         self._polling: tuple[str, str | None] | None = None
         self._acked_queues: set[str] = set()
-        # delivery tag -> in-flight list, for messages recorded in unacked by _hand_over and
-        # not yet passed to QoS.append
+        # delivery tag -> its unacked record, for the messages _hand_over recorded in unacked
+        # and has not yet passed to QoS.append (which then must not record them again)
         self.recorded: dict[str, str] = {}
         self._take_more: Any = None  # redis-py Script, registered on first use
 
