@@ -4,6 +4,7 @@ flight comes back. Real redis-server, Ralph and Celery workers."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -190,3 +191,32 @@ def test_acknowledgements_of_a_batch_leave_unacked_together(
     assert 0 < commands.count("ZREM") <= 10, commands.count("ZREM")
     # The messages behind a BLMOVE's come with one script (EVALSHA), not one command each.
     assert 0 < commands.count("EVALSHA") <= 20, commands.count("EVALSHA")
+
+
+def test_message_kombu_cannot_decode_is_set_aside_and_the_rest_delivered(
+    redis_srv, ralph, make_config, start_worker
+):
+    r = redis_srv.client()
+    # A well-formed envelope whose body kombu refuses (bad base64), queued before a good one.
+    broken = {
+        "body": "%%% not base64 %%%",
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"task": TASK_NAME, "id": "broken-1"},
+        "properties": {
+            "body_encoding": "base64",
+            "delivery_tag": "broken-tag",
+            "delivery_info": {"exchange": "xapi", "routing_key": "xapi"},
+        },
+    }
+    r.lpush("xapi", json.dumps(broken))
+    statement = video_statement("terminated", 4)
+    with pod_producer(redis_srv.url()) as delay:
+        delay(statement)
+    worker = start_worker(make_config(ralph.url))
+    assert wait_for(lambda: ralph.stored_ids() == [statement["id"]], 30), worker.text()[-3000:]
+    assert wait_for(lambda: r.llen("xapi.unreadable") == 1, 10), worker.text()[-3000:]
+    assert json.loads(r.lindex("xapi.unreadable", 0))["properties"]["delivery_tag"] == "broken-tag"
+    assert "cannot be delivered: moved to xapi.unreadable" in worker.text()
+    assert wait_for(lambda: r.hlen("unacked") == 0 and r.llen("xapi") == 0, 10)
+    assert "consumer: Connection to broker lost" not in worker.text()

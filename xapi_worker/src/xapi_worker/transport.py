@@ -284,33 +284,32 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 unreadable_key(queue),
                 len(bad),
             )
-        failure: BaseException | None = None
+        failure: BaseException | None = None  # of a message a consumer holds: kombu's path
         for tag, payload in good:
-            refused = False
             try:
                 self.connection._deliver(payload, queue)
-            except Exception as exc:  # deliver the rest first; kombu's error path after
-                failure, refused = failure or exc, True
-            if self.recorded.pop(tag, None) is None:
-                continue  # passed to QoS.append: a consumer holds it
-            if not refused:
+            except Exception as exc:  # deliver the rest first
+                if self.recorded.pop(tag, None) is None:
+                    failure = failure or exc
+                    continue
+                # Refused before it reached QoS.append (a body kombu cannot decode): set
+                # aside, rather than restored after every visibility timeout.
+                log.exception(
+                    "message %s on %s cannot be delivered: moved to %s",
+                    tag,
+                    queue,
+                    unreadable_key(queue),
+                )
+                with self.conn_or_acquire() as client:
+                    pipe = client.pipeline()
+                    self.qos._remove_from_indices(tag, pipe)
+                    pipe.rpush(unreadable_key(queue), dumps(payload))
+                    pipe.execute()
+                continue
+            if self.recorded.pop(tag, None) is not None:
                 # Delivered to a consumer that does not acknowledge (its consumer changed
                 # since the take): consumed, as with kombu.
                 self.qos._remove_from_indices(tag).execute()
-                continue
-            # Refused before it reached QoS.append (e.g. a body kombu cannot decode): set
-            # aside, rather than restored again after every visibility timeout.
-            log.error(
-                "message %s on %s cannot be delivered: moved to %s",
-                tag,
-                queue,
-                unreadable_key(queue),
-            )
-            with self.conn_or_acquire() as client:
-                pipe = client.pipeline()
-                self.qos._remove_from_indices(tag, pipe)
-                pipe.rpush(unreadable_key(queue), dumps(payload))
-                pipe.execute()
         if failure is not None:
             raise failure
 
