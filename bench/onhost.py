@@ -7,8 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
-import time
-from collections.abc import Callable
 
 from labhosts import REPO, PodmanHost
 
@@ -149,12 +147,3 @@ def worker_rss_kib(host: PodmanHost) -> int:
         for line in out.splitlines()
         if "celery" in line and " worker" in line
     )
-
-
-def wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False

@@ -22,6 +22,7 @@ from typing import Any
 
 import onhost
 from labhosts import REPO, PodmanHost, playbook
+from polling import wait_until  # molecule/shared, on sys.path through onhost
 
 PREFIX = "xapi-bench"
 HOSTS = "frontal encodage encodage2 lrs"
@@ -85,12 +86,12 @@ def measure(n: int, hosts: list[PodmanHost], direct: bool, window: float) -> dic
     """N statements in one burst from the frontal, timed until Ralph stored the last one or
     until `window` seconds passed (then what is left in the queue is dropped, and the
     latencies of the statements not stored count as their wait so far: lower bounds)."""
-    if not onhost.wait(lambda: onhost.queue_length(FRONTAL) == 0, 300, 2):
+    if not wait_until(lambda: onhost.queue_length(FRONTAL) == 0, 300, 2):
         raise RuntimeError("the queue does not drain before the run")
     if not direct:  # warm-up: workers connected, then the same empty LRS for every run
         onhost.reset_lrs(LRS)
         onhost.produce(FRONTAL, 10)
-        if not onhost.wait(lambda: onhost.stored_count(LRS) >= 10, 120):
+        if not wait_until(lambda: onhost.stored_count(LRS) >= 10, 120, 0.5):
             raise RuntimeError("warm-up statements not delivered")
     onhost.reset_lrs(LRS)
     sampler = RssSampler(hosts)
@@ -106,7 +107,7 @@ def measure(n: int, hosts: list[PodmanHost], direct: bool, window: float) -> dic
     producer = threading.Thread(target=send)
     begun = time.time()
     producer.start()
-    complete = onhost.wait(lambda: onhost.stored_count(LRS) >= n, window)
+    complete = wait_until(lambda: onhost.stored_count(LRS) >= n, window, 0.5)
     ended = time.time()
     producer.join()
     sampler.done.set()
@@ -141,7 +142,7 @@ def drain(n: int, hosts: list[PodmanHost]) -> dict[str, Any]:
     the first and the last statement stored once they start (no producer on the CPUs)."""
     onhost.reset_lrs(LRS)
     onhost.produce(FRONTAL, 10)  # warm-up, as in measure()
-    if not onhost.wait(lambda: onhost.stored_count(LRS) >= 10, 120):
+    if not wait_until(lambda: onhost.stored_count(LRS) >= 10, 120, 0.5):
         raise RuntimeError("warm-up statements not delivered")
     for host in hosts:
         host.check("systemctl stop celeryd-xapi")
@@ -151,7 +152,7 @@ def drain(n: int, hosts: list[PodmanHost]) -> dict[str, Any]:
     sampler.start()
     for host in hosts:
         host.check("systemctl start celeryd-xapi")
-    complete = onhost.wait(lambda: onhost.stored_count(LRS) >= n, 3600)
+    complete = wait_until(lambda: onhost.stored_count(LRS) >= n, 3600, 0.5)
     sampler.done.set()
     sampler.join()
     stored = onhost.stored_times(LRS)

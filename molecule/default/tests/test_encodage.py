@@ -13,6 +13,7 @@ import time
 
 import pytest
 from pod_on_host import POD_DIR, VENV, delivered, produce
+from polling import wait_until
 
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
 DEFAULTS = "/etc/default/celeryd-xapi"
@@ -45,15 +46,6 @@ def wait_ready(host, unit: str = NODE_UNIT, timeout: float = 30) -> None:
             return
         time.sleep(1)
     pytest.fail(f"{unit} never logged `ready`")
-
-
-def until(predicate, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(1)
-    return False
 
 
 def secrets_of(host) -> list[str]:
@@ -242,7 +234,9 @@ def test_nodes_follow_the_inventory_both_ways(encodage, playbook):
     added = playbook("xapi_encodage.yml", "-e", '{"xapi_encodage_worker_nodes": ["xapi", "xapi2"]}')
     assert added.returncode == 0, added.stdout[-3000:]
     # The handler's restart of the group may still be stopping the old processes.
-    assert until(lambda: encodage.run("systemctl is-active celeryd-xapi@xapi2.service").rc == 0)
+    assert wait_until(
+        lambda: encodage.run("systemctl is-active celeryd-xapi@xapi2.service").rc == 0, 60
+    )
     removed = playbook("xapi_encodage.yml")
     assert removed.returncode == 0, removed.stdout[-3000:]
     assert "item=celeryd-xapi@xapi2.service" in removed.stdout
@@ -250,7 +244,7 @@ def test_nodes_follow_the_inventory_both_ways(encodage, playbook):
     assert encodage.run("systemctl is-enabled celeryd-xapi@xapi2.service").stdout.strip() == (
         "disabled"
     )
-    assert until(lambda: encodage.run(f"systemctl is-active {NODE_UNIT}").rc == 0)
+    assert wait_until(lambda: encodage.run(f"systemctl is-active {NODE_UNIT}").rc == 0, 60)
     wait_ready(encodage)
     statement_id = produce(encodage)
     assert delivered(encodage, statement_id), statement_id

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -78,15 +77,6 @@ def produced() -> list[tuple[float, str, int]]:
         stamp, statement_id, refused = line.split("\t")
         rows.append((float(stamp), statement_id, int(refused)))
     return rows
-
-
-def wait_until(predicate, timeout: float, interval: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def service_active(host: str, unit: str) -> bool:

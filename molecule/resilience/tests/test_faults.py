@@ -38,8 +38,8 @@ from hosts import (
     produced,
     service_active,
     sh,
-    wait_until,
 )
+from polling import wait_until
 
 STATEMENTS = int(os.environ.get("XAPI_RES_STATEMENTS", "1200"))
 RATE = float(os.environ.get("XAPI_RES_RATE", "4"))  # statements per second
