@@ -20,8 +20,8 @@ from hosts import (
     pod_python,
     secrets,
     sh,
-    wait_until,
 )
+from polling import wait_until
 
 REDIS = f"{container('frontal')} 6379"
 
