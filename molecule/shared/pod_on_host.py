@@ -3,6 +3,7 @@ lab host as user pod with Pod's venv and settings_local.py."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 import uuid
@@ -59,3 +60,18 @@ def delivered(host, statement_id: str, timeout: float = 45) -> bool:
             return True
         time.sleep(1)
     return False
+
+
+# What the bundle must leave as it was (lab/files/pod_site_snapshot.py): lab/prepare.yml
+# keeps the snapshot taken before the first site.yml; this takes one now.
+SNAPSHOT = (
+    "/usr/bin/python3 /usr/local/lib/xapi-lab/pod_site_snapshot.py "
+    "/usr/local/lib/xapi-lab/pod_redis_state.py"
+)
+SNAPSHOT_BEFORE = "/var/lib/xapi-lab/site-before.json"
+
+
+def site_snapshots(host) -> tuple[dict, dict]:
+    """(before the bundle, now) of the host's Pod files, services and Redis data."""
+    before = json.loads(host.file(SNAPSHOT_BEFORE).content_string)
+    return before, json.loads(host.check_output(SNAPSHOT))

@@ -105,8 +105,9 @@ def test_settings_values_as_pod_reads_them(frontal):
     assert values["lrs_login"] == "pod-lab"
     assert values["lrs_pwd_len"] > 0
     scheme, user, host, port, path, password_len = values["broker"]
-    assert (scheme, user, port, path) == ("redis", "xapi", 6379, "/6")
-    assert host and password_len >= 12
+    # The frontal's own xAPI instance (port 6380), over loopback: Pod's Redis keeps 6379.
+    assert (scheme, user, host, port, path) == ("redis", "xapi", "127.0.0.1", 6380, "/6")
+    assert password_len >= 12
 
 
 def test_settings_file_mode_and_owner(frontal):

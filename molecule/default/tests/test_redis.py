@@ -1,4 +1,5 @@
-"""roles/redis: the broker is on `frontal`; the encoding host can use it, nobody else can.
+"""roles/redis: the broker is an instance of its own on `frontal` (redis-server@xapi, beside
+Pod's redis-server); the encoding host can use it, nobody else can.
 
 Clients speak RESP over a plain Python socket on the hosts themselves (no redis-tools on
 the clients). Passwords come from the lab's group_vars, the broker's port/db/user from the
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
+UNIT = "redis-server@xapi"
 DURABILITY_KEY = "redis-test:durability"
 # Objects the denial test below provokes on purpose (they show up in ACL LOG).
 PROVOKED_DENIALS = {"keys", "config|get", "flushall", "redis-test:not-a-queue", "not-a-channel"}
@@ -107,26 +109,33 @@ def wait_ready(frontal, settings: dict) -> None:
     pytest.fail("Redis did not come back")
 
 
-def test_debian_unit_enabled_and_kept(frontal):
-    service = frontal.service("redis-server")
+def test_debian_template_unit_enabled_and_kept(frontal):
+    service = frontal.service(UNIT)
     assert service.is_enabled and service.is_running
     shown = frontal.check_output(
-        "systemctl show -p FragmentPath -p DropInPaths -p ProtectSystem -p User redis-server"
+        f"systemctl show -p FragmentPath -p DropInPaths -p ProtectSystem -p User {UNIT}"
     )
     props = dict(line.split("=", 1) for line in shown.splitlines())
-    assert props["FragmentPath"].endswith("/lib/systemd/system/redis-server.service")
+    assert props["FragmentPath"].endswith("/lib/systemd/system/redis-server@.service")
     assert props["DropInPaths"] == ""
     assert props["ProtectSystem"] == "strict" and props["User"] == "redis"
 
 
-@pytest.mark.parametrize("path", ["/etc/redis/redis.conf", "/etc/redis/users.acl"])
-def test_config_files_not_world_readable(frontal, path):
+@pytest.mark.parametrize("path", ["/etc/redis/redis-xapi.conf", "/etc/redis/redis-xapi.acl"])
+def test_config_files_root_owned_not_world_readable(frontal, path):
+    """Redis reads them (group) and cannot rewrite its own users or configuration."""
     f = frontal.file(path)
-    assert f.user == "redis" and f.group == "redis" and f.mode == 0o640
+    assert f.user == "root" and f.group == "redis" and f.mode == 0o640
+
+
+def test_data_directory_of_its_own(frontal):
+    d = frontal.file("/var/lib/redis/xapi")
+    assert d.is_directory and d.user == "redis" and d.mode == 0o750
+    assert frontal.file("/var/lib/redis/xapi/appendonlydir").is_directory
 
 
 def test_acl_file_holds_only_password_hashes(frontal, settings):
-    acl = frontal.file("/etc/redis/users.acl").content_string
+    acl = frontal.file("/etc/redis/redis-xapi.acl").content_string
     assert f"user {settings['xapi_broker_user']} " in acl
     for secret in (settings["xapi_broker_password"], settings["redis_default_password"]):
         assert secret not in acl
@@ -149,7 +158,8 @@ def test_no_password_in_the_frontal_journal_or_processes(frontal, settings):
         ("maxmemory-policy", "noeviction"),
         ("appendonly", "yes"),
         ("appendfsync", "everysec"),
-        ("aclfile", "/etc/redis/users.acl"),
+        ("aclfile", "/etc/redis/redis-xapi.acl"),
+        ("dir", "/var/lib/redis/xapi"),
     ],
 )
 def test_runtime_setting(frontal, settings, name, expected):
@@ -198,9 +208,15 @@ def test_xapi_user_works_from_encodage(encodage, settings, broker_ip):
     assert isinstance(out["replies"][3], int)
 
 
-def test_xapi_user_works_from_the_frontal_address(frontal, settings, broker_ip):
-    """Pod's producer on the frontal reaches the broker by its network address."""
-    out = resp(frontal, broker_ip, settings["xapi_broker_port"], *as_xapi(settings, ["PING"]))
+def test_pod_producer_reaches_its_own_instance_over_loopback(frontal, settings):
+    """Pod's producer on the frontal does not cross the network: settings_local.py names the
+    loopback address of the frontal's own instance."""
+    text = frontal.file(
+        "/usr/local/django_projects/podv4/pod/custom/settings_local.py"
+    ).content_string
+    line = next(x for x in text.splitlines() if x.startswith("XAPI_CELERY_BROKER_URL"))
+    assert f"@127.0.0.1:{settings['xapi_broker_port']}/" in line
+    out = resp(frontal, "127.0.0.1", settings["xapi_broker_port"], *as_xapi(settings, ["PING"]))
     assert out["replies"] == ["+OK", "+OK", "+PONG"]
 
 
@@ -283,7 +299,7 @@ def test_queued_message_survives_restart_and_crash(frontal, settings):
         ),
     )
     assert out["replies"][-1] == 1
-    frontal.check_output("systemctl restart redis-server")
+    frontal.check_output(f"systemctl restart {UNIT}")
     wait_ready(frontal, settings)
     out = resp(
         frontal,
@@ -293,7 +309,7 @@ def test_queued_message_survives_restart_and_crash(frontal, settings):
     )
     assert out["replies"][-1] == 2
     time.sleep(2)  # appendfsync everysec: past the fsync, a crash loses nothing
-    frontal.check_output("systemctl kill -s KILL redis-server")
+    frontal.check_output(f"systemctl kill -s KILL {UNIT}")
     time.sleep(1)
     wait_ready(frontal, settings)
     out = resp(

@@ -23,7 +23,8 @@ from hosts import (
 )
 from polling import wait_until
 
-REDIS = f"{container('frontal')} 6379"
+# The xAPI instance's port (roles/xapi defaults); Pod's own Redis is on 6379, loopback only.
+REDIS = f"{container('frontal')} 6380"
 
 # A RESP exchange with the broker, without credentials (python3 is on every host, redis-cli
 # is not). Prints the first reply line, or the connection error.

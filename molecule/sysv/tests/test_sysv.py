@@ -212,3 +212,23 @@ def test_local_changes_of_pod_are_kept(enc2):
     finally:
         enc2.run(f"cd {POD_DIR} && runuser -u pod -- git checkout -- README.md")
     assert enc2.run(f"runuser -u pod -- git -C {POD_DIR} status --porcelain").stdout == ""
+
+
+def test_statements_left_in_pod_redis_moved_exactly_once(frontal):
+    """The seed-style site of prepare.yml had 20 statements in db 6 of Pod's Redis, one of them
+    in Celery's `unacked` hash: every one is in the LRS after site.yml, nothing of xAPI is
+    left in Pod's Redis, and nothing waits to be delivered again in the instance."""
+    ids = frontal.file("/var/lib/xapi-lab/seed-statements.txt").content_string.split()
+    assert len(ids) == 20
+    missing = [i for i in ids if not delivered(frontal, i, timeout=60)]
+    assert missing == []
+    assert frontal.check_output("redis-cli -n 6 DBSIZE") == "0"
+    # The instance holds the token of the one move, and nothing queued or unacknowledged.
+    state = frontal.check_output(
+        "cd /usr/local/django_projects/podv4 && runuser -u pod -- "
+        "/home/pod/.virtualenvs/django_pod4/bin/python -c %s",
+        "import redis\nfrom pod.custom import settings_local as s\n"
+        "r = redis.Redis.from_url(s.XAPI_CELERY_BROKER_URL)\n"
+        "print(len(r.smembers('xapi.migrated')), r.llen('xapi'), r.hlen('unacked'))",
+    )
+    assert state.split() == ["1", "0", "0"]

@@ -1,9 +1,12 @@
 """Can this host use the xAPI broker? Standard library only (Pod's venv may be broken).
 
-Reads {host, port, user, password, db, tls, ca_file, timeout} as JSON on stdin (the
-password never goes through argv), speaks RESP to Redis: AUTH user password, SELECT db,
-PING. Prints {"ok": bool, "reason": ..., "detail": ...}; reason is one of ok, unreachable,
-auth_refused, noauth, noperm, protocol. No message echoes the password.
+Reads {host, port, user, password, db, tls, ca_file, timeout, eviction} as JSON on stdin
+(the password never goes through argv), speaks RESP to Redis: AUTH user password, SELECT
+db, PING, and with "eviction" true (a broker the bundle does not manage) INFO memory, whose
+maxmemory_policy must be noeviction: Celery's messages must never be evicted. Prints
+{"ok": bool, "reason": ..., "detail": ...}; reason is one of ok, unreachable,
+auth_refused, noauth, noperm, protocol, evicts, policy_unknown. No message echoes the
+password.
 """
 
 from __future__ import annotations
@@ -28,6 +31,24 @@ def reply(stream: IO[bytes]) -> str:
     if not line:
         raise ConnectionError("connection closed by the broker")
     return line.decode(errors="replace").rstrip("\r\n")
+
+
+def bulk(stream: IO[bytes], header: str) -> str:
+    """The body of a bulk-string reply whose first line was ``header`` ($N)."""
+    size = int(header[1:])
+    return stream.read(size + 2)[:size].decode(errors="replace") if size >= 0 else ""
+
+
+def eviction_policy(raw: socket.socket, stream: IO[bytes]) -> tuple[str, str]:
+    raw.sendall(command("INFO", "memory"))
+    answer = reply(stream)
+    if not answer.startswith("$"):
+        return "policy_unknown", f"INFO memory: {answer}"
+    fields = dict(line.split(":", 1) for line in bulk(stream, answer).splitlines() if ":" in line)
+    policy = fields.get("maxmemory_policy", "?")
+    if policy != "noeviction":
+        return "evicts", f"maxmemory_policy is {policy}"
+    return "ok", "PONG, maxmemory_policy noeviction"
 
 
 def classify(answer: str, step: str) -> str | None:
@@ -64,6 +85,8 @@ def check(cfg: dict) -> tuple[str, str]:
                 reason = classify(answer, name)
                 if reason:
                     return reason, f"{name}: {answer}"
+            if cfg.get("eviction"):
+                return eviction_policy(raw, stream)
     except (OSError, ConnectionError) as exc:
         return "unreachable", f"{cfg['host']}:{cfg['port']}: {exc}"
     return "ok", "PONG"

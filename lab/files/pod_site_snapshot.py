@@ -1,0 +1,69 @@
+"""What the bundle must leave as it was on a Pod host, as JSON (lab and tests only).
+
+Run as root with the system's python3: Pod's Redis configuration files and Pod's services
+(byte-for-byte checksums; main process and start time, which change on any restart), and,
+on a host with Pod's Redis, its data (pod_redis_state.py, run as user pod with Pod's venv).
+lab/prepare.yml keeps the first snapshot in /var/lib/xapi-lab/site-before.json; the tests
+take another after site.yml and compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+POD_DIR = "/usr/local/django_projects/podv4"
+VENV = "/home/pod/.virtualenvs/django_pod4"
+FILES = [
+    "/etc/redis/redis.conf",
+    "/etc/default/redis-server",
+    "/lib/systemd/system/redis-server.service",
+    "/etc/default/celeryd",
+    "/etc/init.d/celeryd",
+]
+SERVICES = ["redis-server.service", "uwsgi-pod.service", "celeryd.service"]
+
+
+def checksum(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def service(name: str) -> dict:
+    shown = subprocess.run(
+        ["systemctl", "show", "--property=ActiveState,MainPID,ExecMainStartTimestamp", name],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+
+
+def redis_data() -> object:
+    if checksum("/etc/redis/redis.conf") is None:
+        return None
+    out = subprocess.run(
+        ["runuser", "-u", "pod", "--", f"{VENV}/bin/python", sys.argv[1]],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=POD_DIR,
+    ).stdout
+    return json.loads(out)
+
+
+print(
+    json.dumps(
+        {
+            "files": {path: checksum(path) for path in FILES},
+            "services": {name: service(name) for name in SERVICES},
+            "redis": redis_data(),
+        },
+        sort_keys=True,
+    )
+)

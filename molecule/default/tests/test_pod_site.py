@@ -1,0 +1,91 @@
+"""The first rule: the bundle changes what belongs to the xAPI pipeline, nothing else.
+
+lab/prepare.yml makes the frontal a Pod frontal as Pod's docs make it: Debian's redis-server
+with its default configuration, password-less, holding Pod's select2 cache (db 2), cache
+(db 3), sessions (db 4) and a queued encoding task (db 5), used by a stand-in for Pod's
+uWSGI on every page view; then it snapshots that site. Here, after site.yml and its second
+run, the same site must be found: configuration byte for byte, processes not restarted,
+keys intact, clients without a password still served.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
+from pod_on_host import site_snapshots
+
+POD_DBS = (2, 3, 4, 5)
+
+
+@pytest.fixture(scope="module")
+def frontal_snapshots(frontal) -> tuple[dict, dict]:
+    return site_snapshots(frontal)
+
+
+def test_pod_redis_configuration_byte_for_byte(frontal_snapshots):
+    before, now = frontal_snapshots
+    assert before["files"]["/etc/redis/redis.conf"] is not None
+    assert now["files"] == before["files"]
+
+
+def test_pod_redis_never_restarted(frontal_snapshots):
+    before, now = frontal_snapshots
+    service = "redis-server.service"
+    assert before["services"][service]["ActiveState"] == "active"
+    assert now["services"][service] == before["services"][service]
+
+
+def test_pod_web_service_still_running(frontal_snapshots):
+    """Restarted once, by the frontal role's handler, so that Pod reads its new xAPI
+    settings; running now."""
+    _, now = frontal_snapshots
+    assert now["services"]["uwsgi-pod.service"]["ActiveState"] == "active"
+
+
+def test_pod_data_intact(frontal_snapshots):
+    before, now = frontal_snapshots
+    # The lab's site has data in every one of Pod's databases, the encoding task included.
+    assert all(before["redis"][str(db)] for db in POD_DBS)
+    assert now["redis"] == before["redis"]
+
+
+@pytest.mark.parametrize("db", POD_DBS)
+def test_password_less_clients_still_served(frontal, db):
+    cli = f"redis-cli -n {db}"
+    out = frontal.check_output(
+        f"{cli} SET lab-test:rule-one x EX 60 && {cli} GET lab-test:rule-one"
+        f" && {cli} DEL lab-test:rule-one"
+    )
+    assert out.split() == ["OK", "x", "1"]
+
+
+def test_pod_pages_still_served_with_their_session(frontal):
+    page = frontal.check_output(
+        "/usr/bin/python3 -c 'import urllib.request; "
+        'print(urllib.request.urlopen("http://127.0.0.1:8000/", timeout=5).read().decode())\''
+    )
+    assert json.loads(page)["session"] is True
+
+
+def test_no_xapi_key_in_pod_redis(frontal):
+    """Nothing of the pipeline goes to Pod's Redis: its db 6 stays empty."""
+    assert frontal.check_output("redis-cli -n 6 DBSIZE") == "0"
+
+
+def test_pod_redis_keeps_its_port_and_the_instance_its_own(frontal):
+    listening = frontal.check_output("ss -Hltnp")
+    pod_redis = [line for line in listening.splitlines() if ":6379 " in line]
+    assert pod_redis and all("redis-server" in line for line in pod_redis)
+    main_pid = frontal.check_output("systemctl show -p MainPID --value redis-server")
+    assert all(f"pid={main_pid}," in line for line in pod_redis)
+
+
+def test_encoding_host_files_and_services_unchanged(encodage):
+    before, now = site_snapshots(encodage)
+    assert now["files"] == before["files"]
+    assert now["services"] == before["services"]
