@@ -62,6 +62,27 @@ def delivered(host, statement_id: str, timeout: float = 45) -> bool:
     return False
 
 
+# Of the statement ids in argv, prints those the LRS does not hold (one per line).
+MISSING = """
+import sys, requests
+from pod.custom import settings_local as s
+with requests.Session() as http:
+    for sid in sys.argv[1:]:
+        r = http.get(s.XAPI_LRS_URL, params={"statementId": sid},
+                     auth=(s.XAPI_LRS_LOGIN, s.XAPI_LRS_PWD),
+                     headers={"X-Experience-API-Version": "1.0.3"}, timeout=10)
+        if r.status_code != 200 or sid not in r.text:
+            print(sid)
+"""
+
+
+def missing_from_lrs(host, ids: list[str]) -> list[str]:
+    """The ids of `ids` the LRS does not hold, read back in one run on the host."""
+    result = as_pod_python(host, MISSING, *ids)
+    assert result.rc == 0, result.stderr
+    return result.stdout.split()
+
+
 # What the bundle must leave as it was (lab/files/pod_site_snapshot.py): lab/prepare.yml
 # keeps the snapshot taken before the first site.yml; this takes one now.
 SNAPSHOT = (

@@ -299,6 +299,21 @@ class XapiBatches(Batches):  # type: ignore[misc]
 
     abstract = True
 
+    def Strategy(self, task: Task, app: Celery, consumer: Any) -> Any:  # noqa: ANN401
+        """Re-arm the flush timer on every consumer start (celery-batches #107, unfixed in
+        0.11). Celery builds the strategy again after a lost broker connection, on a new
+        consumer timer, but celery-batches keeps the old timer's entry in ``_tref`` and only
+        starts a timer while ``_tref`` is None: after a reconnect the buffer was flushed only
+        every ``flush_every`` messages, so a quiet queue's statements waited for traffic."""
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        handler = super().Strategy(task, app, consumer)
+        if self._buffer.qsize():
+            # Requests buffered before the reconnect: flush them on the new timer too.
+            self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
+        return handler
+
     def flush(self, requests: Collection[Request]) -> object:
         reqs = list(requests)
         payload = ([SimpleRequest.from_request(r) for r in reqs],)
