@@ -14,7 +14,7 @@ VENV := .venv
 WORKER_VENV := .venv-worker
 RALPH_VENV := .venv-ralph
 BENCH_VENV := .venv-bench
-SCENARIOS ?= default sysv resilience
+SCENARIOS ?= default sysv multi resilience
 
 .PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean
 
