@@ -51,30 +51,40 @@ def _port_open(port: int) -> bool:
 
 # --- Redis ---------------------------------------------------------------------------------
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, durable: bool = False) -> None:
         self.port = free_port()
         self.dir = workdir / "redis"
-        self.dir.mkdir()
+        self.dir.mkdir(parents=True)
+        self.args = [
+            shutil.which("redis-server") or "/usr/bin/redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            # durable: what it holds survives restart() (an AOF, fsync'd always).
+            "--appendonly",
+            "yes" if durable else "no",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(self.dir),
+            "--maxmemory-policy",
+            "noeviction",
+        ]
+        self._start()
+
+    def _start(self) -> None:
         self.proc = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "/usr/bin/redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-                "--maxmemory-policy",
-                "noeviction",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         assert wait_for(lambda: _port_open(self.port), 10), "redis-server did not start"
+
+    def restart(self) -> None:
+        """Stopped and started again on the same port, as systemctl restart does."""
+        self.stop()
+        self._start()
 
     def url(self, db: int = 6) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"

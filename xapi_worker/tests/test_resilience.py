@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter
 
-from support import LRS_PASSWORD, Proxy, pod_producer, video_statement, wait_for
+from support import LRS_PASSWORD, Proxy, RedisServer, pod_producer, video_statement, wait_for
 
 
 def _no_duplicates(ids: list[str]) -> None:
@@ -136,3 +136,39 @@ def test_dead_letters_list_replay_purge(redis_srv, ralph, make_config, start_wor
         assert r.llen("xapi.dead_letters") == 0
     finally:
         proxy.stop()
+
+
+def test_flush_timer_rearmed_after_broker_reconnects(tmp_path, ralph, make_config, start_worker):
+    """celery-batches #107: the broker restarted while a batch was being gathered (the flush
+    timer armed), three times; after each reconnect a few statements of a quiet queue must
+    leave within a few flush intervals, not wait for a full batch of 100."""
+    broker = RedisServer(tmp_path / "durable", durable=True)
+    try:
+        config = make_config(ralph.url, XAPI_CELERY_BROKER_URL=broker.url())
+        worker = start_worker(config)
+        sent: list[str] = []
+        with pod_producer(broker.url()) as delay:
+
+            def send(count: int) -> None:
+                for _ in range(count):
+                    statement = video_statement("played", len(sent), with_id=True)
+                    delay(statement)
+                    sent.append(statement["id"])
+                    time.sleep(0.05)
+
+            for attempt in range(3):
+                send(10)
+                trickle = threading.Thread(target=send, args=(10,))
+                trickle.start()
+                time.sleep(0.2)  # mid-trickle: a batch is being gathered, its timer armed
+                broker.restart()
+                trickle.join()
+                assert wait_for(lambda a=attempt: worker.text().count("Connected to") >= a + 2, 30)
+                send(5)
+                assert wait_for(lambda: set(sent) <= set(ralph.stored_ids()), 10), (
+                    f"after reconnect {attempt + 1}: "
+                    f"{len(set(sent) - set(ralph.stored_ids()))} statements still waiting"
+                )
+        _no_duplicates(ralph.stored_ids())
+    finally:
+        broker.stop()
