@@ -1,8 +1,9 @@
 """What the bundle must leave as it was on a Pod host, as JSON (lab and tests only).
 
-Run as root with the system's python3: Pod's Redis configuration files and Pod's services
-(byte-for-byte checksums; main process and start time, which change on any restart), and,
-on a host with Pod's Redis, its data (pod_redis_state.py, run as user pod with Pod's venv).
+Run as root with the system's python3: Pod's Redis and encoding-worker configuration files
+(byte-for-byte checksums), Pod's services (main process and start time, which change on any
+restart), Pod's own Celery processes, the packages of Pod's venv (pip freeze, as user pod),
+and, on a host with Pod's Redis, its data (pod_redis_state.py, as user pod with Pod's venv).
 lab/prepare.yml keeps the first snapshot in /var/lib/xapi-lab/site-before.json; the tests
 take another after site.yml and compare.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -44,6 +46,36 @@ def service(name: str) -> dict:
     return dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
 
 
+def pod_workers() -> list[str]:
+    """Pod's own Celery processes (its encoding worker, `--app=pod.main`): pid and start."""
+    found = []
+    for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                started = f.read().rsplit(")", 1)[1].split()[19]
+        except OSError:
+            continue
+        if b"--app=pod.main" in args or b"pod.main" in args:
+            found.append(f"{pid}@{started}")
+    return found
+
+
+def pod_venv() -> list[str] | None:
+    """The packages of Pod's venv (pip freeze, run as pod)."""
+    if not os.path.exists(f"{VENV}/bin/python"):
+        return None
+    out = subprocess.run(
+        ["runuser", "-u", "pod", "--", f"{VENV}/bin/python", "-m", "pip", "freeze", "--all"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    ).stdout
+    return sorted(out.split())
+
+
 def redis_data() -> object:
     if checksum("/etc/redis/redis.conf") is None:
         return None
@@ -63,6 +95,8 @@ print(
             "files": {path: checksum(path) for path in FILES},
             "services": {name: service(name) for name in SERVICES},
             "redis": redis_data(),
+            "pod_workers": pod_workers(),
+            "pod_venv": pod_venv(),
         },
         sort_keys=True,
     )

@@ -18,6 +18,8 @@ from polling import wait_until
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
 DEFAULTS = "/etc/default/celeryd-xapi"
 WORKER_ENV = "/etc/celeryd-xapi/worker.env"
+# The bundled worker's own venv (roles/xapi_encodage defaults).
+WORKER_VENV = "/opt/xapi-worker"
 NODE_UNIT = "celeryd-xapi@xapi.service"
 RECORD = "/var/log/pod-invocations.log"
 
@@ -80,16 +82,27 @@ def test_no_encoding_web_or_search_stack(encodage):
         assert encodage.run(f"command -v {command}").rc != 0, command
 
 
-def test_venv_as_pods_doc_with_the_proven_pins(encodage):
-    """FACTS §2.4 (the venv is django_pod4) and §2.11 (kombu 5.5.4 with redis 5.2.0)."""
-    cfg = encodage.file(f"{VENV}/pyvenv.cfg").content_string
-    assert "include-system-site-packages = true" in cfg
-    assert "home = /usr/bin" in cfg
+def test_worker_venv_of_its_own_with_the_proven_pins(encodage):
+    """The bundled worker runs from its own root-owned venv, with the pins proven with Pod's
+    requirements-encode.txt (kombu 5.5.4 with redis 5.2.0: docs/seed-defects.md)."""
+    venv = encodage.file(WORKER_VENV)
+    assert (venv.user, venv.mode) == ("root", 0o755)
+    writable = encodage.run(f"find {WORKER_VENV} -not -user root -o -perm /022 -not -type l")
+    assert writable.stdout.strip() == ""
+    versions = encodage.check_output(
+        f"{WORKER_VENV}/bin/python -c \"import importlib.metadata as m; print(' '.join("
+        "m.version(p) for p in ('celery', 'kombu', 'redis', 'requests', 'xapi-worker')))\""
+    )
+    assert versions.split()[:4] == ["5.4.0", "5.5.4", "5.2.0", "2.32.4"]
+
+
+def test_pods_venv_keeps_a_working_kombu(encodage):
+    """Pod's own venv (its encoding worker's) is left to Pod; its kombu works with redis 5.2.0."""
     versions = encodage.check_output(
         f"{VENV}/bin/python -c \"import importlib.metadata as m; print(' '.join("
-        "m.version(p) for p in ('celery', 'kombu', 'redis', 'requests')))\""
+        "m.version(p) for p in ('celery', 'kombu', 'redis')))\""
     )
-    assert versions.split() == ["5.4.0", "5.5.4", "5.2.0", "2.32.4"]
+    assert versions.split() == ["5.4.0", "5.5.4", "5.2.0"]
 
 
 # --- Settings --------------------------------------------------------------------------------
@@ -144,8 +157,8 @@ def test_defaults_file_is_correct(encodage):
     assert "-Q xapi" in opts
     assert "--max-tasks-per-child" not in opts
     assert "86400" not in opts
-    assert f'CELERY_BIN="{VENV}/bin/celery"' in text
-    assert encodage.file(f"{VENV}/bin/celery").is_executable
+    assert f'CELERY_BIN="{WORKER_VENV}/bin/celery"' in text
+    assert encodage.file(f"{WORKER_VENV}/bin/celery").is_executable
     assert f'XAPI_WORKER_CONFIG="{WORKER_ENV}"' in text
     assert encodage.run(f"sh -n {DEFAULTS}").rc == 0
     for secret in secrets_of(encodage):
@@ -159,14 +172,14 @@ def test_units_enabled_sandboxed_and_supervised(encodage):
     """FACTS §2.9 (enabled at boot) and §3 (restart after a crash)."""
     assert encodage.run("systemctl is-enabled celeryd-xapi.service").stdout.strip() == "enabled"
     assert encodage.run(f"systemctl is-enabled {NODE_UNIT}").stdout.strip() == "enabled"
-    props = dict(
-        line.split("=", 1)
-        for line in encodage.check_output(
-            f"systemctl show {NODE_UNIT} -p Type -p Restart -p User -p NoNewPrivileges "
-            "-p ProtectSystem -p ProtectHome -p PrivateTmp -p WorkingDirectory -p ActiveState "
-            "-p EnvironmentFiles"
-        ).splitlines()
-    )
+    shown = encodage.check_output(
+        f"systemctl show {NODE_UNIT} -p Type -p Restart -p User -p NoNewPrivileges "
+        "-p ProtectSystem -p ProtectHome -p PrivateTmp -p WorkingDirectory -p ActiveState "
+        "-p EnvironmentFiles"
+    ).splitlines()
+    props = dict(line.split("=", 1) for line in shown)
+    # One EnvironmentFiles= line per file: the defaults file first, then the node's broker.
+    env_files = [line.split("=", 1)[1] for line in shown if line.startswith("EnvironmentFiles=")]
     assert props["ActiveState"] == "active"
     assert props["Type"] == "exec"
     assert props["Restart"] == "always"
@@ -176,7 +189,8 @@ def test_units_enabled_sandboxed_and_supervised(encodage):
     assert props["ProtectHome"] == "read-only"
     assert props["PrivateTmp"] == "yes"
     assert props["WorkingDirectory"] == POD_DIR
-    assert props["EnvironmentFiles"].startswith(DEFAULTS)
+    assert env_files[0].startswith(DEFAULTS)
+    assert env_files[1].startswith("/etc/celeryd-xapi/broker-xapi.env")
     assert not encodage.file("/etc/init.d/celeryd-xapi").exists
 
 
@@ -194,12 +208,12 @@ def test_worker_runs_as_pod_on_queue_xapi(encodage):
 def test_documented_checks_answer(encodage):
     """FACTS §2.3: the seed's check lacks `worker`; the README gives working checks."""
     check = encodage.run(
-        f"runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} {VENV}/bin/xapi-worker check"
+        f"runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} {WORKER_VENV}/bin/xapi-worker check"
     )
     assert check.rc == 0, check.stdout + check.stderr
     ping = encodage.run(
         f"cd {POD_DIR} && runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} "
-        f"{VENV}/bin/celery -A xapi_worker.app inspect ping -t 10"
+        f"{WORKER_VENV}/bin/celery -A xapi_worker.app inspect ping -t 10"
     )
     assert ping.rc == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
 

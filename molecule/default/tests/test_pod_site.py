@@ -85,7 +85,33 @@ def test_pod_redis_keeps_its_port_and_the_instance_its_own(frontal):
     assert all(f"pid={main_pid}," in line for line in pod_redis)
 
 
-def test_encoding_host_files_and_services_unchanged(encodage):
-    before, now = site_snapshots(encodage)
+@pytest.fixture(scope="module")
+def encodage_snapshots(encodage) -> tuple[dict, dict]:
+    return site_snapshots(encodage)
+
+
+def test_pod_encoding_worker_untouched(encodage_snapshots):
+    """The encoding host runs Pod's encoding worker as Pod's remote-encoding doc sets it up
+    (/etc/init.d/celeryd, CELERY_APP="pod.main"): its files byte for byte, its processes
+    (pid and start time) the same: never restarted."""
+    before, now = encodage_snapshots
+    assert before["files"]["/etc/default/celeryd"] and before["files"]["/etc/init.d/celeryd"]
+    assert before["pod_workers"], "the lab's encoding host runs no encoding worker"
     assert now["files"] == before["files"]
     assert now["services"] == before["services"]
+    assert now["pod_workers"] == before["pod_workers"]
+
+
+def test_pod_venv_untouched_by_the_bundled_worker(encodage_snapshots):
+    """The bundled worker has a venv of its own: Pod's venv keeps every package as it was (the
+    lab's operator had fixed kombu by hand, so not even the kombu pin changes it)."""
+    before, now = encodage_snapshots
+    assert before["pod_venv"] and now["pod_venv"] == before["pod_venv"]
+    assert not [
+        p for p in now["pod_venv"] if p.lower().startswith(("xapi-worker", "celery-batches"))
+    ]
+
+
+def test_encoding_in_progress_goes_on(encodage):
+    log = encodage.file("/var/log/celery/worker1.log").content_string
+    assert "encoding video 42" in log and "encoded video" not in log

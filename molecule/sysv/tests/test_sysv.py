@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pod_on_host import POD_DIR, VENV, delivered, produce
+from pod_on_host import POD_DIR, VENV, delivered, produce, site_snapshots
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULTS = "/etc/default/celeryd-xapi"
@@ -23,6 +23,8 @@ SDIST = "/usr/local/lib/xapi-worker/sdist/celery-5.4.0.tar.gz"
 MEMBER = "celery-5.4.0/extra/generic-init.d/celeryd"
 NODES = ("xapi1", "xapi2")
 APP = {"sysv-enc1": "xapi_worker.app", "sysv-enc2": "pod.xapi.xapi_tasks"}
+# The venv each one runs from: the bundled worker's own, Pod's for Pod's task module.
+RUN_VENV = {"sysv-enc1": "/opt/xapi-worker", "sysv-enc2": VENV}
 # What each app logs for a statement it delivered.
 DELIVERED_LOG = {
     "sysv-enc1": r"delivered batch: \d+ statements, HTTP 20",
@@ -100,11 +102,14 @@ def test_defaults_file(enc):
     opts = re.search(r'^CELERYD_OPTS="(.*)"$', text, re.M).group(1)
     assert "-Q xapi" in opts
     assert "--max-tasks-per-child" not in opts and "86400" not in opts
-    assert f'CELERY_BIN="{VENV}/bin/celery"' in text
+    assert f'CELERY_BIN="{RUN_VENV[name_of(enc)]}/bin/celery"' in text
     assert f'CELERY_APP="{APP[name_of(enc)]}"' in text
     assert 'CELERYD_NODES="xapi1 xapi2"' in text
-    assert enc.user("pod").shell == "/usr/sbin/nologin"
-    assert 'CELERYD_SU_ARGS="-s /bin/sh"' in text
+    # sysv-enc1 had no Pod: the role made pod without a login shell, so su needs one; sysv-enc2
+    # is a Pod remote-encoding host whose pod user (Pod's docs: a shell) is kept as it is.
+    fresh = name_of(enc) == "sysv-enc1"
+    assert enc.user("pod").shell == ("/usr/sbin/nologin" if fresh else "/bin/bash")
+    assert ('CELERYD_SU_ARGS="-s /bin/sh"' in text) == fresh
     exported = 'export XAPI_WORKER_CONFIG="/etc/celeryd-xapi/worker.env"' in text
     assert exported == (name_of(enc) == "sysv-enc1")
 
@@ -125,10 +130,20 @@ def test_no_database_or_index_command_ran(enc):
 
 
 def test_venv_pins(enc):
+    """The venv each worker runs from: the bundled worker's own, or Pod's for its task module."""
     kombu = enc.check_output(
-        f"{VENV}/bin/python -c \"import importlib.metadata as m; print(m.version('kombu'))\""
+        f"{RUN_VENV[name_of(enc)]}/bin/python -c "
+        "\"import importlib.metadata as m; print(m.version('kombu'))\""
     )
     assert kombu == "5.5.4"
+
+
+def test_pods_encoding_worker_untouched(enc2):
+    """sysv-enc2 is also a Pod remote-encoding host (lab/prepare.yml): its encoding worker
+    (/etc/init.d/celeryd, pod.main) runs on, never restarted, its files byte for byte."""
+    before, now = site_snapshots(enc2)
+    assert before["pod_workers"] and now["pod_workers"] == before["pod_workers"]
+    assert before["files"]["/etc/init.d/celeryd"] and now["files"] == before["files"]
 
 
 # --- Delivery through each host ---------------------------------------------------------------
