@@ -72,10 +72,19 @@ def split_block(text: str) -> tuple[list[str], list[str]]:
     return lines[start + 1 : end], lines[:start] + lines[end + 1 :]
 
 
+# After the settings, the block names Pod's Celery settings module (the publish bounds).
+ENVIRONMENT_LINES = [
+    "# Environment of the process that reads these settings (an operator's value wins).",
+    "import os as _xapi_os  # noqa: E402",
+    '_xapi_os.environ.setdefault("CELERY_CONFIG_MODULE", "pod.custom.xapi_celery")',
+]
+
+
 def test_settings_block_holds_exactly_the_xapi_settings(frontal):
     block, _ = split_block(settings_text(frontal))
-    names = [line.split("=", 1)[0].strip() for line in block]
-    assert names == MANAGED_NAMES
+    settings, environment = block[: len(MANAGED_NAMES)], block[len(MANAGED_NAMES) :]
+    assert [line.split("=", 1)[0].strip() for line in settings] == MANAGED_NAMES
+    assert environment == ENVIRONMENT_LINES
 
 
 def test_settings_values_as_pod_reads_them(frontal):
