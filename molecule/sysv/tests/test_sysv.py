@@ -37,7 +37,8 @@ def name_of(host) -> str:
 
 
 def worker_pids(host) -> list[int]:
-    found = host.run("pgrep -u pod -f 'celery.* worker'")
+    """The xAPI workers' processes (not Pod's encoding worker, `--app=pod.main`, on sysv-enc2)."""
+    found = host.run("pgrep -u pod -f -- '--app=(xapi_worker[.]app|pod[.]xapi[.]xapi_tasks) '")
     return [int(pid) for pid in found.stdout.split()]
 
 
@@ -150,7 +151,7 @@ def test_pods_encoding_worker_untouched(enc2):
 
 
 @pytest.mark.parametrize("serving, stopped", [("enc1", "enc2"), ("enc2", "enc1")])
-def test_delivery_through_one_host_while_the_other_is_stopped(request, serving, stopped):
+def test_delivery_through_one_host_while_the_other_is_stopped(request, frontal, serving, stopped):
     serving_host = request.getfixturevalue(serving)
     stopped_host = request.getfixturevalue(stopped)
     wait_nodes_ready(serving_host)
@@ -161,8 +162,9 @@ def test_delivery_through_one_host_while_the_other_is_stopped(request, serving, 
             time.sleep(1)
         assert not worker_pids(stopped_host), "workers still running after stop"
         before = delivered_count(serving_host)
-        statement_id = produce(stopped_host)
-        assert delivered(serving_host, statement_id), statement_id
+        # Pod's producer is the frontal's (sysv-enc1 is a bare host: it has no Pod venv).
+        statement_id = produce(frontal)
+        assert delivered(frontal, statement_id), statement_id
         deadline = time.monotonic() + 10
         while delivered_count(serving_host) <= before and time.monotonic() < deadline:
             time.sleep(1)
@@ -219,7 +221,8 @@ def test_local_changes_of_pod_are_kept(enc2):
         assert same_version.returncode == 0, same_version.stdout[-3000:]
         assert re.search(r"sysv-enc2\s+:.*changed=0", same_version.stdout)
         assert enc2.file(readme).content_string.rstrip().endswith(patch)
-        other_version = run_role("sysv-enc2", "-e", "xapi_encodage_pod_version=main")
+        # A version the checkout does not hold yet (an upgrade): it would have to move.
+        other_version = run_role("sysv-enc2", "-e", "xapi_encodage_pod_version=4.2.0")
         assert other_version.returncode != 0
         assert "has local changes and is not at" in other_version.stdout
         assert "README.md" in other_version.stdout
