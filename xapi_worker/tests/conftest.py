@@ -74,8 +74,10 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
     counter = iter(range(1000))
 
-    def start(config: Path, concurrency: int = 1, name: str | None = None) -> Worker:
-        worker = Worker(tmp_path, config, name or f"w{next(counter)}", concurrency)
+    def start(
+        config: Path, concurrency: int = 1, name: str | None = None, **options: Any
+    ) -> Worker:
+        worker = Worker(tmp_path, config, name or f"w{next(counter)}", concurrency, **options)
         started.append(worker)
         return worker
 

@@ -51,7 +51,7 @@ def _port_open(port: int) -> bool:
 
 # --- Redis ---------------------------------------------------------------------------------
 class RedisServer:
-    def __init__(self, workdir: Path, durable: bool = False) -> None:
+    def __init__(self, workdir: Path, durable: bool = False, *extra: str) -> None:
         self.port = free_port()
         self.dir = workdir / "redis"
         self.dir.mkdir(parents=True)
@@ -72,6 +72,7 @@ class RedisServer:
             str(self.dir),
             "--maxmemory-policy",
             "noeviction",
+            *extra,
         ]
         self._start()
 
@@ -198,6 +199,26 @@ class Ralph:
     def stored_ids(self) -> list[str]:
         return [s["id"] for s in self.stored()]
 
+    def post(self, statements: list[dict[str, Any]]) -> int:
+        """POST straight to Ralph (not through the worker); returns the HTTP status."""
+        import base64
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        token = base64.b64encode(f"{LRS_USER}:{LRS_PASSWORD}".encode()).decode()
+        conn.request(
+            "POST",
+            "/xAPI/statements/",
+            body=json.dumps(statements),
+            headers={
+                "Authorization": f"Basic {token}",
+                "Content-Type": "application/json",
+                "X-Experience-API-Version": "1.0.3",
+            },
+        )
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
 
 # --- a proxy in front of the LRS: records requests, can delay or answer by itself ----------
 @dataclass
@@ -213,6 +234,8 @@ class Proxy:
     upstream_port: int
     delay: float = 0.0
     force_status: int | None = None
+    #: answers a request itself when it returns (status, headers, body); None: upstream
+    respond: Callable[[Recorded], tuple[int, dict[str, str], bytes] | None] | None = None
     requests: list[Recorded] = field(default_factory=list)
     port: int = 0
     _server: ThreadingHTTPServer | None = None
@@ -227,9 +250,18 @@ class Proxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                proxy.requests.append(
-                    Recorded(self.command, self.path, dict(self.headers.items()), body)
-                )
+                recorded = Recorded(self.command, self.path, dict(self.headers.items()), body)
+                proxy.requests.append(recorded)
+                own = proxy.respond(recorded) if proxy.respond is not None else None
+                if own is not None:
+                    status, headers, payload = own
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
                 if proxy.delay:
                     time.sleep(proxy.delay)
                 if proxy.force_status is not None:
@@ -311,6 +343,8 @@ class Worker:
         name: str,
         concurrency: int = 1,
         app: str = "xapi_worker.app",
+        extra_env: dict[str, str] | None = None,
+        wait_ready: bool = True,
     ) -> None:
         self.log = workdir / f"worker-{name}.log"
         with self.log.open("ab") as log:
@@ -329,11 +363,13 @@ class Worker:
                     "-l",
                     "INFO",
                 ],
-                env=worker_env(config),
+                env=worker_env(config, extra_env),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        if not wait_ready:
+            return
         assert wait_for(lambda: " ready." in self.text() or self.proc.poll() is not None, 30)
         assert self.proc.poll() is None, self.text()
 

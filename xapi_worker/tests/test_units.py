@@ -120,13 +120,16 @@ def test_classify():
     assert classify(429) is Kind.TRANSIENT and classify(503) is Kind.TRANSIENT
     assert classify(400) is Kind.REJECTED and classify(422) is Kind.REJECTED
     assert classify(409) is Kind.REJECTED
+    assert classify(407) is Kind.CONFIG and classify(415) is Kind.CONFIG
+    assert classify(400, "X-Experience-API-Version header is missing") is Kind.CONFIG
 
 
-def _items(n, bad=(), sent_before=False):
-    return [
-        Item(f"t{i}", {"id": f"s{i}", "bad": i in bad}, maybe_sent_before=sent_before)
-        for i in range(n)
-    ]
+def _items(n, bad=(), attempt=1):
+    return [Item(f"t{i}", {"id": f"s{i}", "bad": i in bad}, attempt=attempt) for i in range(n)]
+
+
+def _ok(batch):
+    return Answer(status=200, ids=tuple(s["id"] for s in batch))
 
 
 def _fake_lrs(status_for_bad=422, calls=None):
@@ -135,7 +138,7 @@ def _fake_lrs(status_for_bad=422, calls=None):
             calls.append(len(batch))
         if any(s["bad"] for s in batch):
             return Answer(status=status_for_bad, excerpt="bad statement")
-        return Answer(status=200)
+        return _ok(batch)
 
     return send
 
@@ -150,15 +153,121 @@ def test_bisection_isolates_bad_statements():
     assert calls[0] == 10 and len(calls) < 20
 
 
-def test_conflict_after_earlier_attempt_is_duplicate():
-    results = deliver(_items(1, bad={0}, sent_before=True), _fake_lrs(409))
-    assert results[0].verdict is Verdict.DUPLICATE
-    results = deliver(_items(1, bad={0}), _fake_lrs(409))
-    assert results[0].verdict is Verdict.DEAD
+def test_only_a_verified_answer_is_a_delivery():
+    """A 2xx is a delivery only as 204, or 200 with a JSON array of ids that were sent."""
+    sent = _items(3)
+
+    def answering(answer):
+        return deliver(sent, lambda batch: answer)[0]
+
+    assert answering(Answer(status=204)).verdict is Verdict.DELIVERED
+    assert answering(Answer(status=200, ids=("s0", "s1", "s2"))).verdict is Verdict.DELIVERED
+    assert answering(Answer(status=200, ids=("s1",))).verdict is Verdict.DELIVERED  # Ralph
+    assert answering(Answer(status=200, ids=())).verdict is Verdict.DELIVERED
+    for answer in (
+        Answer(status=200, excerpt="<html>Maintenance</html>"),  # a proxy's page
+        Answer(status=200, ids=("s0", "someone-else")),
+        Answer(status=201, ids=("s0",)),
+        Answer(status=202),
+    ):
+        res = answering(answer)
+        assert res.verdict is Verdict.RETRY, answer
+        assert res.answer.kind is Kind.TRANSIENT and res.answer.unverified
+
+
+def _conflict_lrs(stored):
+    def send(batch):
+        if any(s["bad"] for s in batch):
+            return Answer(status=409, excerpt="Differing statements already exist")
+        return _ok(batch)
+
+    def fetch(statement_id):
+        return Answer(status=200), stored.get(statement_id)
+
+    return send, fetch
+
+
+def test_conflict_same_content_is_delivered_different_is_dead():
+    items = _items(4, bad={1, 2})
+    same = dict(items[1].statement, stored="2026-12-01T10:00:00+00:00", authority={"x": 1})
+    other = dict(items[2].statement, verb={"id": "http://example.org/other"})
+    send, fetch = _conflict_lrs({"s1": same, "s2": other})
+    by_key = {r.item.key: r for r in deliver(items, send, fetch=fetch)}
+    assert by_key["t1"].verdict is Verdict.DUPLICATE  # LRS-set properties do not count
+    assert by_key["t2"].verdict is Verdict.DEAD
+    conflict = by_key["t2"].conflict
+    assert conflict["id"] == "s2" and conflict["sent_sha256"] != conflict["stored_sha256"]
+    assert "different statement" in by_key["t2"].reason
+    assert by_key["t0"].verdict is by_key["t3"].verdict is Verdict.DELIVERED
+    # The stored one cannot be read: nothing is decided, the statement stays queued.
+    send, _ = _conflict_lrs({})
+    res = deliver(_items(1, bad={0}), send, fetch=lambda i: (Answer(status=None, error="x"), None))
+    assert res[0].verdict is Verdict.RETRY
+
+
+def test_configuration_errors_are_retried_not_bisected():
+    for answer in (
+        Answer(status=400, excerpt='{"detail":"X-Experience-API-Version header missing"}'),
+        Answer(status=407),
+        Answer(status=415),
+        Answer(status=426),
+        Answer(status=431),
+    ):
+        calls = []
+
+        def send(batch, answer=answer, calls=calls):
+            calls.append(len(batch))
+            return answer
+
+        results = deliver(_items(8), send)
+        assert {r.verdict for r in results} == {Verdict.RETRY}, answer
+        assert calls == [8] and answer.kind is Kind.CONFIG
+
+
+def _poison_lrs(calls, down=False):
+    def send(batch):
+        calls.append(len(batch))
+        if down or any(s["bad"] for s in batch):
+            return Answer(status=500, excerpt="Statements bulk indexation failed")
+        return _ok(batch)
+
+    return send
+
+
+def test_poison_statement_is_isolated_after_a_few_failures():
+    calls = []
+    # The first failures: the batch is retried whole (the LRS may be failing for all).
+    results = deliver(_items(16, bad={0}), _poison_lrs(calls))
+    assert {r.verdict for r in results} == {Verdict.RETRY} and calls == [16]
+    # Tried three times: split; the culprit, alone failing while others are stored, is
+    # dead-lettered with its reason, and its 15 batch-mates are delivered.
+    calls.clear()
+    results = deliver(_items(16, bad={0}, attempt=3), _poison_lrs(calls))
+    verdicts = {r.item.key: r.verdict for r in results}
+    assert verdicts.pop("t0") is Verdict.DEAD
+    assert set(verdicts.values()) == {Verdict.DELIVERED}
+    dead = next(r for r in results if r.item.key == "t0")
+    assert "alone" in dead.reason and "HTTP 500" in dead.reason
+    assert len(calls) <= 2 * 4 + 2  # about two POSTs per halving
+    # A fresh statement failing alone is kept for another attempt, not dead-lettered.
+    items = _items(4, bad={2})
+    items[0].attempt = 3
+    results = {r.item.key: r.verdict for r in deliver(items, _poison_lrs([]))}
+    assert results["t2"] is Verdict.RETRY and results["t0"] is Verdict.DELIVERED
+
+
+def test_an_lrs_failing_for_everything_stops_the_split_early():
+    calls = []
+    results = deliver(_items(100, attempt=5), _poison_lrs(calls, down=True))
+    assert {r.verdict for r in results} == {Verdict.RETRY}
+    assert len(results) == 100
+    assert len(calls) <= 12  # down the left side, then stop: not 2N-1 = 199
 
 
 def test_transient_halts_and_retries_the_rest():
-    answers = iter([Answer(status=422), Answer(status=200), Answer(status=None, error="down")])
+    answers = iter(
+        [Answer(status=422), Answer(status=200, ids=()), Answer(status=None, error="down")]
+    )
     results = deliver(_items(8), lambda batch: next(answers))
     verdicts = [r.verdict for r in results]
     assert verdicts.count(Verdict.DELIVERED) == 4 and verdicts.count(Verdict.RETRY) == 4
@@ -185,3 +294,12 @@ def test_parse_retry_after():
     assert parse_retry_after(None, 0) is None
     assert parse_retry_after("Thu, 01 Jan 1970 00:01:40 GMT", 40.0) == 60.0
     assert parse_retry_after("garbage", 0) is None
+
+
+def test_answer_excerpt_masked_before_it_is_cut():
+    from xapi_worker.lrs import EXCERPT_CHARS, excerpt
+
+    secret = "s3cr/et+pass word"
+    text = "x" * (EXCERPT_CHARS - 5) + secret + " and " + "s3cr%2Fet%2Bpass%20word"
+    cut = excerpt(text, secret)
+    assert "s3cr" not in cut and len(cut) <= EXCERPT_CHARS

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import sys
 
+from .cli import Exit
 from .settings import SettingsError, load_settings
 from .worker import make_celery, register_task
-
-CONFIG_ERROR_EXIT = 3
 
 try:
     settings = load_settings()
 except SettingsError as _exc:
     print(f"xapi-worker: configuration error: {_exc}", file=sys.stderr)
-    raise SystemExit(CONFIG_ERROR_EXIT) from None
+    raise SystemExit(int(Exit.CONFIG)) from None
 
 app = make_celery(settings)
 send_xapi_statement_task = register_task(app, settings)

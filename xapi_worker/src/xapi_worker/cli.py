@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import enum
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import redis
 import requests
 
 from . import __version__
-from .deadletters import RedisAccess
-from .lrs import LRSClient
+from .deadletters import STATUS_FIELDS, RedisAccess
+from .lrs import LRSClient, excerpt
 from .settings import (
     QUEUE,
     TASK_NAME,
@@ -23,20 +25,38 @@ from .settings import (
     mask_url,
 )
 
-EXIT_OK = 0
-EXIT_UNEXPECTED = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
-EXIT_BROKER_UNREACHABLE = 4
-EXIT_BROKER_AUTH = 5
-EXIT_LRS_UNREACHABLE = 6
-EXIT_LRS_AUTH = 7
-EXIT_LRS_REJECTED = 8
-EXIT_LRS_TLS = 9
+
+class Exit(enum.IntEnum):
+    """Exit codes of ``xapi-worker`` and of the worker's start (``CONFIG``), in one place."""
+
+    OK = 0
+    UNEXPECTED = 1
+    USAGE = 2
+    CONFIG = 3
+    BROKER_UNREACHABLE = 4
+    BROKER_AUTH = 5
+    LRS_UNREACHABLE = 6
+    LRS_AUTH = 7
+    LRS_REJECTED = 8
+    LRS_TLS = 9
+
+
+EXIT_MEANINGS = {
+    Exit.OK: "OK",
+    Exit.UNEXPECTED: "unexpected error",
+    Exit.USAGE: "usage",
+    Exit.CONFIG: "configuration error",
+    Exit.BROKER_UNREACHABLE: "broker unreachable",
+    Exit.BROKER_AUTH: "broker authentication refused",
+    Exit.LRS_UNREACHABLE: "LRS unreachable",
+    Exit.LRS_AUTH: "LRS credentials refused",
+    Exit.LRS_REJECTED: "LRS rejected the request",
+    Exit.LRS_TLS: "LRS TLS verification failed",
+}
 
 
 class Failure(Exception):
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: Exit, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -49,32 +69,31 @@ def _broker_failure(exc: Exception, settings: Settings) -> Failure:
         and str(exc).split(" ", 1)[0] in ("NOAUTH", "WRONGPASS", "NOPERM")
     ):
         return Failure(
-            EXIT_BROKER_AUTH,
+            Exit.BROKER_AUTH,
             f"broker {where} refused authentication or permission "
             f"({type(exc).__name__}): check the password in XAPI_CELERY_BROKER_URL",
         )
     return Failure(
-        EXIT_BROKER_UNREACHABLE,
+        Exit.BROKER_UNREACHABLE,
         f"broker {where} unreachable ({type(exc).__name__}): check XAPI_CELERY_BROKER_URL, "
         "the network and Redis",
     )
 
 
-def _redis(settings: Settings) -> RedisAccess:
+@contextlib.contextmanager
+def _broker(settings: Settings) -> Iterator[RedisAccess]:
+    """The broker, answering: any Redis error inside the block becomes its Failure."""
     access = RedisAccess(settings)
     try:
         access.client.ping()
+        yield access
     except redis.RedisError as exc:
         raise _broker_failure(exc, settings) from None
-    return access
 
 
 def cmd_check(settings: Settings, _args: argparse.Namespace) -> int:
-    access = _redis(settings)
-    try:
+    with _broker(settings) as access:
         state = access.status()
-    except redis.RedisError as exc:
-        raise _broker_failure(exc, settings) from None
     print(f"OK broker {settings.broker_url_masked}: reachable, queue {QUEUE}: {state['queue']}")
     client = LRSClient(settings)
     url = mask_url(settings.lrs_url)
@@ -82,112 +101,97 @@ def cmd_check(settings: Settings, _args: argparse.Namespace) -> int:
         response = client.probe()
     except requests.exceptions.SSLError as exc:
         raise Failure(
-            EXIT_LRS_TLS,
+            Exit.LRS_TLS,
             f"LRS {url}: TLS verification failed ({type(exc).__name__}): check the "
             "certificate or XAPI_WORKER_CA_BUNDLE",
         ) from None
     except requests.RequestException as exc:
         raise Failure(
-            EXIT_LRS_UNREACHABLE,
+            Exit.LRS_UNREACHABLE,
             f"LRS {url} unreachable ({type(exc).__name__}): check XAPI_LRS_URL and the network",
         ) from None
     status = response.status_code
     if status in (401, 403):
         raise Failure(
-            EXIT_LRS_AUTH,
+            Exit.LRS_AUTH,
             f"LRS {url} refused the credentials (HTTP {status}): check XAPI_LRS_LOGIN/XAPI_LRS_PWD",
         )
     if status != 200:
+        answer = excerpt(response.text, settings.lrs_password)[:200]
         raise Failure(
-            EXIT_LRS_REJECTED,
+            Exit.LRS_REJECTED,
             f"LRS {url} answered HTTP {status} to GET statements?limit=1 with "
             f"X-Experience-API-Version: {XAPI_VERSION}: check XAPI_LRS_URL "
-            f"(answer: {response.text[:200]!r})",
+            f"(answer: {answer!r})",
         )
     version = response.headers.get("X-Experience-API-Version", "not stated")
     print(
         f"OK LRS {url}: credentials and X-Experience-API-Version {XAPI_VERSION} accepted "
         f"(HTTP 200, LRS version header: {version})"
     )
-    return EXIT_OK
+    return Exit.OK
 
 
-def cmd_status(settings: Settings, _args: argparse.Namespace) -> int:
-    try:
-        state = _redis(settings).status()
-    except redis.RedisError as exc:
-        raise _broker_failure(exc, settings) from None
-    print(json.dumps(state))
-    return EXIT_OK
-
-
-def cmd_queue_length(settings: Settings, _args: argparse.Namespace) -> int:
-    try:
-        state = _redis(settings).status()
-    except redis.RedisError as exc:
-        raise _broker_failure(exc, settings) from None
-    print(state["queue"])
-    return EXIT_OK
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    with _broker(settings) as access:
+        state = access.status()
+    print(state[args.field] if args.field else json.dumps(state))
+    return Exit.OK
 
 
 def cmd_settings(settings: Settings, _args: argparse.Namespace) -> int:
     print(json.dumps(settings.public_view(), indent=2))
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_dead_list(settings: Settings, args: argparse.Namespace) -> int:
-    access = _redis(settings)
-    try:
+    with _broker(settings) as access:
         for n, (_raw, entry) in enumerate(access.entries()):
             if args.limit and n >= args.limit:
                 break
             print(json.dumps(entry, ensure_ascii=False))
-    except redis.RedisError as exc:
-        raise _broker_failure(exc, settings) from None
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
     from .worker import make_celery  # Celery only for the commands that publish
 
-    access = _redis(settings)
-    app = make_celery(settings, name="xapi_worker_replay")
     replayed = skipped = 0
-    try:
-        for n, (raw, entry) in enumerate(list(access.entries())):
-            if args.limit and n >= args.limit:
-                break
-            statement = entry.get("statement")
-            if not isinstance(statement, dict) or "unparsable" in entry:
-                skipped += 1
-                continue
-            app.send_task(TASK_NAME, args=[statement])
-            access.remove(raw)
-            replayed += 1
-    except redis.RedisError as exc:
-        raise _broker_failure(exc, settings) from None
-    except Exception as exc:  # kombu's OperationalError and friends
-        raise Failure(
-            EXIT_BROKER_UNREACHABLE,
-            f"replay stopped after {replayed} statements: cannot publish to "
-            f"{settings.broker_url_masked} ({type(exc).__name__})",
-        ) from None
-    finally:
-        app.close()
+    with _broker(settings) as access:
+        app = make_celery(settings, name="xapi_worker_replay")
+        try:
+            for n, (raw, entry) in enumerate(list(access.entries())):
+                if args.limit and n >= args.limit:
+                    break
+                statement = entry.get("statement")
+                if not isinstance(statement, dict) or "unparsable" in entry:
+                    skipped += 1
+                    continue
+                app.send_task(TASK_NAME, args=[statement])
+                access.remove(raw)
+                replayed += 1
+        except redis.RedisError:
+            raise
+        except Exception as exc:  # kombu's OperationalError and friends
+            raise Failure(
+                Exit.BROKER_UNREACHABLE,
+                f"replay stopped after {replayed} statements: cannot publish to "
+                f"{settings.broker_url_masked} ({type(exc).__name__})",
+            ) from None
+        finally:
+            app.close()
     print(f"replayed {replayed} dead letters onto queue {QUEUE}; skipped {skipped}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_dead_purge(settings: Settings, args: argparse.Namespace) -> int:
     if not args.yes:
         print("purge deletes every dead letter: pass --yes", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        count = _redis(settings).purge()
-    except redis.RedisError as exc:
-        raise _broker_failure(exc, settings) from None
+        return Exit.USAGE
+    with _broker(settings) as access:
+        count = access.purge()
     print(f"purged {count} dead letters")
-    return EXIT_OK
+    return Exit.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,20 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xapi-worker",
         description="Operator commands of the Pod xAPI worker. Settings come from the file "
         "named by XAPI_WORKER_CONFIG, overridden by the environment.",
-        epilog="Exit codes: 0 OK, 1 unexpected error, 2 usage, 3 configuration error, "
-        "4 broker unreachable, 5 broker authentication refused, 6 LRS unreachable, "
-        "7 LRS credentials refused, 8 LRS rejected the request, 9 LRS TLS verification failed.",
+        epilog="Exit codes: "
+        + ", ".join(f"{int(code)} {meaning}" for code, meaning in EXIT_MEANINGS.items())
+        + ".",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="broker reachable and LRS accepting credentials").set_defaults(
         func=cmd_check
     )
-    sub.add_parser("status", help="JSON: queue length, dead letters, unacked").set_defaults(
-        func=cmd_status
-    )
+    status = sub.add_parser("status", help="JSON: queue length, dead letters, unacked")
+    status.add_argument("--field", choices=STATUS_FIELDS, help="print this number only")
+    status.set_defaults(func=cmd_status)
+    # kept for the scripts that use it: `status --field queue`
     sub.add_parser("queue-length", help="messages waiting in queue xapi").set_defaults(
-        func=cmd_queue_length
+        func=cmd_status, field="queue"
     )
     sub.add_parser("settings", help="effective settings as JSON, secrets masked").set_defaults(
         func=cmd_settings
@@ -233,15 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
     except SettingsError as exc:
         print(f"xapi-worker: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return Exit.CONFIG
     try:
-        code: int = args.func(settings, args)
+        code = int(args.func(settings, args))
     except Failure as failure:
         print(f"FAIL {failure.message}", file=sys.stderr)
         return failure.code
     except Exception as exc:
         print(f"xapi-worker: unexpected error: {type(exc).__name__}", file=sys.stderr)
-        return EXIT_UNEXPECTED
+        return Exit.UNEXPECTED
     return code
 
 

@@ -7,13 +7,48 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from .delivery import iso
+from .scripts import push
 from .settings import QUEUE, Settings
 from .transport import registry_key, unreadable_key
+
+
+@dataclass
+class DeadLetter:
+    """One statement the worker gives up on, with why; kept until replayed or purged."""
+
+    statement: dict[str, Any]
+    reason: str
+    task_id: str
+    status: int | None = None  # the LRS's HTTP status, if it answered
+    response: str = ""  # the start of its answer (masked), or the error
+    attempts: int = 1
+    first_seen: float | None = None  # epoch seconds
+    conflict: dict[str, Any] | None = None  # a 409: digests of ours and of the stored one
+
+    def entry(self) -> dict[str, Any]:
+        now = time.time()
+        entry = {
+            "statement": self.statement,
+            "reason": self.reason,
+            "status": self.status,
+            "response": self.response,
+            "time": iso(now),
+            "task_id": self.task_id,
+            "attempts": self.attempts,
+            "first_seen": iso(self.first_seen if self.first_seen is not None else now),
+        }
+        if self.conflict is not None:
+            entry["conflict"] = self.conflict
+        return entry
+
+
+STATUS_FIELDS = ("queue", "dead_letters", "unacked", "in_flight", "unreadable")
 
 
 class RedisAccess:
@@ -40,28 +75,10 @@ class RedisAccess:
     def key(self) -> str:
         return self._settings.dead_letter_key
 
-    def add(
-        self,
-        statement: dict[str, Any],
-        reason: str,
-        status: int | None,
-        response: str,
-        task_id: str,
-        attempts: int = 1,
-        first_seen: float | None = None,
-    ) -> None:
-        now = time.time()
-        entry = {
-            "statement": statement,
-            "reason": reason,
-            "status": status,
-            "response": response,
-            "time": iso(now),
-            "task_id": task_id,
-            "attempts": attempts,
-            "first_seen": iso(first_seen if first_seen is not None else now),
-        }
-        self.client.rpush(self.key, json.dumps(entry, ensure_ascii=False))
+    def add(self, letter: DeadLetter) -> None:
+        # A dead letter replaces the message that is then acknowledged: written at maxmemory
+        # too, or the statement would go round until the broker has room (scripts.py).
+        push(self.client, self.key, [json.dumps(letter.entry(), ensure_ascii=False)], left=False)
 
     def entries(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
         raws: list[bytes] = self.client.lrange(self.key, 0, -1)  # type: ignore[assignment]

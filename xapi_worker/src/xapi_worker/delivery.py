@@ -4,11 +4,12 @@ batches, retry delays. No I/O here: the HTTP exchange is a callable given by the
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import random
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -29,14 +30,23 @@ def ensure_statement_id(statement: dict[str, Any], task_id: str) -> str:
 
 
 class Kind(enum.Enum):
-    OK = "ok"  # 2xx: accepted (200 with ids, or 204 when every id was already stored)
+    OK = "ok"  # 200 naming ids that were sent, or 204 (every id already stored)
     REJECTED = "rejected"  # 400/409/413/422 and other 4xx: split the batch, then dead letter
     AUTH = "auth"  # 401/403: credentials; retried, never dropped
-    CONFIG = "config"  # 404/405/3xx: wrong XAPI_LRS_URL; retried, never dropped
-    TRANSIENT = "transient"  # network error, timeout, 408, 429, 5xx: retried with backoff
+    CONFIG = "config"  # the request, not a statement, is refused: retried, never dropped
+    TRANSIENT = "transient"  # network error, timeout, 408, 429, 5xx, unverified 2xx: retried
 
 
-def classify(status: int | None) -> Kind:
+# Answers about the request as a whole, whatever statements it carries: a wrong URL (3xx,
+# 404, 405), a proxy asking for credentials (407), a content type or protocol the server
+# will not take (415, 426), headers too large (431). Splitting the batch cannot help, and
+# dead-lettering would drop good statements for a configuration error.
+CONFIG_STATUSES = frozenset({404, 405, 407, 415, 426, 431})
+# A 400 that names the version header is about the request, not about a statement.
+_VERSION_HEADER_HINT = "x-experience-api-version"
+
+
+def classify(status: int | None, excerpt: str = "") -> Kind:
     """Map an HTTP status (``None`` = no answer: connection error or timeout) to a Kind."""
     if status is None:
         return Kind.TRANSIENT
@@ -44,14 +54,16 @@ def classify(status: int | None) -> Kind:
         return Kind.OK
     if status in (401, 403):
         return Kind.AUTH
-    if status in (404, 405) or 300 <= status < 400:
+    if status in CONFIG_STATUSES or 300 <= status < 400:
+        return Kind.CONFIG
+    if status == 400 and _VERSION_HEADER_HINT in excerpt.lower():
         return Kind.CONFIG
     if status in (408, 429) or status >= 500:
         return Kind.TRANSIENT
     return Kind.REJECTED
 
 
-@dataclass
+@dataclass(frozen=True)
 class Answer:
     """What one HTTP exchange with the LRS gave."""
 
@@ -60,10 +72,50 @@ class Answer:
     retry_after: float | None = None
     latency_ms: float = 0.0
     error: str = ""  # exception class and message when there was no HTTP answer
+    #: the statement ids a 200's body lists (None: the body is not a JSON array of strings)
+    ids: tuple[str, ...] | None = None
+    #: why a 2xx was not taken as a delivery (set by :func:`verified`)
+    unverified: str = ""
+    timed_out: bool = False  # no answer within the read timeout (the request was sent)
 
     @property
     def kind(self) -> Kind:
-        return classify(self.status)
+        if self.unverified:
+            return Kind.TRANSIENT
+        return classify(self.status, self.excerpt)
+
+    @property
+    def what(self) -> str:
+        """A short description for logs and dead letters."""
+        if self.unverified:
+            return f"HTTP {self.status} not taken as a delivery: {self.unverified}"
+        if self.status is None:
+            return self.error[:160] or "no answer"
+        return f"HTTP {self.status}"
+
+    @property
+    def group_key(self) -> tuple[Kind, int | None, str]:
+        """Results with the same key are retried together (one delay, one log line)."""
+        return (self.kind, self.status, self.unverified or self.error[:80])
+
+
+def verified(answer: Answer, sent_ids: Collection[str]) -> Answer:
+    """A 2xx counts as a delivery only when it says so in xAPI's terms: 204 (nothing new to
+    store), or 200 with a JSON array of statement ids, each one of those sent. An LRS may list
+    only the ids it newly stored (Ralph does), so a subset is accepted. Anything else (an
+    HTML page from a proxy or an SSO portal, 201/202, ids never sent) is a transient failure:
+    the statements stay queued."""
+    if answer.kind is not Kind.OK or answer.status == 204:
+        return answer
+    if answer.status != 200:
+        reason = "an LRS answers 200 or 204 to POST statements"
+    elif answer.ids is None:
+        reason = "the body is not a JSON array of statement ids"
+    elif not set(answer.ids) <= set(sent_ids):
+        reason = "the body lists statement ids that were not sent"
+    else:
+        return answer
+    return replace(answer, unverified=reason)
 
 
 @dataclass
@@ -73,14 +125,17 @@ class Item:
     key: str  # opaque handle for the caller (the Celery task id)
     statement: dict[str, Any]
     attempt: int = 1
-    first_seen: float = 0.0  # epoch seconds
-    maybe_sent_before: bool = False  # earlier attempt or broker redelivery
+    first_seen: float = 0.0  # epoch seconds: when it was first queued or taken
     followers: list[Item] = field(default_factory=list)  # same id and content, same batch
+
+    @property
+    def statement_id(self) -> str:
+        return str(self.statement.get("id", ""))
 
 
 class Verdict(enum.Enum):
     DELIVERED = "delivered"
-    DUPLICATE = "duplicate"  # 409 for an id this worker may have stored itself earlier
+    DUPLICATE = "duplicate"  # 409, and the LRS holds the same statement: delivered earlier
     DEAD = "dead"
     RETRY = "retry"
 
@@ -90,6 +145,12 @@ class Result:
     item: Item
     verdict: Verdict
     answer: Answer
+    reason: str = ""  # for DEAD: why, in words
+    conflict: dict[str, Any] | None = None  # for a DEAD 409: what differs, by digest
+
+
+def fingerprint(statement: dict[str, Any]) -> str:
+    return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def merge_duplicates(items: Sequence[Item]) -> list[Item]:
@@ -98,54 +159,147 @@ def merge_duplicates(items: Sequence[Item]) -> list[Item]:
     leaders: dict[str, Item] = {}
     out: list[Item] = []
     for item in items:
-        fingerprint = json.dumps(item.statement, sort_keys=True, separators=(",", ":"))
-        leader = leaders.get(fingerprint)
+        key = fingerprint(item.statement)
+        leader = leaders.get(key)
         if leader is None:
-            leaders[fingerprint] = item
+            leaders[key] = item
             out.append(item)
         else:
             leader.followers.append(item)
-            leader.maybe_sent_before = leader.maybe_sent_before or item.maybe_sent_before
             leader.attempt = max(leader.attempt, item.attempt)
+            leader.first_seen = min(leader.first_seen, item.first_seen)
     return out
+
+
+# Properties an LRS sets or may rewrite on storage; xAPI 1.0.3 (Data, "Statement Comparison
+# Requirements") leaves them out when it compares two statements.
+LRS_SET_PROPERTIES = frozenset({"authority", "stored", "timestamp", "version"})
+
+
+def comparable(statement: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in statement.items() if k not in LRS_SET_PROPERTIES}
+
+
+def digest(statement: dict[str, Any]) -> str:
+    return hashlib.sha256(fingerprint(comparable(statement)).encode()).hexdigest()
+
+
+#: fetch(statement id) -> (the LRS's answer, the statement it holds under that id, or None)
+Fetch = Callable[[str], "tuple[Answer, dict[str, Any] | None]"]
+
+
+def _settle_conflict(item: Item, answer: Answer, fetch: Fetch | None) -> Result:
+    """A 409 for one statement: "the LRS holds a statement with this id". The same content
+    is ours, stored by an earlier attempt (some LRSs answer an identical re-send with 409);
+    a different content is a real conflict, dead-lettered with both digests. When the stored
+    one cannot be read, nothing is decided: retried."""
+    if fetch is None:
+        return Result(item, Verdict.RETRY, answer)
+    read, stored = fetch(item.statement_id)
+    if stored is None:
+        what = read.what if read.status != 200 else "no statement under that id"
+        return Result(
+            item,
+            Verdict.RETRY,
+            replace(answer, unverified=f"HTTP 409, and reading the stored one gave {what}"),
+        )
+    if comparable(stored) == comparable(item.statement):
+        return Result(item, Verdict.DUPLICATE, answer)
+    conflict = {
+        "id": item.statement_id,
+        "sent_sha256": digest(item.statement),
+        "stored_sha256": digest(stored),
+        "stored_at": stored.get("stored"),
+    }
+    reason = f"conflict: the LRS holds a different statement with id {item.statement_id}"
+    return Result(item, Verdict.DEAD, answer, reason=reason, conflict=conflict)
+
+
+def _splittable(answer: Answer) -> bool:
+    """A failure one statement can cause: an HTTP 5xx (a bulk insert failing as a whole) or
+    a request sent and not answered in time. Not a refused connection or a bad address."""
+    if answer.unverified:
+        return False
+    if answer.status is None:
+        return answer.timed_out
+    return answer.status >= 500
+
+
+@dataclass
+class _Walk:
+    delivered: int = 0
+    lone_failures: list[Result] = field(default_factory=list)
+    halted: Answer | None = None
 
 
 def deliver(
     items: Sequence[Item],
     send: Callable[[list[dict[str, Any]]], Answer],
     on_sent: Callable[[int, Answer], None] | None = None,
+    *,
+    fetch: Fetch | None = None,
+    isolate_after: int = 3,
 ) -> list[Result]:
-    """POST ``items`` as one batch; split a rejected batch in halves until each bad statement
-    is alone. Once the LRS gives a non-rejection failure (auth, config, transient), nothing
-    more is sent: every statement not yet settled gets that answer with Verdict.RETRY."""
-    results: list[Result] = []
-    halted: list[Answer] = []
+    """POST ``items`` as one batch and settle each statement.
 
-    def visit(batch: Sequence[Item]) -> None:
-        if halted:
-            results.extend(Result(i, Verdict.RETRY, halted[0]) for i in batch)
+    - A rejected batch (4xx about statements) is split in halves until each bad statement is
+      alone, then dead-lettered; a lone 409 is compared with what the LRS holds.
+    - A batch holding a statement already tried ``isolate_after`` times that fails with a
+      5xx or a timeout is split the same way, so one poison statement does not hold its
+      batch-mates: a statement that fails alone while the LRS accepts others is
+      dead-lettered. Three lone failures with no success at all mean the LRS itself is
+      failing: the walk stops.
+    - Any other failure (auth, config, connection) stops the walk: every statement not yet
+      settled gets that answer with Verdict.RETRY.
+    """
+    results: list[Result] = []
+    walk = _Walk()
+
+    def visit(batch: Sequence[Item], splitting: bool) -> None:
+        if walk.halted is not None:
+            results.extend(Result(i, Verdict.RETRY, walk.halted) for i in batch)
             return
-        answer = send([i.statement for i in batch])
+        answer = verified(send([i.statement for i in batch]), [i.statement_id for i in batch])
         if on_sent is not None:
             on_sent(len(batch), answer)
         kind = answer.kind
         if kind is Kind.OK:
+            walk.delivered += len(batch)
             results.extend(Result(i, Verdict.DELIVERED, answer) for i in batch)
+        elif kind is Kind.REJECTED and len(batch) > 1:
+            middle = len(batch) // 2
+            visit(batch[:middle], splitting)
+            visit(batch[middle:], splitting)
+        elif kind is Kind.REJECTED and answer.status == 409:
+            results.append(_settle_conflict(batch[0], answer, fetch))
         elif kind is Kind.REJECTED:
+            results.append(Result(batch[0], Verdict.DEAD, answer, reason=answer.what))
+        elif _splittable(answer) and (splitting or any(i.attempt >= isolate_after for i in batch)):
             if len(batch) > 1:
                 middle = len(batch) // 2
-                visit(batch[:middle])
-                visit(batch[middle:])
-            elif answer.status == 409 and batch[0].maybe_sent_before:
-                results.append(Result(batch[0], Verdict.DUPLICATE, answer))
-            else:
-                results.append(Result(batch[0], Verdict.DEAD, answer))
+                visit(batch[:middle], True)
+                visit(batch[middle:], True)
+                return
+            lone = Result(batch[0], Verdict.RETRY, answer)
+            results.append(lone)
+            walk.lone_failures.append(lone)
+            if walk.delivered == 0 and len(walk.lone_failures) >= 3:
+                walk.halted = answer
         else:
-            halted.append(answer)
+            walk.halted = answer
             results.extend(Result(i, Verdict.RETRY, answer) for i in batch)
 
     if items:
-        visit(list(items))
+        visit(list(items), False)
+    if walk.delivered:
+        # The LRS stored others in this very exchange: what failed alone is the culprit.
+        for lone in walk.lone_failures:
+            if lone.item.attempt >= isolate_after:
+                lone.verdict = Verdict.DEAD
+                lone.reason = (
+                    f"the LRS fails on this statement alone ({lone.answer.what}) while it "
+                    f"stores others, after {lone.item.attempt} attempts"
+                )
     return results
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, quote_plus, urlencode, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -18,9 +18,30 @@ from .settings import XAPI_VERSION, Settings, mask_url
 EXCERPT_CHARS = 500
 
 
-def _excerpt(text: str, secret: str) -> str:
-    text = text[:EXCERPT_CHARS]
-    return text.replace(secret, "****") if secret else text
+def mask(text: str, secret: str) -> str:
+    """``text`` with ``secret`` hidden, as it is and percent-encoded (a URL echoed back)."""
+    if not secret:
+        return text
+    for form in {secret, quote(secret, safe=""), quote_plus(secret, safe="")}:
+        text = text.replace(form, "****")
+    return text
+
+
+def excerpt(text: str, secret: str) -> str:
+    """The start of an answer for logs and dead letters: masked first, then cut, so a cut
+    cannot leave a prefix of the secret unmasked."""
+    return mask(text, secret)[:EXCERPT_CHARS]
+
+
+def _ids(response: requests.Response) -> tuple[str, ...] | None:
+    """The JSON array of statement ids of a 200, or None when the body is anything else."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, list) and all(isinstance(i, str) for i in body):
+        return tuple(body)
+    return None
 
 
 def statements_query_url(lrs_url: str, query: str) -> str:
@@ -69,9 +90,18 @@ class LRSClient:
         latency = (time.monotonic() - started) * 1000
         return Answer(
             status=response.status_code,
-            excerpt=_excerpt(response.text, self._settings.lrs_password),
+            excerpt=excerpt(response.text, self._settings.lrs_password),
             retry_after=parse_retry_after(response.headers.get("Retry-After"), time.time()),
             latency_ms=latency,
+            ids=_ids(response) if response.status_code == 200 else None,
+        )
+
+    def _no_answer(self, exc: requests.RequestException, started: float) -> Answer:
+        return Answer(
+            status=None,
+            error=excerpt(f"{type(exc).__name__}: {exc}", self._settings.lrs_password),
+            latency_ms=(time.monotonic() - started) * 1000,
+            timed_out=isinstance(exc, requests.exceptions.ReadTimeout),
         )
 
     def post_statements(self, statements: list[dict[str, Any]]) -> Answer:
@@ -82,12 +112,31 @@ class LRSClient:
                 self._settings.lrs_url, data=body, timeout=self.timeout, allow_redirects=False
             )
         except requests.RequestException as exc:
-            return Answer(
-                status=None,
-                error=_excerpt(f"{type(exc).__name__}: {exc}", self._settings.lrs_password),
-                latency_ms=(time.monotonic() - started) * 1000,
-            )
+            return self._no_answer(exc, started)
         return self._answer(response, started)
+
+    def get_statement(self, statement_id: str) -> tuple[Answer, dict[str, Any] | None]:
+        """GET statements?statementId=ID: the LRS's answer and the statement it holds (None
+        unless a 200 carries a statement object with that id)."""
+        url = statements_query_url(self._settings.lrs_url, urlencode({"statementId": statement_id}))
+        started = time.monotonic()
+        try:
+            response = self.session.get(url, timeout=self.timeout, allow_redirects=False)
+        except requests.RequestException as exc:
+            return self._no_answer(exc, started), None
+        answer = self._answer(response, started)
+        if response.status_code != 200:
+            return answer, None
+        try:
+            body = response.json()
+        except ValueError:
+            return answer, None
+        if isinstance(body, dict) and isinstance(body.get("statements"), list):
+            # an LRS that answers with a StatementResult even for one id
+            body = next((s for s in body["statements"] if isinstance(s, dict)), None)
+        if isinstance(body, dict) and body.get("id") == statement_id:
+            return answer, body
+        return answer, None
 
     def probe(self) -> requests.Response:
         """GET statements?limit=1 (used by ``xapi-worker check``); exceptions propagate."""

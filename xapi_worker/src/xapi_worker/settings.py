@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -88,50 +88,6 @@ def _positive_float(name: str, raw: str) -> float:
     return value
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Effective settings. ``lrs_password`` and the broker password are hidden from repr."""
-
-    lrs_url: str
-    lrs_login: str
-    lrs_password: str = field(repr=False)
-    broker_url: str = field(repr=False)
-    batch_size: int = 100
-    flush_interval_ms: int = 500
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    max_age_days: float = 7.0
-    ca_bundle: str = ""
-    visibility_timeout: int = 600
-    retry_base_seconds: float = 2.0
-    retry_max_seconds: float = 300.0
-    dead_letter_key: str = "xapi.dead_letters"
-    prefetch_multiplier: int = 0  # 0 = derived: 2 x batch size
-
-    @property
-    def broker_url_masked(self) -> str:
-        return mask_url(self.broker_url)
-
-    @property
-    def effective_prefetch_multiplier(self) -> int:
-        return self.prefetch_multiplier or 2 * self.batch_size
-
-    def public_view(self) -> dict[str, Any]:
-        """Every setting by its external name, secrets masked (for ``xapi-worker settings``)."""
-        view: dict[str, Any] = {}
-        for f in fields(self):
-            name = _ATTR_TO_NAME[f.name]
-            value: Any = getattr(self, f.name)
-            if f.name == "lrs_password":
-                value = "****" if value else ""
-            elif f.name == "broker_url":
-                value = self.broker_url_masked
-            elif f.name == "lrs_url":
-                value = mask_url(value)
-            view[name] = value
-        return view
-
-
 def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     try:
         parts = urlsplit(raw)
@@ -143,8 +99,12 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     return raw
 
 
-def _str(name: str, raw: str) -> str:
-    return raw
+def _http_url(name: str, raw: str) -> str:
+    return _url(name, raw, ("http", "https"))
+
+
+def _redis_url(name: str, raw: str) -> str:
+    return _url(name, raw, ("redis", "rediss"))
 
 
 def _nonempty(name: str, raw: str) -> str:
@@ -163,43 +123,84 @@ def _non_negative_int(name: str, raw: str) -> int:
     return 0 if raw.strip() == "0" else _positive_int(name, raw)
 
 
-# external name -> (attribute, parser, required)
-_SPEC: dict[str, tuple[str, Callable[[str, str], Any], bool]] = {
-    "XAPI_LRS_URL": ("lrs_url", lambda n, r: _url(n, r, ("http", "https")), True),
-    "XAPI_LRS_LOGIN": ("lrs_login", _nonempty, True),
-    "XAPI_LRS_PWD": ("lrs_password", _nonempty, True),
-    "XAPI_CELERY_BROKER_URL": (
-        "broker_url",
-        lambda n, r: _url(n, r, ("redis", "rediss")),
-        True,
-    ),
-    "XAPI_WORKER_BATCH_SIZE": ("batch_size", _positive_int, False),
-    "XAPI_WORKER_FLUSH_INTERVAL_MS": ("flush_interval_ms", _positive_int, False),
-    "XAPI_WORKER_CONNECT_TIMEOUT": ("connect_timeout", _positive_float, False),
-    "XAPI_WORKER_READ_TIMEOUT": ("read_timeout", _positive_float, False),
-    "XAPI_WORKER_MAX_AGE_DAYS": ("max_age_days", _positive_float, False),
-    "XAPI_WORKER_CA_BUNDLE": ("ca_bundle", _ca_bundle, False),
-    "XAPI_WORKER_VISIBILITY_TIMEOUT": ("visibility_timeout", _positive_int, False),
-    "XAPI_WORKER_RETRY_BASE_SECONDS": ("retry_base_seconds", _positive_float, False),
-    "XAPI_WORKER_RETRY_MAX_SECONDS": ("retry_max_seconds", _positive_float, False),
-    "XAPI_WORKER_DEAD_LETTER_KEY": ("dead_letter_key", _nonempty, False),
-    "XAPI_WORKER_PREFETCH_MULTIPLIER": ("prefetch_multiplier", _non_negative_int, False),
-}
-_ATTR_TO_NAME = {attr: name for name, (attr, _, _) in _SPEC.items()}
-SETTING_NAMES = tuple(_SPEC)
+Parser = Callable[[str, str], Any]
+
+
+def setting(
+    name: str,
+    parse: Parser,
+    default: Any = MISSING,  # noqa: ANN401 (any setting's type)
+    *,
+    secret: bool = False,
+) -> Any:  # noqa: ANN401 (a dataclass field)
+    """One setting, declared once: its external name, its parser, its default (none: the
+    setting is required) and whether it is a secret (hidden from repr and public_view)."""
+    metadata = {"name": name, "parse": parse, "secret": secret}
+    if default is MISSING:
+        return field(repr=not secret, metadata=metadata)
+    return field(default=default, repr=not secret, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective settings, each declared once below with its external name."""
+
+    lrs_url: str = setting("XAPI_LRS_URL", _http_url)
+    lrs_login: str = setting("XAPI_LRS_LOGIN", _nonempty)
+    lrs_password: str = setting("XAPI_LRS_PWD", _nonempty, secret=True)
+    broker_url: str = setting("XAPI_CELERY_BROKER_URL", _redis_url, secret=True)
+    batch_size: int = setting("XAPI_WORKER_BATCH_SIZE", _positive_int, 100)
+    flush_interval_ms: int = setting("XAPI_WORKER_FLUSH_INTERVAL_MS", _positive_int, 500)
+    connect_timeout: float = setting("XAPI_WORKER_CONNECT_TIMEOUT", _positive_float, 5.0)
+    read_timeout: float = setting("XAPI_WORKER_READ_TIMEOUT", _positive_float, 30.0)
+    max_age_days: float = setting("XAPI_WORKER_MAX_AGE_DAYS", _positive_float, 7.0)
+    ca_bundle: str = setting("XAPI_WORKER_CA_BUNDLE", _ca_bundle, "")
+    visibility_timeout: int = setting("XAPI_WORKER_VISIBILITY_TIMEOUT", _positive_int, 600)
+    retry_base_seconds: float = setting("XAPI_WORKER_RETRY_BASE_SECONDS", _positive_float, 2.0)
+    retry_max_seconds: float = setting("XAPI_WORKER_RETRY_MAX_SECONDS", _positive_float, 300.0)
+    dead_letter_key: str = setting("XAPI_WORKER_DEAD_LETTER_KEY", _nonempty, "xapi.dead_letters")
+    # 0 = derived: 2 x batch size
+    prefetch_multiplier: int = setting("XAPI_WORKER_PREFETCH_MULTIPLIER", _non_negative_int, 0)
+    # A batch holding a statement tried this many times is split on a 5xx or a timeout.
+    isolate_after: int = setting("XAPI_WORKER_ISOLATE_AFTER", _positive_int, 3)
+
+    @property
+    def broker_url_masked(self) -> str:
+        return mask_url(self.broker_url)
+
+    @property
+    def effective_prefetch_multiplier(self) -> int:
+        return self.prefetch_multiplier or 2 * self.batch_size
+
+    def public_view(self) -> dict[str, Any]:
+        """Every setting by its external name, secrets masked (for ``xapi-worker settings``)."""
+        view: dict[str, Any] = {}
+        for f in fields(self):
+            value: Any = getattr(self, f.name)
+            if f.metadata["secret"]:
+                value = mask_url(value) if "://" in value else ("****" if value else "")
+            elif f.name == "lrs_url":
+                value = mask_url(value)
+            view[f.metadata["name"]] = value
+        return view
+
+
+SETTING_NAMES = tuple(f.metadata["name"] for f in fields(Settings))
 
 
 def settings_from_mapping(values: Mapping[str, str]) -> Settings:
     """Build :class:`Settings` from external names; raise :class:`SettingsError` naming the
     first missing or malformed setting."""
     kwargs: dict[str, Any] = {}
-    for name, (attr, parse, required) in _SPEC.items():
+    for f in fields(Settings):
+        name = f.metadata["name"]
+        required = f.default is MISSING
         raw = values.get(name)
         if raw is None or (required and raw.strip() == ""):
             if required:
                 raise SettingsError(f"{name} is not set")
             continue
-        kwargs[attr] = parse(name, raw.strip())
+        kwargs[f.name] = f.metadata["parse"](name, raw.strip())
     settings = Settings(**kwargs)
     # A countdown (retry) message is held unacknowledged by the worker until it is due, then
     # waits at most one flush interval and one HTTP exchange; Redis gives it to another
@@ -234,11 +235,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except OSError as exc:
             raise SettingsError(f"{CONFIG_ENV}: cannot read {path}: {exc.strerror}") from None
         file_values = parse_config_text(text, source=path)
-        unknown = sorted(k for k in file_values if k.startswith("XAPI_WORKER_") and k not in _SPEC)
+        unknown = sorted(
+            k for k in file_values if k.startswith("XAPI_WORKER_") and k not in SETTING_NAMES
+        )
         if unknown:
             raise SettingsError(f"{path}: unknown setting {unknown[0]}")
         merged.update(file_values)
-    for name in _SPEC:
+    for name in SETTING_NAMES:
         if name in env:
             merged[name] = env[name]
     return settings_from_mapping(merged)

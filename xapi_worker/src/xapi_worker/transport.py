@@ -30,6 +30,7 @@ those lists onto it (at the back) when it starts and every few minutes, so none 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -45,9 +46,16 @@ from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from . import watchdog
+from .delivery import iso
+from .scripts import Scripts, is_oom, move_all, push
+
 log = logging.getLogger("xapi_worker.transport")
 
 ALIAS = "xapi-redis"
+#: Message header: when the message was first taken from the queue (ISO 8601, UTC), unless a
+#: producer or an earlier attempt set it. The worker's maximum age counts from it.
+FIRST_SEEN = "xapi_first_seen"
 #: Transport option (``broker_transport_options``) naming the worker node; set by the app at
 #: ``celeryd_init``, before the worker connects.
 NODE_OPTION = "xapi_node"
@@ -57,20 +65,10 @@ ALIVE = ".alive"
 HEARTBEAT_EVERY = 10.0
 #: Kombu's priority lists that producers may have used (see the module docstring).
 PRIORITY_LISTS = tuple(kombu_redis.PRIORITY_STEPS[1:])
+#: Most acknowledgements in one script call (Lua's unpack has a stack limit).
+ACK_CHUNK = 1000
 #: Most messages taken in one go after a ``BLMOVE`` (bounded by the prefetch limit too).
 TAKE_MAX = 500
-# Moves up to ARGV[1] messages from the queue (KEYS[1]) to the in-flight list (KEYS[2]), as
-# that many BLMOVEs would, atomically; returns them oldest first. Uses only LMOVE (and the
-# keys the xAPI user's ACL allows); run with EVALSHA, loaded with SCRIPT LOAD.
-TAKE_MORE = """
-local taken = {}
-for _ = 1, tonumber(ARGV[1]) do
-  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
-  if not raw then break end
-  taken[#taken + 1] = raw
-end
-return taken
-"""
 
 
 def registry_key(queue: str) -> str:
@@ -83,14 +81,6 @@ def inflight_key(queue: str, node: str) -> str:
 
 def unreadable_key(queue: str) -> str:
     return queue + ".unreadable"
-
-
-def move_all(client: redis.Redis, source: str, destination: str, src_end: str, dst_end: str) -> int:
-    """Move every element of list ``source`` to ``destination``, one atomic ``LMOVE`` each."""
-    moved = 0
-    while client.lmove(source, destination, src_end, dst_end) is not None:
-        moved += 1
-    return moved
 
 
 def return_inflight(client: redis.Redis, key: str, queue: str) -> int:
@@ -134,10 +124,12 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         if not tags:
             return
         try:
-            with self.pipe_or_acquire() as pipe:
-                pipe.zrem(self.unacked_index_key, *tags)
-                pipe.hdel(self.unacked_key, *tags)
-                pipe.execute()
+            with self.channel.conn_or_acquire() as client:
+                for start in range(0, len(tags), ACK_CHUNK):
+                    chunk = tags[start : start + ACK_CHUNK]
+                    self.channel._scripts_on(client).ack(
+                        keys=[self.unacked_index_key, self.unacked_key], args=chunk, client=client
+                    )
         except self.channel.connection_errors as exc:
             log.warning(
                 "%d acknowledgement(s) not sent (%r): redelivered after the visibility timeout",
@@ -147,13 +139,50 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         for tag in tags:  # the prefetch slots are free either way
             VirtualQoS.ack(self, tag)
 
+    def restore_by_tag(
+        self, tag: str, client: redis.Redis | None = None, leftmost: bool = False
+    ) -> None:
+        """Put one unacknowledged message back on its queue (a rejected or expired one).
+
+        Kombu's version is a WATCH/MULTI transaction, which Redis refuses at maxmemory: the
+        message would then stay in unacked until the visibility timeout. Here the message is
+        prepared in Python (kombu's own routing and redelivered flags) and moved by one
+        script, only if its record in unacked is still the one read.
+        """
+        channel = self.channel
+        with channel.conn_or_acquire(client) as conn:
+            record = conn.hget(self.unacked_key, tag)
+            if record is None:
+                conn.zrem(self.unacked_index_key, tag)
+                return
+            payload, exchange, routing_key = loads(bytes_to_str(record))
+            with contextlib.suppress(KeyError, TypeError):
+                payload["headers"]["redelivered"] = True
+                payload["properties"]["delivery_info"]["redelivered"] = True
+            priority = channel._get_message_priority(payload, reverse=False)
+            targets = [
+                channel._q_for_pri(queue, priority)
+                for queue in channel._lookup(exchange, routing_key)
+            ]
+            channel._scripts_on(conn).restore(
+                keys=[self.unacked_key, self.unacked_index_key, *targets],
+                args=[tag, record, "left" if leftmost else "right", dumps(payload)],
+                client=conn,
+            )
+
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         # Kombu acts on one call out of `interval` (every ~100 s, and when polling starts);
         # the orphaned in-flight lists are looked at on the same beat.
         due = self._vrestore_count % interval == 0
-        super().restore_visible(start, num, interval)
-        if due:
-            self.channel.recover_orphans()
+        try:
+            super().restore_visible(start, num, interval)
+            if due:
+                self.channel.recover_orphans()
+        except redis.ResponseError as exc:
+            if not is_oom(exc):
+                raise
+            # Kombu's restore lock is a plain SET: refused at maxmemory. Try again next beat.
+            self.channel._note_oom()
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
@@ -175,7 +204,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         # delivery tag -> its unacked record, for the messages _hand_over recorded in unacked
         # and has not yet passed to QoS.append (which then must not record them again)
         self.recorded: dict[str, str] = {}
-        self._take_more: Any = None  # redis-py Script, registered on first use
+        self._scripts: Scripts | None = None  # registered on first use
+        self.poll_started = 0.0  # monotonic: when the pending poll was sent (watchdog.py)
+        self._oom_logged = -1e9
 
     # --- the atomic take ---------------------------------------------------------------------
     def basic_consume(self, queue: str, *args: object, **kwargs: object) -> object:
@@ -192,14 +223,19 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if not queues:
             return
         queue = queues[0]
-        self._in_poll = self.client.connection
         if queue not in self._acked_queues:
             self._polling = (queue, None)
+            self._in_poll = self.client.connection
+            self.poll_started = time.monotonic()
             self.client.connection.send_command("BRPOP", queue, timeout or 0)
             return
         key = inflight_key(queue, self.node)
+        # The heartbeat first: should it fail, no command is pending on the poll connection
+        # (kombu's close reads the reply of a pending poll, and would wait for ever).
         self._before_take(queue, key)
         self._polling = (queue, key)
+        self._in_poll = self.client.connection
+        self.poll_started = time.monotonic()
         self.client.connection.send_command("BLMOVE", queue, key, "RIGHT", "LEFT", timeout or 0)
 
     def _brpop_read(self, **options: object) -> bool:
@@ -213,6 +249,19 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 # the in-flight list for the next start of this node.
                 self.client.connection.disconnect()
                 raise
+            except redis.ResponseError as exc:
+                if key is None or not is_oom(exc):
+                    raise
+                # Redis at maxmemory refuses BLMOVE (it may grow memory) but not the take
+                # script: the worker drains the very queue that fills the memory.
+                self._in_poll = None
+                self._note_oom()
+                raws = self._more(queue, key, include_first=True)
+                if not raws:
+                    time.sleep(1)  # as long as a BLMOVE would wait: no busy loop
+                    raise kombu_redis.Empty() from None
+                self._hand_over(queue, key, raws)
+                return True
             if not reply or not queue:
                 raise kombu_redis.Empty()
             self._queue_cycle.rotate(queue)
@@ -225,16 +274,32 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         finally:
             self._in_poll = None
 
-    def _more(self, queue: str, key: str) -> list[bytes]:
-        """The messages queued behind the one BLMOVE took, as many as prefetch allows."""
+    def _scripts_on(self, client: redis.Redis) -> Scripts:
+        if self._scripts is None:
+            self._scripts = Scripts(client)
+        return self._scripts
+
+    def _note_oom(self) -> None:
+        now = time.monotonic()
+        if now >= self._oom_logged + 60:
+            log.warning(
+                "the broker is at maxmemory (OOM): producers are refused; this worker keeps "
+                "taking and delivering"
+            )
+            self._oom_logged = now
+
+    def _more(self, queue: str, key: str, include_first: bool = False) -> list[bytes]:
+        """The messages queued behind the one BLMOVE took (or, with ``include_first``, in its
+        place), as many as prefetch allows."""
         room = self.qos.can_consume_max_estimate()
-        count = min(TAKE_MAX, room if room is not None else TAKE_MAX) - 1
+        count = min(TAKE_MAX, room if room is not None else TAKE_MAX)
+        count -= 0 if include_first else 1
         if count < 1:
             return []
         with self.conn_or_acquire() as client:
-            if self._take_more is None:
-                self._take_more = client.register_script(TAKE_MORE)
-            taken: list[bytes] = self._take_more(keys=[queue, key], args=[count], client=client)
+            taken: list[bytes] = self._scripts_on(client).take(
+                keys=[queue, key], args=[count], client=client
+            )
         return taken
 
     def _hand_over(self, queue: str, key: str, raws: list[bytes]) -> None:
@@ -251,6 +316,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         for raw in raws:
             try:
                 payload = loads(bytes_to_str(raw))
+                if isinstance(payload.get("headers"), dict):
+                    payload["headers"].setdefault(FIRST_SEEN, iso(now))
                 props = payload["properties"]
                 tag = str(props["delivery_tag"])
                 info = props["delivery_info"]
@@ -260,19 +327,14 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 continue
             good.append((tag, payload))
             self.recorded[tag] = record
+        args: list[Any] = [now, len(good)]
+        for tag, _ in good:
+            args += [tag, self.recorded[tag]]
+        args += [*raws, "", *bad]
         with self.conn_or_acquire() as client:
-            pipe = client.pipeline()  # MULTI/EXEC
-            if good:
-                pipe.zadd(self.qos.unacked_index_key, {tag: now for tag, _ in good})
-                pipe.hset(
-                    self.qos.unacked_key, mapping={tag: self.recorded[tag] for tag, _ in good}
-                )
-            for raw in raws:
-                pipe.lrem(key, 1, raw)
-            for raw in bad:
-                pipe.rpush(unreadable_key(queue), raw)
+            keys = [self.qos.unacked_index_key, self.qos.unacked_key, key, unreadable_key(queue)]
             try:
-                pipe.execute()
+                self._scripts_on(client).hand_over(keys=keys, args=args, client=client)
             except BaseException:
                 for tag, _ in good:  # still in the in-flight list: back at this node's start
                     self.recorded.pop(tag, None)
@@ -313,6 +375,66 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if failure is not None:
             raise failure
 
+    # --- the worker's own writes, at maxmemory too (scripts.py) ------------------------------
+    # Kombu sends these in a MULTI, one command per priority list. Redis refuses any MULTI at
+    # maxmemory, even for LLEN or DEL, and this transport reads the plain queue only
+    # (priority_steps): one plain command each.
+    def _size(self, queue: str) -> int:
+        with self.conn_or_acquire() as client:
+            return int(client.llen(queue))
+
+    def _has_queue(self, queue: str, **kwargs: object) -> bool:
+        with self.conn_or_acquire() as client:
+            return bool(client.exists(queue))
+
+    def _purge(self, queue: str) -> int:
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.llen(queue)
+            pipe.delete(queue)
+            size, _ = pipe.execute()
+            return int(size)
+
+    def _delete(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str,
+        pattern: str,
+        *args: object,
+        **kwargs: Any,  # noqa: ANN401 (kombu's signature)
+    ) -> None:
+        # (a remote-control reply queue, deleted after each reply)
+        self.auto_delete_queues.discard(queue)
+        member = self.sep.join([routing_key or "", pattern or "", queue or ""])
+        with self.conn_or_acquire(client=kwargs.get("client")) as client:
+            client.srem(self.keyprefix_queue % (exchange,), member)
+            client.delete(queue)
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: object) -> None:
+        """Publish (the worker's retries, remote-control replies): kombu's LPUSH, as a
+        script. Producers on the frontal use kombu's own transport and are refused at
+        maxmemory; the worker republishes what it acknowledges, and so grows nothing."""
+        priority = self._get_message_priority(message, reverse=False)
+        with self.conn_or_acquire() as client:
+            push(client, self._q_for_pri(queue, priority), [dumps(message)])
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        """Kombu records each binding with SADD at every start (with a new reply queue of
+        remote control each time), which Redis refuses at maxmemory: a worker could then
+        never start to drain a full broker. Refused, the member is added by a script: a
+        few bytes, once per start."""
+        try:
+            super()._queue_bind(exchange, routing_key, pattern, queue)
+        except redis.ResponseError as exc:
+            if not is_oom(exc):
+                raise
+            member = self.sep.join([routing_key or "", pattern or "", queue or ""])
+            with self.conn_or_acquire() as client:
+                self._scripts_on(client).add_member(
+                    keys=[self.keyprefix_queue % (exchange,)], args=[member], client=client
+                )
+
     # --- start, heartbeat, recovery ----------------------------------------------------------
     def _before_take(self, queue: str, key: str) -> None:
         now = time.monotonic()
@@ -324,10 +446,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             # Registered again on each beat: another node may have dropped this list from the
             # registry while this one was busy past its heartbeat (it then only returned an
             # empty list, or a message that this node also records: a duplicate, not a loss).
-            pipe = client.pipeline()
-            pipe.set(key + ALIVE, self.node, ex=ttl)
-            pipe.sadd(registry_key(queue), key)
-            pipe.execute()
+            self._scripts_on(client).heartbeat(
+                keys=[key + ALIVE, registry_key(queue)], args=[self.node, ttl, key], client=client
+            )
             if first:
                 returned = return_inflight(client, key, queue)
                 folded = self._fold_priorities(client, queue)
@@ -402,6 +523,21 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
     def register_with_event_loop(self, connection: object, loop: Hub) -> None:
         self.hub = loop
         super().register_with_event_loop(connection, loop)
+        every = watchdog.interval()
+        if every is not None and not self._watchdog_armed:
+            self._watchdog_armed = True
+            loop.call_repeatedly(every, watchdog.feeder(self._poll_waits))
+            log.info("systemd watchdog: fed every %.1f s while the consumer polls", every)
+
+    _watchdog_armed = False
+
+    def _poll_waits(self) -> list[float]:
+        now = time.monotonic()
+        return [
+            now - channel.poll_started
+            for channel in list(self.channels)
+            if getattr(channel, "_in_poll", None) and getattr(channel, "poll_started", 0.0)
+        ]
 
 
 # The name Celery prints ("Connected to xapi-redis://host:port/db") and resolves.

@@ -23,7 +23,7 @@ from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
-from .deadletters import RedisAccess
+from .deadletters import DeadLetter, RedisAccess
 from .delivery import (
     Answer,
     Item,
@@ -40,12 +40,13 @@ from .delivery import (
 from .lrs import LRSClient
 from .settings import QUEUE, TASK_NAME, Settings, mask_url
 from .transport import ALIAS as TRANSPORT
+from .transport import FIRST_SEEN as H_FIRST_SEEN
 from .transport import NODE_OPTION
 
 log = logging.getLogger("xapi_worker")
 
 H_ATTEMPT = "xapi_attempt"
-H_FIRST_SEEN = "xapi_first_seen"
+BROKER_SOCKET_TIMEOUT = 10.0
 ROUTES = {"pod.xapi.xapi_tasks.*": {"queue": QUEUE}}
 
 
@@ -66,7 +67,14 @@ def make_celery(settings: Settings, name: str = "xapi_worker") -> Celery:
         worker_prefetch_multiplier=settings.effective_prefetch_multiplier,
         # Kombu's Redis transport with its BRPOP-then-HSET loss window closed (transport.py).
         broker_transport=TRANSPORT,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # A hung broker (SIGSTOP, a stalled network) fails a command after this long
+            # instead of blocking the event loop for ever: Celery then reconnects. The poll
+            # (BLMOVE, 1 s) is read only once readable, so it is not cut short.
+            "socket_timeout": BROKER_SOCKET_TIMEOUT,
+            "socket_connect_timeout": BROKER_SOCKET_TIMEOUT,
+        },
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_send_task_events=False,
@@ -119,6 +127,7 @@ class Processor:
         self.settings = settings
         self.lrs = LRSClient(settings)
         self.dead = RedisAccess(settings)
+        self._held_until = 0.0  # monotonic: no POST before (an LRS's long Retry-After)
 
     def __repr__(self) -> str:
         return f"Processor({mask_url(self.settings.lrs_url)!r})"
@@ -151,29 +160,39 @@ class Processor:
             statement = _statement_of(req)
             headers = req.request_dict or {}
             attempt = _int(headers.get(H_ATTEMPT), 1)
+            # Queued at: stamped by the first take from the broker (transport.py), kept by
+            # every retry; the worker's clock at the first attempt only for older messages.
             first_seen = parse_iso(headers.get(H_FIRST_SEEN)) or now
             if statement is None:
                 log.warning("dead letter: task %s carries no statement dict", task_id)
-                try:
-                    self.dead.add(
-                        {"args": list(req.args or ()), "kwargs": dict(req.kwargs or {})},
-                        "malformed task: expected one positional statement dict",
-                        None,
-                        "",
-                        task_id,
-                        attempt,
-                        first_seen,
-                    )
-                except Exception:
-                    log.exception("cannot write dead letter for task %s: put back", task_id)
+                letter = DeadLetter(
+                    statement={"args": list(req.args or ()), "kwargs": dict(req.kwargs or {})},
+                    reason="malformed task: expected one positional statement dict",
+                    task_id=task_id,
+                    attempts=attempt,
+                    first_seen=first_seen,
+                )
+                if not self._write_dead_letter(letter):
                     requeue.append(task_id)
                 continue
             ensure_statement_id(statement, task_id)
-            redelivered = bool((req.delivery_info or {}).get("redelivered"))
-            items.append(Item(task_id, statement, attempt, first_seen, attempt > 1 or redelivered))
+            items.append(Item(task_id, statement, attempt, first_seen))
         leaders = merge_duplicates(items)
+        held = self._held_until - time.monotonic()
+        if leaders and held > 0:
+            # The LRS asked (Retry-After) not to be called before then: nothing is sent.
+            answer = Answer(status=None, error=f"held: the LRS asked to wait {held:.0f} s more")
+            results = [Result(i, Verdict.RETRY, answer) for i in leaders]
+            requeue.extend(self._settle(results, now, hold=held))
+            return {"requeue": requeue}
         try:
-            results = deliver(leaders, self.lrs.post_statements, on_sent=self._on_sent)
+            results = deliver(
+                leaders,
+                self.lrs.post_statements,
+                on_sent=self._on_sent,
+                fetch=self.lrs.get_statement,
+                isolate_after=self.settings.isolate_after,
+            )
         except Exception as exc:  # a bug of ours: keep the statements, try again later
             log.exception("internal error while delivering a batch")
             answer = Answer(status=None, error=f"internal error: {type(exc).__name__}")
@@ -181,48 +200,53 @@ class Processor:
         requeue.extend(self._settle(results, now))
         return {"requeue": requeue}
 
-    def _settle(self, results: list[Result], now: float) -> list[str]:
+    def _settle(self, results: list[Result], now: float, hold: float = 0.0) -> list[str]:
         requeue: list[str] = []
-        retry_groups: dict[int, list[Item]] = {}
-        answers: dict[int, Answer] = {}
+        retry_groups: dict[tuple[object, ...], list[Result]] = {}
         for res in results:
             if res.verdict is Verdict.DUPLICATE:
                 log.info(
-                    "statement %s already stored (HTTP 409 after an earlier attempt): delivered",
-                    res.item.statement.get("id"),
+                    "statement %s already stored with the same content (HTTP 409): delivered",
+                    res.item.statement_id,
                 )
             elif res.verdict is Verdict.DEAD:
-                reason = f"rejected by the LRS (HTTP {res.answer.status})"
-                if not self._dead_letter(res.item, reason, res.answer):
+                if not self._dead_letter(res.item, res.reason or res.answer.what, res):
                     requeue.extend(self._keys(res.item))
             elif res.verdict is Verdict.RETRY:
-                retry_groups.setdefault(id(res.answer), []).append(res.item)
-                answers[id(res.answer)] = res.answer
-        for key, group in retry_groups.items():
-            requeue.extend(self._retry(group, answers[key], now))
+                retry_groups.setdefault(res.answer.group_key, []).append(res)
+        for group in retry_groups.values():
+            requeue.extend(self._retry([r.item for r in group], group[0].answer, now, hold))
         return requeue
 
     @staticmethod
     def _keys(item: Item) -> list[str]:
         return [item.key] + [f.key for f in item.followers]
 
-    def _dead_letter(self, item: Item, reason: str, answer: Answer) -> bool:
+    def _write_dead_letter(self, letter: DeadLetter) -> bool:
         try:
-            self.dead.add(
-                item.statement,
-                reason,
-                answer.status,
-                answer.excerpt or answer.error,
-                item.key,
-                item.attempt,
-                item.first_seen,
-            )
+            self.dead.add(letter)
         except Exception:
-            log.exception("cannot write dead letter for task %s: put back", item.key)
+            log.exception("cannot write dead letter for task %s: put back", letter.task_id)
+            return False
+        return True
+
+    def _dead_letter(self, item: Item, reason: str, res: Result) -> bool:
+        answer = res.answer
+        letter = DeadLetter(
+            statement=item.statement,
+            reason=reason,
+            status=answer.status,
+            response=answer.excerpt or answer.error,
+            task_id=item.key,
+            attempts=item.attempt,
+            first_seen=item.first_seen,
+            conflict=res.conflict,
+        )
+        if not self._write_dead_letter(letter):
             return False
         log.warning(
             "dead letter: statement %s (task %s, attempt %d): %s: %s",
-            item.statement.get("id"),
+            item.statement_id,
             item.key,
             item.attempt,
             reason,
@@ -230,10 +254,10 @@ class Processor:
         )
         return True
 
-    def _retry(self, group: list[Item], answer: Answer, now: float) -> list[str]:
+    def _retry(self, group: list[Item], answer: Answer, now: float, hold: float) -> list[str]:
         s = self.settings
         kind = answer.kind
-        what = f"HTTP {answer.status}" if answer.status is not None else answer.error[:160]
+        what = answer.what
         if kind is Kind.AUTH:
             log.error(
                 "LRS %s refused the credentials (HTTP %s): check XAPI_LRS_LOGIN/XAPI_LRS_PWD; "
@@ -244,50 +268,58 @@ class Processor:
             )
         elif kind is Kind.CONFIG:
             log.error(
-                "LRS answered HTTP %s for %s: check XAPI_LRS_URL; %d statements kept for a "
-                "later attempt",
+                "LRS answered HTTP %s for %s: the request itself is refused (check "
+                "XAPI_LRS_URL, a proxy, the LRS version): %d statements kept for a later attempt",
                 answer.status,
                 mask_url(s.lrs_url),
                 len(group),
             )
+        if answer.retry_after is not None and answer.retry_after > s.retry_max_seconds:
+            # Honoured in full: the retries come back within the visibility timeout (one
+            # maximum delay) and are held here, unsent, until the LRS's time has come.
+            self._held_until = time.monotonic() + answer.retry_after
+            log.warning(
+                "LRS asked to wait %.0f s (Retry-After): nothing is sent before then",
+                answer.retry_after,
+            )
         bounded = kind not in (Kind.AUTH, Kind.CONFIG)
         max_age = s.max_age_days * 86400
         requeue: list[str] = []
-        delays: list[float] = []
-        expired = 0
-        # One delay for the whole group, so the statements come back together as one batch.
-        group_delay = retry_delay(
-            max(i.attempt for i in group),
-            s.retry_base_seconds,
-            s.retry_max_seconds,
-            answer.retry_after,
-        )
+        republished = 0
+        # A held batch was not sent: its attempt number stays, so does its backoff.
+        step = 0 if hold > 0 else 1
+        attempt = max(i.attempt for i in group)
+        if hold > 0:
+            delay = round(min(hold, s.retry_max_seconds), 3)
+        else:
+            # One delay for the whole group, so the statements come back together.
+            delay = retry_delay(
+                attempt, s.retry_base_seconds, s.retry_max_seconds, answer.retry_after
+            )
         for item in group:
             if bounded and now - item.first_seen > max_age:
                 reason = f"max age exceeded ({s.max_age_days:g} days), last error: {what}"
-                expired += 1
-                if not self._dead_letter(item, reason, answer):
+                if not self._dead_letter(item, reason, Result(item, Verdict.DEAD, answer)):
                     requeue.extend(self._keys(item))
                 continue
-            delay = group_delay
             try:
                 self.app.send_task(
                     TASK_NAME,
                     args=[item.statement],
                     countdown=delay,
-                    headers={H_ATTEMPT: item.attempt + 1, H_FIRST_SEEN: iso(item.first_seen)},
+                    headers={H_ATTEMPT: item.attempt + step, H_FIRST_SEEN: iso(item.first_seen)},
                 )
             except Exception:
                 log.exception("cannot re-publish task %s: put back", item.key)
                 requeue.extend(self._keys(item))
                 continue
-            delays.append(delay)
-        if delays:
+            republished += 1
+        if republished and hold <= 0:
             log.warning(
                 "retry: %d statements re-published for attempt %d in %.1f s: %s",
-                len(delays),
-                max(i.attempt for i in group) + 1,
-                group_delay,
+                republished,
+                attempt + 1,
+                delay,
                 what,
             )
         return requeue
@@ -298,6 +330,7 @@ class XapiBatches(Batches):  # type: ignore[misc]
     and the batch put back when the pool process running it is lost."""
 
     abstract = True
+    _tref: Any  # celery-batches' flush timer entry (None until started)
 
     def Strategy(self, task: Task, app: Celery, consumer: Any) -> Any:  # noqa: ANN401
         """Re-arm the flush timer on every consumer start (celery-batches #107, unfixed in

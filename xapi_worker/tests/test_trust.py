@@ -1,0 +1,259 @@
+"""The worker trusts nothing it cannot verify: LRS answers, conflicts, poison statements,
+broker errors. Real redis-server, Ralph and Celery; a proxy only where an answer Ralph never
+gives is needed (a maintenance page, a 500 for one statement)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from support import (
+    LRS_PASSWORD,
+    Proxy,
+    RedisServer,
+    pod_producer,
+    video_statement,
+    wait_for,
+)
+
+JSON = {"Content-Type": "application/json"}
+
+
+def _dead(r) -> list[dict]:
+    return [json.loads(raw) for raw in r.lrange("xapi.dead_letters", 0, -1)]
+
+
+def test_a_maintenance_page_answering_200_is_not_a_delivery(
+    redis_srv, ralph, make_config, start_worker
+):
+    """A proxy's HTML 200 used to be taken as a delivery: every statement acked and lost."""
+    page = b"<html><body>Maintenance in progress</body></html>"
+    state = {"maintenance": True}
+
+    def respond(req):
+        if req.method == "POST" and state["maintenance"]:
+            return 200, {"Content-Type": "text/html"}, page
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    try:
+        worker = start_worker(make_config(proxy.url))
+        sent = [video_statement("played", n) for n in range(12)]
+        with pod_producer(redis_srv.url()) as delay:
+            for statement in sent:
+                delay(statement)
+        assert wait_for(lambda: "not taken as a delivery" in worker.text(), 20), worker.text()
+        assert wait_for(lambda: len(proxy.requests) >= 3, 20)
+        assert ralph.stored() == []
+        state["maintenance"] = False  # the LRS is back behind its proxy
+        assert wait_for(lambda: len(ralph.stored()) == len(sent), 30), worker.text()
+        assert sorted(ralph.stored_ids()) == sorted(s["id"] for s in sent)
+        assert _dead(redis_srv.client()) == []
+    finally:
+        proxy.stop()
+
+
+def test_a_conflicting_statement_is_dead_lettered_an_identical_one_delivered(
+    redis_srv, ralph, make_config, start_worker
+):
+    """Ralph answers 409 when it holds a different statement under the id. That used to be
+    acked as a duplicate; an identical re-send is delivered (Ralph: 204)."""
+    original = video_statement("played", 1)
+    assert ralph.post([original]) == 200
+    other = json.loads(json.dumps(original))
+    other["verb"] = {"id": "https://w3id.org/xapi/video/verbs/paused", "display": {"en": "p"}}
+    fresh = [video_statement("seeked", n) for n in range(3)]
+    with pod_producer(redis_srv.url()) as delay:
+        for statement in [fresh[0], other, fresh[1], original, fresh[2]]:
+            delay(statement)
+    worker = start_worker(make_config(ralph.url))
+    r = redis_srv.client()
+    assert wait_for(lambda: len(_dead(r)) == 1, 30), worker.text()
+    assert wait_for(lambda: len(ralph.stored()) == 4, 20), worker.text()
+    (entry,) = _dead(r)
+    assert entry["status"] == 409
+    assert entry["statement"]["verb"]["id"].endswith("/paused")
+    assert entry["conflict"]["id"] == original["id"]
+    assert entry["conflict"]["sent_sha256"] != entry["conflict"]["stored_sha256"]
+    assert "different statement" in entry["reason"]
+    stored = [s for s in ralph.stored() if s["id"] == original["id"]]
+    assert len(stored) == 1 and stored[0]["verb"]["id"] == original["verb"]["id"]
+
+
+def test_one_poison_statement_does_not_hold_its_batch_mates(
+    redis_srv, ralph, make_config, start_worker
+):
+    """A statement that makes the LRS fail its whole bulk with a 500 used to hold every
+    statement of its batch until the maximum age. After three failures the batch is split."""
+    poison = video_statement("paused", 666)
+    marker = poison["id"].encode()
+
+    def respond(req):
+        if req.method == "POST" and marker in req.body:
+            return 500, JSON, b'{"detail":"Statements bulk indexation failed"}'
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    try:
+        good = [video_statement("played", n) for n in range(20)]
+        with pod_producer(redis_srv.url()) as delay:
+            for statement in [*good[:7], poison, *good[7:]]:
+                delay(statement)
+        worker = start_worker(make_config(proxy.url))
+        r = redis_srv.client()
+        assert wait_for(lambda: len(ralph.stored()) == len(good), 60), worker.text()
+        assert sorted(ralph.stored_ids()) == sorted(s["id"] for s in good)
+        assert wait_for(lambda: len(_dead(r)) == 1, 30), worker.text()
+        (entry,) = _dead(r)
+        assert entry["statement"]["id"] == poison["id"]
+        assert entry["status"] == 500 and "alone" in entry["reason"]
+        assert entry["attempts"] >= 3
+    finally:
+        proxy.stop()
+
+
+def test_retry_after_longer_than_the_retry_maximum_is_honoured(
+    redis_srv, ralph, make_config, start_worker
+):
+    """Retry-After used to be capped at the maximum retry delay (1 s here)."""
+    asked = 6
+    posts: list[float] = []
+
+    def respond(req):
+        if req.method != "POST":
+            return None
+        posts.append(time.monotonic())
+        if len(posts) == 1:
+            return 503, {**JSON, "Retry-After": str(asked)}, b'{"detail":"maintenance"}'
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    try:
+        worker = start_worker(make_config(proxy.url))
+        with pod_producer(redis_srv.url()) as delay:
+            delay(video_statement("played", 1))
+        assert wait_for(lambda: len(ralph.stored()) == 1, 30), worker.text()
+        assert posts[1] - posts[0] >= asked - 0.5, posts
+        assert "Retry-After" in worker.text()
+    finally:
+        proxy.stop()
+
+
+def test_worker_drains_a_broker_at_maxmemory(tmp_path, ralph, start_worker, make_config):
+    """At maxmemory Redis refuses every write that may grow memory. The worker used to be
+    refused too, and crash-looped at start (Unrecoverable error: OutOfMemoryError): it could
+    not drain the very queue that filled the memory."""
+    srv = RedisServer(tmp_path / "oom", False, "--maxmemory", "3mb")
+    try:
+        r = srv.client()
+        published, refused = [], 0
+        with pod_producer(srv.url()) as delay:
+            for n in range(5000):
+                statement = video_statement("played", n)
+                try:
+                    delay(statement)
+                except Exception as exc:  # kombu or redis-py, as Pod's view would see it
+                    assert "OOM" in repr(exc) or "maxmemory" in repr(exc), repr(exc)
+                    refused += 1
+                    if refused >= 3:
+                        break
+                    continue
+                published.append(statement["id"])
+        assert refused >= 3, "the broker never reached maxmemory"
+        info = r.info("memory")
+        assert info["used_memory"] > info["maxmemory"] * 0.95
+        worker = start_worker(make_config(ralph.url, XAPI_CELERY_BROKER_URL=srv.url()))
+        pid = worker.proc.pid
+        assert wait_for(lambda: len(ralph.stored()) == len(published), 120), worker.text()[-3000:]
+        assert sorted(ralph.stored_ids()) == sorted(published)
+        assert worker.proc.poll() is None and worker.proc.pid == pid
+        assert "Unrecoverable error" not in worker.text()
+        assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 20)
+        # The producers are served again once the worker has drained the queue.
+        with pod_producer(srv.url()) as delay:
+            late = video_statement("completed", 1)
+            delay(late)
+        assert wait_for(lambda: late["id"] in ralph.stored_ids(), 30)
+    finally:
+        srv.stop()
+
+
+def test_a_refused_heartbeat_write_stops_the_worker_it_does_not_hang(
+    redis_srv, ralph, make_config, start_worker
+):
+    """The transport used to mark its poll as pending before the heartbeat write; when that
+    write failed, kombu's close waited for ever for the reply of a poll never sent, and the
+    process stayed alive consuming nothing. Here the write fails with WRONGTYPE."""
+    r = redis_srv.client()
+    r.set("xapi.inflight", "not a set")  # the registry of in-flight lists: SADD fails
+    worker = start_worker(make_config(ralph.url), wait_ready=False)
+    try:
+        worker.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker hung after its heartbeat write failed:\n" + worker.text()[-3000:])
+    assert worker.proc.returncode != 0
+    assert "WRONGTYPE" in worker.text()
+
+
+def _notify_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.5)
+    return sock, path
+
+
+def _drain(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    try:
+        while sock.recv(256):
+            pass
+    except BlockingIOError:
+        pass
+    finally:
+        sock.settimeout(0.5)
+
+
+def _pings(sock: socket.socket, seconds: float) -> int:
+    count = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(256) == b"WATCHDOG=1":
+                count += 1
+        except TimeoutError:
+            pass
+    return count
+
+
+def test_watchdog_is_fed_while_consuming_and_starves_on_a_hung_broker(
+    tmp_path, redis_srv, ralph, make_config, start_worker, monkeypatch
+):
+    """systemd's WatchdogSec= restarts a worker whose consumer no longer progresses. Fed
+    from the event loop; not fed while a broker poll has waited past STUCK_AFTER (30 s)."""
+    sock, path = _notify_socket(tmp_path)
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": str(3_000_000)}
+    worker = start_worker(make_config(ralph.url), extra_env=env)
+    try:
+        assert _pings(sock, 4) >= 2, worker.text()
+        os.kill(redis_srv.proc.pid, signal.SIGSTOP)  # the broker hangs, for 45 s
+        try:
+            time.sleep(37)  # past STUCK_AFTER (30 s) and the socket timeouts (10 s)
+            _drain(sock)  # the pings sent before it was stuck
+            assert _pings(sock, 8) == 0, worker.text()[-3000:]  # systemd would restart it
+        finally:
+            os.kill(redis_srv.proc.pid, signal.SIGCONT)
+        assert _pings(sock, 40) >= 1, worker.text()[-3000:]  # the broker is back: fed again
+        with pod_producer(redis_srv.url()) as delay:
+            statement = video_statement("played", 3)
+            delay(statement)
+        assert wait_for(lambda: statement["id"] in ralph.stored_ids(), 30), worker.text()
+        assert LRS_PASSWORD not in worker.text()
+    finally:
+        sock.close()
