@@ -57,9 +57,10 @@ def section(res: dict[str, Any]) -> str:
         "kernel clock), so under a burst it is mostly time spent waiting in the queue. Worker "
         "RSS = peak (1 s samples) of the summed RSS of the Celery processes on the encoding "
         "host(s). Ralph's store and history are emptied before each run (FS backend, "
-        f"FACTS §5). (c) POSTs batches of {res['direct_batch']} from the frontal to Ralph, no "
-        "queue. Each configuration is deployed by the bundle (`bench/configs/*.yml` as extra "
-        "vars of `playbooks/xapi_encodage.yml`; 2 hosts: `site.yml` with "
+        f"docs/upstream-facts.md §5.3). (c) POSTs batches of {res['direct_batch']} from the "
+        "frontal to Ralph, no queue. Each configuration is deployed by the bundle "
+        "(`bench/configs/*.yml` as extra vars of `playbooks/xapi_encodage.yml`; 2 hosts: "
+        "`site.yml` with "
         "`bench/inventory/two-encodage.yml`).",
         "",
         "| configuration | stored | seconds | statements/s | p50 latency | p99 latency "

@@ -1,7 +1,7 @@
 """No command of the bundle may create, migrate or reset Pod's database or search index.
 
 The encoding hosts share the frontal's database (Pod's "install without resetting the
-database", FACTS §1): `make install|createDB|upgrade|updatedb|migrate` and
+database", docs/upstream-facts.md §1.3): `make install|createDB|upgrade|updatedb|migrate` and
 `manage.py makemigrations|migrate|flush|loaddata|createsuperuser|create_pod_index` must never
 appear in anything the bundle runs. This scans every YAML file, template and script of the
 bundle (roles/, playbooks/, site.yml, lab/*.yml) and fails naming the file and the line.

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
 import uuid
+
+from polling import wait_until
 
 POD_DIR = "/usr/local/django_projects/podv4"
 VENV = "/home/pod/.virtualenvs/django_pod4"
@@ -53,13 +54,11 @@ def produce(host) -> str:
 
 
 def delivered(host, statement_id: str, timeout: float = 45) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def read_back() -> bool:
         result = as_pod_python(host, READ_BACK, statement_id)
-        if result.rc == 0 and result.stdout.startswith("200") and statement_id in result.stdout:
-            return True
-        time.sleep(1)
-    return False
+        return result.rc == 0 and result.stdout.startswith("200") and statement_id in result.stdout
+
+    return wait_until(read_back, timeout)
 
 
 # Of the statement ids in argv, prints those the LRS does not hold (one per line).

@@ -9,14 +9,11 @@ through ansible for each.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import testinfra
 
-# Helpers shared by the scenarios' tests (molecule/shared).
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 from playbooks import Runner, molecule_inventory, runner
 
 ROOT = Path(__file__).resolve().parents[3]

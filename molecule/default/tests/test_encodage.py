@@ -1,7 +1,7 @@
 """roles/xapi_encodage under systemd: Pod's code on the encoding host without touching the
 database, and a supervised worker delivering statements end to end (real Redis on the
-frontal, real Celery, real Ralph LRS). Each FACTS §2 defect of the seed has a test here or in
-molecule/sysv (see roles/xapi_encodage/README.md).
+frontal, real Celery, real Ralph LRS). Each defect of the seed (docs/seed-defects.md) has a
+test here or in molecule/sysv (see roles/xapi_encodage/README.md).
 
 Run by molecule (verify), or against the lab: pytest molecule/default/tests/test_encodage.py --lab
 """
@@ -121,7 +121,7 @@ def test_settings_local_block_readable_by_pod_only(encodage, frontal):
 
 
 def test_broker_is_the_frontal_with_authentication(encodage, frontal):
-    """FACTS §2.8: not the Docker name `redis`, but the frontal, with a password."""
+    """Seed defect 8: not the Docker name `redis`, but the frontal, with a password."""
     url = re.search(
         r'^XAPI_CELERY_BROKER_URL = "(.*)"$', encodage.file(SETTINGS).content_string, re.M
     ).group(1)
@@ -145,7 +145,7 @@ def test_worker_settings_file_for_pod_only(encodage):
 
 
 def test_defaults_file_is_correct(encodage):
-    """FACTS §2.1, 2.2, 2.4, 2.6, 2.7, 2.10."""
+    """Seed defects 1, 2, 4, 6, 7, 10 (docs/seed-defects.md)."""
     defaults = encodage.file(DEFAULTS)
     assert defaults.user == "root"
     assert defaults.mode & 0o022 == 0, oct(defaults.mode)
@@ -169,7 +169,7 @@ def test_defaults_file_is_correct(encodage):
 
 
 def test_units_enabled_sandboxed_and_supervised(encodage):
-    """FACTS §2.9 (enabled at boot) and §3 (restart after a crash)."""
+    """Seed defect 9 (enabled at boot); restart after a crash (docs/upstream-facts.md §3)."""
     assert encodage.run("systemctl is-enabled celeryd-xapi.service").stdout.strip() == "enabled"
     assert encodage.run(f"systemctl is-enabled {NODE_UNIT}").stdout.strip() == "enabled"
     shown = encodage.check_output(
@@ -206,7 +206,7 @@ def test_worker_runs_as_pod_on_queue_xapi(encodage):
 
 
 def test_documented_checks_answer(encodage):
-    """FACTS §2.3: the seed's check lacks `worker`; the README gives working checks."""
+    """Seed defect 3: the seed's check lacks `worker`; the README gives working checks."""
     check = encodage.run(
         f"runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} {WORKER_VENV}/bin/xapi-worker check"
     )

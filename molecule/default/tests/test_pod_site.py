@@ -11,12 +11,8 @@ keys intact, clients without a password still served.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 from pod_on_host import site_snapshots
 
 POD_DBS = (2, 3, 4, 5)

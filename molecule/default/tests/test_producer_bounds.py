@@ -9,10 +9,7 @@ CELERY_CONFIG_MODULE: every call returns or fails within 2 s, and a restart lose
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 from pod_on_host import as_pod_python, missing_from_lrs
 from polling import wait_until
 

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import testinfra
 
-# Helpers shared by the scenarios' tests (molecule/shared).
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 from playbooks import Runner, molecule_inventory, runner
 
 FRONTALS = ["multi-frontal1", "multi-frontal2"]

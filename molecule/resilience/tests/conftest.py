@@ -4,14 +4,11 @@ fault run leaves for the intrusion checks (the `ansible-playbook -v` output)."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# Helpers shared by the scenarios' tests (molecule/shared).
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 from playbooks import Runner, molecule_inventory, runner
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import testinfra
-
-# Helpers shared by the scenarios' tests (molecule/shared).
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared"))
 
 PREFIX = os.environ.get("XAPI_SYSV_PREFIX", "sysv-")
 

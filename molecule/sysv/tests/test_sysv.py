@@ -1,6 +1,6 @@
 """roles/xapi_encodage with Celery's generic init script (service manager sysv): two
 encoding hosts, two worker nodes each; sysv-enc1 runs the bundled worker, sysv-enc2 Pod's own
-task module. Covers the seed's defects (FACTS §2) on the init-script path, and delivery
+task module. Covers the seed's defects (docs/seed-defects.md) on the init-script path, and delivery
 through each host while the other's workers are stopped.
 """
 
@@ -75,7 +75,8 @@ def wait_nodes_ready(host, timeout: float = 60) -> None:
 
 
 def test_init_script_is_celerys_generic_one_from_the_sdist(enc):
-    """FACTS §2.5 and §3: the sdist's script, under the defaults file's name, LSB renamed."""
+    """Seed defect 5, docs/upstream-facts.md §3: the sdist's script, named as its defaults
+    file, LSB renamed."""
     script = enc.file(INITD)
     assert (script.user, script.group, script.mode) == ("root", "root", 0o755)
     assert enc.file(SDIST).exists
@@ -85,7 +86,7 @@ def test_init_script_is_celerys_generic_one_from_the_sdist(enc):
 
 
 def test_no_alias_clash_and_enabled_at_boot(enc):
-    """FACTS §2.5 (Provides: celeryd became an alias) and §2.9 (nothing enabled it)."""
+    """Seed defects 5 (Provides: celeryd became an alias) and 9 (nothing enabled it)."""
     names = enc.check_output("systemctl show -p Names --value celeryd-xapi.service")
     assert names.split() == ["celeryd-xapi.service"]
     assert enc.run("systemctl is-enabled celeryd-xapi").stdout.strip() == "enabled"
@@ -93,7 +94,7 @@ def test_no_alias_clash_and_enabled_at_boot(enc):
 
 
 def test_defaults_file(enc):
-    """FACTS §2.1, 2.2, 2.4, 2.6, 2.7, 2.10; su for a user without login shell."""
+    """Seed defects 1, 2, 4, 6, 7, 10; su for a user without login shell."""
     defaults = enc.file(DEFAULTS)
     assert defaults.user == "root"
     assert defaults.mode & 0o022 == 0

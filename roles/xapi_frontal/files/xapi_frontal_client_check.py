@@ -1,8 +1,9 @@
 """Does the broker client of Pod's venv work? Run with the venv's python.
 
-FACTS 2.11: a fresh install of Pod's pins resolves a kombu whose Redis transport refuses
-Pod's redis-py. Checks that kombu's own `redis` extra accepts the installed redis-py and,
-when stdin carries {"url": ...} (never argv: it holds the password), opens a real channel.
+A fresh install of Pod's pins resolves a kombu whose Redis transport refuses Pod's redis-py
+(docs/upstream-facts.md §2.11). Checks that kombu's own `redis` extra accepts the installed
+redis-py and, when stdin carries {"url": ...} (never argv: it holds the password), opens a
+real channel.
 Prints {"ok": bool, "kombu": ver, "redis": ver, "detail": ...}.
 """
 

@@ -1,4 +1,5 @@
-"""Lab stand-in for Esup-Pod 4.1.0's pod/xapi/xapi_tasks.py (written from FACTS §1).
+"""Lab stand-in for Esup-Pod 4.1.0's pod/xapi/xapi_tasks.py, written from its description in
+docs/upstream-facts.md §1.4.
 
 It behaves like upstream on purpose, defects included: one POST per statement, no xAPI
 version header, no timeout, no retry, any answer but 200 is logged and the statement lost.
