@@ -72,3 +72,33 @@ def test_check_exit_codes(tmp_path, redis_srv, ralph, make_config):
     auth = f"redis://:wrongpw@127.0.0.1:{redis_srv.port}/6"
     ba = run_cli(make_config(ralph.url, XAPI_CELERY_BROKER_URL=auth), "check")
     assert ba.returncode == 5 and "wrongpw" not in ba.stderr + ba.stdout
+
+
+def test_check_masks_an_answer_that_echoes_the_password(tmp_path, redis_srv, ralph, make_config):
+    """`check` used to print the LRS's answer as it came: a proxy page echoing the request's
+    credentials showed the password."""
+    from urllib.parse import quote
+
+    from support import Proxy
+
+    def respond(req):
+        body = f"<html>login={LRS_PASSWORD} again={quote(LRS_PASSWORD)} path={req.path}</html>"
+        return 502, {"Content-Type": "text/html"}, body.encode()
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    try:
+        result = run_cli(make_config(proxy.url), "check")
+    finally:
+        proxy.stop()
+    assert result.returncode == 8, result.stderr
+    assert "HTTP 502" in result.stderr and "****" in result.stderr
+    assert LRS_PASSWORD not in result.stdout + result.stderr
+    assert quote(LRS_PASSWORD) not in result.stdout + result.stderr
+
+
+def test_status_field_and_queue_length_agree(tmp_path, redis_srv, make_config):
+    redis_srv.client().lpush("xapi", b"x", b"y")
+    config = make_config("http://127.0.0.1:9/xAPI/statements/")
+    assert run_cli(config, "status", "--field", "queue").stdout.strip() == "2"
+    assert run_cli(config, "queue-length").stdout.strip() == "2"
+    assert json.loads(run_cli(config, "status").stdout)["queue"] == 2

@@ -257,3 +257,36 @@ def test_watchdog_is_fed_while_consuming_and_starves_on_a_hung_broker(
         assert LRS_PASSWORD not in worker.text()
     finally:
         sock.close()
+
+
+def test_maximum_age_counts_from_the_enqueue_time_the_message_carries(
+    redis_srv, ralph, make_config, start_worker
+):
+    """The maximum age used to run from the worker's first attempt: a statement that had
+    waited in the queue for days got a fresh week. A producer's (or the first take's)
+    `xapi_first_seen` header is what counts now."""
+    from celery import Celery
+
+    def respond(req):
+        return (503, JSON, b"{}") if req.method == "POST" else None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    app = Celery("producer", broker=redis_srv.url())
+    app.conf.task_routes = {"pod.xapi.xapi_tasks.*": {"queue": "xapi"}}
+    try:
+        old = video_statement("played", 1)
+        app.send_task(
+            "pod.xapi.xapi_tasks.send_xapi_statement_task",
+            args=[old],
+            headers={"xapi_first_seen": "2026-11-01T08:00:00.000+00:00"},
+        )
+        worker = start_worker(make_config(proxy.url, XAPI_WORKER_MAX_AGE_DAYS=7))
+        r = redis_srv.client()
+        assert wait_for(lambda: len(_dead(r)) == 1, 30), worker.text()
+        (entry,) = _dead(r)
+        assert entry["statement"]["id"] == old["id"]
+        assert entry["first_seen"].startswith("2026-11-01T08:00:00")
+        assert "max age exceeded" in entry["reason"] and "HTTP 503" in entry["reason"]
+    finally:
+        app.close()
+        proxy.stop()

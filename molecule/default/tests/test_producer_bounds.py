@@ -55,6 +55,31 @@ def test_celery_config_module_named_in_the_block(frontal):
     assert 'setdefault("CELERY_CONFIG_MODULE", "pod.custom.xapi_celery")' in text
 
 
+# Pod's .delay() once, with a receiver that keeps the headers Celery publishes.
+STAMPED = """
+import json
+from celery.signals import before_task_publish
+from pod.xapi.xapi_tasks import send_xapi_statement_task
+published = []
+before_task_publish.connect(
+    lambda sender=None, headers=None, **_: published.append(headers), weak=False)
+send_xapi_statement_task.delay({
+    "actor": {"objectType": "Agent", "mbox": "mailto:stamp@example.org"},
+    "verb": {"id": "https://w3id.org/xapi/video/verbs/played"},
+    "object": {"objectType": "Activity", "id": "https://pod.example.org/video/0001/"}})
+print(json.dumps(published[0].get("xapi_first_seen")))
+"""
+
+
+def test_pod_messages_carry_their_enqueue_time(frontal):
+    """The worker's maximum age counts from the time the statement was queued (the
+    `xapi_first_seen` header xapi_celery.py adds), not from the worker's first take."""
+    result = as_pod_python(frontal, STAMPED)
+    assert result.rc == 0, result.stderr
+    stamp = json.loads(result.stdout.strip().splitlines()[-1])
+    assert isinstance(stamp, str) and stamp.endswith("+00:00"), stamp
+
+
 def test_broker_restart_loses_nothing(frontal):
     calls = timed_calls(
         frontal, 6, f"sleep 1; systemctl restart {UNIT}; sleep 2; systemctl restart {UNIT}"
