@@ -33,6 +33,11 @@ CASES = [
     ),
     ("xapi_encodage.yml", {"xapi_encodage_worker_app": "other"}, "xapi_encodage_worker_app"),
     (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_watchdog_sec": 10},
+        "the watchdog 0 (none) or at least 45 s",
+    ),
+    (
         "xapi_frontal.yml",
         {"xapi_frontal_authenticated_name": "nickname"},
         "xapi_frontal_authenticated_name",
