@@ -7,6 +7,7 @@ first assert must fail it, naming the variable.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -44,6 +45,36 @@ CASES = [
     ),
     ("xapi_frontal.yml", {"xapi_lrs_url": "ftp://lrs.example.org/"}, "xapi_lrs_url"),
     ("xapi_frontal.yml", {"xapi_lrs_password": None}, "xapi_lrs_password"),
+    # Hostile values that would reach root-read files: a shell-sourced defaults file (sysv),
+    # redis-xapi.conf and the ACL file, one directive or user per line.
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_extra_options": ["--foo=$(touch /tmp/pwned)"]},
+        "must be plain options",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_extra_options": ['--a="x" `id`']},
+        "must be plain options",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_pod_dir": '/usr/local/pod"; touch /tmp/pwned; "'},
+        "xapi_encodage_pod_dir",
+    ),
+    ("xapi_encodage.yml", {"xapi_encodage_pod_user": "pod;id"}, "system user names"),
+    ("redis.yml", {"redis_bind": ["-127.0.0.1\nrequirepass x"]}, "redis_bind holds IP"),
+    ("redis.yml", {"redis_bind": ["-$(id)"]}, "redis_bind holds IP"),
+    ("redis.yml", {"xapi_broker_user": "xapi on +@all ~*"}, "user names are made of"),
+    (
+        "redis.yml",
+        {
+            "redis_acl_extra_users": [
+                {"name": "mon", "password": "a" * 16, "rules": "+ping\nuser x on"}
+            ]
+        },
+        "ACL rules hold no line break",
+    ),
 ]
 
 
@@ -68,7 +99,10 @@ def test_bad_value_is_refused_naming_the_variable(
     values = {**GOOD, **bad}
     extra = tmp_path / "vars.yml"
     extra.write_text(
-        "".join(f"{key}: {value!r}\n" for key, value in values.items() if value is not None)
+        # JSON is YAML: a "\n" in a value is a real line break there.
+        "".join(
+            f"{key}: {json.dumps(value)}\n" for key, value in values.items() if value is not None
+        )
     )
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     result = subprocess.run(
