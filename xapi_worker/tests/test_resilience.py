@@ -165,7 +165,10 @@ def test_flush_timer_rearmed_after_broker_reconnects(tmp_path, ralph, make_confi
                 trickle.join()
                 assert wait_for(lambda a=attempt: worker.text().count("Connected to") >= a + 2, 30)
                 send(5)
-                assert wait_for(lambda: set(sent) <= set(ralph.stored_ids()), 10), (
+                # Without the fix they wait for 100 more statements, for ever on a quiet
+                # queue; 30 s leaves room for a loaded machine (10 s failed once under CI-like
+                # load, with two molecule scenarios beside it).
+                assert wait_for(lambda: set(sent) <= set(ralph.stored_ids()), 30), (
                     f"after reconnect {attempt + 1}: "
                     f"{len(set(sent) - set(ralph.stored_ids()))} statements still waiting"
                 )
