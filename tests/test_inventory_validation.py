@@ -126,3 +126,31 @@ def test_bad_value_is_refused_naming_the_variable(
     assert named in output, output[-2000:]
     # Refused before the role changed anything: no task reported a change.
     assert "changed=0" in output, output[-2000:]
+
+
+def test_broker_without_firewall_is_warned_about(inventory: Path, tmp_path: Path) -> None:
+    """redis_firewall_enabled: false used to leave the instance on the host's main address
+    without a word."""
+    values = {**GOOD, "redis_firewall_enabled": False, "redis_bind": ["127.0.0.1", "-192.0.2.7"]}
+    extra = tmp_path / "vars.yml"
+    extra.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            str(inventory),
+            "--check",
+            "-e",
+            f"@{extra}",
+            str(ROOT / "playbooks" / "redis.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert "WARNING: redis_firewall_enabled is false" in output, output[-2000:]
+    assert "192.0.2.7" in output
