@@ -2,7 +2,7 @@
 127.0.0.1. N statements are queued first (as Pod's frontal would, with ``.delay()``), then a
 worker is started and timed until the LRS holds all of them. Run from the repository root:
 
-    RALPH_VENV=$PWD/.venv-ralph .venv-worker/bin/python bench/worker_loopback.py [N]
+    RALPH_VENV=$PWD/.venv-ralph .venv-worker/bin/python bench/worker_loopback.py [N [SIZES]]
 """
 
 from __future__ import annotations
@@ -78,9 +78,11 @@ def run(n: int, batch_size: int, auth: Path) -> tuple[float, int]:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    # optional: the batch sizes to measure, comma-separated (default 1,100)
+    sizes = [int(v) for v in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1, 100]
     with tempfile.TemporaryDirectory() as tmp:
         auth = make_ralph_auth(Path(tmp))
-        rows = [(size, *run(n, size, auth)) for size in (1, 100)]
+        rows = [(size, *run(n, size, auth)) for size in sizes]
     print(f"N = {n} statements, 1 worker (--concurrency 1), loopback, Ralph FS backend")
     print(f"{'batch size':>10} | {'seconds':>8} | {'statements/s':>12} | {'POSTs':>6}")
     print(f"{'-' * 10}-+-{'-' * 8}-+-{'-' * 12}-+-{'-' * 6}")
