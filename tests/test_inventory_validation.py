@@ -92,11 +92,8 @@ def inventory(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("playbook", "bad", "named"), CASES)
-def test_bad_value_is_refused_naming_the_variable(
-    inventory: Path, tmp_path: Path, playbook: str, bad: dict[str, str | None], named: str
-) -> None:
-    values = {**GOOD, **bad}
+def check_run(inventory: Path, tmp_path: Path, playbook: str, values: dict) -> tuple[int, str]:
+    """``playbook`` in check mode with ``values`` as extra vars: exit status and output."""
     extra = tmp_path / "vars.yml"
     extra.write_text(
         # JSON is YAML: a "\n" in a value is a real line break there.
@@ -121,8 +118,15 @@ def test_bad_value_is_refused_naming_the_variable(
         timeout=180,
         check=False,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output[-2000:]
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("playbook", "bad", "named"), CASES)
+def test_bad_value_is_refused_naming_the_variable(
+    inventory: Path, tmp_path: Path, playbook: str, bad: dict[str, str | None], named: str
+) -> None:
+    returncode, output = check_run(inventory, tmp_path, playbook, {**GOOD, **bad})
+    assert returncode != 0, output[-2000:]
     assert named in output, output[-2000:]
     # Refused before the role changed anything: no task reported a change.
     assert "changed=0" in output, output[-2000:]
@@ -132,25 +136,6 @@ def test_broker_without_firewall_is_warned_about(inventory: Path, tmp_path: Path
     """redis_firewall_enabled: false used to leave the instance on the host's main address
     without a word."""
     values = {**GOOD, "redis_firewall_enabled": False, "redis_bind": ["127.0.0.1", "-192.0.2.7"]}
-    extra = tmp_path / "vars.yml"
-    extra.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    result = subprocess.run(
-        [
-            "ansible-playbook",
-            "-i",
-            str(inventory),
-            "--check",
-            "-e",
-            f"@{extra}",
-            str(ROOT / "playbooks" / "redis.yml"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-        check=False,
-    )
-    output = result.stdout + result.stderr
+    _, output = check_run(inventory, tmp_path, "redis.yml", values)
     assert "WARNING: redis_firewall_enabled is false" in output, output[-2000:]
     assert "192.0.2.7" in output
