@@ -62,7 +62,8 @@ def test_invalid_statement_in_batch_is_isolated(redis_srv, ralph, make_config, s
     assert entry["statement"]["id"] == bad["id"]
     assert entry["status"] in (400, 422)
     assert entry["response"]
-    assert entry["task_id"] and entry["time"] and entry["reason"]
+    assert entry["task_id"] and entry["time"]
+    assert entry["reason"] == f"rejected by the LRS (HTTP {entry['status']})"
     assert wait_for(lambda: "splitting" in worker.text() and "dead letter" in worker.text(), 10)
 
 

@@ -273,7 +273,11 @@ def deliver(
         elif kind is Kind.REJECTED and answer.status == 409:
             results.append(_settle_conflict(batch[0], answer, fetch))
         elif kind is Kind.REJECTED:
-            results.append(Result(batch[0], Verdict.DEAD, answer, reason=answer.what))
+            results.append(
+                Result(
+                    batch[0], Verdict.DEAD, answer, reason=f"rejected by the LRS ({answer.what})"
+                )
+            )
         elif _splittable(answer) and (splitting or any(i.attempt >= isolate_after for i in batch)):
             if len(batch) > 1:
                 middle = len(batch) // 2
