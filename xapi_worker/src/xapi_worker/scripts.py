@@ -35,24 +35,24 @@ return taken
 """
 )
 
-# KEYS: unacked_index, unacked, in-flight list, unreadable list. ARGV[1] = score, ARGV[2] = n,
-# then n (tag, record) pairs, then every raw message taken, then '' and the unreadable ones.
-# Records the readable messages in unacked and removes every taken one from the in-flight list.
+# KEYS: unacked_index, unacked, in-flight list, unreadable list. ARGV[1] = score, ARGV[2] = n
+# readable, ARGV[3] = m taken, then n (tag, record) pairs, then the m raw messages taken, then
+# the unreadable ones. Records the readable messages in unacked, removes every taken one from
+# the in-flight list and sets the unreadable ones aside.
 HAND_OVER = (
     _HEADER
     + """
-local n = tonumber(ARGV[2])
-local i = 3
+local n, m = tonumber(ARGV[2]), tonumber(ARGV[3])
+local i = 4
 for _ = 1, n do
   redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-while i <= #ARGV and ARGV[i] ~= '' do
+for _ = 1, m do
   redis.call('LREM', KEYS[3], 1, ARGV[i])
   i = i + 1
 end
-i = i + 1
 while i <= #ARGV do
   redis.call('RPUSH', KEYS[4], ARGV[i])
   i = i + 1

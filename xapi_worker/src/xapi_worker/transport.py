@@ -327,10 +327,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 continue
             good.append((tag, payload))
             self.recorded[tag] = record
-        args: list[Any] = [now, len(good)]
+        args: list[Any] = [now, len(good), len(raws)]
         for tag, _ in good:
             args += [tag, self.recorded[tag]]
-        args += [*raws, "", *bad]
+        args += [*raws, *bad]
         with self.conn_or_acquire() as client:
             keys = [self.qos.unacked_index_key, self.qos.unacked_key, key, unreadable_key(queue)]
             try:
