@@ -3,11 +3,17 @@ lab host as user pod with Pod's venv and settings_local.py."""
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
+import os
 import shlex
+import subprocess
 import uuid
 
 from polling import wait_until
+
+from playbooks import ROOT, molecule_inventory
 
 POD_DIR = "/usr/local/django_projects/podv4"
 VENV = "/home/pod/.virtualenvs/django_pod4"
@@ -26,22 +32,53 @@ send_xapi_statement_task.delay({
     "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
 })
 """
-# Reads one statement back from the LRS, with the credentials of settings_local.py.
+# Reads one statement back from the LRS at the URL of settings_local.py. The credentials come
+# from the scenario's inventory on stdin: the frontal holds none (roles/xapi_frontal).
 READ_BACK = """
-import sys, requests
+import json, sys, requests
 from pod.custom import settings_local as s
+auth = json.load(sys.stdin)
 r = requests.get(s.XAPI_LRS_URL, params={"statementId": sys.argv[1]},
-                 auth=(s.XAPI_LRS_LOGIN, s.XAPI_LRS_PWD),
+                 auth=(auth["login"], auth["password"]),
                  headers={"X-Experience-API-Version": "1.0.3"}, timeout=10)
 print(r.status_code)
 print(r.text)
 """
 
 
-def as_pod_python(host, code: str, *args: str):
+@functools.cache
+def inventory_vars() -> dict:
+    """The scenario's inventory variables as written (not templated): one host's view."""
+    scenario = {"MOLECULE_INVENTORY_FILE", "MOLECULE_EPHEMERAL_DIRECTORY"} & set(os.environ)
+    inventory = molecule_inventory() if scenario else str(ROOT / "inventories" / "lab")
+    listing = json.loads(
+        subprocess.run(
+            ["ansible-inventory", "-i", inventory, "--list"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    hostvars = listing["_meta"]["hostvars"]
+    # `!unsafe` values come wrapped ({"__ansible_unsafe": value}).
+    return {
+        name: value["__ansible_unsafe"]
+        if isinstance(value, dict) and set(value) == {"__ansible_unsafe"}
+        else value
+        for name, value in hostvars[sorted(hostvars)[0]].items()
+    }
+
+
+def lrs_auth() -> dict[str, str]:
+    values = inventory_vars()
+    return {"login": values["xapi_lrs_login"], "password": values["xapi_lrs_password"]}
+
+
+def as_pod_python(host, code: str, *args: str, stdin: str = ""):
     quoted = " ".join(shlex.quote(a) for a in args)
+    feed = base64.b64encode(stdin.encode()).decode()
     return host.run(
-        f"cd {POD_DIR} && runuser -u pod -- env PYTHONPATH={POD_DIR} "
+        f"cd {POD_DIR} && echo {feed} | base64 -d | runuser -u pod -- env PYTHONPATH={POD_DIR} "
         f"{VENV}/bin/python -c {shlex.quote(code)} {quoted}"
     )
 
@@ -55,7 +92,7 @@ def produce(host) -> str:
 
 def delivered(host, statement_id: str, timeout: float = 45) -> bool:
     def read_back() -> bool:
-        result = as_pod_python(host, READ_BACK, statement_id)
+        result = as_pod_python(host, READ_BACK, statement_id, stdin=json.dumps(lrs_auth()))
         return result.rc == 0 and result.stdout.startswith("200") and statement_id in result.stdout
 
     return wait_until(read_back, timeout)
@@ -63,12 +100,13 @@ def delivered(host, statement_id: str, timeout: float = 45) -> bool:
 
 # Of the statement ids in argv, prints those the LRS does not hold (one per line).
 MISSING = """
-import sys, requests
+import json, sys, requests
 from pod.custom import settings_local as s
+auth = json.load(sys.stdin)
 with requests.Session() as http:
     for sid in sys.argv[1:]:
         r = http.get(s.XAPI_LRS_URL, params={"statementId": sid},
-                     auth=(s.XAPI_LRS_LOGIN, s.XAPI_LRS_PWD),
+                     auth=(auth["login"], auth["password"]),
                      headers={"X-Experience-API-Version": "1.0.3"}, timeout=10)
         if r.status_code != 200 or sid not in r.text:
             print(sid)
@@ -77,7 +115,7 @@ with requests.Session() as http:
 
 def missing_from_lrs(host, ids: list[str]) -> list[str]:
     """The ids of `ids` the LRS does not hold, read back in one run on the host."""
-    result = as_pod_python(host, MISSING, *ids)
+    result = as_pod_python(host, MISSING, *ids, stdin=json.dumps(lrs_auth()))
     assert result.rc == 0, result.stderr
     return result.stdout.split()
 

@@ -110,7 +110,8 @@ def test_pods_venv_keeps_a_working_kombu(encodage):
 
 def test_settings_local_block_readable_by_pod_only(encodage, frontal):
     settings = encodage.file(SETTINGS)
-    assert (settings.user, settings.group, settings.mode) == ("pod", "pod", 0o640)
+    assert (settings.user, settings.group, settings.mode) == ("root", "pod", 0o640)
+    assert encodage.run(f"runuser -u pod -- sh -c 'echo >> {SETTINGS}'").rc != 0
     text = settings.content_string
     assert "# BEGIN xAPI settings managed by Ansible" in text
     assert "USE_XAPI = True" in text

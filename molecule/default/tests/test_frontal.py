@@ -16,6 +16,7 @@ import textwrap
 import uuid
 
 import pytest
+from pod_on_host import lrs_auth
 
 POD_DIR = "/usr/local/django_projects/podv4"
 VENV = "/home/pod/.virtualenvs/django_pod4"
@@ -29,8 +30,6 @@ MANAGED_NAMES = [
     "XAPI_ANONYMIZE_ACTOR",
     "XAPI_AUTHENTICATED_NAME",
     "XAPI_LRS_URL",
-    "XAPI_LRS_LOGIN",
-    "XAPI_LRS_PWD",
     "XAPI_CELERY_BROKER_URL",
 ]
 # Written by lab/prepare.yml before the first converge: the operator's own settings.
@@ -99,8 +98,8 @@ def test_settings_values_as_pod_reads_them(frontal):
         print(json.dumps({
             "use_xapi": s.USE_XAPI, "use_xapi_video": s.USE_XAPI_VIDEO,
             "anonymize": s.XAPI_ANONYMIZE_ACTOR, "name": s.XAPI_AUTHENTICATED_NAME,
-            "lrs_url": s.XAPI_LRS_URL, "lrs_login": s.XAPI_LRS_LOGIN,
-            "lrs_pwd_len": len(s.XAPI_LRS_PWD),
+            "lrs_url": s.XAPI_LRS_URL,
+            "lrs_credentials": [hasattr(s, "XAPI_LRS_LOGIN"), hasattr(s, "XAPI_LRS_PWD")],
             "broker": [broker.scheme, broker.username, broker.hostname, broker.port,
                        broker.path, len(broker.password or "")],
         }))
@@ -111,8 +110,8 @@ def test_settings_values_as_pod_reads_them(frontal):
     assert values["anonymize"] is True
     assert values["name"] == "username"
     assert re.match(r"^https?://[^/]+/.*xAPI/statements/?$", values["lrs_url"])
-    assert values["lrs_login"] == "pod-lab"
-    assert values["lrs_pwd_len"] > 0
+    # The web server never calls the LRS: it holds no LRS credential (security review, 6).
+    assert values["lrs_credentials"] == [False, False]
     scheme, user, host, port, path, password_len = values["broker"]
     # The frontal's own xAPI instance (port 6380), over loopback: Pod's Redis keeps 6379.
     assert (scheme, user, host, port, path) == ("redis", "xapi", "127.0.0.1", 6380, "/6")
@@ -120,10 +119,11 @@ def test_settings_values_as_pod_reads_them(frontal):
 
 
 def test_settings_file_mode_and_owner(frontal):
+    """root:pod 0640: Pod (group pod) reads its settings, the web app cannot rewrite them."""
     settings = frontal.file(SETTINGS)
-    assert settings.mode == 0o640
-    assert settings.user == "pod"
-    assert settings.group == "pod"
+    assert (settings.user, settings.group, settings.mode) == ("root", "pod", 0o640)
+    assert frontal.run(f"runuser -u pod -- sh -c 'echo >> {SETTINGS}'").rc != 0
+    assert frontal.run(f"runuser -u pod -- cat {SETTINGS}").rc == 0
 
 
 def test_settings_file_compiles(frontal):
@@ -224,11 +224,12 @@ def test_delay_queues_the_statement(queued_statement):
 def test_statement_is_read_back_from_the_lrs(frontal, queued_statement):
     if queued_statement["rc"] != 0:
         pytest.fail("nothing was queued (see test_delay_queues_the_statement)")
+    auth = lrs_auth()  # the inventory's: the frontal has none
     found = pod_json(
         frontal,
         f"""
         import json, time
-        import redis, requests
+        import requests
         from pod.custom import settings_local as s
         wanted = "{queued_statement["id"]}"
         deadline, status, stored = time.monotonic() + {DELIVERY_WAIT}, None, None
@@ -236,7 +237,7 @@ def test_statement_is_read_back_from_the_lrs(frontal, queued_statement):
             answer = requests.get(
                 s.XAPI_LRS_URL, params={{"statementId": wanted}},
                 headers={{"X-Experience-API-Version": "1.0.3"}},
-                auth=(s.XAPI_LRS_LOGIN, s.XAPI_LRS_PWD), timeout=10)
+                auth=({auth["login"]!r}, {auth["password"]!r}), timeout=10)
             status = answer.status_code
             if status == 200:
                 # xAPI answers the statement itself; Ralph a StatementResult (empty if absent).
@@ -245,14 +246,12 @@ def test_statement_is_read_back_from_the_lrs(frontal, queued_statement):
                 stored = next((x for x in found if x.get("id") == wanted), None)
             if stored is None:
                 time.sleep(2)
-        queue = redis.Redis.from_url(s.XAPI_CELERY_BROKER_URL).llen("xapi")
-        print(json.dumps({{"status": status, "stored": stored, "queue": queue}}))
+        print(json.dumps({{"status": status, "stored": stored}}))
         """,
         timeout=DELIVERY_WAIT + 60,
     )
     assert found["stored"], (
-        f"statement not in the LRS after {DELIVERY_WAIT}s (last status {found['status']}); "
-        f"{found['queue']} message(s) still waiting in Redis list 'xapi': "
+        f"statement not in the LRS after {DELIVERY_WAIT}s (last status {found['status']}): "
         "is the encoding worker running?"
     )
     assert found["stored"]["id"] == queued_statement["id"]

@@ -43,9 +43,9 @@ except OSError as error:
 """
 
 
-def run_client(on, code: str, *args: str) -> str:
+def run_client(on, code: str, *args: str, python: str = "python3") -> str:
     quoted = " ".join(shlex.quote(a) for a in args)
-    return on.check_output(f"python3 -c {shlex.quote(code)} {quoted}")
+    return on.check_output(f"{python} -c {shlex.quote(code)} {quoted}")
 
 
 def test_each_frontal_queues_into_its_own_instance_over_tls(frontal):
@@ -55,6 +55,7 @@ def test_each_frontal_queues_into_its_own_instance_over_tls(frontal):
     line = next(x for x in text.splitlines() if x.startswith("XAPI_CELERY_BROKER_URL"))
     assert line.startswith('XAPI_CELERY_BROKER_URL = "rediss://')
     assert f"@127.0.0.1:{PORT}/6?ssl_cert_reqs=required" in line
+    assert line.endswith('&ssl_check_hostname=true"')
 
 
 def test_one_worker_node_per_broker(encodage):
@@ -83,6 +84,34 @@ def test_client_trusting_another_ca_refused(encodage):
     )
     out = run_client(encodage, TLS_CLIENT, FRONTALS[0], str(PORT), other)
     assert out == "refused CERTIFICATE_VERIFY_FAILED", out
+
+
+# The worker's own URL and credentials, dialled at the broker's address instead of its name:
+# a certificate of the right CA that does not name the host is refused (security review, 5).
+WRONG_NAME_CLIENT = r"""
+import re, socket, sys
+import redis
+text = open(sys.argv[1]).read()
+url = re.search(r'XAPI_CELERY_BROKER_URL="?([^"\n]+)', text).group(1)
+name = sys.argv[2]
+url = url.replace(f"@{name}:", f"@{socket.gethostbyname(name)}:")
+try:
+    redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5).ping()
+    print("answered")
+except redis.ConnectionError as error:
+    print(f"refused {error}")
+"""
+
+
+def test_certificate_for_another_name_refused(encodage):
+    out = run_client(
+        encodage,
+        WRONG_NAME_CLIENT,
+        "/etc/celeryd-xapi/broker-xapi-1.env",
+        FRONTALS[0],
+        python="/opt/xapi-worker/bin/python",
+    )
+    assert out.startswith("refused") and "mismatch" in out, out
 
 
 def test_no_clear_text_port(encodage):
