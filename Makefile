@@ -16,7 +16,7 @@ RALPH_VENV := .venv-ralph
 BENCH_VENV := .venv-bench
 SCENARIOS ?= default sysv multi resilience
 
-.PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean
+.PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean lock lock-check
 
 help:
 	@echo "make demo       bring the lab up, apply site.yml, deliver one statement"
@@ -80,6 +80,15 @@ lint: $(VENV)/.done
 
 worker-test: $(WORKER_VENV)/.done $(RALPH_VENV)/.done
 	RALPH_VENV=$(CURDIR)/$(RALPH_VENV) $(WORKER_VENV)/bin/pytest -q xapi_worker/tests
+
+# The hashed locks of the worker's venv and of its wheel's build (PyPI, for Debian 12's
+# Python 3.11: run on a Debian 12 machine, or give LOCK_PYTHON=<its python3.11>).
+LOCK_PYTHON ?= /usr/bin/python3
+lock: $(VENV)/.done
+	$(VENV)/bin/python tools/lock-worker.py --python $(LOCK_PYTHON)
+
+lock-check: $(VENV)/.done
+	$(VENV)/bin/python tools/lock-worker.py --check --python $(LOCK_PYTHON)
 
 molecule: $(VENV)/.done image
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
