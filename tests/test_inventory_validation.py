@@ -63,6 +63,28 @@ CASES = [
         "xapi_encodage_pod_dir",
     ),
     ("xapi_encodage.yml", {"xapi_encodage_pod_user": "pod;id"}, "system user names"),
+    # IPAddressAllow= of the worker's units: addresses and prefixes only (a name would be
+    # dropped by systemd, a space or a line break would add entries).
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_ip_allow_extra": ["proxy.example.org"]},
+        "xapi_encodage_worker_ip_allow_extra holds IP addresses",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_ip_allow_extra": ["192.0.2.10\nIPAddressAllow=any"]},
+        "xapi_encodage_worker_ip_allow_extra holds IP addresses",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_ip_allow_extra": ["0.0.0.0/0"]},
+        "xapi_encodage_worker_ip_allow_extra holds IP addresses",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_ip_filter": "maybe"},
+        "xapi_encodage_worker_ip_filter",
+    ),
     ("redis.yml", {"redis_bind": ["-127.0.0.1\nrequirepass x"]}, "redis_bind holds IP"),
     ("redis.yml", {"redis_bind": ["-$(id)"]}, "redis_bind holds IP"),
     ("redis.yml", {"xapi_broker_user": "xapi on +@all ~*"}, "user names are made of"),

@@ -1,0 +1,161 @@
+"""The worker's units are sandboxed (security review point 9): the template renders the system
+call filter, the process view, RemoveIPC, the IP allow list, and its exposure as scored by
+`systemd-analyze security --offline` stays at the measured value.
+
+Rendered with the role's own templates and Jinja (the few Ansible filters they use added);
+molecule/default/tests/test_unit_hardening.py checks the deployed units on a real host.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jinja2
+import pytest
+from ansible.module_utils.parsing.convert_bool import boolean
+
+ROOT = Path(__file__).resolve().parents[1]
+ROLE = ROOT / "roles" / "xapi_encodage"
+sys.path.insert(0, str(ROLE / "filter_plugins"))
+import ip_prefixes  # noqa: E402
+
+# Measured offline on Debian 12's systemd 252 (roles/xapi_encodage README, "Sandbox"): the
+# node unit was 3.3 before this hardening (3.1 on a running host), the group unit 9.6.
+NODE_MAX_EXPOSURE = 1.3
+GROUP_MAX_EXPOSURE = 0.4
+
+
+def render(template: str, **overrides: object) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(ROLE / "templates"),
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        # A unit file, not HTML: Ansible's template module does not escape either.
+        autoescape=False,  # noqa: S701
+    )
+    env.filters["bool"] = boolean
+    values = {
+        "ansible_managed": "test",
+        "xapi_encodage_pod_user": "pod",
+        "xapi_encodage_pod_group": "pod",
+        "xapi_encodage_pod_dir": "/usr/local/django_projects/podv4",
+        "xapi_encodage_broker_env_dir": "/etc/celeryd-xapi",
+        "xapi_encodage_celery_bin": "/opt/xapi-worker/bin/celery",
+        "xapi_encodage_worker_app": "xapi_worker",
+        "xapi_encodage_worker_watchdog_sec": 60,
+        "xapi_encodage_worker_ip_filter": True,
+        "xapi_encodage_worker_ip_allow": ["10.89.0.5", "10.89.0.7", "2001:db8::5"],
+    }
+    values.update(overrides)
+    return env.get_template(template).render(**values)
+
+
+def directives(unit: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+@pytest.mark.parametrize("app", ["xapi_worker", "pod"])
+def test_node_unit_has_the_reviewed_directives(app: str) -> None:
+    unit = directives(render("celeryd-xapi@.service.j2", xapi_encodage_worker_app=app))
+    assert unit["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    assert unit["SystemCallErrorNumber"] == ["EPERM"]
+    assert unit["ProtectProc"] == ["invisible"]
+    assert unit["ProcSubset"] == ["pid"]
+    assert unit["RemoveIPC"] == ["true"]
+    assert unit["PrivateUsers"] == ["true"]
+    assert unit["UMask"] == ["0077"]
+    assert unit["IPAddressDeny"] == ["any"]
+    assert unit["IPAddressAllow"] == ["localhost 10.89.0.5 10.89.0.7 2001:db8::5"]
+    # Run end to end under it with the bundled worker only (README, "Sandbox").
+    assert unit.get("MemoryDenyWriteExecute") == (["true"] if app == "xapi_worker" else None)
+
+
+def test_ip_filter_can_be_switched_off() -> None:
+    unit = directives(render("celeryd-xapi@.service.j2", xapi_encodage_worker_ip_filter=False))
+    assert "IPAddressDeny" not in unit and "IPAddressAllow" not in unit
+    # The rest of the sandbox stays.
+    assert unit["SystemCallFilter"][0] == "@system-service"
+
+
+def test_allow_list_with_only_loopback() -> None:
+    unit = directives(render("celeryd-xapi@.service.j2", xapi_encodage_worker_ip_allow=[]))
+    assert unit["IPAddressAllow"] == ["localhost"]
+
+
+def exposure(tmp_path: Path, name: str, text: str) -> float:
+    path = tmp_path / name
+    path.write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    return float(match.group(1))
+
+
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed here"
+)
+
+
+@needs_analyze
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"xapi_encodage_worker_app": "pod"}, {"xapi_encodage_worker_ip_filter": False}],
+    ids=["bundled-worker", "pod-app", "no-ip-filter"],
+)
+def test_node_unit_exposure(tmp_path: Path, overrides: dict) -> None:
+    score = exposure(
+        tmp_path, "celeryd-xapi@xapi.service", render("celeryd-xapi@.service.j2", **overrides)
+    )
+    print(f"celeryd-xapi@xapi.service offline exposure: {score}")
+    assert score <= NODE_MAX_EXPOSURE
+
+
+@needs_analyze
+def test_group_unit_exposure(tmp_path: Path) -> None:
+    score = exposure(tmp_path, "celeryd-xapi.service", render("celeryd-xapi.service.j2"))
+    print(f"celeryd-xapi.service offline exposure: {score}")
+    assert score <= GROUP_MAX_EXPOSURE
+
+
+@pytest.mark.parametrize(
+    ("entry", "valid"),
+    [
+        ("192.0.2.10", True),
+        ("198.51.100.0/24", True),
+        ("2001:db8::/64", True),
+        ("::1", True),
+        ("10.1.2.3/8", True),
+        ("proxy.example.org", False),
+        ("any", False),
+        ("localhost", False),
+        ("192.0.2.10 10.0.0.0/8", False),
+        ("10.0.0.0/33", False),
+        (" 192.0.2.10", False),
+        ("", False),
+        ("192.0.2.10\nIPAddressAllow=any", False),
+    ],
+)
+def test_allow_list_entries_are_ip_prefixes(entry: str, valid: bool) -> None:
+    assert (ip_prefixes.xapi_encodage_not_ip_prefixes([entry]) == []) is valid
+    assert (ip_prefixes.xapi_encodage_ip_prefixes([entry]) == [entry]) is valid
+
+
+def test_catch_all_prefixes_are_found() -> None:
+    assert ip_prefixes.xapi_encodage_catch_all_prefixes(["0.0.0.0/0", "::/0", "10.0.0.0/8"]) == [
+        "0.0.0.0/0",
+        "::/0",
+    ]
