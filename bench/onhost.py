@@ -112,9 +112,11 @@ def queue_length(frontal: PodmanHost) -> int:
     return int(on_pod(frontal, QUEUE_LENGTH))
 
 
-def purge_queue(frontal: PodmanHost) -> None:
-    """Drops what a run left queued (a time-boxed run of a slow configuration)."""
-    on_pod(frontal, PURGE)
+def purge_queue(encodage: PodmanHost) -> None:
+    """Drops what a run left queued (a time-boxed run of a slow configuration). On an
+    encoding host: its Pod settings name the worker's broker user; the frontal's name Pod's
+    producer, which may not delete the queue (roles/redis README)."""
+    on_pod(encodage, PURGE)
 
 
 def reset_lrs(lrs: PodmanHost) -> None:

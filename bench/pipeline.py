@@ -114,7 +114,7 @@ def measure(n: int, hosts: list[PodmanHost], direct: bool, window: float) -> dic
     sampler.done.set()
     sampler.join()
     if not complete:
-        onhost.purge_queue(FRONTAL)
+        onhost.purge_queue(ENCODAGE[0])
     if len(sent) != n:
         raise RuntimeError(f"the producer sent {len(sent)} of {n} statements")
     stored = onhost.stored_times(LRS)

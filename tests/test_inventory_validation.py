@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 GOOD = {
     "xapi_broker_password": "a-good-broker-password",
+    "xapi_broker_producer_password": "a-good-producer-password",
     "xapi_lrs_url": "https://lrs.example.org/xAPI/statements/",
     "xapi_lrs_login": "pod",
     "xapi_lrs_password": "a-good-lrs-password",
@@ -88,6 +89,23 @@ CASES = [
     ("redis.yml", {"redis_bind": ["-127.0.0.1\nrequirepass x"]}, "redis_bind holds IP"),
     ("redis.yml", {"redis_bind": ["-$(id)"]}, "redis_bind holds IP"),
     ("redis.yml", {"xapi_broker_user": "xapi on +@all ~*"}, "user names are made of"),
+    # The producer's own user (security review point 4): distinct, plain, narrow.
+    ("xapi_frontal.yml", {"xapi_broker_producer_password": None}, "xapi_broker_producer_password"),
+    (
+        "xapi_frontal.yml",
+        {"xapi_broker_producer_password": "short"},
+        "xapi_broker_producer_password",
+    ),
+    ("xapi_frontal.yml", {"xapi_broker_producer_user": "xapi"}, "must differ from"),
+    ("redis.yml", {"xapi_broker_producer_user": "default"}, "must differ from"),
+    ("redis.yml", {"xapi_broker_producer_user": "p on ~* +@all"}, "xapi_broker_producer_user"),
+    (
+        "redis.yml",
+        {"redis_xapi_producer_acl_commands": ["lpush", "evalsha", "script|load"]},
+        "none of EVAL/EVALSHA/SCRIPT",
+    ),
+    ("redis.yml", {"redis_xapi_producer_acl_commands": ["@all"]}, "plain command names"),
+    ("redis.yml", {"redis_xapi_producer_acl_keys": ["%W~xapi", "&*"]}, "the producer's keys start"),
     (
         "redis.yml",
         {

@@ -27,20 +27,30 @@ def external(port: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def evicting_redis(frontal, settings_password):
-    """A Redis of the operator's that evicts (allkeys-lru), with the xAPI user, on the frontal."""
+def evicting_redis(frontal, settings_password, producer_password):
+    """A Redis of the operator's that evicts (allkeys-lru), with the xAPI users (the worker's
+    and the producer's, whose credentials the frontal's preflight uses), on the frontal."""
     frontal.check_output(
         f"redis-server --port {EVICTING_PORT} --daemonize yes --save '' --appendonly no "
-        f"--maxmemory-policy allkeys-lru --user xapi on '>{settings_password}' '~*' '+@all'"
+        f"--maxmemory-policy allkeys-lru --user xapi on '>{settings_password}' '~*' '+@all' "
+        f"--user xapi-producer on '>{producer_password}' '~*' '+@all'"
     )
     yield
     frontal.run(f"redis-cli -p {EVICTING_PORT} --user xapi --pass {settings_password} shutdown")
 
 
+def _lab() -> dict:
+    return yaml.safe_load((ROOT / "inventories/lab/group_vars/all/xapi.yml").read_text())
+
+
 @pytest.fixture(scope="module")
 def settings_password() -> str:
-    lab = yaml.safe_load((ROOT / "inventories/lab/group_vars/all/xapi.yml").read_text())
-    return lab["xapi_broker_password"]
+    return _lab()["xapi_broker_password"]
+
+
+@pytest.fixture(scope="module")
+def producer_password() -> str:
+    return _lab()["xapi_broker_producer_password"]
 
 
 def checksums(frontal, encodage) -> tuple[str, str, str]:

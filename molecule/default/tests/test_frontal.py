@@ -114,7 +114,8 @@ def test_settings_values_as_pod_reads_them(frontal):
     assert values["lrs_credentials"] == [False, False]
     scheme, user, host, port, path, password_len = values["broker"]
     # The frontal's own xAPI instance (port 6380), over loopback: Pod's Redis keeps 6379.
-    assert (scheme, user, host, port, path) == ("redis", "xapi", "127.0.0.1", 6380, "/6")
+    # With the producer's own user (xapi_broker_producer_user), not the workers'.
+    assert (scheme, user, host, port, path) == ("redis", "xapi-producer", "127.0.0.1", 6380, "/6")
     assert password_len >= 12
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,15 @@ def as_xapi(settings: dict, *commands: list) -> list:
     ]
 
 
+def as_producer(settings: dict, *commands: list) -> list:
+    """Pod's producer's credentials: what a compromised web application on the frontal holds."""
+    return [
+        ["AUTH", settings["xapi_broker_producer_user"], settings["xapi_broker_producer_password"]],
+        ["SELECT", settings["xapi_broker_db"]],
+        *commands,
+    ]
+
+
 def as_admin(settings: dict, *commands: list) -> list:
     return [["AUTH", "default", settings["redis_default_password"]], *commands]
 
@@ -134,17 +144,26 @@ def test_data_directory_of_its_own(frontal):
     assert frontal.file("/var/lib/redis/xapi/appendonlydir").is_directory
 
 
+def _secrets(settings: dict) -> tuple[str, ...]:
+    return (
+        settings["xapi_broker_password"],
+        settings["xapi_broker_producer_password"],
+        settings["redis_default_password"],
+    )
+
+
 def test_acl_file_holds_only_password_hashes(frontal, settings):
     acl = frontal.file("/etc/redis/redis-xapi.acl").content_string
     assert f"user {settings['xapi_broker_user']} " in acl
-    for secret in (settings["xapi_broker_password"], settings["redis_default_password"]):
+    assert f"user {settings['xapi_broker_producer_user']} " in acl
+    for secret in _secrets(settings):
         assert secret not in acl
 
 
 def test_no_password_in_the_frontal_journal_or_processes(frontal, settings):
     """The role's own checks pass passwords on stdin: an Ansible `environment:` value
     would land on sudo's command line, hence in `ps` and in the journal."""
-    for secret in (settings["xapi_broker_password"], settings["redis_default_password"]):
+    for secret in _secrets(settings):
         assert frontal.run("journalctl --no-pager | grep -cF -- %s", secret).stdout.strip() == "0"
         assert (
             frontal.run("ps -eo args | grep -v grep | grep -cF -- %s", secret).stdout.strip() == "0"
@@ -210,14 +229,104 @@ def test_xapi_user_works_from_encodage(encodage, settings, broker_ip):
 
 def test_pod_producer_reaches_its_own_instance_over_loopback(frontal, settings):
     """Pod's producer on the frontal does not cross the network: settings_local.py names the
-    loopback address of the frontal's own instance."""
+    loopback address of the frontal's own instance, with the producer's own user."""
     text = frontal.file(
         "/usr/local/django_projects/podv4/pod/custom/settings_local.py"
     ).content_string
     line = next(x for x in text.splitlines() if x.startswith("XAPI_CELERY_BROKER_URL"))
     assert f"@127.0.0.1:{settings['xapi_broker_port']}/" in line
-    out = resp(frontal, "127.0.0.1", settings["xapi_broker_port"], *as_xapi(settings, ["PING"]))
+    out = resp(frontal, "127.0.0.1", settings["xapi_broker_port"], *as_producer(settings, ["PING"]))
     assert out["replies"] == ["+OK", "+OK", "+PONG"]
+
+
+def test_frontal_holds_only_the_producers_credentials(frontal, settings):
+    """Security review point 4: the web app's settings name the producer, never the worker's
+    user or password."""
+    text = frontal.file(
+        "/usr/local/django_projects/podv4/pod/custom/settings_local.py"
+    ).content_string
+    line = next(x for x in text.splitlines() if x.startswith("XAPI_CELERY_BROKER_URL"))
+    assert f"//{settings['xapi_broker_producer_user']}:" in line
+    assert settings["xapi_broker_password"] not in text
+    assert f"//{settings['xapi_broker_user']}:" not in text
+
+
+def test_no_acl_denial_of_the_producer_after_the_pipeline(frontal, settings):
+    """After converge and the pipeline tests (Pod's .delay(), check.yml, the frontal's
+    preflight and client check, all with the producer's credentials), ACL LOG holds no
+    denial of the producer: its few commands are all Pod needs. Runs before the refusals
+    below provoke some; failed logins (reason "auth") are the wrong-password test's."""
+    out = resp(
+        frontal,
+        "127.0.0.1",
+        settings["xapi_broker_port"],
+        *as_admin(settings, ["ACL", "LOG", "128"]),
+    )
+    entries = [dict(zip(e[::2], e[1::2], strict=True)) for e in out["replies"][1]]
+    denied = [
+        (e["reason"], e["object"])
+        for e in entries
+        if e["username"] == settings["xapi_broker_producer_user"] and e["reason"] != "auth"
+    ]
+    assert denied == []
+
+
+# What stolen web-app credentials must not do: read, take or delete the queue, the in-flight
+# lists, unacked and the dead letters; run Lua; reach the workers' remote control; read the
+# server's configuration or the whole keyspace.
+PRODUCER_REFUSED = [
+    ["LRANGE", "xapi", "0", "-1"],
+    ["LINDEX", "xapi", "0"],
+    ["LPOP", "xapi"],
+    ["RPOP", "xapi"],
+    ["BRPOP", "xapi", "1"],
+    ["LMOVE", "xapi", "xapi.dead_letters", "RIGHT", "LEFT"],
+    ["DEL", "xapi"],
+    ["GET", "unacked"],
+    ["HGETALL", "unacked"],
+    ["LRANGE", "xapi.dead_letters", "0", "-1"],
+    ["LRANGE", "xapi.inflight.encodage", "0", "-1"],
+    ["EVAL", "return 1", "0"],
+    ["SCRIPT", "LOAD", "return 1"],
+    ["EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0"],
+    ["FLUSHALL"],
+    ["KEYS", "*"],
+    ["PUBLISH", "/6.celery.pidbox", "x"],
+    ["SUBSCRIBE", "/6.celeryev/worker.heartbeat"],
+    ["CONFIG", "GET", "maxmemory"],
+]
+
+
+@pytest.mark.parametrize("command", PRODUCER_REFUSED, ids=lambda c: " ".join(c[:2]))
+def test_producer_is_refused_everything_else(frontal, settings, command):
+    # Each command alone after its AUTH/SELECT: a SUBSCRIBE that were accepted would turn
+    # the connection into a subscriber and the next reply would not be the next command's.
+    out = resp(frontal, "127.0.0.1", settings["xapi_broker_port"], *as_producer(settings, command))
+    assert out["replies"][:2] == ["+OK", "+OK"], out
+    assert out["replies"][2].startswith("-NOPERM"), out
+
+
+def test_producer_can_still_queue(frontal, settings):
+    """Pod's own .delay(), with the settings the role wrote (the producer's user), still
+    queues: the call returns and the message leaves the queue (taken by the worker)."""
+    statement = {
+        "id": str(uuid.uuid4()),
+        "actor": {"name": "acl-test", "mbox": "mailto:acl-test@example.org"},
+        "verb": {"id": "http://adlnet.gov/expapi/verbs/experienced"},
+        "object": {"id": "https://pod.example.org/video/0003/", "objectType": "Activity"},
+    }
+    code = (
+        "import json,sys; from pod.xapi.xapi_tasks import send_xapi_statement_task as t; "
+        "print(t.delay(json.loads(sys.argv[1])).id)"
+    )
+    cmd = frontal.run(
+        "cd /usr/local/django_projects/podv4 && runuser -u pod -- "
+        "/home/pod/.virtualenvs/django_pod4/bin/python -c %s %s",
+        code,
+        json.dumps(statement),
+    )
+    assert cmd.rc == 0, cmd.stderr
+    assert cmd.stdout.strip(), "no task id: .delay() did not publish"
 
 
 def test_xapi_user_gets_nothing_beyond_the_queue(encodage, settings, broker_ip):

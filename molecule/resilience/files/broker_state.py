@@ -1,5 +1,9 @@
-"""The broker's side of the accounting, read on the frontal as user pod with Pod's venv and
-the broker URL of Pod's settings_local.py (so no password is passed to it).
+"""The broker's side of the accounting, read on the frontal as user pod with Pod's venv.
+
+It reads what only the worker's broker user may read (unacked, the in-flight lists, the dead
+letters): Pod's settings_local.py names the producer's user, which is refused all of it
+(roles/redis README). The worker's broker URL comes on stdin (never argv: `ps`), as the
+tests build it from the lab's settings (hosts.worker_broker_url).
 
     python broker_state.py              JSON: messages waiting in queue `xapi`, messages
                                         delivered to a worker but unacknowledged, taken
@@ -17,11 +21,10 @@ import sys
 import time
 
 import redis
-from pod.custom import settings_local
 
 DEAD_LETTERS = "xapi.dead_letters"
 
-client = redis.Redis.from_url(settings_local.XAPI_CELERY_BROKER_URL, socket_timeout=10)
+client = redis.Redis.from_url(sys.stdin.readline().strip(), socket_timeout=10)
 
 if sys.argv[1:2] == ["wait-unacked"]:
     deadline = time.monotonic() + float(sys.argv[2])

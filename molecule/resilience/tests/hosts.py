@@ -8,6 +8,7 @@ import os
 import subprocess
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 # Pod's layout on the lab hosts, as the other scenarios know it (molecule/shared, put on
 # sys.path by conftest.py).
@@ -63,10 +64,26 @@ def lrs_store_ids() -> Counter[str]:
     return ids
 
 
-def broker_state() -> dict:
-    """Queue length, unacknowledged messages and dead letters, read on the frontal."""
-    out = sh("frontal", pod_python(f"{WORK}/broker_state.py")).stdout
-    return json.loads(out)
+def worker_broker_url() -> str:
+    """The worker's broker URL as seen from the frontal (its own instance, over loopback):
+    user and port from roles/xapi defaults, the password from the lab's settings. Pod's
+    settings on the frontal hold the producer's, which may not read the broker's state."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[3]
+    defaults = yaml.safe_load((root / "roles/xapi/defaults/main.yml").read_text())
+    values = yaml.safe_load((root / "inventories/lab/group_vars/all/xapi.yml").read_text())
+    user = quote(defaults["xapi_broker_user"], safe="")
+    password = quote(values["xapi_broker_password"], safe="")
+    port, db = defaults["xapi_broker_port"], defaults["xapi_broker_db"]
+    return f"redis://{user}:{password}@127.0.0.1:{port}/{db}"
+
+
+def broker_state(*args: str) -> dict:
+    """Queue length, unacknowledged messages and dead letters, read on the frontal with the
+    worker's user (its URL on stdin)."""
+    out = sh("frontal", pod_python(f"{WORK}/broker_state.py", *args), stdin=worker_broker_url())
+    return json.loads(out.stdout)
 
 
 def produced() -> list[tuple[float, str, int]]:
@@ -101,5 +118,6 @@ def secrets() -> dict[str, str]:
     return {
         "LRS password": values["xapi_lrs_password"],
         "Redis password (xapi user)": values["xapi_broker_password"],
+        "Redis password (producer user)": values["xapi_broker_producer_password"],
         "Redis password (default user)": values["redis_default_password"],
     }

@@ -130,7 +130,7 @@ def lrs_outage() -> str:
 def worker_sigkill() -> str:
     before = main_pid("encodage", WORKER)
     # Strike while the worker holds messages it has not acknowledged (a batch in the making).
-    held = sh("frontal", pod_python(f"{WORK}/broker_state.py", "wait-unacked", "30")).stdout
+    held = broker_state("wait-unacked", "30")
     began = time.monotonic()
     killed_at = time.time()
     sh("encodage", f"systemctl kill --signal=SIGKILL {WORKER}")
@@ -144,7 +144,7 @@ def worker_sigkill() -> str:
     assert back, "systemd did not restart the worker after SIGKILL"
     took = time.monotonic() - began
     return (
-        f"SIGKILL to every worker process while it held {held.strip()} unacknowledged messages "
+        f"SIGKILL to every worker process while it held {held} unacknowledged messages "
         f"({stranded} left unacknowledged by the dead worker) at {killed_at:.3f}; restarted by "
         f"systemd in {took:.0f} s"
     )

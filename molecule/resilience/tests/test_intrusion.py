@@ -6,6 +6,8 @@ deployment, five faults, a repair by site.yml.
 
 from __future__ import annotations
 
+import json
+import shlex
 import time
 import uuid
 
@@ -17,8 +19,11 @@ from hosts import (
     broker_state,
     container,
     copy_to,
+    lrs_store_ids,
+    main_pid,
     pod_python,
     secrets,
+    service_active,
     sh,
 )
 from polling import wait_until
@@ -72,6 +77,67 @@ def test_pickle_message_is_refused_not_executed() -> None:
             f"the pickle payload ran on {host}"
         )
     print("\n" + sh("encodage", f"{log} -u 'celeryd-xapi@*' | grep -i pickle").stdout.strip())
+
+
+# Security review point 4: the web application's credentials (the broker URL of Pod's
+# settings_local.py on the frontal, the producer's user) can queue a statement, nothing more.
+def webapp_attack(what: str) -> dict[str, str]:
+    copy_to("frontal", FILES / "webapp_attack.py", f"{WORK}/webapp_attack.py")
+    out = sh("frontal", pod_python(f"{WORK}/webapp_attack.py", what), timeout=120).stdout
+    results = json.loads(out.strip().splitlines()[-1])
+    print("\n" + "\n".join(f"{name}: {answer}" for name, answer in results.items()))
+    return results
+
+
+def all_refused(results: dict[str, str]) -> list[str]:
+    return [
+        f"{name}: {answer}" for name, answer in results.items() if "no permissions" not in answer
+    ]
+
+
+def test_web_app_credentials_cannot_read_or_delete_the_queue() -> None:
+    """Not the queue, the in-flight lists, unacked or the dead letters; nor the keyspace."""
+    before = broker_state()
+    results = webapp_attack("queue")
+    assert len(results) >= 15
+    assert all_refused(results) == []
+    after = broker_state()
+    assert after["dead"] == before["dead"], "the dead letters changed"
+
+
+def test_web_app_credentials_cannot_stop_the_workers() -> None:
+    """Celery's remote control (shutdown, cancel_consumer, pool_shrink, inspect) and the
+    workers' event channels are refused; the worker runs on, same process, and answers."""
+    pid = main_pid("encodage", "celeryd-xapi@xapi")
+    results = webapp_attack("control")
+    assert all_refused(results) == []
+    time.sleep(3)
+    assert service_active("encodage", "celeryd-xapi@xapi")
+    assert main_pid("encodage", "celeryd-xapi@xapi") == pid, "the worker was restarted"
+
+
+def test_web_app_credentials_cannot_run_lua() -> None:
+    """EVAL, SCRIPT LOAD + EVALSHA (EVAL in two steps), FUNCTION LOAD and FCALL are refused:
+    a busy loop would have frozen Redis for every client. Redis still answers at once."""
+    results = webapp_attack("lua")
+    assert all_refused(results) == []
+    started = time.monotonic()
+    broker_state()
+    assert time.monotonic() - started < 10, "the broker is slow to answer"
+
+
+def test_web_app_credentials_still_queue_statements() -> None:
+    """What the producer's user is for: Pod's own .delay() goes through and is delivered."""
+    token = str(uuid.uuid4())  # the statement's id: Ralph wants a UUID
+    code = (
+        "import sys; from pod.xapi.xapi_tasks import send_xapi_statement_task as t; "
+        "t.delay({'id': sys.argv[1], 'actor': {'mbox': 'mailto:acl@example.org'}, "
+        "'verb': {'id': 'http://adlnet.gov/expapi/verbs/experienced'}, "
+        "'object': {'id': 'https://pod.example.org/video/0004/'}}); print('sent')"
+    )
+    sent = sh("frontal", pod_python("-c " + shlex.quote(code), token))
+    assert "sent" in sent.stdout
+    assert wait_until(lambda: token in lrs_store_ids(), 90), "the statement was not delivered"
 
 
 @pytest.mark.parametrize("host", HOSTS)

@@ -38,7 +38,12 @@ def passwords() -> dict[str, str]:
     values = inventory_vars()
     return {
         name: values[name]
-        for name in ("xapi_broker_password", "xapi_lrs_password", "redis_default_password")
+        for name in (
+            "xapi_broker_password",
+            "xapi_broker_producer_password",
+            "xapi_lrs_password",
+            "redis_default_password",
+        )
     }
 
 
@@ -60,14 +65,18 @@ def test_the_passwords_hold_every_printable_character(passwords):
 
 def test_acl_file_holds_their_hashes(frontal, passwords):
     acl = frontal.file(ACL_FILE).content_string
-    for name in ("xapi_broker_password", "redis_default_password"):
+    for name in ("xapi_broker_password", "xapi_broker_producer_password", "redis_default_password"):
         assert "#" + hashlib.sha256(passwords[name].encode()).hexdigest() in acl, name
         assert passwords[name] not in acl
 
 
 def test_pod_reads_them_back_on_the_frontal(frontal, passwords):
+    # The frontal's producer has its own user (roles/redis README, "The producer's ACL").
     values = pod_settings(frontal)
-    assert broker_password(values["XAPI_CELERY_BROKER_URL"]) == passwords["xapi_broker_password"]
+    assert (
+        broker_password(values["XAPI_CELERY_BROKER_URL"])
+        == passwords["xapi_broker_producer_password"]
+    )
 
 
 def test_pod_task_module_reads_them_back(enc2, passwords):

@@ -233,7 +233,7 @@ def test_local_changes_of_pod_are_kept(enc2):
     assert enc2.run(f"runuser -u pod -- git -C {POD_DIR} status --porcelain").stdout == ""
 
 
-def test_statements_left_in_pod_redis_moved_exactly_once(frontal):
+def test_statements_left_in_pod_redis_moved_exactly_once(frontal, enc2):
     """The seed-style site of prepare.yml had 20 statements in db 6 of Pod's Redis, one of them
     in Celery's `unacked` hash: every one is in the LRS after site.yml, nothing of xAPI is
     left in Pod's Redis, and nothing waits to be delivered again in the instance."""
@@ -243,7 +243,9 @@ def test_statements_left_in_pod_redis_moved_exactly_once(frontal):
     assert missing == []
     assert frontal.check_output("redis-cli -n 6 DBSIZE") == "0"
     # The instance holds the token of the one move, and nothing queued or unacknowledged.
-    state = frontal.check_output(
+    # Read with an encoding host's settings (the worker's user): the frontal's name Pod's
+    # producer, which may not read xapi.migrated or unacked (roles/redis README).
+    state = enc2.check_output(
         "cd /usr/local/django_projects/podv4 && runuser -u pod -- "
         "/home/pod/.virtualenvs/django_pod4/bin/python -c %s",
         "import redis\nfrom pod.custom import settings_local as s\n"

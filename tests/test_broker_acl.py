@@ -1,0 +1,301 @@
+"""The broker's two ACL users, rendered from the roles' defaults (no container).
+
+Security review point 4: the web application (Pod on the frontal) and the workers used to
+share one Redis user, so stolen web-app credentials could read and delete the queued
+statements, the in-flight lists, `unacked` and the dead letters, stop the workers through
+remote control and run Lua. The producer now has its own user, limited to what `.delay()`
+needs (roles/redis README, "The producer's ACL").
+
+`users.acl` and the two broker URLs are rendered by Ansible itself from roles/xapi and
+roles/redis defaults (plus the lab's passwords), as the roles would. Then:
+- the producer's line is read token by token: no dangerous command, no channel;
+- when a redis-server is installed (`make system-deps` installs one for the worker's tests)
+  the file is loaded into a throw-away server (unix socket only, no port) and every
+  command is asked of it with `ACL DRYRUN`: the producer may run exactly what `.delay()`
+  runs, on exactly its keys, and nothing else; the worker's user keeps what it had.
+
+Run with the tools venv: `pytest tests/test_broker_acl.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+# Renders the template with the roles' defaults: include_vars keeps Jinja references lazy,
+# as role defaults are, so xapi_broker_db etc. resolve as in a real run.
+PLAYBOOK = """
+- name: Render the broker's ACL file and URLs from the roles' defaults
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Read the defaults and the lab's settings
+      ansible.builtin.include_vars:
+        file: "{{ item }}"
+      loop: "{{ files }}"
+    - name: Render users.acl
+      ansible.builtin.template:
+        src: "{{ root }}/roles/redis/templates/users.acl.j2"
+        dest: "{{ out }}/users.acl"
+        mode: "0600"
+    - name: Write the URLs
+      ansible.builtin.copy:
+        content: "{{ {'worker': xapi_broker_url, 'producer': xapi_broker_producer_url} | to_json }}"
+        dest: "{{ out }}/urls.json"
+        mode: "0600"
+"""
+
+# What `.delay()` of Pod's task runs (kombu 5.5.4, redis-py 5.2.0), measured with ACL LOG
+# against Redis 7.0.15: (command..., expected "OK").
+PRODUCER_NEEDS = [
+    ["SELECT", "6"],
+    ["PING"],
+    ["MULTI"],
+    ["EXEC"],
+    ["LLEN", "xapi"],
+    ["LLEN", "xapi\x06\x163"],
+    ["SADD", "_kombu.binding.xapi", "xapi\x06\x16\x06\x16xapi"],
+    ["LPUSH", "xapi", "{}"],
+]
+# A sample of what stolen web-app credentials must not do (the review's list).
+PRODUCER_REFUSED = [
+    ["LRANGE", "xapi", "0", "-1"],
+    ["LINDEX", "xapi", "0"],
+    ["LPOP", "xapi"],
+    ["RPOP", "xapi"],
+    ["BRPOP", "xapi", "1"],
+    ["BLMOVE", "xapi", "xapi.inflight.x", "RIGHT", "LEFT", "1"],
+    ["LMOVE", "xapi", "xapi.dead_letters", "RIGHT", "LEFT"],
+    ["LREM", "xapi", "0", "x"],
+    ["LTRIM", "xapi", "1", "0"],
+    ["DEL", "xapi"],
+    ["UNLINK", "xapi"],
+    ["RENAME", "xapi", "elsewhere"],
+    ["EXPIRE", "xapi", "1"],
+    ["GET", "unacked"],
+    ["HGETALL", "unacked"],
+    ["HDEL", "unacked", "x"],
+    ["LRANGE", "xapi.dead_letters", "0", "-1"],
+    ["LRANGE", "xapi.inflight.node", "0", "-1"],
+    ["SMEMBERS", "xapi.inflight"],
+    ["SREM", "_kombu.binding.xapi", "x"],
+    ["DEL", "_kombu.binding.xapi"],
+    ["LPUSH", "unacked", "x"],
+    ["LPUSH", "xapi.dead_letters", "x"],
+    ["EVAL", "return 1", "0"],
+    ["EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0"],
+    ["SCRIPT", "LOAD", "return 1"],
+    ["FUNCTION", "LIST"],
+    ["FLUSHALL"],
+    ["FLUSHDB"],
+    ["KEYS", "*"],
+    ["SCAN", "0"],
+    ["PUBLISH", "/6.celery.pidbox", "x"],
+    ["SUBSCRIBE", "/6.celeryev/worker.heartbeat"],
+    ["PSUBSCRIBE", "/6.celeryev/worker.*"],
+    ["CONFIG", "GET", "maxmemory"],
+    ["CLIENT", "LIST"],
+    ["INFO"],
+    ["MONITOR"],
+    ["SHUTDOWN"],
+    ["ACL", "LIST"],
+]
+# What the worker's user keeps (a sample; the full list is roles/redis defaults).
+WORKER_KEEPS = [
+    ["BLMOVE", "xapi", "xapi.inflight.node", "RIGHT", "LEFT", "1"],
+    ["LRANGE", "xapi.dead_letters", "0", "-1"],
+    ["EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "1", "unacked_mutex"],
+    ["SCRIPT", "LOAD", "return 1"],
+    ["PUBLISH", "/6.celery.pidbox", "x"],
+    ["HGET", "unacked", "x"],
+]
+DANGEROUS = {
+    "eval",
+    "evalsha",
+    "eval_ro",
+    "evalsha_ro",
+    "script",
+    "function",
+    "fcall",
+    "flushall",
+    "flushdb",
+    "keys",
+    "scan",
+    "config",
+    "publish",
+    "subscribe",
+    "psubscribe",
+    "lrange",
+    "lpop",
+    "rpop",
+    "brpop",
+    "blmove",
+    "lmove",
+    "del",
+    "get",
+    "hgetall",
+}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("acl")
+    playbook = out / "render.yml"
+    playbook.write_text(PLAYBOOK)
+    files = [
+        ROOT / "roles/xapi/defaults/main.yml",
+        ROOT / "roles/redis/defaults/main.yml",
+        ROOT / "inventories/lab/group_vars/all/xapi.yml",
+    ]
+    extra = {"root": str(ROOT), "out": str(out), "files": [str(f) for f in files]}
+    # No inventory: the broker's address, which only the URLs' host part reads, is given.
+    extra["xapi_broker_host"] = "broker.example.org"
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    result = subprocess.run(
+        ["ansible-playbook", "-i", "localhost,", "-e", json.dumps(extra), str(playbook)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    lab = yaml.safe_load((ROOT / "inventories/lab/group_vars/all/xapi.yml").read_text())
+    defaults = yaml.safe_load((ROOT / "roles/xapi/defaults/main.yml").read_text())
+    return {
+        "acl": (out / "users.acl").read_text(),
+        "urls": json.loads((out / "urls.json").read_text()),
+        "lab": lab,
+        "defaults": defaults,
+        "dir": out,
+    }
+
+
+def user_line(acl: str, name: str) -> list[str]:
+    for line in acl.splitlines():
+        words = line.split()
+        if words[:2] == ["user", name]:
+            return words
+    pytest.fail(f"no ACL user {name!r} in users.acl:\n{acl}")
+
+
+def test_producer_and_worker_are_two_users(rendered: dict) -> None:
+    producer = rendered["defaults"].get("xapi_broker_producer_user")
+    worker = rendered["defaults"]["xapi_broker_user"]
+    assert producer and producer != worker
+    user_line(rendered["acl"], producer)
+    user_line(rendered["acl"], worker)
+
+
+def test_producer_line_grants_nothing_dangerous(rendered: dict) -> None:
+    words = user_line(rendered["acl"], rendered["defaults"]["xapi_broker_producer_user"])
+    granted = {w[1:].split("|")[0].lower() for w in words if w.startswith("+")}
+    assert granted, words
+    assert not granted & DANGEROUS, words
+    assert not any(w.startswith("+@") or w in ("allcommands", "allkeys") for w in words)
+    # No channel at all, and no key pattern but the queue and its binding.
+    assert "resetchannels" in words and not any(w.startswith("&") for w in words)
+    keys = {w.split("~", 1)[1] for w in words if "~" in w and not w.startswith("#")}
+    assert keys <= {"xapi", "xapi??[0-9]", "_kombu.binding.xapi"}, keys
+    # The queue is written, never read but for its length (commands above).
+    assert "%W~xapi" in words or "~xapi" in words
+
+
+def test_urls_name_their_own_user(rendered: dict) -> None:
+    producer = rendered["defaults"]["xapi_broker_producer_user"]
+    worker = rendered["defaults"]["xapi_broker_user"]
+    urls = rendered["urls"]
+    assert urls["producer"].startswith(f"redis://{producer}:")
+    assert rendered["lab"]["xapi_broker_producer_password"] in urls["producer"]
+    assert rendered["lab"]["xapi_broker_password"] not in urls["producer"]
+    assert urls["worker"].startswith(f"redis://{worker}:")
+
+
+# --- the same file in a real Redis ---------------------------------------------------------
+def _resp(sock: socket.socket, *args: str) -> str:
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        data = a.encode()
+        out += b"$%d\r\n%s\r\n" % (len(data), data)
+    sock.sendall(out)
+    f = sock.makefile("rb")
+    line = f.readline().rstrip(b"\r\n")
+    if line[:1] == b"$":
+        size = int(line[1:])
+        return f.read(size + 2)[:-2].decode() if size >= 0 else ""
+    return line.decode()
+
+
+@pytest.fixture(scope="module")
+def dryrun(rendered: dict) -> Iterator:
+    if not os.access(REDIS_SERVER, os.X_OK):
+        pytest.skip("no redis-server here (make system-deps installs it)")
+    tmp = tempfile.mkdtemp(prefix="acl-", dir=rendered["dir"])
+    path = os.path.join(tmp, "s")
+    # The ACL file as rendered, plus an administrator to ask ACL DRYRUN with.
+    acl = os.path.join(tmp, "users.acl")
+    Path(acl).write_text(
+        "\n".join(
+            line for line in rendered["acl"].splitlines() if not line.startswith("user default")
+        )
+        + "\nuser default on nopass ~* &* +@all\n"
+    )
+    # fmt: off
+    server = subprocess.Popen(
+        [REDIS_SERVER, "--port", "0", "--unixsocket", path, "--unixsocketperm", "700",
+         "--dir", tmp, "--save", "", "--appendonly", "no", "--aclfile", acl],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    # fmt: on
+    sock = None
+    for _ in range(100):
+        if server.poll() is not None:
+            pytest.fail(f"redis-server refused the rendered users.acl:\n{server.stdout.read()}")
+        try:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(path)
+            break
+        except OSError:
+            sock = None
+            time.sleep(0.05)
+    assert sock is not None, "redis-server did not start"
+
+    def ask(user: str, *command: str) -> str:
+        return _resp(sock, "ACL", "DRYRUN", user, *command)
+
+    try:
+        yield ask
+    finally:
+        sock.close()
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.parametrize("command", PRODUCER_NEEDS, ids=lambda c: " ".join(c[:2]))
+def test_producer_may_run_what_delay_runs(dryrun, rendered: dict, command: list[str]) -> None:
+    assert dryrun(rendered["defaults"]["xapi_broker_producer_user"], *command) == "+OK"
+
+
+@pytest.mark.parametrize("command", PRODUCER_REFUSED, ids=lambda c: " ".join(c[:2]))
+def test_producer_is_refused_the_rest(dryrun, rendered: dict, command: list[str]) -> None:
+    answer = dryrun(rendered["defaults"]["xapi_broker_producer_user"], *command)
+    assert answer != "+OK" and "no permissions" in answer, answer
+
+
+@pytest.mark.parametrize("command", WORKER_KEEPS, ids=lambda c: " ".join(c[:2]))
+def test_worker_keeps_its_rights(dryrun, rendered: dict, command: list[str]) -> None:
+    assert dryrun(rendered["defaults"]["xapi_broker_user"], *command) == "+OK"
