@@ -94,6 +94,18 @@ def test_missing_config_file_named():
         load_settings({"XAPI_WORKER_CONFIG": "/nonexistent/worker.env"})
 
 
+def test_secrets_taken_verbatim(tmp_path):
+    """A password of any printable character, spaces at both ends included, read back from a
+    file written as the role writes it (double quotes, \\ and \" escaped)."""
+    password = " " + "".join(chr(c) for c in range(33, 127)) + ' \\" \\\\" '
+    quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+    path = tmp_path / "worker.env"
+    lines = [f'{k}="{v}"' for k, v in BASE.items() if k != "XAPI_LRS_PWD"]
+    path.write_text("\n".join([*lines, f'XAPI_LRS_PWD="{quoted}"']) + "\n")
+    settings = load_settings({"XAPI_WORKER_CONFIG": str(path)})
+    assert settings.lrs_password == password
+
+
 def test_secrets_masked():
     s = settings_from_mapping(BASE)
     assert "pw-123" not in repr(s) and "brokerpw" not in repr(s)

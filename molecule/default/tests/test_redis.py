@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import shlex
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from pod_on_host import delivered, produce
 
 ROOT = Path(__file__).resolve().parents[3]
 UNIT = "redis-server@xapi"
@@ -308,25 +308,8 @@ def test_producer_is_refused_everything_else(frontal, settings, command):
 
 def test_producer_can_still_queue(frontal, settings):
     """Pod's own .delay(), with the settings the role wrote (the producer's user), still
-    queues: the call returns and the message leaves the queue (taken by the worker)."""
-    statement = {
-        "id": str(uuid.uuid4()),
-        "actor": {"name": "acl-test", "mbox": "mailto:acl-test@example.org"},
-        "verb": {"id": "http://adlnet.gov/expapi/verbs/experienced"},
-        "object": {"id": "https://pod.example.org/video/0003/", "objectType": "Activity"},
-    }
-    code = (
-        "import json,sys; from pod.xapi.xapi_tasks import send_xapi_statement_task as t; "
-        "print(t.delay(json.loads(sys.argv[1])).id)"
-    )
-    cmd = frontal.run(
-        "cd /usr/local/django_projects/podv4 && runuser -u pod -- "
-        "/home/pod/.virtualenvs/django_pod4/bin/python -c %s %s",
-        code,
-        json.dumps(statement),
-    )
-    assert cmd.rc == 0, cmd.stderr
-    assert cmd.stdout.strip(), "no task id: .delay() did not publish"
+    queues, and the statement is delivered (taken by the worker)."""
+    assert delivered(frontal, produce(frontal)), "queued with the producer's user, never delivered"
 
 
 def test_xapi_user_gets_nothing_beyond_the_queue(encodage, settings, broker_ip):

@@ -8,6 +8,7 @@ site.yml runs again. Nothing runs as root, no ownership moves, no root file leak
 
 from __future__ import annotations
 
+import base64
 import uuid
 
 import pytest
@@ -54,8 +55,9 @@ def run():
 
 def test_pth_and_planted_init_script_never_run_as_root(enc2, run):
     before = ownership(enc2)
-    mark = "import os; open('/home/pod/foothold.log', 'a').write('pth %d\\n' % os.geteuid())"
-    assert as_pod(enc2, f"echo {mark!r} > {SITE_PACKAGES}/zz_foothold.pth").rc == 0
+    mark = "import os; open('/home/pod/foothold.log', 'a').write('pth %d\\n' % os.geteuid())\n"
+    planted = base64.b64encode(mark.encode()).decode()
+    assert as_pod(enc2, f"echo {planted} | base64 -d > {SITE_PACKAGES}/zz_foothold.pth").rc == 0
     for script in (OLD_SCRIPT, NEW_SCRIPT):
         # Refused for the root-owned one (and absent now for the old one): pod tries anyway.
         as_pod(enc2, f"sed -i '2i echo init $(id -u) >> {MARKS}' {script}")

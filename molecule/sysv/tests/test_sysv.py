@@ -19,7 +19,7 @@ from pod_on_host import POD_DIR, VENV, delivered, produce, site_snapshots
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULTS = "/etc/default/celeryd-xapi"
 INITD = "/etc/init.d/celeryd-xapi"
-SDIST = "/usr/local/lib/xapi-worker/sdist/celery-5.4.0.tar.gz"
+SDIST = "/usr/local/lib/xapi-worker/init-script/celery-5.4.0.tar.gz"
 MEMBER = "celery-5.4.0/extra/generic-init.d/celeryd"
 NODES = ("xapi1", "xapi2")
 APP = {"sysv-enc1": "xapi_worker.app", "sysv-enc2": "pod.xapi.xapi_tasks"}

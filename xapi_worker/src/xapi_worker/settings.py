@@ -23,6 +23,7 @@ TASK_NAME = "pod.xapi.xapi_tasks.send_xapi_statement_task"
 XAPI_VERSION = "1.0.3"
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ESCAPE_RE = re.compile(r'\\(["\\])')
 
 
 class SettingsError(ValueError):
@@ -61,7 +62,8 @@ def parse_config_text(text: str, source: str = "config file") -> dict[str, str]:
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             quote, value = value[0], value[1:-1]
             if quote == '"':
-                value = value.replace('\\"', '"').replace("\\\\", "\\")
+                # One pass, left to right: `\\"` is an escaped backslash then the quote.
+                value = _ESCAPE_RE.sub(r"\1", value)
         elif value and value[0] in "'\"":
             raise SettingsError(f"{source}, line {lineno}: unterminated quote for {key}")
         values[key] = value
@@ -200,7 +202,9 @@ def settings_from_mapping(values: Mapping[str, str]) -> Settings:
             if required:
                 raise SettingsError(f"{name} is not set")
             continue
-        kwargs[f.name] = f.metadata["parse"](name, raw.strip())
+        # A secret is taken verbatim: a password may begin or end with a space.
+        value = raw if f.metadata["secret"] else raw.strip()
+        kwargs[f.name] = f.metadata["parse"](name, value)
     settings = Settings(**kwargs)
     # A countdown (retry) message is held unacknowledged by the worker until it is due, then
     # waits at most one flush interval and one HTTP exchange; Redis gives it to another
