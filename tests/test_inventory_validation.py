@@ -64,6 +64,13 @@ CASES = [
         "xapi_encodage_pod_dir",
     ),
     ("xapi_encodage.yml", {"xapi_encodage_pod_user": "pod;id"}, "system user names"),
+    # Variables renamed when Pod's part became roles/xapi_encodage_pod: refused by that role
+    # (reached once the worker's read-only steps pass: no IP allow list to resolve here).
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_venv": "/srv/venv", "xapi_encodage_worker_ip_filter": False},
+        "xapi_encodage_venv -> xapi_encodage_pod_venv",
+    ),
     # IPAddressAllow= of the worker's units: addresses and prefixes only (a name would be
     # dropped by systemd, a space or a line break would add entries).
     (

@@ -124,6 +124,7 @@ def test_the_scan_covers_the_bundle() -> None:
     names = {str(p.relative_to(ROOT)) for p in bundle_files()}
     assert "site.yml" in names
     assert "roles/xapi_encodage/tasks/main.yml" in names
+    assert "roles/xapi_encodage_pod/tasks/code.yml" in names
     assert any(n.startswith("playbooks/") for n in names)
     assert any(n.startswith("lab/") for n in names)
 

@@ -20,6 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "xapi_worker"
 ROLE = ROOT / "roles" / "xapi_encodage"
+POD_ROLE = ROOT / "roles" / "xapi_encodage_pod"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 
 
@@ -124,14 +125,14 @@ def test_the_wheel_built_twice_is_the_same_file(tmp_path):
 
 
 def test_pods_commit_is_recorded_and_a_moved_tag_refused_before_the_checkout():
-    defaults = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
+    defaults = yaml.safe_load((POD_ROLE / "defaults/main.yml").read_text())
     assert defaults["xapi_encodage_pod_allow_moved_tag"] is False
-    specs = yaml.safe_load((ROLE / "meta/argument_specs.yml").read_text())
+    specs = yaml.safe_load((POD_ROLE / "meta/argument_specs.yml").read_text())
     options = specs["argument_specs"]["main"]["options"]
     assert options["xapi_encodage_pod_allow_moved_tag"]["type"] == "bool"
-    names = [t["name"] for t in yaml.safe_load((ROLE / "tasks/pod.yml").read_text())]
+    names = [t["name"] for t in yaml.safe_load((POD_ROLE / "tasks/code.yml").read_text())]
     clone = names.index("Clone or update Pod, keeping any local change (force false)")
     assert names.index("Ask the repository where Pod's version points now") < clone
     assert names.index("Refuse a tag that moved since it was checked out") < clone
     assert names.index("Record the commit Pod's version resolved to") > clone
-    assert "xapi_encodage_pod_allow_moved_tag" in (ROLE / "README.md").read_text()
+    assert "xapi_encodage_pod_allow_moved_tag" in (POD_ROLE / "README.md").read_text()

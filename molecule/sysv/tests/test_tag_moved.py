@@ -1,5 +1,5 @@
 """Pod's commit is recorded, and a tag that moved upstream stops the run before the checkout
-(roles/xapi_encodage/tasks/pod.yml, security review point 10). Runs after test_sysv.py (file
+(roles/xapi_encodage_pod/tasks/code.yml, security review point 10). Runs after test_sysv.py (file
 order) and puts the tag back: later runs see the lab as prepare.yml made it.
 """
 
