@@ -1,17 +1,14 @@
 """Code the benchmark runs on the lab hosts: Pod's own producer and the direct batched
 ingest on the frontal (as user pod, Pod's venv and settings_local.py, through
-molecule/shared/pod_on_host.py), the LRS store, and the workers' memory."""
+xapi_testsupport.pod_on_host), the LRS store, and the workers' memory."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 
-from labhosts import REPO, PodmanHost
-
-sys.path.insert(0, str(REPO / "molecule" / "shared"))
-from pod_on_host import as_pod_python  # shared with the molecule tests
+from labhosts import PodmanHost
+from xapi_testsupport.pod_on_host import as_pod_python  # shared with the molecule tests
 
 # Statements of Pod's video player (w3id video profile), numbered; used by both producers.
 STATEMENT = """

@@ -12,8 +12,8 @@ import re
 import time
 
 import pytest
-from pod_on_host import POD_DIR, VENV, delivered, produce
-from polling import wait_until
+from xapi_testsupport.pod_on_host import POD_DIR, VENV, delivered, produce
+from xapi_testsupport.polling import wait_until
 
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
 DEFAULTS = "/etc/default/celeryd-xapi"

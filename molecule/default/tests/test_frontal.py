@@ -16,7 +16,7 @@ import textwrap
 import uuid
 
 import pytest
-from pod_on_host import lrs_auth
+from xapi_testsupport.pod_on_host import lrs_auth
 
 POD_DIR = "/usr/local/django_projects/podv4"
 VENV = "/home/pod/.virtualenvs/django_pod4"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pod_on_host import delivered, produce
+from xapi_testsupport.pod_on_host import delivered, produce
 
 ROOT = Path(__file__).resolve().parents[3]
 UNIT = "redis-server@xapi"

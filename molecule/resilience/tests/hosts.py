@@ -10,9 +10,9 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
-# Pod's layout on the lab hosts, as the other scenarios know it (molecule/shared, put on
-# sys.path by conftest.py).
-from pod_on_host import POD_DIR, VENV
+# Pod's layout on the lab hosts, as the other scenarios know it (xapi_testsupport, on
+# sys.path through molecule/pytest.ini).
+from xapi_testsupport.pod_on_host import POD_DIR, VENV
 
 PREFIX = os.environ.get("XAPI_RES_PREFIX", "res-")
 FILES = Path(__file__).resolve().parents[1] / "files"

@@ -39,7 +39,7 @@ from hosts import (
     service_active,
     sh,
 )
-from polling import wait_until
+from xapi_testsupport.polling import wait_until
 
 STATEMENTS = int(os.environ.get("XAPI_RES_STATEMENTS", "1200"))
 RATE = float(os.environ.get("XAPI_RES_RATE", "4"))  # statements per second

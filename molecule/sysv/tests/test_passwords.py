@@ -12,7 +12,7 @@ import string
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from pod_on_host import POD_DIR, VENV, inventory_vars
+from xapi_testsupport.pod_on_host import POD_DIR, VENV, inventory_vars
 
 PRINTABLE = set(string.printable) - set(string.whitespace) | {" "}
 ACL_FILE = "/etc/redis/redis-xapi.acl"

@@ -12,9 +12,8 @@ import base64
 import uuid
 
 import pytest
-from pod_on_host import POD_DIR, VENV
-
-from playbooks import molecule_inventory, runner
+from xapi_testsupport.playbooks import molecule_inventory, runner
+from xapi_testsupport.pod_on_host import POD_DIR, VENV
 
 SITE_PACKAGES = f"{VENV}/lib/python3.11/site-packages"
 MARKS = "/home/pod/foothold.log"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pod_on_host import POD_DIR, VENV, delivered, produce, site_snapshots
+from xapi_testsupport.pod_on_host import POD_DIR, VENV, delivered, produce, site_snapshots
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULTS = "/etc/default/celeryd-xapi"

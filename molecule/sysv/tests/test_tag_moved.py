@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import re
 
-from pod_on_host import POD_DIR
 from test_sysv import run_role
+from xapi_testsupport.pod_on_host import POD_DIR
 
 REPO = "/srv/git/Esup-Pod.git"
 FACT = "/etc/ansible/facts.d/xapi_pod.fact"

@@ -1,5 +1,5 @@
-"""Helpers the scenarios' tests share: Pod's own producer and an LRS read-back, run on a
-lab host as user pod with Pod's venv and settings_local.py."""
+"""Helpers the scenarios' tests and the benchmark share: Pod's own producer and an LRS
+read-back, run on a lab host as user pod with Pod's venv and settings_local.py."""
 
 from __future__ import annotations
 
@@ -10,13 +10,40 @@ import os
 import shlex
 import subprocess
 import uuid
+from typing import Any, Protocol
 
-from polling import wait_until
-
-from playbooks import ROOT, molecule_inventory
+from xapi_testsupport.playbooks import ROOT, molecule_inventory
+from xapi_testsupport.polling import wait_until
 
 POD_DIR = "/usr/local/django_projects/podv4"
 VENV = "/home/pod/.virtualenvs/django_pod4"
+
+
+class Result(Protocol):
+    """What a command's result holds (testinfra's CommandResult, the bench's alike)."""
+
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class Host(Protocol):
+    """What running as pod needs of a host: testinfra's run()."""
+
+    def run(self, command: str) -> Result: ...
+
+
+class File(Protocol):
+    content_string: str
+
+
+class TestinfraHost(Host, Protocol):
+    """A testinfra host: also its files and check_output()."""
+
+    def file(self, path: str) -> File: ...
+
+    def check_output(self, command: str, *args: str) -> str: ...
+
 
 # Pod's own producer (pod.xapi.xapi_tasks.send_xapi_statement_task.delay), as the frontal's
 # views call it, run from the encoding venv with Pod's settings_local.py.
@@ -47,7 +74,7 @@ print(r.text)
 
 
 @functools.cache
-def inventory_vars() -> dict:
+def inventory_vars() -> dict[str, Any]:
     """The scenario's inventory variables as written (not templated): one host's view."""
     scenario = {"MOLECULE_INVENTORY_FILE", "MOLECULE_EPHEMERAL_DIRECTORY"} & set(os.environ)
     inventory = molecule_inventory() if scenario else str(ROOT / "inventories" / "lab")
@@ -74,7 +101,7 @@ def lrs_auth() -> dict[str, str]:
     return {"login": values["xapi_lrs_login"], "password": values["xapi_lrs_password"]}
 
 
-def as_pod_python(host, code: str, *args: str, stdin: str = ""):
+def as_pod_python(host: Host, code: str, *args: str, stdin: str = "") -> Result:
     quoted = " ".join(shlex.quote(a) for a in args)
     feed = base64.b64encode(stdin.encode()).decode()
     return host.run(
@@ -83,14 +110,14 @@ def as_pod_python(host, code: str, *args: str, stdin: str = ""):
     )
 
 
-def produce(host) -> str:
+def produce(host: Host) -> str:
     statement_id = str(uuid.uuid4())
     result = as_pod_python(host, PRODUCE, statement_id)
     assert result.rc == 0, result.stderr
     return statement_id
 
 
-def delivered(host, statement_id: str, timeout: float = 45) -> bool:
+def delivered(host: Host, statement_id: str, timeout: float = 45) -> bool:
     def read_back() -> bool:
         result = as_pod_python(host, READ_BACK, statement_id, stdin=json.dumps(lrs_auth()))
         return result.rc == 0 and result.stdout.startswith("200") and statement_id in result.stdout
@@ -113,7 +140,7 @@ with requests.Session() as http:
 """
 
 
-def missing_from_lrs(host, ids: list[str]) -> list[str]:
+def missing_from_lrs(host: Host, ids: list[str]) -> list[str]:
     """The ids of `ids` the LRS does not hold, read back in one run on the host."""
     result = as_pod_python(host, MISSING, *ids, stdin=json.dumps(lrs_auth()))
     assert result.rc == 0, result.stderr
@@ -129,7 +156,7 @@ SNAPSHOT = (
 SNAPSHOT_BEFORE = "/var/lib/xapi-lab/site-before.json"
 
 
-def site_snapshots(host) -> tuple[dict, dict]:
+def site_snapshots(host: TestinfraHost) -> tuple[dict, dict]:
     """(before the bundle, now) of the host's Pod files, services and Redis data."""
     before = json.loads(host.file(SNAPSHOT_BEFORE).content_string)
     return before, json.loads(host.check_output(SNAPSHOT))
