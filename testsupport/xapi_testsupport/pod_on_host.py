@@ -9,11 +9,11 @@ import json
 import os
 import shlex
 import subprocess
-import uuid
 from typing import Any, Protocol
 
 from xapi_testsupport.playbooks import ROOT, molecule_inventory
 from xapi_testsupport.polling import wait_until
+from xapi_testsupport.statements import agent, now, statement
 
 POD_DIR = "/usr/local/django_projects/podv4"
 VENV = "/home/pod/.virtualenvs/django_pod4"
@@ -46,19 +46,14 @@ class TestinfraHost(Host, Protocol):
 
 
 # Pod's own producer (pod.xapi.xapi_tasks.send_xapi_statement_task.delay), as the frontal's
-# views call it, run from the encoding venv with Pod's settings_local.py.
+# views call it, run from the encoding venv with Pod's settings_local.py; the statement comes
+# as JSON in argv[1].
 PRODUCE = """
-import datetime, sys
+import json, sys
 from pod.xapi.xapi_tasks import send_xapi_statement_task
-send_xapi_statement_task.delay({
-    "id": sys.argv[1],
-    "actor": {"objectType": "Agent", "name": "molecule", "mbox": "mailto:molecule@example.org"},
-    "verb": {"id": "https://w3id.org/xapi/video/verbs/played", "display": {"en-US": "played"}},
-    "object": {"objectType": "Activity", "id": "https://pod.example.org/video/0001-test/",
-               "definition": {"type": "https://w3id.org/xapi/video/activity-type/video"}},
-    "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-})
+send_xapi_statement_task.delay(json.loads(sys.argv[1]))
 """
+
 # Reads one statement back from the LRS at the URL of settings_local.py. The credentials come
 # from the scenario's inventory on stdin: the frontal holds none (roles/xapi_frontal).
 READ_BACK = """
@@ -111,10 +106,16 @@ def as_pod_python(host: Host, code: str, *args: str, stdin: str = "") -> Result:
 
 
 def produce(host: Host) -> str:
-    statement_id = str(uuid.uuid4())
-    result = as_pod_python(host, PRODUCE, statement_id)
+    """Queues one played statement with Pod's producer on `host`; returns its id."""
+    body = statement(
+        "played",
+        actor=agent("molecule", "mailto:molecule@example.org"),
+        object_id="https://pod.example.org/video/0001-test/",
+        timestamp=now(),
+    )
+    result = as_pod_python(host, PRODUCE, json.dumps(body))
     assert result.rc == 0, result.stderr
-    return statement_id
+    return body["id"]
 
 
 def delivered(host: Host, statement_id: str, timeout: float = 45) -> bool:

@@ -13,10 +13,11 @@ import base64
 import json
 import re
 import textwrap
-import uuid
 
 import pytest
 from xapi_testsupport.pod_on_host import lrs_auth
+from xapi_testsupport.statements import EXT, agent, video_context
+from xapi_testsupport.statements import statement as build_statement
 
 POD_DIR = "/usr/local/django_projects/podv4"
 VENV = "/home/pod/.virtualenvs/django_pod4"
@@ -185,22 +186,14 @@ def test_web_service_restarted_after_the_settings_changed(frontal):
 @pytest.fixture(scope="module")
 def queued_statement(frontal) -> dict:
     """Queue one statement with Pod's own task, as pod/xapi/views.py does."""
-    statement_id = str(uuid.uuid4())
-    statement = {
-        "id": statement_id,
-        "actor": {"objectType": "Agent", "name": "test-frontal", "mbox": "mailto:t@example.org"},
-        "verb": {
-            "id": "https://w3id.org/xapi/video/verbs/played",
-            "display": {"en-US": "played"},
-        },
-        "object": {
-            "objectType": "Activity",
-            "id": "https://pod.example.org/video/0001-test-frontal/",
-            "definition": {"type": "https://w3id.org/xapi/video/activity-type/video"},
-        },
-        "context": {"contextActivities": {"category": [{"id": "https://w3id.org/xapi/video"}]}},
-        "result": {"extensions": {"https://w3id.org/xapi/video/extensions/time": 1.0}},
-    }
+    statement = build_statement(
+        "played",
+        actor=agent("test-frontal", "mailto:t@example.org"),
+        object_id="https://pod.example.org/video/0001-test-frontal/",
+        context=video_context(),
+        result={"extensions": {EXT + "time": 1.0}},
+    )
+    statement_id = statement["id"]
     result = pod_python(
         frontal,
         f"""
