@@ -1,11 +1,12 @@
 """Processes the integration tests start: redis-server, Ralph's LRS, a recording/fault proxy in
-front of Ralph, Celery workers of this package, and a producer built like Pod's. The
-statements come from xapi_testsupport (testsupport/README.md), shared with the bundle's
+front of Ralph, Celery workers of this package, and a producer built like Pod's. Polling and
+the statements come from xapi_testsupport (testsupport/README.md), shared with the bundle's
 other tests and the benchmark."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -22,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from xapi_testsupport.polling import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 TASK_NAME = "pod.xapi.xapi_tasks.send_xapi_statement_task"
@@ -35,13 +38,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+# Local processes answer within milliseconds: poll ten times as often as on the lab hosts.
+wait_for = functools.partial(wait_until, interval=0.1)
 
 
 def _port_open(port: int) -> bool:
