@@ -1,5 +1,6 @@
-"""Helpers the scenarios' tests and the benchmark share: Pod's own producer and an LRS
-read-back, run on a lab host as user pod with Pod's venv and settings_local.py."""
+"""Running things on a lab host as user pod, and the helpers built on it: Pod's own producer
+and an LRS read-back, with Pod's venv and settings_local.py. Used by the scenarios' tests and
+by the benchmark, whose hosts are not testinfra's but answer run() the same way."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from xapi_testsupport.statements import agent, now, statement
 
 POD_DIR = "/usr/local/django_projects/podv4"
 VENV = "/home/pod/.virtualenvs/django_pod4"
+# Pod's venv python as user pod, with Pod's tree importable whatever the script's directory.
+POD_PYTHON = f"runuser -u pod -- env PYTHONPATH={POD_DIR} {VENV}/bin/python"
 
 
 class Result(Protocol):
@@ -43,6 +46,33 @@ class TestinfraHost(Host, Protocol):
     def file(self, path: str) -> File: ...
 
     def check_output(self, command: str, *args: str) -> str: ...
+
+
+def as_pod_command(command: str, *, cwd: str | None = None) -> str:
+    """The shell line that runs `command` (itself a shell line) as user pod; `cwd` is entered
+    first, as root, as the tests always did."""
+    line = f"runuser -u pod -- sh -c {shlex.quote(command)}"
+    return f"cd {cwd} && {line}" if cwd else line
+
+
+def as_pod(host: Host, command: str, *, cwd: str | None = None) -> Result:
+    """`command` run as user pod on a testinfra host (its result: rc, stdout, stderr)."""
+    return host.run(as_pod_command(command, cwd=cwd))
+
+
+def as_pod_python(
+    host: Host, code: str, *args: str, stdin: str = "", timeout: int | None = None
+) -> Result:
+    """Python `code` run by Pod's venv as user pod from Pod's directory (as Pod's views run),
+    with `args` in sys.argv[1:] and `stdin` on its standard input; `timeout` (seconds) ends
+    it if it takes longer."""
+    quoted = " ".join(shlex.quote(a) for a in args)
+    feed = base64.b64encode(stdin.encode()).decode()
+    bound = f"timeout {timeout} " if timeout is not None else ""
+    return host.run(
+        f"cd {POD_DIR} && echo {feed} | base64 -d | {bound}{POD_PYTHON} "
+        f"-c {shlex.quote(code)} {quoted}"
+    )
 
 
 # Pod's own producer (pod.xapi.xapi_tasks.send_xapi_statement_task.delay), as the frontal's
@@ -94,15 +124,6 @@ def inventory_vars() -> dict[str, Any]:
 def lrs_auth() -> dict[str, str]:
     values = inventory_vars()
     return {"login": values["xapi_lrs_login"], "password": values["xapi_lrs_password"]}
-
-
-def as_pod_python(host: Host, code: str, *args: str, stdin: str = "") -> Result:
-    quoted = " ".join(shlex.quote(a) for a in args)
-    feed = base64.b64encode(stdin.encode()).decode()
-    return host.run(
-        f"cd {POD_DIR} && echo {feed} | base64 -d | runuser -u pod -- env PYTHONPATH={POD_DIR} "
-        f"{VENV}/bin/python -c {shlex.quote(code)} {quoted}"
-    )
 
 
 def produce(host: Host) -> str:

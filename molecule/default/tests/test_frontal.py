@@ -15,12 +15,10 @@ import re
 import textwrap
 
 import pytest
-from xapi_testsupport.pod_on_host import lrs_auth
+from xapi_testsupport.pod_on_host import POD_DIR, VENV, as_pod, as_pod_command, lrs_auth
 from xapi_testsupport.statements import EXT, agent, video_context
 from xapi_testsupport.statements import statement as build_statement
 
-POD_DIR = "/usr/local/django_projects/podv4"
-VENV = "/home/pod/.virtualenvs/django_pod4"
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
 CONSTRAINTS = "/usr/local/share/xapi/frontal-constraints.txt"
 MARK = "xAPI settings managed by Ansible (Esup-Pod xAPI bundle)"
@@ -45,11 +43,12 @@ DELIVERY_WAIT = 60
 
 
 def pod_python(host, code: str, timeout: int = 120):
-    """Run code with Pod's venv python, as user pod, from Pod's directory (as Pod's views)."""
+    """Run code with Pod's venv python, as user pod, from Pod's directory (as Pod's views).
+    The code goes on stdin, not argv: some of it holds the LRS credentials."""
     payload = base64.b64encode(textwrap.dedent(code).encode()).decode()
     return host.run(
         f"echo {payload} | base64 -d | timeout {timeout} "
-        f"runuser -u pod -- sh -c 'cd {POD_DIR} && exec {VENV}/bin/python -'"
+        + as_pod_command(f"cd {POD_DIR} && exec {VENV}/bin/python -")
     )
 
 
@@ -124,8 +123,8 @@ def test_settings_file_mode_and_owner(frontal):
     """root:pod 0640: Pod (group pod) reads its settings, the web app cannot rewrite them."""
     settings = frontal.file(SETTINGS)
     assert (settings.user, settings.group, settings.mode) == ("root", "pod", 0o640)
-    assert frontal.run(f"runuser -u pod -- sh -c 'echo >> {SETTINGS}'").rc != 0
-    assert frontal.run(f"runuser -u pod -- cat {SETTINGS}").rc == 0
+    assert as_pod(frontal, f"echo >> {SETTINGS}").rc != 0
+    assert as_pod(frontal, f"cat {SETTINGS}").rc == 0
 
 
 def test_settings_file_compiles(frontal):
@@ -148,7 +147,7 @@ def test_pod_pins_unchanged_and_kombu_fixed(frontal):
         p["name"].lower(): p["version"]
         for p in json.loads(
             frontal.check_output(
-                f"runuser -u pod -- {VENV}/bin/pip list --format=json --disable-pip-version-check"
+                as_pod_command(f"{VENV}/bin/pip list --format=json --disable-pip-version-check")
             )
         )
     }
