@@ -6,7 +6,8 @@ A producer built like Pod's streams statements with known ids the whole time; th
 random instants, while it is taking messages. Then one last worker drains everything, and the
 ids in Ralph are compared with the ids sent. Run from the repository root:
 
-    RALPH_VENV=$PWD/.venv-ralph .venv-worker/bin/python bench/kill_soak.py --kills 30
+    RALPH_VENV=$PWD/.venv-ralph PYTHONPATH=testsupport:xapi_worker/tests \
+        .venv-worker/bin/python bench/kill_soak.py --kills 30
     ... --transport kombu     # kombu's own Redis transport, for comparison
 
 Prints one JSON line: kills, sent, stored (unique), duplicates, lost, seconds.
@@ -18,26 +19,24 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "xapi_worker" / "tests"))
-
-from support import (  # noqa: E402  (test helpers: processes and the Pod-like producer)
+# The worker tests' processes and Pod-like producer (xapi_worker/tests), and the shared
+# helpers (testsupport): both on PYTHONPATH, see the docstring.
+from support import (
     Ralph,
     RedisServer,
     Worker,
     local_worker_config,
     make_ralph_auth,
     pod_producer,
-    video_statement,
-    wait_for,
 )
+from xapi_testsupport.polling import wait_until
+from xapi_testsupport.statements import video_statement
 
 # An app module that swaps the bundled transport for kombu's own, for the comparison run.
 KOMBU_APP = """
@@ -115,7 +114,7 @@ def main() -> None:
                     progress.update(stored=stored, at=time.monotonic())
                 return stored >= total or time.monotonic() - progress["at"] > 120
 
-            wait_for(settled, 3600, 2)  # done, or two minutes without progress
+            wait_until(settled, 3600, 2)  # done, or two minutes without progress
             time.sleep(12)  # past the visibility timeout: late redeliveries would show
             ids = ralph.stored_ids()
             worker.stop()

@@ -21,7 +21,7 @@ class Result:
 
 
 class PodmanHost:
-    """What molecule/shared/pod_on_host.py needs of a testinfra host: run(cmd)."""
+    """What xapi_testsupport.pod_on_host needs of a testinfra host: run(cmd)."""
 
     def __init__(self, container: str) -> None:
         self.container = container

@@ -1,36 +1,36 @@
 """Code the benchmark runs on the lab hosts: Pod's own producer and the direct batched
 ingest on the frontal (as user pod, Pod's venv and settings_local.py, through
-molecule/shared/pod_on_host.py), the LRS store, and the workers' memory."""
+xapi_testsupport.pod_on_host), the LRS store, and the workers' memory."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 
-from labhosts import REPO, PodmanHost
-
-sys.path.insert(0, str(REPO / "molecule" / "shared"))
-from pod_on_host import as_pod_python  # shared with the molecule tests
+from labhosts import PodmanHost
+from xapi_testsupport import statements
+from xapi_testsupport.pod_on_host import as_pod_python  # shared with the molecule tests
 
 # Statements of Pod's video player (w3id video profile), numbered; used by both producers.
-STATEMENT = """
-import json, sys, time, uuid
-VERBS = ["initialized", "played", "paused", "seeked", "completed", "terminated"]
-def statement(i):
-    verb = VERBS[i % len(VERBS)]
-    return {
-        "id": str(uuid.uuid4()),
-        "actor": {"name": "bench", "mbox": "mailto:bench@example.org"},
-        "verb": {"id": "https://w3id.org/xapi/video/verbs/" + verb, "display": {"en-US": verb}},
-        "object": {"id": "https://pod.example.org/video/%04d-bench/" % (i % 50),
-                   "objectType": "Activity",
-                   "definition": {"type": "https://w3id.org/xapi/video/activity-type/video"}},
-        "result": {"extensions": {"https://w3id.org/xapi/video/extensions/time": float(i)}},
-        "context": {"contextActivities": {"category": [{"id": "https://w3id.org/xapi/video"}]}},
-        "timestamp": "2026-01-01T00:00:00+00:00",
-    }
+# The shared builder's own source goes along: the hosts make thousands, too many to pass.
+STATEMENT = (
+    statements.source()
+    + """
+import json, sys, time
+BENCH_VERBS = ["initialized", "played", "paused", "seeked", "completed", "terminated"]
+def numbered(i):
+    verb = BENCH_VERBS[i % len(BENCH_VERBS)]
+    return statement(
+        verb,
+        verb_id=VIDEO + "/verbs/" + verb,
+        actor=agent("bench", "mailto:bench@example.org", typed=False),
+        object_id="https://pod.example.org/video/%04d-bench/" % (i % 50),
+        result={"extensions": {EXT + "time": float(i)}},
+        context=video_context(),
+        timestamp="2026-01-01T00:00:00+00:00",
+    )
 """
+)
 # Pod's frontal: send_xapi_statement_task.delay() as pod/xapi/views.py calls it. Prints
 # [[id, enqueue time], ...].
 PRODUCE = (
@@ -39,7 +39,7 @@ PRODUCE = (
 from pod.xapi.xapi_tasks import send_xapi_statement_task
 sent = []
 for i in range(int(sys.argv[1])):
-    s = statement(i)
+    s = numbered(i)
     sent.append([s["id"], time.time()])
     send_xapi_statement_task.delay(s)
 print(json.dumps(sent))
@@ -58,7 +58,7 @@ session.headers["X-Experience-API-Version"] = "1.0.3"
 n, size = int(sys.argv[1]), int(sys.argv[2])
 sent, batch = [], []
 for i in range(n):
-    st = statement(i)
+    st = numbered(i)
     sent.append([st["id"], time.time()])
     batch.append(st)
     if len(batch) == size or i == n - 1:

@@ -22,7 +22,7 @@ from typing import Any
 
 import onhost
 from labhosts import REPO, PodmanHost, playbook
-from polling import wait_until  # molecule/shared, on sys.path through onhost
+from xapi_testsupport.polling import wait_until
 
 PREFIX = "xapi-bench"
 SEED_CAP_S = 3 * 3600  # (a) run to the end: about an hour at the seed's rate

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 # Facts of the bench hosts apart from the demo lab's (same inventory host names).
 export ANSIBLE_CACHE_PLUGIN_CONNECTION=$PWD/.ansible/bench-facts
 export BENCH_COMMAND=${BENCH_COMMAND:-make bench}
+# The helpers shared with the tests (testsupport/README.md).
+export PYTHONPATH=$PWD/testsupport${PYTHONPATH:+:$PYTHONPATH}
 python bench/pipeline.py "$@"
 .venv-bench/bin/python bench/report.py
 if [ "${BENCH_KEEP:-0}" != 1 ]; then

@@ -2,7 +2,8 @@
 127.0.0.1. N statements are queued first (as Pod's frontal would, with ``.delay()``), then a
 worker is started and timed until the LRS holds all of them. Run from the repository root:
 
-    RALPH_VENV=$PWD/.venv-ralph .venv-worker/bin/python bench/worker_loopback.py [N [SIZES]]
+    RALPH_VENV=$PWD/.venv-ralph PYTHONPATH=testsupport:xapi_worker/tests \
+        .venv-worker/bin/python bench/worker_loopback.py [N [SIZES]]
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "xapi_worker" / "tests"))
-
-from support import (  # noqa: E402  (test helpers: processes and the Pod-like producer)
+# The worker tests' processes and Pod-like producer (xapi_worker/tests), and the shared
+# helpers (testsupport): both on PYTHONPATH, see the docstring.
+from support import (
     Ralph,
     RedisServer,
     Worker,
     local_worker_config,
     make_ralph_auth,
     pod_producer,
-    video_statement,
-    wait_for,
 )
+from xapi_testsupport.polling import wait_until
+from xapi_testsupport.statements import video_statement
 
 
 def logged_batches(log: str) -> list[int]:
@@ -62,12 +62,12 @@ def run(n: int, batch_size: int, auth: Path) -> tuple[float, int]:
                     if line
                 )
 
-            if not wait_for(lambda: count() >= n, 900, interval=0.05):
+            if not wait_until(lambda: count() >= n, 900, interval=0.05):
                 raise SystemExit(f"only {count()} of {n} delivered:\n{worker.text()[-2000:]}")
             elapsed = time.monotonic() - started
             # Ralph stores before it answers, so the worker logs the last POST a moment after
             # the LRS holds everything: wait for the log to account for all n.
-            wait_for(lambda: sum(logged_batches(worker.text())) >= n, 30, interval=0.05)
+            wait_until(lambda: sum(logged_batches(worker.text())) >= n, 30, interval=0.05)
             return elapsed, len(logged_batches(worker.text()))
         finally:
             if worker is not None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from xapi_testsupport.broker import PRODUCER_REFUSED
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -70,49 +71,6 @@ PRODUCER_NEEDS = [
     ["LLEN", "xapi\x06\x163"],
     ["SADD", "_kombu.binding.xapi", "xapi\x06\x16\x06\x16xapi"],
     ["LPUSH", "xapi", "{}"],
-]
-# A sample of what stolen web-app credentials must not do (the review's list).
-PRODUCER_REFUSED = [
-    ["LRANGE", "xapi", "0", "-1"],
-    ["LINDEX", "xapi", "0"],
-    ["LPOP", "xapi"],
-    ["RPOP", "xapi"],
-    ["BRPOP", "xapi", "1"],
-    ["BLMOVE", "xapi", "xapi.inflight.x", "RIGHT", "LEFT", "1"],
-    ["LMOVE", "xapi", "xapi.dead_letters", "RIGHT", "LEFT"],
-    ["LREM", "xapi", "0", "x"],
-    ["LTRIM", "xapi", "1", "0"],
-    ["DEL", "xapi"],
-    ["UNLINK", "xapi"],
-    ["RENAME", "xapi", "elsewhere"],
-    ["EXPIRE", "xapi", "1"],
-    ["GET", "unacked"],
-    ["HGETALL", "unacked"],
-    ["HDEL", "unacked", "x"],
-    ["LRANGE", "xapi.dead_letters", "0", "-1"],
-    ["LRANGE", "xapi.inflight.node", "0", "-1"],
-    ["SMEMBERS", "xapi.inflight"],
-    ["SREM", "_kombu.binding.xapi", "x"],
-    ["DEL", "_kombu.binding.xapi"],
-    ["LPUSH", "unacked", "x"],
-    ["LPUSH", "xapi.dead_letters", "x"],
-    ["EVAL", "return 1", "0"],
-    ["EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0"],
-    ["SCRIPT", "LOAD", "return 1"],
-    ["FUNCTION", "LIST"],
-    ["FLUSHALL"],
-    ["FLUSHDB"],
-    ["KEYS", "*"],
-    ["SCAN", "0"],
-    ["PUBLISH", "/6.celery.pidbox", "x"],
-    ["SUBSCRIBE", "/6.celeryev/worker.heartbeat"],
-    ["PSUBSCRIBE", "/6.celeryev/worker.*"],
-    ["CONFIG", "GET", "maxmemory"],
-    ["CLIENT", "LIST"],
-    ["INFO"],
-    ["MONITOR"],
-    ["SHUTDOWN"],
-    ["ACL", "LIST"],
 ]
 # What the worker's user keeps (a sample; the full list is roles/redis defaults).
 WORKER_KEEPS = [

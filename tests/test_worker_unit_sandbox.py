@@ -8,10 +8,10 @@ molecule/default/tests/test_unit_hardening.py checks the deployed units on a rea
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jinja2
@@ -20,8 +20,15 @@ from ansible.module_utils.parsing.convert_bool import boolean
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLE = ROOT / "roles" / "xapi_encodage"
-sys.path.insert(0, str(ROLE / "filter_plugins"))
-import ip_prefixes  # noqa: E402
+
+# The role's filter plugin, loaded from its file: Ansible finds it by directory, not as a
+# package, and putting that directory on sys.path would leak it into every other test.
+_SPEC = importlib.util.spec_from_file_location(
+    "ip_prefixes", ROLE / "filter_plugins" / "ip_prefixes.py"
+)
+assert _SPEC is not None and _SPEC.loader is not None
+ip_prefixes = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(ip_prefixes)
 
 # Measured offline on Debian 12's systemd 252 (roles/xapi_encodage README, "Sandbox"): the
 # node unit was 3.3 before this hardening (3.1 on a running host), the group unit 9.6.

@@ -1,9 +1,12 @@
 """Processes the integration tests start: redis-server, Ralph's LRS, a recording/fault proxy in
-front of Ralph, Celery workers of this package, and a producer built like Pod's."""
+front of Ralph, Celery workers of this package, and a producer built like Pod's. Polling and
+the statements come from xapi_testsupport (testsupport/README.md), shared with the bundle's
+other tests and the benchmark."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -14,12 +17,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from xapi_testsupport.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -34,13 +38,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+# Local processes answer within milliseconds: poll ten times as often as on the lab hosts.
+wait_for = functools.partial(wait_until, interval=0.1)
 
 
 def _port_open(port: int) -> bool:
@@ -418,53 +417,3 @@ def pod_producer(broker_url: str) -> Iterator[Callable[[dict[str, Any]], None]]:
         yield send_xapi_statement_task.delay
     finally:
         app.close()
-
-
-# --- statements as Pod's video player builds them (w3id video profile) -----------------------
-VIDEO = "https://w3id.org/xapi/video"
-EXT = VIDEO + "/extensions/"
-VERBS = {
-    "initialized": "http://adlnet.gov/expapi/verbs/initialized",
-    "played": VIDEO + "/verbs/played",
-    "paused": VIDEO + "/verbs/paused",
-    "seeked": VIDEO + "/verbs/seeked",
-    "interacted": "http://adlnet.gov/expapi/verbs/interacted",
-    "completed": "http://adlnet.gov/expapi/verbs/completed",
-    "terminated": "http://adlnet.gov/expapi/verbs/terminated",
-}
-
-
-def video_statement(
-    verb: str, n: int = 0, with_id: bool = True, session: str | None = None
-) -> dict[str, Any]:
-    session = session or str(uuid.uuid4())
-    t = float(n % 600)
-    result_ext: dict[str, Any] = {EXT + "time": t}
-    if verb == "seeked":
-        result_ext = {EXT + "time-from": t, EXT + "time-to": t + 30.0}
-    elif verb in ("paused", "completed", "terminated"):
-        result_ext.update({EXT + "progress": 0.5, EXT + "played-segments": f"0[.]{t}"})
-    statement: dict[str, Any] = {
-        "actor": {"objectType": "Agent", "name": "anonymous", "mbox": "mailto:a@example.org"},
-        "verb": {"id": VERBS[verb], "display": {"en-US": verb}},
-        "object": {
-            "objectType": "Activity",
-            "id": f"https://pod.example.org/video/{n:04d}-demo/",
-            "definition": {
-                "type": VIDEO + "/activity-type/video",
-                "name": {"fr": f"Vidéo {n}"},
-            },
-        },
-        "context": {
-            "contextActivities": {"category": [{"id": VIDEO}]},
-            "extensions": {EXT + "session-id": session, EXT + "length": 600.0},
-        },
-        "timestamp": "2026-11-28T10:00:00.000Z",
-    }
-    if verb not in ("initialized", "interacted"):
-        statement["result"] = {"extensions": result_ext}
-    if verb == "completed":
-        statement["result"]["completion"] = True
-    if with_id:
-        statement["id"] = str(uuid.uuid4())
-    return statement

@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from support import LRS_PASSWORD, VERBS, Proxy, pod_producer, video_statement, wait_for
+from support import (
+    LRS_PASSWORD,
+    Proxy,
+    pod_producer,
+    wait_for,
+)
+from xapi_testsupport.statements import VERBS, video_statement
 
 
 def test_seven_video_verbs_from_pod_producer(redis_srv, ralph, make_config, start_worker):

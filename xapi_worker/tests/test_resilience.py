@@ -7,7 +7,14 @@ import threading
 import time
 from collections import Counter
 
-from support import LRS_PASSWORD, Proxy, RedisServer, pod_producer, video_statement, wait_for
+from support import (
+    LRS_PASSWORD,
+    Proxy,
+    RedisServer,
+    pod_producer,
+    wait_for,
+)
+from xapi_testsupport.statements import video_statement
 
 
 def _no_duplicates(ids: list[str]) -> None:

@@ -12,7 +12,13 @@ import time
 from celery import Celery
 from kombu import Connection, Consumer, Exchange, Queue
 from kombu.message import Message
-from support import TASK_NAME, Proxy, pod_producer, video_statement, wait_for
+from support import (
+    TASK_NAME,
+    Proxy,
+    pod_producer,
+    wait_for,
+)
+from xapi_testsupport.statements import video_statement
 from xapi_worker.transport import ALIAS, NODE_OPTION
 
 HOST = socket.gethostname()

@@ -18,9 +18,9 @@ from support import (
     Proxy,
     RedisServer,
     pod_producer,
-    video_statement,
     wait_for,
 )
+from xapi_testsupport.statements import video_statement
 
 JSON = {"Content-Type": "application/json"}
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import testinfra
-
-from playbooks import Runner, molecule_inventory, runner
+from xapi_testsupport.playbooks import Runner, molecule_inventory, runner
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -12,8 +12,8 @@ import re
 import time
 
 import pytest
-from pod_on_host import POD_DIR, VENV, delivered, produce
-from polling import wait_until
+from xapi_testsupport.pod_on_host import POD_DIR, VENV, as_pod, delivered, produce
+from xapi_testsupport.polling import wait_until
 
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
 DEFAULTS = "/etc/default/celeryd-xapi"
@@ -64,7 +64,7 @@ def secrets_of(host) -> list[str]:
 def test_pod_checked_out_at_the_tag_by_pod(encodage):
     assert encodage.user("pod").exists
     assert encodage.file(POD_DIR).user == "pod"
-    tag = encodage.run(f"runuser -u pod -- git -C {POD_DIR} describe --tags --exact-match")
+    tag = as_pod(encodage, f"git -C {POD_DIR} describe --tags --exact-match")
     assert tag.stdout.strip() == "4.1.0", tag.stderr
 
 
@@ -111,13 +111,13 @@ def test_pods_venv_keeps_a_working_kombu(encodage):
 def test_settings_local_block_readable_by_pod_only(encodage, frontal):
     settings = encodage.file(SETTINGS)
     assert (settings.user, settings.group, settings.mode) == ("root", "pod", 0o640)
-    assert encodage.run(f"runuser -u pod -- sh -c 'echo >> {SETTINGS}'").rc != 0
+    assert as_pod(encodage, f"echo >> {SETTINGS}").rc != 0
     text = settings.content_string
     assert "# BEGIN xAPI settings managed by Ansible" in text
     assert "USE_XAPI = True" in text
     for name in ("XAPI_LRS_URL", "XAPI_LRS_LOGIN", "XAPI_LRS_PWD", "XAPI_CELERY_BROKER_URL"):
         assert re.search(rf"^{name} = \".+\"$", text, re.M), name
-    assert encodage.run(f"runuser -u pod -- /usr/bin/python3 -m py_compile {SETTINGS}").rc == 0
+    assert as_pod(encodage, f"/usr/bin/python3 -m py_compile {SETTINGS}").rc == 0
     assert encodage.run(f"runuser -u nobody -- cat {SETTINGS}").rc != 0
 
 
@@ -141,7 +141,7 @@ def test_worker_settings_file_for_pod_only(encodage):
     folder, env = encodage.file("/etc/celeryd-xapi"), encodage.file(WORKER_ENV)
     assert (folder.user, folder.group, folder.mode) == ("root", "pod", 0o750)
     assert (env.user, env.group, env.mode) == ("root", "pod", 0o640)
-    assert encodage.run(f"runuser -u pod -- test -r {WORKER_ENV}").rc == 0
+    assert as_pod(encodage, f"test -r {WORKER_ENV}").rc == 0
     assert encodage.run(f"runuser -u nobody -- cat {WORKER_ENV}").rc != 0
 
 
@@ -208,13 +208,15 @@ def test_worker_runs_as_pod_on_queue_xapi(encodage):
 
 def test_documented_checks_answer(encodage):
     """Seed defect 3: the seed's check lacks `worker`; the README gives working checks."""
-    check = encodage.run(
-        f"runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} {WORKER_VENV}/bin/xapi-worker check"
+    check = as_pod(
+        encodage, f"env XAPI_WORKER_CONFIG={WORKER_ENV} {WORKER_VENV}/bin/xapi-worker check"
     )
     assert check.rc == 0, check.stdout + check.stderr
-    ping = encodage.run(
-        f"cd {POD_DIR} && runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} "
-        f"{WORKER_VENV}/bin/celery -A xapi_worker.app inspect ping -t 10"
+    ping = as_pod(
+        encodage,
+        f"env XAPI_WORKER_CONFIG={WORKER_ENV} "
+        f"{WORKER_VENV}/bin/celery -A xapi_worker.app inspect ping -t 10",
+        cwd=POD_DIR,
     )
     assert ping.rc == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
 

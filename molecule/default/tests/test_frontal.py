@@ -13,13 +13,12 @@ import base64
 import json
 import re
 import textwrap
-import uuid
 
 import pytest
-from pod_on_host import lrs_auth
+from xapi_testsupport.pod_on_host import POD_DIR, VENV, as_pod, as_pod_command, lrs_auth
+from xapi_testsupport.statements import EXT, agent, video_context
+from xapi_testsupport.statements import statement as build_statement
 
-POD_DIR = "/usr/local/django_projects/podv4"
-VENV = "/home/pod/.virtualenvs/django_pod4"
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
 CONSTRAINTS = "/usr/local/share/xapi/frontal-constraints.txt"
 MARK = "xAPI settings managed by Ansible (Esup-Pod xAPI bundle)"
@@ -44,11 +43,12 @@ DELIVERY_WAIT = 60
 
 
 def pod_python(host, code: str, timeout: int = 120):
-    """Run code with Pod's venv python, as user pod, from Pod's directory (as Pod's views)."""
+    """Run code with Pod's venv python, as user pod, from Pod's directory (as Pod's views).
+    The code goes on stdin, not argv: some of it holds the LRS credentials."""
     payload = base64.b64encode(textwrap.dedent(code).encode()).decode()
     return host.run(
         f"echo {payload} | base64 -d | timeout {timeout} "
-        f"runuser -u pod -- sh -c 'cd {POD_DIR} && exec {VENV}/bin/python -'"
+        + as_pod_command(f"cd {POD_DIR} && exec {VENV}/bin/python -")
     )
 
 
@@ -123,8 +123,8 @@ def test_settings_file_mode_and_owner(frontal):
     """root:pod 0640: Pod (group pod) reads its settings, the web app cannot rewrite them."""
     settings = frontal.file(SETTINGS)
     assert (settings.user, settings.group, settings.mode) == ("root", "pod", 0o640)
-    assert frontal.run(f"runuser -u pod -- sh -c 'echo >> {SETTINGS}'").rc != 0
-    assert frontal.run(f"runuser -u pod -- cat {SETTINGS}").rc == 0
+    assert as_pod(frontal, f"echo >> {SETTINGS}").rc != 0
+    assert as_pod(frontal, f"cat {SETTINGS}").rc == 0
 
 
 def test_settings_file_compiles(frontal):
@@ -147,7 +147,7 @@ def test_pod_pins_unchanged_and_kombu_fixed(frontal):
         p["name"].lower(): p["version"]
         for p in json.loads(
             frontal.check_output(
-                f"runuser -u pod -- {VENV}/bin/pip list --format=json --disable-pip-version-check"
+                as_pod_command(f"{VENV}/bin/pip list --format=json --disable-pip-version-check")
             )
         )
     }
@@ -185,22 +185,14 @@ def test_web_service_restarted_after_the_settings_changed(frontal):
 @pytest.fixture(scope="module")
 def queued_statement(frontal) -> dict:
     """Queue one statement with Pod's own task, as pod/xapi/views.py does."""
-    statement_id = str(uuid.uuid4())
-    statement = {
-        "id": statement_id,
-        "actor": {"objectType": "Agent", "name": "test-frontal", "mbox": "mailto:t@example.org"},
-        "verb": {
-            "id": "https://w3id.org/xapi/video/verbs/played",
-            "display": {"en-US": "played"},
-        },
-        "object": {
-            "objectType": "Activity",
-            "id": "https://pod.example.org/video/0001-test-frontal/",
-            "definition": {"type": "https://w3id.org/xapi/video/activity-type/video"},
-        },
-        "context": {"contextActivities": {"category": [{"id": "https://w3id.org/xapi/video"}]}},
-        "result": {"extensions": {"https://w3id.org/xapi/video/extensions/time": 1.0}},
-    }
+    statement = build_statement(
+        "played",
+        actor=agent("test-frontal", "mailto:t@example.org"),
+        object_id="https://pod.example.org/video/0001-test-frontal/",
+        context=video_context(),
+        result={"extensions": {EXT + "time": 1.0}},
+    )
+    statement_id = statement["id"]
     result = pod_python(
         frontal,
         f"""

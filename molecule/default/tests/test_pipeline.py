@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
+
+from xapi_testsupport.pod_on_host import as_pod_python
+from xapi_testsupport.statements import statement as build_statement
 
 
 def test_check_playbook_delivers_a_statement(playbook) -> None:
@@ -22,24 +24,19 @@ def test_status_playbook_reports_a_healthy_pipeline(playbook) -> None:
 
 def queue_invalid_statement(frontal) -> str:
     """A statement the LRS must refuse (no verb), queued with Pod's own producer."""
-    statement_id = str(uuid.uuid4())
-    statement = {
-        "id": statement_id,
-        "actor": {"mbox": "mailto:dead-letter@example.org"},
-        "object": {"id": "https://pod.example.org/video/0002/", "objectType": "Activity"},
-    }
+    statement = build_statement(
+        None,
+        actor={"mbox": "mailto:dead-letter@example.org"},
+        object_id="https://pod.example.org/video/0002/",
+        object_type=None,
+    )
     code = (
         "import json,sys; from pod.xapi.xapi_tasks import send_xapi_statement_task as t; "
         "t.delay(json.loads(sys.argv[1]))"
     )
-    cmd = frontal.run(
-        "cd /usr/local/django_projects/podv4 && runuser -u pod -- "
-        "/home/pod/.virtualenvs/django_pod4/bin/python -c %s %s",
-        code,
-        json.dumps(statement),
-    )
+    cmd = as_pod_python(frontal, code, json.dumps(statement))
     assert cmd.rc == 0, cmd.stderr
-    return statement_id
+    return statement["id"]
 
 
 def test_dead_letters_playbook_lists_and_purges(playbook, frontal) -> None:

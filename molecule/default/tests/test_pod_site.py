@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from pod_on_host import site_snapshots
+from xapi_testsupport.pod_on_host import site_snapshots
 
 POD_DBS = (2, 3, 4, 5)
 

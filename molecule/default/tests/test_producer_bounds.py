@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from pod_on_host import as_pod_python, missing_from_lrs
-from polling import wait_until
+from xapi_testsupport.pod_on_host import as_pod_python, missing_from_lrs
+from xapi_testsupport.polling import wait_until
 
 UNIT = "redis-server@xapi"
 BOUND = 2.0

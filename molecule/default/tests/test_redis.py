@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pod_on_host import delivered, produce
+from xapi_testsupport.broker import PRODUCER_REFUSED
+from xapi_testsupport.pod_on_host import delivered, produce
 
 ROOT = Path(__file__).resolve().parents[3]
 UNIT = "redis-server@xapi"
@@ -269,32 +270,6 @@ def test_no_acl_denial_of_the_producer_after_the_pipeline(frontal, settings):
         if e["username"] == settings["xapi_broker_producer_user"] and e["reason"] != "auth"
     ]
     assert denied == []
-
-
-# What stolen web-app credentials must not do: read, take or delete the queue, the in-flight
-# lists, unacked and the dead letters; run Lua; reach the workers' remote control; read the
-# server's configuration or the whole keyspace.
-PRODUCER_REFUSED = [
-    ["LRANGE", "xapi", "0", "-1"],
-    ["LINDEX", "xapi", "0"],
-    ["LPOP", "xapi"],
-    ["RPOP", "xapi"],
-    ["BRPOP", "xapi", "1"],
-    ["LMOVE", "xapi", "xapi.dead_letters", "RIGHT", "LEFT"],
-    ["DEL", "xapi"],
-    ["GET", "unacked"],
-    ["HGETALL", "unacked"],
-    ["LRANGE", "xapi.dead_letters", "0", "-1"],
-    ["LRANGE", "xapi.inflight.encodage", "0", "-1"],
-    ["EVAL", "return 1", "0"],
-    ["SCRIPT", "LOAD", "return 1"],
-    ["EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0"],
-    ["FLUSHALL"],
-    ["KEYS", "*"],
-    ["PUBLISH", "/6.celery.pidbox", "x"],
-    ["SUBSCRIBE", "/6.celeryev/worker.heartbeat"],
-    ["CONFIG", "GET", "maxmemory"],
-]
 
 
 @pytest.mark.parametrize("command", PRODUCER_REFUSED, ids=lambda c: " ".join(c[:2]))

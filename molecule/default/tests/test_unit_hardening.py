@@ -14,7 +14,7 @@ import shlex
 import time
 
 import pytest
-from polling import wait_until
+from xapi_testsupport.polling import wait_until
 
 NODE_UNIT = "celeryd-xapi@xapi.service"
 GROUP_UNIT = "celeryd-xapi.service"

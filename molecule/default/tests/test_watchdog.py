@@ -4,8 +4,8 @@ while its broker answers. Before, the worker stayed alive and consumed nothing."
 
 from __future__ import annotations
 
-from pod_on_host import delivered, produce
-from polling import wait_until
+from xapi_testsupport.pod_on_host import delivered, produce
+from xapi_testsupport.polling import wait_until
 
 NODE_UNIT = "celeryd-xapi@xapi.service"
 BROKER_UNIT = "redis-server@xapi.service"

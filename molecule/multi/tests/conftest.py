@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import testinfra
-
-from playbooks import Runner, molecule_inventory, runner
+from xapi_testsupport.playbooks import Runner, molecule_inventory, runner
 
 FRONTALS = ["multi-frontal1", "multi-frontal2"]
 

@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 from conftest import FRONTALS, host
-from pod_on_host import delivered, produce
-from polling import wait_until
+from xapi_testsupport.pod_on_host import delivered, produce
+from xapi_testsupport.polling import wait_until
 
 PORT = 6380
 TLS = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent")) / "tls"

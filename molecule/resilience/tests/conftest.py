@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from playbooks import Runner, molecule_inventory, runner
+from xapi_testsupport.playbooks import Runner, molecule_inventory, runner
 
 ROOT = Path(__file__).resolve().parents[3]
 

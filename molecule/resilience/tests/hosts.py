@@ -10,9 +10,9 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
-# Pod's layout on the lab hosts, as the other scenarios know it (molecule/shared, put on
-# sys.path by conftest.py).
-from pod_on_host import POD_DIR, VENV
+# Pod's layout on the lab hosts and its venv's python as pod, as the other scenarios know
+# them (xapi_testsupport, on sys.path through molecule/pytest.ini).
+from xapi_testsupport.pod_on_host import POD_DIR, POD_PYTHON
 
 PREFIX = os.environ.get("XAPI_RES_PREFIX", "res-")
 FILES = Path(__file__).resolve().parents[1] / "files"
@@ -48,10 +48,7 @@ def copy_to(host: str, source: Path, dest: str) -> None:
 
 def pod_python(script: str, *args: str) -> str:
     """Command line running a script as user pod with Pod's venv and settings (frontal)."""
-    return (
-        f"cd {POD_DIR} && runuser -u pod -- env PYTHONPATH={POD_DIR} "
-        f"{VENV}/bin/python {script} {' '.join(args)}"
-    )
+    return f"cd {POD_DIR} && {POD_PYTHON} {script} {' '.join(args)}"
 
 
 def lrs_store_ids() -> Counter[str]:

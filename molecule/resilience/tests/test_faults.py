@@ -11,14 +11,12 @@ is the one of docs/reliability.md.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shlex
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,9 @@ from hosts import (
     service_active,
     sh,
 )
-from polling import wait_until
+from xapi_testsupport.polling import wait_until
+from xapi_testsupport.statements import agent, invalid, now
+from xapi_testsupport.statements import statement as build_statement
 
 STATEMENTS = int(os.environ.get("XAPI_RES_STATEMENTS", "1200"))
 RATE = float(os.environ.get("XAPI_RES_RATE", "4"))  # statements per second
@@ -51,34 +51,16 @@ WORKER = "celeryd-xapi@xapi.service"
 
 def statement(n: int) -> tuple[dict[str, Any], bool]:
     """Statement number n, and whether the LRS must accept it."""
-    body: dict[str, Any] = {
-        "id": str(uuid.uuid4()),
-        "actor": {
-            "objectType": "Agent",
-            "name": f"student {n % 40}",
-            "mbox": f"mailto:student{n % 40}@example.org",
-        },
-        "verb": {"id": "https://w3id.org/xapi/video/verbs/played", "display": {"en-US": "played"}},
-        "object": {
-            "objectType": "Activity",
-            "id": f"https://pod.example.org/video/{n % 97:04d}/",
-            "definition": {"type": "https://w3id.org/xapi/video/activity-type/video"},
-        },
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
-    }
+    body = build_statement(
+        "played",
+        actor=agent(f"student {n % 40}", f"mailto:student{n % 40}@example.org"),
+        object_id=f"https://pod.example.org/video/{n % 97:04d}/",
+        timestamp=now(),
+    )
     if n % INVALID_EVERY != INVALID_EVERY - 1:
         return body, True
     # What a buggy caller could queue: each breaks a rule every LRS enforces.
-    kind = (n // INVALID_EVERY) % 4
-    if kind == 0:
-        del body["verb"]
-    elif kind == 1:
-        del body["actor"]
-    elif kind == 2:
-        body["actor"] = {"objectType": "Agent", "name": "no identifier"}
-    else:
-        body["verb"] = {"display": {"en-US": "played"}}
-    return body, False
+    return invalid(body, n // INVALID_EVERY), False
 
 
 @dataclass

@@ -26,7 +26,7 @@ from hosts import (
     service_active,
     sh,
 )
-from polling import wait_until
+from xapi_testsupport.polling import wait_until
 
 # The xAPI instance's port (roles/xapi defaults); Pod's own Redis is on 6379, loopback only.
 REDIS = f"{container('frontal')} 6380"

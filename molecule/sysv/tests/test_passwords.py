@@ -12,7 +12,7 @@ import string
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from pod_on_host import POD_DIR, VENV, inventory_vars
+from xapi_testsupport.pod_on_host import as_pod_command, as_pod_python, inventory_vars
 
 PRINTABLE = set(string.printable) - set(string.whitespace) | {" "}
 ACL_FILE = "/etc/redis/redis-xapi.acl"
@@ -52,10 +52,9 @@ def broker_password(url: str) -> str:
 
 
 def pod_settings(host) -> dict:
-    out = host.check_output(
-        f"cd {POD_DIR} && runuser -u pod -- {VENV}/bin/python -c {shlex.quote(POD_SETTINGS)}"
-    )
-    return json.loads(out.splitlines()[-1])
+    result = as_pod_python(host, POD_SETTINGS)
+    assert result.rc == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def test_the_passwords_hold_every_printable_character(passwords):
@@ -87,8 +86,10 @@ def test_pod_task_module_reads_them_back(enc2, passwords):
 
 def test_bundled_worker_reads_them_back(enc1, passwords):
     out = enc1.check_output(
-        "runuser -u pod -- env XAPI_WORKER_CONFIG=/etc/celeryd-xapi/worker.env "
-        f"/opt/xapi-worker/bin/python -c {shlex.quote(WORKER_SETTINGS)}"
+        as_pod_command(
+            "env XAPI_WORKER_CONFIG=/etc/celeryd-xapi/worker.env "
+            f"/opt/xapi-worker/bin/python -c {shlex.quote(WORKER_SETTINGS)}"
+        )
     )
     values = json.loads(out.splitlines()[-1])
     assert values["XAPI_LRS_PWD"] == passwords["xapi_lrs_password"]

@@ -12,9 +12,8 @@ import base64
 import uuid
 
 import pytest
-from pod_on_host import POD_DIR, VENV
-
-from playbooks import molecule_inventory, runner
+from xapi_testsupport.playbooks import molecule_inventory, runner
+from xapi_testsupport.pod_on_host import POD_DIR, VENV, as_pod
 
 SITE_PACKAGES = f"{VENV}/lib/python3.11/site-packages"
 MARKS = "/home/pod/foothold.log"
@@ -32,10 +31,6 @@ ROOT_PATHS = [
     "/opt/xapi-worker",
 ]
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
-
-
-def as_pod(host, command: str):
-    return host.run(f"runuser -u pod -- sh -c {command!r}")
 
 
 def ownership(host) -> str:

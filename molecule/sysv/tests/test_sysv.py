@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from pod_on_host import POD_DIR, VENV, delivered, produce, site_snapshots
+from xapi_testsupport.pod_on_host import (
+    POD_DIR,
+    VENV,
+    as_pod,
+    as_pod_python,
+    delivered,
+    produce,
+    site_snapshots,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULTS = "/etc/default/celeryd-xapi"
@@ -229,8 +237,8 @@ def test_local_changes_of_pod_are_kept(enc2):
         assert "README.md" in other_version.stdout
         assert enc2.file(readme).content_string.rstrip().endswith(patch)
     finally:
-        enc2.run(f"cd {POD_DIR} && runuser -u pod -- git checkout -- README.md")
-    assert enc2.run(f"runuser -u pod -- git -C {POD_DIR} status --porcelain").stdout == ""
+        as_pod(enc2, "git checkout -- README.md", cwd=POD_DIR)
+    assert as_pod(enc2, f"git -C {POD_DIR} status --porcelain").stdout == ""
 
 
 def test_statements_left_in_pod_redis_moved_exactly_once(frontal, enc2):
@@ -245,11 +253,11 @@ def test_statements_left_in_pod_redis_moved_exactly_once(frontal, enc2):
     # The instance holds the token of the one move, and nothing queued or unacknowledged.
     # Read with an encoding host's settings (the worker's user): the frontal's name Pod's
     # producer, which may not read xapi.migrated or unacked (roles/redis README).
-    state = enc2.check_output(
-        "cd /usr/local/django_projects/podv4 && runuser -u pod -- "
-        "/home/pod/.virtualenvs/django_pod4/bin/python -c %s",
+    state = as_pod_python(
+        enc2,
         "import redis\nfrom pod.custom import settings_local as s\n"
         "r = redis.Redis.from_url(s.XAPI_CELERY_BROKER_URL)\n"
         "print(len(r.smembers('xapi.migrated')), r.llen('xapi'), r.hlen('unacked'))",
     )
-    assert state.split() == ["1", "0", "0"]
+    assert state.rc == 0, state.stderr
+    assert state.stdout.split() == ["1", "0", "0"]

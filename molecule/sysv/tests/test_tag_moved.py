@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import re
 
-from pod_on_host import POD_DIR
 from test_sysv import run_role
+from xapi_testsupport.pod_on_host import POD_DIR, as_pod_command
 
 REPO = "/srv/git/Esup-Pod.git"
 FACT = "/etc/ansible/facts.d/xapi_pod.fact"
@@ -17,7 +17,7 @@ TAG = "4.1.0"
 
 
 def head(host) -> str:
-    return host.check_output(f"runuser -u pod -- git -C {POD_DIR} rev-parse HEAD")
+    return host.check_output(as_pod_command(f"git -C {POD_DIR} rev-parse HEAD"))
 
 
 def recorded(host) -> dict:

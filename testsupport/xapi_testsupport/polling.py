@@ -1,5 +1,6 @@
-"""Polling a lab host until something is true: shared by the molecule scenarios' tests and
-the benchmark, which all wait on services and stores that take their time."""
+"""Polling until something is true: the one helper the molecule scenarios' tests, the worker's
+tests and the benchmark all wait with (services, stores and local processes take their
+time; only the interval differs, 1 s on lab hosts, 0.1 s for local processes)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Helpers the scenarios' tests share: Pod's own producer and an LRS read-back, run on a
-lab host as user pod with Pod's venv and settings_local.py."""
+"""Running things on a lab host as user pod, and the helpers built on it: Pod's own producer
+and an LRS read-back, with Pod's venv and settings_local.py. Used by the scenarios' tests and
+by the benchmark, whose hosts are not testinfra's but answer run() the same way."""
 
 from __future__ import annotations
 
@@ -9,29 +10,80 @@ import json
 import os
 import shlex
 import subprocess
-import uuid
+from typing import Any, Protocol
 
-from polling import wait_until
-
-from playbooks import ROOT, molecule_inventory
+from xapi_testsupport.playbooks import ROOT, molecule_inventory
+from xapi_testsupport.polling import wait_until
+from xapi_testsupport.statements import agent, now, statement
 
 POD_DIR = "/usr/local/django_projects/podv4"
 VENV = "/home/pod/.virtualenvs/django_pod4"
+# Pod's venv python as user pod, with Pod's tree importable whatever the script's directory.
+POD_PYTHON = f"runuser -u pod -- env PYTHONPATH={POD_DIR} {VENV}/bin/python"
+
+
+class Result(Protocol):
+    """What a command's result holds (testinfra's CommandResult, the bench's alike)."""
+
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class Host(Protocol):
+    """What running as pod needs of a host: testinfra's run()."""
+
+    def run(self, command: str) -> Result: ...
+
+
+class File(Protocol):
+    content_string: str
+
+
+class TestinfraHost(Host, Protocol):
+    """A testinfra host: also its files and check_output()."""
+
+    def file(self, path: str) -> File: ...
+
+    def check_output(self, command: str, *args: str) -> str: ...
+
+
+def as_pod_command(command: str, *, cwd: str | None = None) -> str:
+    """The shell line that runs `command` (itself a shell line) as user pod; `cwd` is entered
+    first, as root, as the tests always did."""
+    line = f"runuser -u pod -- sh -c {shlex.quote(command)}"
+    return f"cd {cwd} && {line}" if cwd else line
+
+
+def as_pod(host: Host, command: str, *, cwd: str | None = None) -> Result:
+    """`command` run as user pod on a testinfra host (its result: rc, stdout, stderr)."""
+    return host.run(as_pod_command(command, cwd=cwd))
+
+
+def as_pod_python(
+    host: Host, code: str, *args: str, stdin: str = "", timeout: int | None = None
+) -> Result:
+    """Python `code` run by Pod's venv as user pod from Pod's directory (as Pod's views run),
+    with `args` in sys.argv[1:] and `stdin` on its standard input; `timeout` (seconds) ends
+    it if it takes longer."""
+    quoted = " ".join(shlex.quote(a) for a in args)
+    feed = base64.b64encode(stdin.encode()).decode()
+    bound = f"timeout {timeout} " if timeout is not None else ""
+    return host.run(
+        f"cd {POD_DIR} && echo {feed} | base64 -d | {bound}{POD_PYTHON} "
+        f"-c {shlex.quote(code)} {quoted}"
+    )
+
 
 # Pod's own producer (pod.xapi.xapi_tasks.send_xapi_statement_task.delay), as the frontal's
-# views call it, run from the encoding venv with Pod's settings_local.py.
+# views call it, run from the encoding venv with Pod's settings_local.py; the statement comes
+# as JSON in argv[1].
 PRODUCE = """
-import datetime, sys
+import json, sys
 from pod.xapi.xapi_tasks import send_xapi_statement_task
-send_xapi_statement_task.delay({
-    "id": sys.argv[1],
-    "actor": {"objectType": "Agent", "name": "molecule", "mbox": "mailto:molecule@example.org"},
-    "verb": {"id": "https://w3id.org/xapi/video/verbs/played", "display": {"en-US": "played"}},
-    "object": {"objectType": "Activity", "id": "https://pod.example.org/video/0001-test/",
-               "definition": {"type": "https://w3id.org/xapi/video/activity-type/video"}},
-    "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-})
+send_xapi_statement_task.delay(json.loads(sys.argv[1]))
 """
+
 # Reads one statement back from the LRS at the URL of settings_local.py. The credentials come
 # from the scenario's inventory on stdin: the frontal holds none (roles/xapi_frontal).
 READ_BACK = """
@@ -47,7 +99,7 @@ print(r.text)
 
 
 @functools.cache
-def inventory_vars() -> dict:
+def inventory_vars() -> dict[str, Any]:
     """The scenario's inventory variables as written (not templated): one host's view."""
     scenario = {"MOLECULE_INVENTORY_FILE", "MOLECULE_EPHEMERAL_DIRECTORY"} & set(os.environ)
     inventory = molecule_inventory() if scenario else str(ROOT / "inventories" / "lab")
@@ -74,23 +126,20 @@ def lrs_auth() -> dict[str, str]:
     return {"login": values["xapi_lrs_login"], "password": values["xapi_lrs_password"]}
 
 
-def as_pod_python(host, code: str, *args: str, stdin: str = ""):
-    quoted = " ".join(shlex.quote(a) for a in args)
-    feed = base64.b64encode(stdin.encode()).decode()
-    return host.run(
-        f"cd {POD_DIR} && echo {feed} | base64 -d | runuser -u pod -- env PYTHONPATH={POD_DIR} "
-        f"{VENV}/bin/python -c {shlex.quote(code)} {quoted}"
+def produce(host: Host) -> str:
+    """Queues one played statement with Pod's producer on `host`; returns its id."""
+    body = statement(
+        "played",
+        actor=agent("molecule", "mailto:molecule@example.org"),
+        object_id="https://pod.example.org/video/0001-test/",
+        timestamp=now(),
     )
-
-
-def produce(host) -> str:
-    statement_id = str(uuid.uuid4())
-    result = as_pod_python(host, PRODUCE, statement_id)
+    result = as_pod_python(host, PRODUCE, json.dumps(body))
     assert result.rc == 0, result.stderr
-    return statement_id
+    return body["id"]
 
 
-def delivered(host, statement_id: str, timeout: float = 45) -> bool:
+def delivered(host: Host, statement_id: str, timeout: float = 45) -> bool:
     def read_back() -> bool:
         result = as_pod_python(host, READ_BACK, statement_id, stdin=json.dumps(lrs_auth()))
         return result.rc == 0 and result.stdout.startswith("200") and statement_id in result.stdout
@@ -113,7 +162,7 @@ with requests.Session() as http:
 """
 
 
-def missing_from_lrs(host, ids: list[str]) -> list[str]:
+def missing_from_lrs(host: Host, ids: list[str]) -> list[str]:
     """The ids of `ids` the LRS does not hold, read back in one run on the host."""
     result = as_pod_python(host, MISSING, *ids, stdin=json.dumps(lrs_auth()))
     assert result.rc == 0, result.stderr
@@ -129,7 +178,7 @@ SNAPSHOT = (
 SNAPSHOT_BEFORE = "/var/lib/xapi-lab/site-before.json"
 
 
-def site_snapshots(host) -> tuple[dict, dict]:
+def site_snapshots(host: TestinfraHost) -> tuple[dict, dict]:
     """(before the bundle, now) of the host's Pod files, services and Redis data."""
     before = json.loads(host.file(SNAPSHOT_BEFORE).content_string)
     return before, json.loads(host.check_output(SNAPSHOT))
