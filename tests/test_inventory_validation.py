@@ -170,7 +170,7 @@ def check_run(inventory: Path, tmp_path: Path, playbook: str, values: dict) -> t
 
 @pytest.mark.parametrize(("playbook", "bad", "named"), CASES)
 def test_bad_value_is_refused_naming_the_variable(
-    inventory: Path, tmp_path: Path, playbook: str, bad: dict[str, str | None], named: str
+    inventory: Path, tmp_path: Path, playbook: str, bad: dict[str, str | bool | None], named: str
 ) -> None:
     returncode, output = check_run(inventory, tmp_path, playbook, {**GOOD, **bad})
     assert returncode != 0, output[-2000:]
