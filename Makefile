@@ -81,14 +81,24 @@ lint: $(VENV)/.done
 worker-test: $(WORKER_VENV)/.done $(RALPH_VENV)/.done
 	RALPH_VENV=$(CURDIR)/$(RALPH_VENV) $(WORKER_VENV)/bin/pytest -q xapi_worker/tests
 
-# The hashed locks of the worker's venv and of its wheel's build (PyPI, for Debian 12's
-# Python 3.11: run on a Debian 12 machine, or give LOCK_PYTHON=<its python3.11>).
+# The hashed locks of the worker's venv, one per Debian release of the encoding hosts, and of
+# its wheel's build (PyPI). Each is resolved by its release's own Python: Debian 12's here
+# (LOCK_PYTHON, a python3.11), Debian 13's (3.13) in a throw-away container of the lab's
+# trixie image, with the tools venv's pip and packaging.
 LOCK_PYTHON ?= /usr/bin/python3
+LOCK_TRIXIE = podman run --rm -v $(CURDIR):/src -v $(CURDIR)/$(VENV)/lib/python3.11/site-packages:/tools:ro \
+  -v /etc/ssl/certs/ca-certificates.crt:/ca.crt:ro -e PYTHONPATH=/tools -e PIP_CERT=/ca.crt \
+  -e SSL_CERT_FILE=/ca.crt localhost/xapi-lab-debian:trixie-1 python3 /src/tools/lock-worker.py \
+  --release 13 --python /usr/bin/python3
 lock: $(VENV)/.done
-	$(VENV)/bin/python tools/lock-worker.py --python $(LOCK_PYTHON)
+	bash lab/build-image.sh trixie
+	$(VENV)/bin/python tools/lock-worker.py --release 12 --python $(LOCK_PYTHON)
+	$(LOCK_TRIXIE)
 
 lock-check: $(VENV)/.done
-	$(VENV)/bin/python tools/lock-worker.py --check --python $(LOCK_PYTHON)
+	bash lab/build-image.sh trixie
+	$(VENV)/bin/python tools/lock-worker.py --check --release 12 --python $(LOCK_PYTHON)
+	$(LOCK_TRIXIE) --check
 
 molecule: $(VENV)/.done image
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done

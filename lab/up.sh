@@ -7,11 +7,13 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$here/containers.conf}
-image=${LAB_IMAGE:-localhost/xapi-lab-debian:bookworm-1}
+# LAB_RELEASE: the Debian release of the hosts (bookworm = 12, trixie = 13).
+release=${LAB_RELEASE:-bookworm}
+image=localhost/xapi-lab-debian:$release-1
 prefix=${LAB_PREFIX:-xapi-lab}
 read -r -a hosts <<<"${LAB_HOSTS:-frontal encodage lrs}"
 network=$prefix
-bash "$here/build-image.sh" "$image"
+bash "$here/build-image.sh" "$release"
 podman network exists "$network" || podman network create "$network" >/dev/null
 for host in "${hosts[@]}"; do
   name=$prefix-$host

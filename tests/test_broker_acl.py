@@ -109,19 +109,29 @@ DANGEROUS = {
 }
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("acl")
+def local_redis_version() -> str:
+    """The version of the redis-server the dry runs use (7.0.15 on Debian 12)."""
+    if not os.path.exists(REDIS_SERVER):
+        return "7.0"
+    out = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.split("v=", 1)[1].split()[0]
+
+
+def render(out: Path, redis_version: str) -> dict:
+    """users.acl and the URLs as the roles render them for a Redis of that version."""
     playbook = out / "render.yml"
     playbook.write_text(PLAYBOOK)
     files = [
         ROOT / "roles/xapi/defaults/main.yml",
         ROOT / "roles/redis/defaults/main.yml",
+        ROOT / "roles/redis/vars/main.yml",
         ROOT / "inventories/lab/group_vars/all/xapi.yml",
     ]
     extra = {"root": str(ROOT), "out": str(out), "files": [str(f) for f in files]}
-    # No inventory: the broker's address, which only the URLs' host part reads, is given.
+    # No inventory: the broker's address, which only the URLs' host part reads, is given;
+    # the server's version is what tasks/packages.yml reads from the binary.
     extra["xapi_broker_host"] = "broker.example.org"
+    extra["redis_server_version"] = redis_version
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     result = subprocess.run(
         ["ansible-playbook", "-i", "localhost,", "-e", json.dumps(extra), str(playbook)],
@@ -143,6 +153,11 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return render(tmp_path_factory.mktemp("acl"), local_redis_version())
+
+
 def user_line(acl: str, name: str) -> list[str]:
     for line in acl.splitlines():
         words = line.split()
@@ -157,6 +172,18 @@ def test_producer_and_worker_are_two_users(rendered: dict) -> None:
     assert producer and producer != worker
     user_line(rendered["acl"], producer)
     user_line(rendered["acl"], worker)
+
+
+@pytest.mark.parametrize(
+    ("version", "named"), [("7.0.15", False), ("7.2.4", True), ("8.0.2", True)]
+)
+def test_client_setinfo_only_where_redis_has_it(tmp_path: Path, version: str, named: bool) -> None:
+    """redis-py 5 sends CLIENT SETINFO on connect: Redis 7.2+ logs a refusal in ACL LOG
+    unless both users may run it (Debian 13's Redis 8.0), and Redis 7.0 (Debian 12) refuses
+    an ACL file that names it."""
+    acl = render(tmp_path, version)["acl"]
+    for user in ("xapi", "xapi-producer"):
+        assert ("+client|setinfo" in user_line(acl, user)) is named, version
 
 
 def test_producer_line_grants_nothing_dangerous(rendered: dict) -> None:

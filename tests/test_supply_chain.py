@@ -43,7 +43,9 @@ def pins(path: Path) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("lock", ["requirements.lock", "build-requirements.lock"])
+@pytest.mark.parametrize(
+    "lock", ["requirements-debian12.lock", "requirements-debian13.lock", "build-requirements.lock"]
+)
 def test_every_entry_of_the_locks_is_pinned_and_hashed(lock):
     path = WORKER / lock
     assert path.is_file(), f"xapi_worker/{lock} missing (make lock)"
@@ -54,8 +56,9 @@ def test_every_entry_of_the_locks_is_pinned_and_hashed(lock):
         assert not re.search(r"--hash=(?!sha256:)", entry), entry
 
 
-def test_the_lock_holds_what_the_worker_needs_at_the_constraints_versions():
-    locked = pins(WORKER / "requirements.lock")
+@pytest.mark.parametrize("release", ["12", "13"])
+def test_the_lock_holds_what_the_worker_needs_at_the_constraints_versions(release):
+    locked = pins(WORKER / f"requirements-debian{release}.lock")
     constrained = pins(WORKER / "constraints.txt")
     project = tomllib.loads((WORKER / "pyproject.toml").read_text())
     for requirement in project["project"]["dependencies"]:

@@ -67,7 +67,7 @@ def test_group_unit_exposure(encodage):
     score = exposure(encodage, GROUP_UNIT)
     print(f"\n{GROUP_UNIT}: overall exposure {score} (at most {GROUP_MAX_EXPOSURE})")
     assert score <= GROUP_MAX_EXPOSURE
-    # Sandboxed down to that, the group unit still starts (DynamicUser, no network).
+    # Sandboxed down to that, the group unit still starts (as the worker's user, no network).
     assert show(encodage, GROUP_UNIT, "ActiveState") == "active"
 
 

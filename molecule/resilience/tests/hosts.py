@@ -8,6 +8,7 @@ import os
 import subprocess
 from collections import Counter
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 # Pod's layout on the lab hosts and its venv's python as pod, as the other scenarios know
@@ -118,3 +119,28 @@ def secrets() -> dict[str, str]:
         "Redis password (producer user)": values["xapi_broker_producer_password"],
         "Redis password (default user)": values["redis_default_password"],
     }
+
+
+def acl_log() -> list[dict[str, Any]]:
+    """The xAPI instance's ACL LOG (denied commands, keys, channels and failed logins), read
+    on the frontal with the default user (its password on stdin, never in argv)."""
+    port = lab_settings()["xapi_broker_port"]
+    out = sh(
+        "frontal",
+        f"read -r REDISCLI_AUTH && export REDISCLI_AUTH && redis-cli --user default -p {port} "
+        "--json ACL LOG 128",
+        stdin=secrets()["Redis password (default user)"] + "\n",
+    )
+    entries = json.loads(out.stdout)
+    # RESP3 (redis-cli --json) gives maps; RESP2 flat key/value arrays.
+    return [e if isinstance(e, dict) else dict(zip(e[::2], e[1::2], strict=True)) for e in entries]
+
+
+def lab_settings() -> dict[str, Any]:
+    """The lab's settings with the roles' default port (inventories/lab, roles/xapi)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[3]
+    values = yaml.safe_load((root / "roles/xapi/defaults/main.yml").read_text())
+    values.update(yaml.safe_load((root / "inventories/lab/group_vars/all/xapi.yml").read_text()))
+    return values

@@ -1,5 +1,7 @@
 """Five faults while a known set of statements streams from the frontal, then a full count.
 
+The scenario's hosts are Debian 13 (trixie: Redis 8.0, Python 3.13); the others run Debian 12.
+
 Each statement has a known id; one in 25 is one the LRS must refuse. Pod's own producer
 enqueues them at a steady rate on the frontal while, one after the other, the LRS stops for
 35 s, the worker is SIGKILLed, Redis restarts, the encoding host restarts, and the worker's
@@ -24,8 +26,10 @@ from typing import Any
 
 from hosts import (
     FILES,
+    POD_DIR,
     WORK,
     WORKER_ENV,
+    acl_log,
     broker_state,
     container,
     copy_to,
@@ -47,6 +51,8 @@ INVALID_EVERY = 25
 LRS_OUTAGE = 35  # seconds
 PAUSE = 10  # seconds between two faults
 WORKER = "celeryd-xapi@xapi.service"
+# ACL LOG of the xAPI instance just before its restart (which empties it).
+ACL_LOG_BEFORE_RESTART: list[dict[str, Any]] = []
 
 
 def statement(n: int) -> tuple[dict[str, Any], bool]:
@@ -135,6 +141,7 @@ def worker_sigkill() -> str:
 def redis_restart() -> str:
     """The xAPI instance, then Pod's own Redis: each restart leaves the other one serving
     (the stream goes on through the second; Pod's page views through the first)."""
+    ACL_LOG_BEFORE_RESTART[:] = acl_log()
     began = time.monotonic()
     sh("frontal", "systemctl restart redis-server@xapi")
     xapi_took = time.monotonic() - began
@@ -308,3 +315,24 @@ def test_faults_lose_nothing(playbook, evidence, report_path) -> None:
         assert entry["status"] in (400, 422) and "rejected by the LRS" in entry["reason"], entry
     assert (state["queue"], state["unacked"], state["in_flight"]) == (0, 0, 0)
     assert all(p.ids(enqueued) for p in phases), "a fault hit an idle pipeline"
+
+
+def test_no_acl_denial_through_the_faults() -> None:
+    """Redis 7.2+ (Debian 13 has 8.0) logs every command an ACL refuses, and redis-py 5 runs
+    CLIENT SETINFO on each connection: the xAPI users' ACL must cover what the producer, the
+    worker, its SIGKILL and restart, the host's restart and `celery inspect ping` run.
+    Read before the Redis restart (which empties ACL LOG) and at the end. The intrusion
+    tests, which provoke refusals on purpose, come after this module."""
+    ping = sh(
+        "encodage",
+        f"cd {POD_DIR} && runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} "
+        "/opt/xapi-worker/bin/celery -A xapi_worker.app inspect ping -t 10",
+        check=False,
+    )
+    assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
+    for when, entries in (
+        ("before the Redis restart", ACL_LOG_BEFORE_RESTART),
+        ("at the end", acl_log()),
+    ):
+        denied = [(e.get("username"), e.get("reason"), e.get("object")) for e in entries]
+        assert denied == [], f"ACL LOG {when}: {denied}"
