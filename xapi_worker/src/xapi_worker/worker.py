@@ -197,6 +197,9 @@ class Processor:
             log.exception("internal error while delivering a batch")
             answer = Answer(status=None, error=f"internal error: {type(exc).__name__}")
             results = [Result(i, Verdict.RETRY, answer) for i in leaders]
+        if any(r.verdict in (Verdict.DELIVERED, Verdict.DUPLICATE) for r in results):
+            # One SET per batch the LRS accepted (the monitoring's last_delivery_age).
+            self.dead.note_delivery()
         requeue.extend(self._settle(results, now))
         return {"requeue": requeue}
 
