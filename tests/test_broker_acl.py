@@ -80,6 +80,8 @@ WORKER_KEEPS = [
     ["SCRIPT", "LOAD", "return 1"],
     ["PUBLISH", "/6.celery.pidbox", "x"],
     ["HGET", "unacked", "x"],
+    ["HINCRBY", "xapi.metrics", "delivered", "1"],
+    ["HINCRBYFLOAT", "xapi.metrics", "lrs_latency_seconds_sum", "0.5"],
 ]
 DANGEROUS = {
     "eval",
