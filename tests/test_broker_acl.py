@@ -82,6 +82,8 @@ WORKER_KEEPS = [
     ["HGET", "unacked", "x"],
     # the last delivery (xapi_worker's scripts.py SET_VALUE; read by check_xapi)
     ["SET", "xapi.last_delivery", "1764633600.5"],
+    ["HINCRBY", "xapi.metrics", "delivered", "1"],
+    ["HINCRBYFLOAT", "xapi.metrics", "lrs_latency_seconds_sum", "0.5"],
 ]
 DANGEROUS = {
     "eval",
