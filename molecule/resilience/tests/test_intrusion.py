@@ -90,8 +90,12 @@ def webapp_attack(what: str) -> dict[str, str]:
 
 
 def all_refused(results: dict[str, str]) -> list[str]:
+    """The attempts not refused by an ACL. Redis 7.0 says "User ... has no permissions to
+    run ..."; Redis 8.0 says "No permissions to access a key" for a key in a pipeline."""
     return [
-        f"{name}: {answer}" for name, answer in results.items() if "no permissions" not in answer
+        f"{name}: {answer}"
+        for name, answer in results.items()
+        if not (answer.startswith("refused:") and "no permissions" in answer.lower())
     ]
 
 
