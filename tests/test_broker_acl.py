@@ -121,7 +121,7 @@ def local_redis_version() -> str:
     return out.stdout.split("v=", 1)[1].split()[0]
 
 
-def render(out: Path, redis_version: str) -> dict:
+def render(out: Path, redis_version: str, overrides: dict | None = None) -> dict:
     """users.acl and the URLs as the roles render them for a Redis of that version."""
     playbook = out / "render.yml"
     playbook.write_text(PLAYBOOK)
@@ -136,6 +136,7 @@ def render(out: Path, redis_version: str) -> dict:
     # the server's version is what tasks/packages.yml reads from the binary.
     extra["xapi_broker_host"] = "broker.example.org"
     extra["redis_server_version"] = redis_version
+    extra.update(overrides or {})
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     result = subprocess.run(
         ["ansible-playbook", "-i", "localhost,", "-e", json.dumps(extra), str(playbook)],
@@ -288,3 +289,61 @@ def test_producer_is_refused_the_rest(dryrun, rendered: dict, command: list[str]
 @pytest.mark.parametrize("command", WORKER_KEEPS, ids=lambda c: " ".join(c[:2]))
 def test_worker_keeps_its_rights(dryrun, rendered: dict, command: list[str]) -> None:
     assert dryrun(rendered["defaults"]["xapi_broker_user"], *command) == "+OK"
+
+
+# The monitoring check's user (check_xapi, roles/xapi_ops): what the plugin reads, and nothing
+# that writes, takes, publishes or runs Lua.
+MONITOR_READS = [
+    ["PING"],
+    ["SELECT", "6"],
+    ["LLEN", "xapi"],
+    ["LINDEX", "xapi", "-1"],
+    ["HLEN", "unacked"],
+    ["SMEMBERS", "xapi.inflight"],
+    ["LLEN", "xapi.inflight.xapi@enc1"],
+    ["EXISTS", "xapi.inflight.xapi@enc1.alive"],
+    ["LLEN", "xapi.dead_letters"],
+    ["LRANGE", "xapi.dead_letters", "-500", "-1"],
+    ["GET", "xapi.last_delivery"],
+    ["HGETALL", "xapi.metrics"],
+]
+MONITOR_REFUSED = [
+    ["LPUSH", "xapi", "{}"],
+    ["RPOP", "xapi"],
+    ["BLMOVE", "xapi", "xapi.inflight.m", "RIGHT", "LEFT", "1"],
+    ["DEL", "xapi.dead_letters"],
+    ["LREM", "xapi.dead_letters", "0", "x"],
+    ["SET", "xapi.last_delivery", "0"],
+    ["HINCRBY", "xapi.metrics", "delivered", "1"],
+    ["HDEL", "unacked", "x"],
+    ["GET", "_kombu.binding.xapi"],
+    ["PUBLISH", "/6.celery.pidbox", "x"],
+    ["EVAL", "return 1", "0"],
+    ["KEYS", "*"],
+    ["FLUSHALL"],
+    ["CONFIG", "GET", "*"],
+]
+
+
+def monitor_user(rendered: dict) -> str:
+    user = rendered["defaults"]["xapi_broker_monitor_user"]
+    assert rendered["lab"]["xapi_broker_monitor_password"], "the lab sets the monitoring password"
+    user_line(rendered["acl"], user)
+    return user
+
+
+@pytest.mark.parametrize("command", MONITOR_READS, ids=lambda c: " ".join(c[:2]))
+def test_monitor_may_read_what_check_xapi_reads(dryrun, rendered: dict, command: list[str]) -> None:
+    assert dryrun(monitor_user(rendered), *command) == "+OK"
+
+
+@pytest.mark.parametrize("command", MONITOR_REFUSED, ids=lambda c: " ".join(c[:2]))
+def test_monitor_is_refused_the_rest(dryrun, rendered: dict, command: list[str]) -> None:
+    answer = dryrun(monitor_user(rendered), *command)
+    assert answer != "+OK" and "no permissions" in answer, answer
+
+
+def test_no_monitor_user_without_its_password(tmp_path: Path) -> None:
+    """An inventory without xapi_broker_monitor_password gets no monitoring user at all."""
+    acl = render(tmp_path, "7.0.15", {"xapi_broker_monitor_password": ""})["acl"]
+    assert not [line for line in acl.splitlines() if line.startswith("user xapi-monitor ")]
