@@ -164,10 +164,7 @@ def test_workers_stopped_while_statements_arrive(frontal, encodage) -> None:
     assert wait_until(lambda: check(encodage)[0] in (0, 1), 60)  # dead letters may remain
 
 
-def metrics(frontal) -> dict[tuple[str, tuple], float]:
-    """The frontal's metrics file, written now by its timer's service, as Prometheus reads it."""
-    frontal.check_output("systemctl start xapi-metrics.service")
-    text = frontal.check_output(f"cat {METRICS}")
+def parse(text: str) -> dict[tuple[str, tuple], float]:
     for secret in secrets():
         assert secret not in text
     return {
@@ -175,6 +172,23 @@ def metrics(frontal) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def metrics(frontal) -> dict[tuple[str, tuple], float]:
+    """The frontal's metrics read now, as the timer's service writes them (run directly: a
+    `systemctl start` would join a run the timer began earlier, with older readings)."""
+    text = frontal.check_output(f"runuser -u nagios -- {PLUGIN} -C {CONFIG} --prometheus -")
+    return parse(text)
+
+
+def test_the_timer_writes_the_metrics_file(frontal) -> None:
+    assert frontal.service("xapi-metrics.timer").is_enabled
+    assert frontal.service("xapi-metrics.timer").is_running
+    frontal.check_output("systemctl start xapi-metrics.service")
+    written = frontal.file(METRICS)
+    assert (written.user, written.mode) == ("root", 0o644)
+    families = {name for name, _ in parse(written.content_string)}
+    assert {"xapi_statements_delivered_total", "xapi_queue_length", "xapi_broker_up"} <= families
 
 
 def settled_metrics(frontal, broker: tuple) -> dict[tuple[str, tuple], float]:
@@ -200,8 +214,6 @@ def settled_metrics(frontal, broker: tuple) -> dict[tuple[str, tuple], float]:
 
 
 def test_metrics_count_what_was_delivered(frontal, encodage) -> None:
-    assert frontal.service("xapi-metrics.timer").is_enabled
-    assert frontal.service("xapi-metrics.timer").is_running
     broker = (("broker", frontal.backend.get_hostname().removeprefix("xapi-lab-")),)
     before = settled_metrics(frontal, broker)
     assert before[("xapi_broker_up", broker)] == 1
