@@ -31,34 +31,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from xapi_testsupport import playbooks
 from xapi_testsupport.broker import PRODUCER_REFUSED
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
-# Renders the template with the roles' defaults: include_vars keeps Jinja references lazy,
-# as role defaults are, so xapi_broker_db etc. resolve as in a real run.
-PLAYBOOK = """
-- name: Render the broker's ACL file and URLs from the roles' defaults
-  hosts: localhost
-  connection: local
-  gather_facts: false
-  tasks:
-    - name: Read the defaults and the lab's settings
-      ansible.builtin.include_vars:
-        file: "{{ item }}"
-      loop: "{{ files }}"
-    - name: Render users.acl
-      ansible.builtin.template:
-        src: "{{ root }}/roles/redis/templates/users.acl.j2"
-        dest: "{{ out }}/users.acl"
-        mode: "0600"
-    - name: Write the URLs
-      ansible.builtin.copy:
-        content: "{{ {'worker': xapi_broker_url, 'producer': xapi_broker_producer_url} | to_json }}"
-        dest: "{{ out }}/urls.json"
-        mode: "0600"
-"""
+# The broker's two URLs, rendered beside the ACL file.
+URLS = "{{ {'worker': xapi_broker_url, 'producer': xapi_broker_producer_url} | to_json }}\n"
+
 
 # What `.delay()` of Pod's task runs (kombu 5.5.4, redis-py 5.2.0), measured with ACL LOG
 # against Redis 7.0.15: (command..., expected "OK").
@@ -123,35 +104,28 @@ def local_redis_version() -> str:
 
 def render(out: Path, redis_version: str, overrides: dict | None = None) -> dict:
     """users.acl and the URLs as the roles render them for a Redis of that version."""
-    playbook = out / "render.yml"
-    playbook.write_text(PLAYBOOK)
+    urls = out / "urls.json.j2"
+    urls.write_text(URLS)
     files = [
         ROOT / "roles/xapi/defaults/main.yml",
         ROOT / "roles/redis/defaults/main.yml",
         ROOT / "roles/redis/vars/main.yml",
         ROOT / "inventories/lab/group_vars/all/xapi.yml",
     ]
-    extra = {"root": str(ROOT), "out": str(out), "files": [str(f) for f in files]}
     # No inventory: the broker's address, which only the URLs' host part reads, is given;
     # the server's version is what tasks/packages.yml reads from the binary.
-    extra["xapi_broker_host"] = "broker.example.org"
-    extra["redis_server_version"] = redis_version
-    extra.update(overrides or {})
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    result = subprocess.run(
-        ["ansible-playbook", "-i", "localhost,", "-e", json.dumps(extra), str(playbook)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    extra = {"xapi_broker_host": "broker.example.org", "redis_server_version": redis_version}
+    templates = {
+        str(ROOT / "roles/redis/templates/users.acl.j2"): "users.acl",
+        str(urls): "urls.json",
+    }
+    result = playbooks.render(out, templates, files, {**extra, **(overrides or {})})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     lab = yaml.safe_load((ROOT / "inventories/lab/group_vars/all/xapi.yml").read_text())
     defaults = yaml.safe_load((ROOT / "roles/xapi/defaults/main.yml").read_text())
     return {
-        "acl": (out / "users.acl").read_text(),
-        "urls": json.loads((out / "urls.json").read_text()),
+        "acl": (out / "localhost-users.acl").read_text(),
+        "urls": json.loads((out / "localhost-urls.json").read_text()),
         "lab": lab,
         "defaults": defaults,
         "dir": out,

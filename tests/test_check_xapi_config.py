@@ -17,33 +17,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from xapi_testsupport import playbooks
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "roles/xapi_ops/files/check_xapi"
 HOSTILE = string.printable.strip() + " $(touch /tmp/pwned) `id` \"'\\"
 
-PLAYBOOK = """
-- name: Render check_xapi's configuration from the roles' defaults
-  hosts: all
-  connection: local
-  gather_facts: false
-  tasks:
-    - name: Read the defaults and the lab's settings
-      ansible.builtin.include_vars:
-        file: "{{ item }}"
-      loop: "{{ files }}"
-    - name: Render the configuration
-      ansible.builtin.template:
-        src: "{{ root }}/roles/xapi_ops/templates/check_xapi.json.j2"
-        dest: "{{ out }}/{{ inventory_hostname }}.json"
-        mode: "0600"
-"""
-
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("check-xapi")
-    (out / "render.yml").write_text(PLAYBOOK)
     (out / "hosts.yml").write_text(
         "all:\n  vars:\n    ansible_python_interpreter: /usr/bin/python3\n  children:\n"
         "    pod_frontal:\n      hosts:\n        front1:\n"
@@ -59,23 +42,19 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         ROOT / "inventories/lab/group_vars/all/xapi.yml",
     ]
     extra = {
-        "root": str(ROOT),
-        "out": str(out),
-        "files": [str(f) for f in files],
         "xapi_broker_host": "broker.example.org",
         "xapi_lrs_url": "https://lrs.example.org/xAPI/statements/",
         "xapi_broker_monitor_password": HOSTILE,
         "xapi_lrs_password": HOSTILE[::-1],
         "xapi_ops_check_thresholds": {"queue": [5, 50]},
     }
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    result = subprocess.run(
-        ["ansible-playbook", "-i", str(out / "hosts.yml"), "-e", json.dumps(extra),
-         str(out / "render.yml")],
-        capture_output=True, text=True, env=env, timeout=180, check=False,
-    )  # fmt: skip
+    template = {str(ROOT / "roles/xapi_ops/templates/check_xapi.json.j2"): "check_xapi.json"}
+    result = playbooks.render(out, template, files, extra, str(out / "hosts.yml"))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return {host: json.loads((out / f"{host}.json").read_text()) for host in ("front1", "enc1")}
+    return {
+        host: json.loads((out / f"{host}-check_xapi.json").read_text())
+        for host in ("front1", "enc1")
+    }
 
 
 def test_hostile_passwords_come_back_exactly(rendered: dict[str, dict]) -> None:
