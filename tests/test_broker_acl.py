@@ -31,34 +31,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from xapi_testsupport import playbooks
 from xapi_testsupport.broker import PRODUCER_REFUSED
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
-# Renders the template with the roles' defaults: include_vars keeps Jinja references lazy,
-# as role defaults are, so xapi_broker_db etc. resolve as in a real run.
-PLAYBOOK = """
-- name: Render the broker's ACL file and URLs from the roles' defaults
-  hosts: localhost
-  connection: local
-  gather_facts: false
-  tasks:
-    - name: Read the defaults and the lab's settings
-      ansible.builtin.include_vars:
-        file: "{{ item }}"
-      loop: "{{ files }}"
-    - name: Render users.acl
-      ansible.builtin.template:
-        src: "{{ root }}/roles/redis/templates/users.acl.j2"
-        dest: "{{ out }}/users.acl"
-        mode: "0600"
-    - name: Write the URLs
-      ansible.builtin.copy:
-        content: "{{ {'worker': xapi_broker_url, 'producer': xapi_broker_producer_url} | to_json }}"
-        dest: "{{ out }}/urls.json"
-        mode: "0600"
-"""
+# The broker's two URLs, rendered beside the ACL file.
+URLS = "{{ {'worker': xapi_broker_url, 'producer': xapi_broker_producer_url} | to_json }}\n"
+
 
 # What `.delay()` of Pod's task runs (kombu 5.5.4, redis-py 5.2.0), measured with ACL LOG
 # against Redis 7.0.15: (command..., expected "OK").
@@ -80,6 +61,10 @@ WORKER_KEEPS = [
     ["SCRIPT", "LOAD", "return 1"],
     ["PUBLISH", "/6.celery.pidbox", "x"],
     ["HGET", "unacked", "x"],
+    # the last delivery (xapi_worker's scripts.py SET_VALUE; read by check_xapi)
+    ["SET", "xapi.last_delivery", "1764633600.5"],
+    ["HINCRBY", "xapi.metrics", "delivered", "1"],
+    ["HINCRBYFLOAT", "xapi.metrics", "lrs_latency_seconds_sum", "0.5"],
 ]
 DANGEROUS = {
     "eval",
@@ -117,36 +102,30 @@ def local_redis_version() -> str:
     return out.stdout.split("v=", 1)[1].split()[0]
 
 
-def render(out: Path, redis_version: str) -> dict:
+def render(out: Path, redis_version: str, overrides: dict | None = None) -> dict:
     """users.acl and the URLs as the roles render them for a Redis of that version."""
-    playbook = out / "render.yml"
-    playbook.write_text(PLAYBOOK)
+    urls = out / "urls.json.j2"
+    urls.write_text(URLS)
     files = [
         ROOT / "roles/xapi/defaults/main.yml",
         ROOT / "roles/redis/defaults/main.yml",
         ROOT / "roles/redis/vars/main.yml",
         ROOT / "inventories/lab/group_vars/all/xapi.yml",
     ]
-    extra = {"root": str(ROOT), "out": str(out), "files": [str(f) for f in files]}
     # No inventory: the broker's address, which only the URLs' host part reads, is given;
     # the server's version is what tasks/packages.yml reads from the binary.
-    extra["xapi_broker_host"] = "broker.example.org"
-    extra["redis_server_version"] = redis_version
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    result = subprocess.run(
-        ["ansible-playbook", "-i", "localhost,", "-e", json.dumps(extra), str(playbook)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    extra = {"xapi_broker_host": "broker.example.org", "redis_server_version": redis_version}
+    templates = {
+        str(ROOT / "roles/redis/templates/users.acl.j2"): "users.acl",
+        str(urls): "urls.json",
+    }
+    result = playbooks.render(out, templates, files, {**extra, **(overrides or {})})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     lab = yaml.safe_load((ROOT / "inventories/lab/group_vars/all/xapi.yml").read_text())
     defaults = yaml.safe_load((ROOT / "roles/xapi/defaults/main.yml").read_text())
     return {
-        "acl": (out / "users.acl").read_text(),
-        "urls": json.loads((out / "urls.json").read_text()),
+        "acl": (out / "localhost-users.acl").read_text(),
+        "urls": json.loads((out / "localhost-urls.json").read_text()),
         "lab": lab,
         "defaults": defaults,
         "dir": out,
@@ -284,3 +263,61 @@ def test_producer_is_refused_the_rest(dryrun, rendered: dict, command: list[str]
 @pytest.mark.parametrize("command", WORKER_KEEPS, ids=lambda c: " ".join(c[:2]))
 def test_worker_keeps_its_rights(dryrun, rendered: dict, command: list[str]) -> None:
     assert dryrun(rendered["defaults"]["xapi_broker_user"], *command) == "+OK"
+
+
+# The monitoring check's user (check_xapi, roles/xapi_ops): what the plugin reads, and nothing
+# that writes, takes, publishes or runs Lua.
+MONITOR_READS = [
+    ["PING"],
+    ["SELECT", "6"],
+    ["LLEN", "xapi"],
+    ["LINDEX", "xapi", "-1"],
+    ["HLEN", "unacked"],
+    ["SMEMBERS", "xapi.inflight"],
+    ["LLEN", "xapi.inflight.xapi@enc1"],
+    ["EXISTS", "xapi.inflight.xapi@enc1.alive"],
+    ["LLEN", "xapi.dead_letters"],
+    ["LRANGE", "xapi.dead_letters", "-500", "-1"],
+    ["GET", "xapi.last_delivery"],
+    ["HGETALL", "xapi.metrics"],
+]
+MONITOR_REFUSED = [
+    ["LPUSH", "xapi", "{}"],
+    ["RPOP", "xapi"],
+    ["BLMOVE", "xapi", "xapi.inflight.m", "RIGHT", "LEFT", "1"],
+    ["DEL", "xapi.dead_letters"],
+    ["LREM", "xapi.dead_letters", "0", "x"],
+    ["SET", "xapi.last_delivery", "0"],
+    ["HINCRBY", "xapi.metrics", "delivered", "1"],
+    ["HDEL", "unacked", "x"],
+    ["GET", "_kombu.binding.xapi"],
+    ["PUBLISH", "/6.celery.pidbox", "x"],
+    ["EVAL", "return 1", "0"],
+    ["KEYS", "*"],
+    ["FLUSHALL"],
+    ["CONFIG", "GET", "*"],
+]
+
+
+def monitor_user(rendered: dict) -> str:
+    user = rendered["defaults"]["xapi_broker_monitor_user"]
+    assert rendered["lab"]["xapi_broker_monitor_password"], "the lab sets the monitoring password"
+    user_line(rendered["acl"], user)
+    return user
+
+
+@pytest.mark.parametrize("command", MONITOR_READS, ids=lambda c: " ".join(c[:2]))
+def test_monitor_may_read_what_check_xapi_reads(dryrun, rendered: dict, command: list[str]) -> None:
+    assert dryrun(monitor_user(rendered), *command) == "+OK"
+
+
+@pytest.mark.parametrize("command", MONITOR_REFUSED, ids=lambda c: " ".join(c[:2]))
+def test_monitor_is_refused_the_rest(dryrun, rendered: dict, command: list[str]) -> None:
+    answer = dryrun(monitor_user(rendered), *command)
+    assert answer != "+OK" and "no permissions" in answer, answer
+
+
+def test_no_monitor_user_without_its_password(tmp_path: Path) -> None:
+    """An inventory without xapi_broker_monitor_password gets no monitoring user at all."""
+    acl = render(tmp_path, "7.0.15", {"xapi_broker_monitor_password": ""})["acl"]
+    assert not [line for line in acl.splitlines() if line.startswith("user xapi-monitor ")]

@@ -25,6 +25,14 @@ GOOD = {
 }
 
 CASES = [
+    # check_xapi's thresholds and the monitoring user (roles/xapi_ops, roles/xapi).
+    ("monitoring.yml", {"xapi_ops_check_thresholds": {"queue": [10, 5]}}, "wrong: queue"),
+    ("monitoring.yml", {"xapi_ops_check_thresholds": {"nodes": [0, 2]}}, "wrong: nodes"),
+    ("monitoring.yml", {"xapi_ops_check_thresholds": {"queue_len": [1, 2]}}, "wrong: queue_len"),
+    ("monitoring.yml", {"xapi_ops_check_thresholds": {"dead_new": ["1", "x"]}}, "wrong: dead_new"),
+    ("monitoring.yml", {"xapi_ops_check_thresholds": {"queue": 10}}, "wrong: queue"),
+    ("monitoring.yml", {"xapi_broker_monitor_password": "short"}, "xapi_broker_monitor_password"),
+    ("monitoring.yml", {"xapi_broker_monitor_user": "xapi"}, "xapi_broker_monitor_user"),
     ("redis.yml", {"xapi_broker_db": "42"}, "xapi_broker_db"),
     ("redis.yml", {"redis_firewall_enabled": "maybe"}, "redis_firewall_enabled"),
     ("redis.yml", {"redis_maxmemory": "lots"}, "redis_maxmemory"),

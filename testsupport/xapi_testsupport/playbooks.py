@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -43,3 +44,52 @@ def runner(inventory: str, timeout: float = 300) -> Runner:
         )
 
     return run
+
+
+# Renders templates as the roles would: include_vars keeps Jinja references lazy, as role
+# defaults are, so derived values (xapi_broker_url...) resolve as in a real run.
+RENDER = """
+- name: Render templates from the roles' defaults
+  hosts: all
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Read the defaults and the settings
+      ansible.builtin.include_vars:
+        file: "{{ item }}"
+      loop: "{{ render_var_files }}"
+    - name: Render
+      ansible.builtin.template:
+        src: "{{ item.key }}"
+        dest: "{{ render_out }}/{{ inventory_hostname }}-{{ item.value }}"
+        mode: "0600"
+      loop: "{{ render_templates | dict2items }}"
+"""
+
+
+def render(
+    out: Path,
+    templates: dict[str, str],
+    var_files: list[Path],
+    extra: dict[str, object],
+    inventory: str = "localhost,",
+) -> subprocess.CompletedProcess[str]:
+    """Each template (path -> name) rendered for every host of `inventory` into
+    `out/<host>-<name>`, with `var_files` read in order and `extra` as extra vars."""
+    playbook = out / "render.yml"
+    playbook.write_text(RENDER)
+    values = {
+        **extra,
+        "render_out": str(out),
+        "render_templates": templates,
+        "render_var_files": [str(f) for f in var_files],
+    }
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    return subprocess.run(
+        ["ansible-playbook", "-i", inventory, "-e", json.dumps(values), str(playbook)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 from support import (
@@ -89,3 +90,28 @@ def test_pickle_message_is_not_executed(redis_srv, ralph, make_config, start_wor
     assert wait_for(lambda: proper["id"] in ralph.stored_ids(), 30), worker.text()
     assert pickled["id"] not in ralph.stored_ids()
     assert wait_for(lambda: "pickle" in worker.text().lower(), 10)
+
+
+def test_last_delivery_recorded_once_per_accepted_batch(
+    redis_srv, ralph, make_config, start_worker
+):
+    r = redis_srv.client()
+    worker = start_worker(make_config(ralph.url, XAPI_WORKER_BATCH_SIZE=5))
+    assert r.get("xapi.last_delivery") is None  # nothing delivered yet
+    before = time.time()
+    with pod_producer(redis_srv.url()) as delay:
+        for n in range(5):
+            delay(video_statement("played", n))
+    assert wait_for(lambda: len(ralph.stored()) == 5 and r.exists("xapi.last_delivery"), 30)
+    first = float(r.get("xapi.last_delivery"))
+    assert before <= first <= time.time()
+    # a refused statement alone is no delivery: the key stays
+    bad = video_statement("paused", 9)
+    del bad["verb"]
+    with pod_producer(redis_srv.url()) as delay:
+        delay(bad)
+    assert wait_for(lambda: r.llen("xapi.dead_letters") == 1, 30), worker.text()
+    assert float(r.get("xapi.last_delivery")) == first
+    with pod_producer(redis_srv.url()) as delay:
+        delay(video_statement("played", 7))
+    assert wait_for(lambda: float(r.get("xapi.last_delivery")) > first, 30), worker.text()

@@ -118,6 +118,7 @@ def secrets() -> dict[str, str]:
         "Redis password (xapi user)": values["xapi_broker_password"],
         "Redis password (producer user)": values["xapi_broker_producer_password"],
         "Redis password (default user)": values["redis_default_password"],
+        "Redis password (monitor user)": values["xapi_broker_monitor_password"],
     }
 
 

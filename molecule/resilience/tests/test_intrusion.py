@@ -6,6 +6,7 @@ deployment, five faults, a repair by site.yml.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import time
@@ -166,6 +167,39 @@ def test_no_password_in_the_worker_log() -> None:
     extra = sh("encodage", "cat /var/log/celery/* 2>/dev/null || true").stdout
     for what, secret in secrets().items():
         assert secret not in log + extra, f"{what} in the worker log"
+
+
+def test_no_password_in_the_check_the_metrics_or_the_event_lines() -> None:
+    """check_xapi's line (as NRPE's nagios user), the metrics file for node_exporter and the
+    worker's JSON event lines (xapi_worker.events) hold no password; the event lines parse."""
+    outputs = {
+        host: sh(
+            host,
+            "runuser -u nagios -- /usr/lib/nagios/plugins/check_xapi "
+            "-C /etc/xapi-monitoring/check_xapi.json",
+            check=False,
+        ).stdout
+        for host in ("frontal", "encodage")
+    }
+    assert all(out.startswith("XAPI ") for out in outputs.values()), outputs
+    sh("frontal", "systemctl start xapi-metrics.service")
+    outputs["metrics"] = sh("frontal", "cat /var/lib/prometheus/node-exporter/xapi.prom").stdout
+    assert "xapi_statements_delivered_total" in outputs["metrics"]
+    log = sh("encodage", "journalctl --no-pager -o cat -u 'celeryd-xapi@*'").stdout
+    events = []
+    for line in log.splitlines():
+        if '"event": ' in line:  # the JSON object after Celery's "[time: LEVEL/process] "
+            with contextlib.suppress(ValueError):
+                event = json.loads(line[line.index('{"') :])
+                if isinstance(event, dict) and "event" in event:
+                    events.append(event)
+    assert {"delivered", "retry", "dead_letter"} <= {e.get("event") for e in events}, events[:5]
+    outputs["events"] = "\n".join(json.dumps(e) for e in events)
+    for what, secret in secrets().items():
+        for where, text in outputs.items():
+            assert secret not in text, f"{what} in {where}"
+    # Learners' identities stay out of the event lines: ids only.
+    assert "mailto:" not in outputs["events"]
 
 
 def test_no_password_in_ansible_playbook_verbose_output(evidence, playbook) -> None:

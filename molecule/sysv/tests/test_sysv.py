@@ -82,6 +82,36 @@ def wait_nodes_ready(host, timeout: float = 60) -> None:
 # --- The init script -------------------------------------------------------------------------
 
 
+def test_node_logs_rotate_and_the_nodes_keep_writing(enc):
+    """/etc/logrotate.d/celeryd-xapi names the xAPI nodes' logs only (Pod's encoding worker
+    logs in the same directory) and rotates them as pod, in place (copytruncate)."""
+    wait_nodes_ready(enc)
+    config = enc.file("/etc/logrotate.d/celeryd-xapi")
+    assert config.user == "root" and config.mode == 0o644
+    named = re.findall(r"^(/\S+)$", config.content_string, re.M)
+    assert named == [f"/var/log/celery/{node}.log" for node in NODES]
+    assert re.search(r"^\s*su pod pod$", config.content_string, re.M)
+    before = {node: enc.file(f"/var/log/celery/{node}.log").size for node in NODES}
+    assert all(before.values())
+    pids = node_pids(enc)
+    forced = enc.run("logrotate --force /etc/logrotate.d/celeryd-xapi")
+    assert forced.rc == 0, forced.stderr
+    for node in NODES:
+        rotated = enc.file(f"/var/log/celery/{node}.log.1")
+        assert rotated.exists and rotated.user == "pod" and rotated.size >= before[node]
+        assert enc.file(f"/var/log/celery/{node}.log").size < before[node]
+    # In place: the nodes were neither restarted nor signalled, and still run.
+    assert node_pids(enc) == pids
+    for pid in pids.values():
+        assert enc.run(f"kill -0 {pid}").rc == 0
+    # The later tests read the nodes' start in their logs: put the rotated part back.
+    for node in NODES:
+        log = f"/var/log/celery/{node}.log"
+        enc.check_output(
+            f"cat {log}.1 {log} > {log}.whole && cat {log}.whole > {log} && rm {log}.1 {log}.whole"
+        )
+
+
 def test_init_script_is_celerys_generic_one_from_the_sdist(enc):
     """Seed defect 5, docs/upstream-facts.md §3: the sdist's script, named as its defaults
     file, LSB renamed."""

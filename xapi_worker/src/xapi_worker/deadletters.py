@@ -4,6 +4,7 @@ in the broker's database, one JSON object per statement the LRS refused for good
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -13,9 +14,15 @@ from typing import Any
 import redis
 
 from .delivery import iso
-from .scripts import push
-from .settings import QUEUE, Settings
+from .scripts import push, set_value
+from .settings import LAST_DELIVERY_KEY, QUEUE, Settings
 from .transport import registry_key, unreadable_key
+
+log = logging.getLogger("xapi_worker")
+
+#: Timeouts of the connection that records the last delivery: a slow or gone broker must not
+#: hold a delivered batch for long (the acknowledgements then wait for it anyway).
+NOTE_TIMEOUT = 1.0
 
 
 @dataclass
@@ -58,6 +65,8 @@ class RedisAccess:
         self._settings = settings
         self._client: redis.Redis | None = None
         self._pid = 0
+        self._quick: redis.Redis | None = None
+        self._quick_pid = 0
 
     def __repr__(self) -> str:
         return f"RedisAccess({self._settings.broker_url_masked!r})"
@@ -70,6 +79,27 @@ class RedisAccess:
             )
             self._pid = os.getpid()
         return self._client
+
+    @property
+    def quick_client(self) -> redis.Redis:
+        """A client of its own with short timeouts, for best-effort writes."""
+        if self._quick is None or self._quick_pid != os.getpid():
+            self._quick = redis.Redis.from_url(
+                self._settings.broker_url,
+                socket_timeout=NOTE_TIMEOUT,
+                socket_connect_timeout=NOTE_TIMEOUT,
+            )
+            self._quick_pid = os.getpid()
+        return self._quick
+
+    def note_delivery(self, when: float | None = None) -> None:
+        """SET ``xapi.last_delivery`` to ``when`` (epoch seconds, default now): once per batch
+        the LRS accepted. Best effort: a failure is logged at debug level, never raised."""
+        value = repr(time.time() if when is None else float(when))
+        try:
+            set_value(self.quick_client, LAST_DELIVERY_KEY, value)
+        except Exception:
+            log.debug("%s not recorded", LAST_DELIVERY_KEY, exc_info=True)
 
     @property
     def key(self) -> str:

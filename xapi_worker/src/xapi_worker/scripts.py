@@ -125,6 +125,10 @@ return moved
 """
 )
 
+# KEYS[1] a key; ARGV[1] its value. A plain SET of the worker's own (xapi.last_delivery): a few
+# bytes replaced, so it need not be refused at maxmemory while the worker drains.
+SET_VALUE = _HEADER + "return redis.call('SET', KEYS[1], ARGV[1])\n"
+
 # KEYS[1] a set; ARGV[1] a member (an exchange binding).
 ADD_MEMBER = _HEADER + "return redis.call('SADD', KEYS[1], ARGV[1])\n"
 
@@ -153,6 +157,11 @@ def push(client: redis.Redis, key: str, values: list[Any], left: bool = True) ->
     """LPUSH (or RPUSH) ``values`` onto ``key``, at ``maxmemory`` too."""
     script = client.register_script(PUSH)
     return int(script(keys=[key], args=["left" if left else "right", *values], client=client))
+
+
+def set_value(client: redis.Redis, key: str, value: str) -> None:
+    """SET ``key`` to ``value``, at ``maxmemory`` too."""
+    client.register_script(SET_VALUE)(keys=[key], args=[value], client=client)
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -19,6 +19,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 CONFIG_ENV = "XAPI_WORKER_CONFIG"
 QUEUE = "xapi"
+#: Epoch seconds (a float, as a string) of the last batch the LRS accepted, set by the worker
+#: on the broker the batch came from (read by roles/xapi_ops/files/check_xapi).
+LAST_DELIVERY_KEY = "xapi.last_delivery"
 TASK_NAME = "pod.xapi.xapi_tasks.send_xapi_statement_task"
 XAPI_VERSION = "1.0.3"
 

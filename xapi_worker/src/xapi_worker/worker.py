@@ -12,6 +12,7 @@ consumer restores them once ``visibility_timeout`` has passed.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable, Collection
 from typing import Any
@@ -23,6 +24,7 @@ from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
+from . import events
 from .deadletters import DeadLetter, RedisAccess
 from .delivery import (
     Answer,
@@ -38,6 +40,7 @@ from .delivery import (
     retry_delay,
 )
 from .lrs import LRSClient
+from .metrics import DEAD_LETTERED, DELIVERED, RETRIED, Metrics
 from .settings import QUEUE, TASK_NAME, Settings, mask_url
 from .transport import ALIAS as TRANSPORT
 from .transport import FIRST_SEEN as H_FIRST_SEEN
@@ -127,13 +130,22 @@ class Processor:
         self.settings = settings
         self.lrs = LRSClient(settings)
         self.dead = RedisAccess(settings)
+        self.metrics = Metrics(settings)
         self._held_until = 0.0  # monotonic: no POST before (an LRS's long Retry-After)
+        self._batch = 0  # statements of the batch being processed (for the events)
 
     def __repr__(self) -> str:
         return f"Processor({mask_url(self.settings.lrs_url)!r})"
 
+    @property
+    def node(self) -> str:
+        """The worker's node name (``-n xapi@%h``), given to the transport at start-up."""
+        options = self.app.conf.broker_transport_options or {}
+        return str(options.get(NODE_OPTION) or socket.gethostname())
+
     # --- logging of each HTTP exchange -------------------------------------------------------
     def _on_sent(self, count: int, answer: Answer) -> None:
+        self.metrics.observe_post(count, answer.status, answer.latency_ms / 1000)
         kind = answer.kind
         if kind is Kind.OK:
             log.info(
@@ -141,6 +153,14 @@ class Processor:
                 count,
                 answer.status,
                 answer.latency_ms,
+            )
+            events.emit(
+                "delivered",
+                count=count,
+                lrs_status=answer.status,
+                latency_ms=round(answer.latency_ms),
+                node=self.node,
+                batch=self._batch,
             )
         elif kind is Kind.REJECTED and count > 1:
             log.info(
@@ -152,6 +172,14 @@ class Processor:
 
     # --- the batch ----------------------------------------------------------------------------
     def process(self, requests: Collection[SimpleRequest]) -> dict[str, list[str]]:
+        self._batch = len(requests)
+        try:
+            return self._process(requests)
+        finally:
+            # One pipeline per batch, best effort: never raises, never puts a message back.
+            self.metrics.flush()
+
+    def _process(self, requests: Collection[SimpleRequest]) -> dict[str, list[str]]:
         now = time.time()
         requeue: list[str] = []
         items: list[Item] = []
@@ -197,6 +225,9 @@ class Processor:
             log.exception("internal error while delivering a batch")
             answer = Answer(status=None, error=f"internal error: {type(exc).__name__}")
             results = [Result(i, Verdict.RETRY, answer) for i in leaders]
+        if any(r.verdict in (Verdict.DELIVERED, Verdict.DUPLICATE) for r in results):
+            # One SET per batch the LRS accepted (the monitoring's last_delivery_age).
+            self.dead.note_delivery()
         requeue.extend(self._settle(results, now))
         return {"requeue": requeue}
 
@@ -204,10 +235,23 @@ class Processor:
         requeue: list[str] = []
         retry_groups: dict[tuple[object, ...], list[Result]] = {}
         for res in results:
-            if res.verdict is Verdict.DUPLICATE:
+            if res.verdict is Verdict.DELIVERED:
+                self.metrics.count(DELIVERED)
+            elif res.verdict is Verdict.DUPLICATE:
                 log.info(
                     "statement %s already stored with the same content (HTTP 409): delivered",
                     res.item.statement_id,
+                )
+                self.metrics.count(DELIVERED)
+                events.emit(
+                    "delivered",
+                    count=1,
+                    lrs_status=res.answer.status,
+                    latency_ms=round(res.answer.latency_ms),
+                    node=self.node,
+                    batch=self._batch,
+                    already_stored=True,
+                    statement_id=res.item.statement_id,
                 )
             elif res.verdict is Verdict.DEAD:
                 if not self._dead_letter(res.item, res.reason or res.answer.what, res):
@@ -228,6 +272,18 @@ class Processor:
         except Exception:
             log.exception("cannot write dead letter for task %s: put back", letter.task_id)
             return False
+        self.metrics.count(DEAD_LETTERED)
+        statement_id = letter.statement.get("id")
+        events.emit(
+            "dead_letter",
+            logging.WARNING,
+            statement_id=statement_id if isinstance(statement_id, str) else None,
+            task_id=letter.task_id,
+            reason=letter.reason[:300],
+            lrs_status=letter.status,
+            attempts=letter.attempts,
+            node=self.node,
+        )
         return True
 
     def _dead_letter(self, item: Item, reason: str, res: Result) -> bool:
@@ -314,6 +370,19 @@ class Processor:
                 requeue.extend(self._keys(item))
                 continue
             republished += 1
+        self.metrics.count(RETRIED, republished)
+        if republished:
+            events.emit(
+                "retry",
+                logging.WARNING,
+                count=republished,
+                reason=what,
+                lrs_status=answer.status,
+                delay_s=delay,
+                attempt=attempt + step,
+                held=hold > 0,
+                node=self.node,
+            )
         if republished and hold <= 0:
             log.warning(
                 "retry: %d statements re-published for attempt %d in %.1f s: %s",

@@ -1,0 +1,417 @@
+"""roles/xapi_ops/files/check_xapi against a real redis-server, Ralph and this package's
+worker: run as a monitoring host runs it (the system's /usr/bin/python3, no venv, a JSON
+configuration file), its one status line, performance data and exit code read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import (
+    LRS_PASSWORD,
+    LRS_USER,
+    REPO,
+    Proxy,
+    RedisServer,
+    free_port,
+    pod_producer,
+    wait_for,
+)
+from xapi_testsupport.statements import invalid, statement, video_statement
+
+PLUGIN = REPO / "roles" / "xapi_ops" / "files" / "check_xapi"
+# The system's Python of the monitored hosts; CHECK_XAPI_PYTHON tries another (3.13: Debian 13).
+PYTHON = os.environ.get("CHECK_XAPI_PYTHON", "/usr/bin/python3")
+REDIS_PASSWORD = "r3dis-Monitor-pw"
+#: Every secret any test writes into a configuration: never in any output.
+SECRETS = (LRS_PASSWORD, REDIS_PASSWORD, "wrong-Lrs-pw-42", "wrong-Redis-pw-42")
+PERF = re.compile(r"'([^']+)'=([0-9.]+)(s?);([0-9.]*);([0-9.]*);([0-9.]*);")
+STATUS = re.compile(r"^XAPI (OK|WARNING|CRITICAL|UNKNOWN) - .+")
+CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
+
+
+def write(tmp_path: Path, config: dict[str, Any], name: str = "check_xapi.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    path.chmod(0o600)
+    return path
+
+
+def broker_entry(port: int, **extra: Any) -> dict[str, Any]:
+    return {"name": "frontal1", "host": "127.0.0.1", "port": port, "db": 6, **extra}
+
+
+def lrs_entry(url: str, password: str = LRS_PASSWORD) -> dict[str, Any]:
+    return {"url": url, "login": LRS_USER, "password": password}
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
+        self.code = proc.returncode
+        self.out = proc.stdout
+        self.err = proc.stderr
+        self.line = proc.stdout.rstrip("\n")
+
+    @property
+    def state(self) -> str:
+        return self.line.split(" ", 2)[1]
+
+    @property
+    def text(self) -> str:
+        return self.line.split(" | ", 1)[0]
+
+    def perf(self) -> dict[str, tuple[float, str, str, str]]:
+        data = self.line.split(" | ", 1)[1] if " | " in self.line else ""
+        found = {m[0]: (float(m[1]), m[2], m[3], m[4]) for m in PERF.findall(data)}
+        assert len(found) == len(data.split()), data  # every item parsed
+        return found
+
+
+def check(config: Path, *args: str) -> Result:
+    proc = subprocess.run(
+        [PYTHON, str(PLUGIN), "-C", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},  # no venv, no PYTHONPATH
+        cwd="/",
+    )
+    result = Result(proc)
+    for secret in SECRETS:
+        assert secret not in proc.stdout + proc.stderr, "a password in the output"
+    assert result.out.count("\n") == 1, result.out  # exactly one line
+    assert STATUS.match(result.line), result.line
+    assert result.code == CODES[result.state], (result.code, result.line)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    print(result.line)  # the states of the report (pytest -s)
+    return result
+
+
+def fresh(n: int, age: float = 0.0) -> dict[str, Any]:
+    """A valid statement whose timestamp is ``age`` seconds ago."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - age)) + "Z"
+    return statement(
+        "played", object_id=f"https://pod.example.org/video/{n:04d}-m/", timestamp=stamp
+    )
+
+
+# --- with a real worker --------------------------------------------------------------------
+def test_healthy_then_credentials_refused_then_lrs_stopped(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    start_worker(make_config(ralph.url))
+    sent = [video_statement("played", n) for n in range(3)]
+    with pod_producer(redis_srv.url()) as delay:
+        for s in sent:
+            delay(s)
+    r = redis_srv.client()
+    assert wait_for(lambda: len(ralph.stored()) == 3 and r.exists("xapi.last_delivery"), 30)
+    assert wait_for(lambda: r.hlen("unacked") == 0, 10)
+    config = {"brokers": [broker_entry(redis_srv.port)], "lrs": lrs_entry(ralph.url)}
+    good = write(tmp_path, config)
+
+    healthy = check(good)
+    assert healthy.code == 0, healthy.line
+    assert healthy.line.startswith("XAPI OK - queue 0, 0 in flight, 1/1 nodes, 0 dead letters")
+    perf = healthy.perf()
+    assert perf["queue"][0] == 0 and perf["queue"][2:] == ("1000", "10000")
+    assert perf["nodes"][0] == 1 and perf["in_flight"][0] == 0
+    assert perf["dead_letters"][0] == 0 and perf["dead_new"][0] == 0
+    assert 0 <= perf["last_delivery_age"][0] < 60 and perf["last_delivery_age"][1] == "s"
+    assert perf["lrs_time"][1] == "s"
+    assert "oldest_age" not in perf  # nothing queued
+
+    refused = check(
+        write(tmp_path, {**config, "lrs": lrs_entry(ralph.url, "wrong-Lrs-pw-42")}, "b.json")
+    )
+    assert refused.code == 2
+    assert refused.text.startswith("XAPI CRITICAL - LRS credentials refused (HTTP 401)")
+
+    ralph.stop()
+    stopped = check(good)
+    assert stopped.code == 2
+    assert stopped.text.startswith("XAPI CRITICAL - LRS unreachable (")
+    assert check(good, "--metric", "queue").code == 0  # the broker side alone is fine
+    assert check(good, "--metric", "lrs").code == 2
+
+
+def test_dead_letters_counted_new_and_old(tmp_path, redis_srv, ralph, make_config, start_worker):
+    worker = start_worker(make_config(ralph.url))
+    bad = invalid(fresh(1), 0)  # no verb: Ralph refuses it, the worker dead-letters it
+    with pod_producer(redis_srv.url()) as delay:
+        delay(bad)
+    r = redis_srv.client()
+    assert wait_for(lambda: r.llen("xapi.dead_letters") == 1, 30), worker.text()
+    # an older one, two days ago, at the oldest end (the worker appends on the right)
+    two_days_ago = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 172800))
+    old = {"statement": {}, "reason": "test", "time": two_days_ago}
+    r.lpush("xapi.dead_letters", json.dumps(old))
+    config = {"brokers": [broker_entry(redis_srv.port)], "lrs": lrs_entry(ralph.url)}
+
+    warned = check(write(tmp_path, config))
+    assert warned.code == 1, warned.line
+    assert warned.text.startswith("XAPI WARNING - 2 dead letters (>= 1); 1 new dead letters (>= 1)")
+    perf = warned.perf()
+    assert perf["dead_letters"][0] == 2 and perf["dead_new"][0] == 1
+
+    strict = {**config, "thresholds": {"dead_new": [0, 1]}}
+    critical = check(write(tmp_path, strict, "strict.json"))
+    assert critical.code == 2
+    assert critical.text.startswith("XAPI CRITICAL - 1 new dead letters (>= 1); 2 dead letters")
+
+    narrow = {**config, "dead_window": 0.001}  # nothing is new within a millisecond
+    assert check(write(tmp_path, narrow, "narrow.json")).perf()["dead_new"][0] == 0
+
+
+def test_workers_stopped_while_statements_arrive(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    worker = start_worker(make_config(ralph.url))
+    with pod_producer(redis_srv.url()) as delay:
+        delay(fresh(0))
+        r = redis_srv.client()
+        assert wait_for(lambda: r.exists("xapi.last_delivery"), 30), worker.text()
+        worker.stop()  # a clean stop gives up the node's heartbeat
+        for n in range(1, 8):
+            delay(fresh(n, age=400 - n))  # the oldest queued 399 s ago
+    config = {
+        "brokers": [broker_entry(redis_srv.port)],
+        "lrs": lrs_entry(ralph.url),
+        "thresholds": {"queue": [5, 100]},
+    }
+    result = check(write(tmp_path, config))
+    assert result.code == 2, result.line
+    assert result.text.startswith(
+        "XAPI CRITICAL - statements accumulate while the LRS answers: no worker consumes "
+        "(queue 7, 0 worker nodes alive)"
+    )
+    assert "WARNING" not in result.text
+    assert "queue 7 (>= 5)" in result.text and "0 worker nodes alive (< 1)" in result.text
+    assert "oldest statement queued" in result.text  # 399 s >= 300
+    perf = result.perf()
+    assert perf["queue"][0] == 7 and perf["nodes"][0] == 0
+    assert 390 <= perf["oldest_age"][0] < 460 and perf["oldest_age"][1] == "s"
+    assert perf["last_delivery_age"][0] < 60  # a recent delivery: no alert on it
+
+    # without the LRS (a frontal's own check): no such diagnosis, the parts only
+    frontal_config = write(tmp_path, {k: v for k, v in config.items() if k != "lrs"}, "f.json")
+    frontal = check(frontal_config)
+    assert frontal.code == 1 and "no worker consumes" not in frontal.line
+    assert "lrs_time" not in frontal.perf()
+
+    # a long silence with statements waiting is alerted on
+    r.set("xapi.last_delivery", str(time.time() - 4000))
+    late = check(frontal_config)
+    assert re.search(r"last delivery 400[01] s ago with 7 queued \(>= 3600 s\)", late.text)
+    assert late.code == 2
+
+
+# --- the broker alone ----------------------------------------------------------------------
+def test_broker_unreachable_or_refusing(tmp_path, redis_srv):
+    port = free_port()
+    config = {"brokers": [broker_entry(port, password=REDIS_PASSWORD)], "timeout": 2}
+    down = check(write(tmp_path, config))
+    assert down.code == 2
+    assert down.line == (
+        f"XAPI CRITICAL - broker frontal1 (redis://127.0.0.1:{port}/6) unreachable "
+        "(ConnectionRefusedError)"
+    )
+    r = redis_srv.client()
+    r.config_set("requirepass", REDIS_PASSWORD)
+    wrong = broker_entry(redis_srv.port, user="default", password="wrong-Redis-pw-42")
+    refused = check(write(tmp_path, {"brokers": [wrong]}, "wrong.json"))
+    assert refused.code == 2
+    assert refused.text.endswith("refused authentication (WRONGPASS)")
+    anonymous = check(write(tmp_path, {"brokers": [broker_entry(redis_srv.port)]}, "anon.json"))
+    assert anonymous.code == 2 and "refused authentication (NOAUTH)" in anonymous.text
+    right = broker_entry(redis_srv.port, user="default", password=REDIS_PASSWORD)
+    two = {"brokers": [right, {**right, "name": "frontal2", "port": port}], "nodes_expected": 0}
+    both = check(write(tmp_path, two, "two.json"))
+    assert both.code == 2
+    assert both.text.startswith(f"XAPI CRITICAL - broker frontal2 (redis://127.0.0.1:{port}/6)")
+    assert "frontal1: queue 0" in both.text
+    assert set(both.perf()) >= {"frontal1_queue", "frontal1_nodes", "frontal1_dead_new"}
+
+
+def test_metric_queue_thresholds(tmp_path, redis_srv):
+    config = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)]})
+    empty = check(config, "--metric", "queue", "-w", "1", "-c", "5")
+    assert empty.line == "XAPI OK - queue 0 | 'queue'=0;1;5;0;"
+    with pod_producer(redis_srv.url()) as delay:
+        delay(fresh(0))
+        one = check(config, "--metric", "queue", "-w", "1", "-c", "5")
+        assert one.line == "XAPI WARNING - queue 1 (>= 1) | 'queue'=1;1;5;0;"
+        for n in range(1, 5):
+            delay(fresh(n))
+    five = check(config, "--metric", "queue", "-w", "1", "-c", "5")
+    assert five.line == "XAPI CRITICAL - queue 5 (>= 5) | 'queue'=5;1;5;0;"
+    # one of the two given: the other from the file (here the defaults, 1000 and 10000)
+    assert check(config, "--metric", "queue", "-w", "3").line.startswith("XAPI WARNING - queue 5")
+    assert check(config, "--metric", "queue").code == 0
+    full = check(config)  # 5 fresh statements, no worker ever: nodes below the minimum
+    assert full.code == 1 and full.text.startswith("XAPI WARNING - 0 worker nodes alive (< 1)")
+
+
+def test_lrs_answers_that_are_not_a_statement_result(tmp_path, redis_srv):
+    """A maintenance page with a 200, a 503, a redirect: WARNING with the status."""
+    answers = {
+        "page": (200, {"Content-Type": "text/html"}, b"<html>Maintenance</html>"),
+        "down": (503, {"Content-Type": "text/plain"}, b"busy"),
+        "moved": (302, {"Location": "https://elsewhere.example.org/"}, b""),
+    }
+    current = {"answer": answers["page"]}
+    proxy = Proxy(upstream_port=free_port(), respond=lambda _req: current["answer"]).start()
+    try:
+        base = {"brokers": [broker_entry(redis_srv.port)], "lrs": lrs_entry(proxy.url)}
+        config = write(tmp_path, base)
+        page = check(config, "--metric", "lrs")
+        assert page.line.startswith(
+            "XAPI WARNING - LRS answered HTTP 200 with a body that is not JSON | 'lrs_time'="
+        )
+        current["answer"] = answers["down"]
+        assert check(config, "--metric", "lrs").text == "XAPI WARNING - LRS answered HTTP 503"
+        current["answer"] = answers["moved"]
+        assert check(config, "--metric", "lrs").text == "XAPI WARNING - LRS answered HTTP 302"
+        request = proxy.requests[-1]
+        assert request.method == "GET" and request.path == "/xAPI/statements/?limit=1"
+        headers = {k.lower(): v for k, v in request.headers.items()}  # urllib's X-experience-...
+        assert headers["x-experience-api-version"] == "1.0.3"
+        assert headers["authorization"].startswith("Basic ")
+        assert len(proxy.requests) == 3  # the redirect is not followed
+    finally:
+        proxy.stop()
+
+
+def _tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a certificate of 127.0.0.1 it signed, with the extensions Python
+    3.13's strict verification (VERIFY_X509_STRICT) requires."""
+    ca, ca_key, cert, key = (directory / n for n in ("ca.crt", "ca.key", "srv.crt", "srv.key"))
+    ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2".split()
+
+    def openssl(*args: object) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
+
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        ca_key,
+        "-out",
+        ca,
+        "-subj",
+        "/CN=check_xapi CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    openssl("req", *ec, "-keyout", key, "-out", directory / "srv.csr", "-subj", "/CN=127.0.0.1")
+    (directory / "ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid\n"
+        "subjectKeyIdentifier=hash\nbasicConstraints=CA:FALSE\n"
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        directory / "srv.csr",
+        "-CA",
+        ca,
+        "-CAkey",
+        ca_key,
+        "-CAcreateserial",
+        "-out",
+        cert,
+        "-days",
+        "2",
+        "-extfile",
+        directory / "ext",
+    )
+    key.chmod(0o600)
+    return ca, cert, key
+
+
+def test_broker_over_tls(tmp_path):
+    ca, cert, key = _tls_files(tmp_path)
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path / "tls",
+        False,
+        "--tls-port",
+        str(tls_port),
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(ca),
+        "--tls-auth-clients",
+        "no",
+    )
+    try:
+        idle = {"nodes_expected": 0, "thresholds": {"nodes": [0, 0]}}
+        verified = broker_entry(tls_port, tls=True, ca=str(ca))
+        ok = check(write(tmp_path, {"brokers": [verified], **idle}))
+        assert ok.line.startswith("XAPI OK - queue 0, 0 in flight, 0/0 nodes"), ok.line
+        untrusted = check(write(tmp_path, {"brokers": [{**verified, "ca": ""}], **idle}, "u.json"))
+        assert untrusted.code == 2
+        assert untrusted.text.startswith(
+            f"XAPI CRITICAL - broker frontal1 (rediss://127.0.0.1:{tls_port}/6): TLS "
+            "verification failed ("
+        )
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"brokers": []}, "brokers"),
+        ({"brokers": [{"name": "f", "host": "h"}], "extra": 1}, "'extra'"),
+        ({"brokers": [{"name": "f", "host": "h", "port": "6380"}]}, "brokers[0].port"),
+        ({"brokers": [{"name": "f", "host": "h", "tls": "yes"}]}, "brokers[0].tls"),
+        ({"brokers": [{"name": "f", "host": "h", "pasword": "x"}]}, "'pasword'"),
+        ({"brokers": [{"name": "f", "host": "h"}], "thresholds": {"queue": [10, 5]}}, "queue"),
+        ({"brokers": [{"name": "f", "host": "h"}], "thresholds": {"nodes": [0, 1]}}, "nodes"),
+        ({"brokers": [{"name": "f", "host": "h"}], "thresholds": {"qeue": [1, 2]}}, "'qeue'"),
+        ({"brokers": [{"name": "f", "host": "h"}], "timeout": True}, "timeout"),
+        (
+            {
+                "brokers": [{"name": "f", "host": "h"}],
+                "lrs": {"url": "ftp://x/", "login": "l", "password": LRS_PASSWORD},
+            },
+            "lrs.url",
+        ),
+        ({"brokers": [{"name": "f", "host": "h"}], "lrs": {"url": "http://x/"}}, "lrs: login"),
+    ],
+)
+def test_bad_config_is_unknown_naming_the_key(tmp_path, config, named):
+    result = check(write(tmp_path, config))
+    assert result.code == 3
+    assert result.line.startswith("XAPI UNKNOWN - configuration: ")
+    assert named in result.line
+
+
+def test_usage_errors_are_unknown(tmp_path):
+    config = write(tmp_path, {"brokers": [{"name": "f", "host": "127.0.0.1", "port": 1}]})
+    assert "need --metric" in check(config, "-w", "1").line
+    assert (
+        "warning threshold of queue (5) is above"
+        in check(config, "--metric", "queue", "-w", "5", "-c", "1").line
+    )
+    assert check(config, "--metric", "queue", "-c", "6").code == 3  # default warning 1000 > 6
+    assert check(config, "--metric", "nosuch").code == 3
+    assert check(config, "-w", "x", "--metric", "queue").code == 3
+    unreadable = tmp_path / "not-json.json"
+    unreadable.write_text('{"brokers": [{"password": "' + REDIS_PASSWORD + '"')
+    assert check(unreadable).line.startswith("XAPI UNKNOWN - configuration: ")
+    version = subprocess.run([PYTHON, str(PLUGIN), "-V"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("check_xapi ")
