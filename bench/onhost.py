@@ -9,7 +9,7 @@ import json
 
 from labhosts import PodmanHost
 from xapi_testsupport import statements
-from xapi_testsupport.pod_on_host import as_pod_python  # shared with the molecule tests
+from xapi_testsupport.pod_on_host import as_pod_python, lrs_auth  # shared with the molecule tests
 
 # Statements of Pod's video player (w3id video profile), numbered; used by both producers.
 # The shared builder's own source goes along: the hosts make thousands, too many to pass.
@@ -52,8 +52,10 @@ DIRECT = (
     + """
 import requests
 from pod.custom import settings_local as s
+# The frontal holds no LRS credentials (roles/xapi_frontal): they come on stdin.
+auth = json.load(sys.stdin)
 session = requests.Session()
-session.auth = (s.XAPI_LRS_LOGIN, s.XAPI_LRS_PWD)
+session.auth = (auth["login"], auth["password"])
 session.headers["X-Experience-API-Version"] = "1.0.3"
 n, size = int(sys.argv[1]), int(sys.argv[2])
 sent, batch = [], []
@@ -93,8 +95,8 @@ else:
 """
 
 
-def on_pod(host: PodmanHost, code: str, *args: str) -> str:
-    result = as_pod_python(host, code, *args)
+def on_pod(host: PodmanHost, code: str, *args: str, stdin: str = "") -> str:
+    result = as_pod_python(host, code, *args, stdin=stdin)
     if result.rc != 0:
         raise RuntimeError(f"{host.container}: {result.stderr[-3000:]}")
     return result.stdout
@@ -105,7 +107,8 @@ def produce(frontal: PodmanHost, n: int) -> list[tuple[str, float]]:
 
 
 def direct(frontal: PodmanHost, n: int, batch: int) -> list[tuple[str, float]]:
-    return [(i, t) for i, t in json.loads(on_pod(frontal, DIRECT, str(n), str(batch)))]
+    auth = json.dumps(lrs_auth())
+    return [(i, t) for i, t in json.loads(on_pod(frontal, DIRECT, str(n), str(batch), stdin=auth))]
 
 
 def queue_length(frontal: PodmanHost) -> int:
