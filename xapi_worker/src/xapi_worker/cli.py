@@ -1,4 +1,5 @@
-"""``xapi-worker``: operator commands (check, status, dead letters, effective settings)."""
+"""``xapi-worker``: operator commands (check, status, dead letters, the spool, effective
+settings)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import contextlib
 import enum
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import redis
 import requests
@@ -24,6 +28,7 @@ from .settings import (
     load_settings,
     mask_url,
 )
+from .spool import Spool, node_file
 
 
 class Exit(enum.IntEnum):
@@ -185,12 +190,88 @@ def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_dead_purge(settings: Settings, args: argparse.Namespace) -> int:
+    if args.older_than is not None:
+        if args.older_than < 0:
+            print("--older-than takes a number of days >= 0", file=sys.stderr)
+            return Exit.USAGE
+        with _broker(settings) as access:
+            count = access.purge_older(args.older_than)
+        print(f"purged {count} dead letters older than {args.older_than:g} days")
+        return Exit.OK
     if not args.yes:
-        print("purge deletes every dead letter: pass --yes", file=sys.stderr)
+        print("purge deletes every dead letter: pass --yes (or --older-than DAYS)", file=sys.stderr)
         return Exit.USAGE
     with _broker(settings) as access:
         count = access.purge()
     print(f"purged {count} dead letters")
+    return Exit.OK
+
+
+def _spools(settings: Settings, node: str | None) -> list[Spool]:
+    if not settings.spool_enabled:
+        raise Failure(Exit.CONFIG, "the spool is off: XAPI_WORKER_SPOOL_DIR is not set")
+    directory = Path(settings.spool_dir)
+    if node:
+        names = [node_file(node)]
+        if not (directory / names[0]).exists():
+            raise Failure(Exit.USAGE, f"no spool of node {node} in {directory}")
+    else:
+        names = sorted(p.name for p in directory.glob("*.sqlite3"))
+    return [Spool(directory, name.removesuffix(".sqlite3")) for name in names]
+
+
+def cmd_spool_list(settings: Settings, args: argparse.Namespace) -> int:
+    """One JSON line per spooled statement, oldest first (statement ids, not bodies, unless
+    --statements: the bodies carry learners' identities)."""
+    now = time.time()
+    for spool in _spools(settings, args.node):
+        for n, row in enumerate(spool.rows(args.limit or -1)):
+            entry: dict[str, Any] = {
+                "node_file": spool.path.name,
+                "statement_id": row.statement.get("id"),
+                "attempts": row.attempts,
+                "age_s": round(now - row.first_seen, 1),
+                "next_attempt_in_s": round(max(0.0, row.next_at - now), 1),
+                "last_error": row.last_error,
+            }
+            if args.statements:
+                entry["statement"] = row.statement
+            print(json.dumps(entry, ensure_ascii=False))
+            if args.limit and n + 1 >= args.limit:
+                break
+        spool.close()
+    return Exit.OK
+
+
+def cmd_spool_drain(settings: Settings, args: argparse.Namespace) -> int:
+    """Deliver every spooled statement now, in the foreground, oldest first; stops at the
+    first batch the LRS does not take (exit 6)."""
+    from .drain import DrainProcessor  # Celery only for the commands that deliver
+    from .worker import make_celery
+
+    app = make_celery(settings, name="xapi_worker_drain")
+    total = 0
+    try:
+        for spool in _spools(settings, args.node):
+            processor = DrainProcessor(app, settings, spool)
+            while True:
+                rows = spool.rows(settings.batch_size)
+                if not rows:
+                    break
+                spool.wake()
+                settled, kept = processor.drain(rows)
+                total += settled
+                if kept:
+                    print(
+                        f"drained {total} statements; {spool.path.name}: the LRS did not take "
+                        f"{kept} (see the worker's log or `xapi-worker check`)",
+                        file=sys.stderr,
+                    )
+                    return Exit.LRS_UNREACHABLE
+            spool.close()
+    finally:
+        app.close()
+    print(f"drained {total} statements")
     return Exit.OK
 
 
@@ -226,9 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep = dsub.add_parser("replay", help="re-enqueue onto queue xapi, then remove them")
     rep.add_argument("--limit", type=int, default=0)
     rep.set_defaults(func=cmd_dead_replay)
-    pur = dsub.add_parser("purge", help="delete every dead letter")
-    pur.add_argument("--yes", action="store_true", help="confirm")
+    pur = dsub.add_parser("purge", help="delete every dead letter, or the older ones")
+    pur.add_argument("--yes", action="store_true", help="confirm deleting every dead letter")
+    pur.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="delete those written DAYS days ago"
+    )
     pur.set_defaults(func=cmd_dead_purge)
+    spool = sub.add_parser("spool", help="list or drain the node spools of this host")
+    ssub = spool.add_subparsers(dest="action", required=True)
+    slst = ssub.add_parser("list", help="one JSON line per spooled statement, oldest first")
+    slst.add_argument("--node", help="this node's spool only (e.g. xapi@host)")
+    slst.add_argument("--limit", type=int, default=0)
+    slst.add_argument(
+        "--statements", action="store_true", help="include the statements (personal data)"
+    )
+    slst.set_defaults(func=cmd_spool_list)
+    sdr = ssub.add_parser("drain", help="deliver the spool now, in the foreground")
+    sdr.add_argument("--node", help="this node's spool only (e.g. xapi@host)")
+    sdr.set_defaults(func=cmd_spool_drain)
     return parser
 
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import redis
 
-from .delivery import iso
+from .delivery import iso, parse_iso
 from .scripts import push, set_value
 from .settings import LAST_DELIVERY_KEY, QUEUE, Settings
-from .transport import registry_key, unreadable_key
+from .transport import INFLIGHT, registry_key, unreadable_key
+from .transport import SPOOL as SPOOL_SUFFIX
 
 log = logging.getLogger("xapi_worker")
 
@@ -55,7 +56,16 @@ class DeadLetter:
         return entry
 
 
-STATUS_FIELDS = ("queue", "dead_letters", "unacked", "in_flight", "unreadable")
+STATUS_FIELDS = (
+    "queue",
+    "dead_letters",
+    "unacked",
+    "in_flight",
+    "unreadable",
+    "spool",
+    "spool_bytes",
+    "spool_damaged",
+)
 
 
 class RedisAccess:
@@ -121,6 +131,17 @@ class RedisAccess:
     def remove(self, raw: bytes) -> None:
         self.client.lrem(self.key, 1, raw)  # type: ignore[arg-type]
 
+    def purge_older(self, days: float, now: float | None = None) -> int:
+        """Remove the dead letters written more than ``days`` ago (their ``time``); an entry
+        without a readable time is kept. Returns how many were removed."""
+        limit = (time.time() if now is None else now) - days * 86400
+        removed = 0
+        for raw, entry in list(self.entries()):
+            written = parse_iso(entry.get("time")) if isinstance(entry, dict) else None
+            if written is not None and written < limit:
+                removed += int(self.client.lrem(self.key, 1, raw))  # type: ignore[arg-type]
+        return removed
+
     def purge(self) -> int:
         pipe = self.client.pipeline()
         pipe.llen(self.key)
@@ -128,7 +149,7 @@ class RedisAccess:
         count, _ = pipe.execute()  # type: ignore[no-untyped-call]
         return int(count)
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, Any]:
         client = self.client
         members: set[bytes] = client.smembers(registry_key(QUEUE))  # type: ignore[assignment]
         lists = sorted(m.decode() for m in members)
@@ -139,8 +160,17 @@ class RedisAccess:
         pipe.llen(unreadable_key(QUEUE))
         for key in lists:
             pipe.llen(key)
-        queue, dead, unacked, unreadable, *in_flight = pipe.execute()  # type: ignore[no-untyped-call]
-        return {
+        for key in lists:
+            pipe.hgetall(key + SPOOL_SUFFIX)
+        replies = pipe.execute()  # type: ignore[no-untyped-call]
+        queue, dead, unacked, unreadable = replies[:4]
+        in_flight = replies[4 : 4 + len(lists)]
+        spools = [
+            (key, {k.decode(): v.decode() for k, v in h.items()})
+            for key, h in zip(lists, replies[4 + len(lists) :], strict=True)
+            if h
+        ]
+        state: dict[str, Any] = {
             "queue": int(queue),
             "dead_letters": int(dead),
             "unacked": int(unacked),
@@ -148,3 +178,20 @@ class RedisAccess:
             "in_flight": sum(int(n) for n in in_flight),
             "unreadable": int(unreadable),
         }
+        state.update(spool_summary(spools))
+        return state
+
+
+def spool_summary(spools: list[tuple[str, dict[str, str]]]) -> dict[str, Any]:
+    """The spools of a broker's nodes in a few numbers, from the state each node publishes
+    (drain.py): statements spooled, the oldest one's age, bytes, full nodes, damaged files."""
+    now = time.time()
+    oldest = [float(h["oldest"]) for _, h in spools if h.get("oldest")]
+    prefix = len(QUEUE + INFLIGHT + ".")
+    return {
+        "spool": sum(int(h.get("depth") or 0) for _, h in spools),
+        "spool_oldest_age_s": round(now - min(oldest), 1) if oldest else None,
+        "spool_bytes": sum(int(h.get("bytes") or 0) for _, h in spools),
+        "spool_full": sorted(key[prefix:] for key, h in spools if h.get("full") == "1"),
+        "spool_damaged": sum(int(h.get("damaged") or 0) for _, h in spools),
+    }

@@ -2,7 +2,7 @@
 
 Emitted next to the worker's human-readable lines (which stay), for a machine to read from
 the systemd journal's MESSAGE or a log file. Events: ``delivered``, ``retry``,
-``dead_letter`` (and later ``spool``). Only counts, statuses, delays, ids and short reasons
+``dead_letter``, ``spooled``, ``spool_full``. Only counts, statuses, delays, ids and short reasons
 go in: never a statement body, an actor (learners' identities are personal data), a URL
 with credentials or a password.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Union
 
 log = logging.getLogger("xapi_worker.events")
 
-Value = Union[str, int, float, bool, None]  # noqa: UP007 (Python 3.9 on Debian 11)
+Value = str | int | float | bool | None
 
 
 def emit(event: str, level: int = logging.INFO, **fields: Value) -> None:

@@ -18,8 +18,9 @@ warning is logged at most once per :data:`WARN_EVERY_SECONDS`. After a timeout t
 have applied them (a stalled broker resuming): they are dropped rather than counted twice.
 
 Fields (``<le>`` the bucket bounds below, cumulative as Prometheus histograms are):
-``delivered``, ``retried``, ``dead_lettered``, ``lrs_responses:<status>`` (``error`` when
-there was no answer), ``batch_size_bucket:<le>``, ``batch_size_sum``, ``batch_size_count``,
+``delivered``, ``retried``, ``dead_lettered``, ``spooled`` (moved into a spool),
+``lrs_responses:<status>`` (``error`` when there was no answer), ``batch_size_bucket:<le>``,
+``batch_size_sum``, ``batch_size_count``,
 ``lrs_latency_seconds_bucket:<le>``, ``lrs_latency_seconds_sum``,
 ``lrs_latency_seconds_count``. A batch is one POST to the LRS.
 """
@@ -48,6 +49,7 @@ WARN_EVERY_SECONDS = 60.0
 DELIVERED = "delivered"
 RETRIED = "retried"
 DEAD_LETTERED = "dead_lettered"
+SPOOLED = "spooled"
 
 
 def _le(bound: float) -> str:

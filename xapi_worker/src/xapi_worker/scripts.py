@@ -129,6 +129,9 @@ return moved
 # bytes replaced, so it need not be refused at maxmemory while the worker drains.
 SET_VALUE = _HEADER + "return redis.call('SET', KEYS[1], ARGV[1])\n"
 
+# KEYS[1] a hash; ARGV field, value pairs. A node's spool state (a few fields replaced).
+SET_FIELDS = _HEADER + "return redis.call('HSET', KEYS[1], unpack(ARGV))\n"
+
 # KEYS[1] a set; ARGV[1] a member (an exchange binding).
 ADD_MEMBER = _HEADER + "return redis.call('SADD', KEYS[1], ARGV[1])\n"
 
@@ -162,6 +165,12 @@ def push(client: redis.Redis, key: str, values: list[Any], left: bool = True) ->
 def set_value(client: redis.Redis, key: str, value: str) -> None:
     """SET ``key`` to ``value``, at ``maxmemory`` too."""
     client.register_script(SET_VALUE)(keys=[key], args=[value], client=client)
+
+
+def set_fields(client: redis.Redis, key: str, values: dict[str, str]) -> None:
+    """HSET ``values`` into hash ``key``, at ``maxmemory`` too."""
+    args = [x for pair in values.items() for x in pair]
+    client.register_script(SET_FIELDS)(keys=[key], args=args, client=client)
 
 
 def is_oom(exc: BaseException) -> bool:

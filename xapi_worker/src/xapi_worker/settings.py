@@ -128,6 +128,14 @@ def _non_negative_int(name: str, raw: str) -> int:
     return 0 if raw.strip() == "0" else _positive_int(name, raw)
 
 
+def _spool_dir(name: str, raw: str) -> str:
+    if raw and not Path(raw).is_absolute():
+        raise SettingsError(f"{name} must be an absolute path")
+    if raw and not Path(raw).is_dir():
+        raise SettingsError(f"{name} names a directory that does not exist: {raw}")
+    return raw
+
+
 Parser = Callable[[str, str], Any]
 
 
@@ -168,10 +176,24 @@ class Settings:
     prefetch_multiplier: int = setting("XAPI_WORKER_PREFETCH_MULTIPLIER", _non_negative_int, 0)
     # A batch holding a statement tried this many times is split on a 5xx or a timeout.
     isolate_after: int = setting("XAPI_WORKER_ISOLATE_AFTER", _positive_int, 3)
+    # The durable spool (spool.py): its directory (empty: off, statements wait in Redis),
+    # one node's size limit (0: a quarter of the free disk, at most 10 GiB), and after how
+    # many failing batches in a row live batches go to the spool without a POST.
+    spool_dir: str = setting("XAPI_WORKER_SPOOL_DIR", _spool_dir, "")
+    spool_max_mb: int = setting("XAPI_WORKER_SPOOL_MAX_MB", _non_negative_int, 0)
+    spool_after: int = setting("XAPI_WORKER_SPOOL_AFTER", _positive_int, 3)
+    # Dead letters older than this are purged by the worker (0: kept until purged by hand).
+    dead_letter_retention_days: int = setting(
+        "XAPI_WORKER_DEAD_LETTER_RETENTION_DAYS", _non_negative_int, 30
+    )
 
     @property
     def broker_url_masked(self) -> str:
         return mask_url(self.broker_url)
+
+    @property
+    def spool_enabled(self) -> bool:
+        return bool(self.spool_dir)
 
     @property
     def effective_prefetch_multiplier(self) -> int:

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any, ClassVar
 
@@ -61,6 +62,7 @@ FIRST_SEEN = "xapi_first_seen"
 NODE_OPTION = "xapi_node"
 INFLIGHT = ".inflight"  # <queue>.inflight: set of the in-flight lists of <queue>
 ALIVE = ".alive"
+SPOOL = ".spool"
 #: How often a consuming node refreshes its heartbeat key, at most (seconds).
 HEARTBEAT_EVERY = 10.0
 #: Kombu's priority lists that producers may have used (see the module docstring).
@@ -71,12 +73,23 @@ ACK_CHUNK = 1000
 TAKE_MAX = 500
 
 
+#: Cleared while this process must take nothing from the task queue (its node's spool is
+#: full, drain.py): the node keeps its heartbeat and its messages, and polls no more.
+TAKING = threading.Event()
+TAKING.set()
+
+
 def registry_key(queue: str) -> str:
     return queue + INFLIGHT
 
 
 def inflight_key(queue: str, node: str) -> str:
     return f"{queue}{INFLIGHT}.{node}"
+
+
+def spool_state_key(queue: str, node: str) -> str:
+    """The hash where a node publishes its spool's state (drain.py; read by check_xapi)."""
+    return inflight_key(queue, node) + SPOOL
 
 
 def unreadable_key(queue: str) -> str:
@@ -233,6 +246,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         # The heartbeat first: should it fail, no command is pending on the poll connection
         # (kombu's close reads the reply of a pending poll, and would wait for ever).
         self._before_take(queue, key)
+        if not TAKING.is_set():
+            # Paused (a full spool): no poll is sent; kombu asks again at its next turn of
+            # the event loop, which timers bound, so this is no busy loop.
+            return
         self._polling = (queue, key)
         self._in_poll = self.client.connection
         self.poll_started = time.monotonic()
@@ -543,4 +560,12 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
 # The name Celery prints ("Connected to xapi-redis://host:port/db") and resolves.
 TRANSPORT_ALIASES.setdefault(ALIAS, f"{__name__}:Transport")
 
-__all__ = ["ALIAS", "NODE_OPTION", "Transport", "inflight_key", "registry_key"]
+__all__ = [
+    "ALIAS",
+    "NODE_OPTION",
+    "TAKING",
+    "Transport",
+    "inflight_key",
+    "registry_key",
+    "spool_state_key",
+]

@@ -19,7 +19,7 @@ from typing import Any
 
 from celery import Celery
 from celery.app.task import Task
-from celery.signals import celeryd_init
+from celery.signals import celeryd_init, worker_ready, worker_shutdown
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
@@ -40,8 +40,9 @@ from .delivery import (
     retry_delay,
 )
 from .lrs import LRSClient
-from .metrics import DEAD_LETTERED, DELIVERED, RETRIED, Metrics
+from .metrics import DEAD_LETTERED, DELIVERED, RETRIED, SPOOLED, Metrics
 from .settings import QUEUE, TASK_NAME, Settings, mask_url
+from .spool import Entry, Spool, SpoolError, SpoolFull
 from .transport import ALIAS as TRANSPORT
 from .transport import FIRST_SEEN as H_FIRST_SEEN
 from .transport import NODE_OPTION
@@ -50,6 +51,8 @@ log = logging.getLogger("xapi_worker")
 
 H_ATTEMPT = "xapi_attempt"
 BROKER_SOCKET_TIMEOUT = 10.0
+#: With the spool on and the LRS failing, a live batch probes it at least this often.
+PROBE_MAX_SECONDS = 30.0
 ROUTES = {"pod.xapi.xapi_tasks.*": {"queue": QUEUE}}
 
 
@@ -133,6 +136,11 @@ class Processor:
         self.metrics = Metrics(settings)
         self._held_until = 0.0  # monotonic: no POST before (an LRS's long Retry-After)
         self._batch = 0  # statements of the batch being processed (for the events)
+        # The node's durable spool (None: off), opened and checked by the worker's main
+        # process at start (open_spool), before the pool processes are forked.
+        self.spool: Spool | None = None
+        self._failing = 0  # batches in a row the LRS took nothing of (spool on)
+        self._spool_warned = -1e9  # monotonic
 
     def __repr__(self) -> str:
         return f"Processor({mask_url(self.settings.lrs_url)!r})"
@@ -205,14 +213,18 @@ class Processor:
                 continue
             ensure_statement_id(statement, task_id)
             items.append(Item(task_id, statement, attempt, first_seen))
-        leaders = merge_duplicates(items)
+        requeue.extend(self.run(merge_duplicates(items), now))
+        return {"requeue": requeue}
+
+    def run(self, leaders: list[Item], now: float) -> list[str]:
+        """Deliver ``leaders`` (or hold them) and settle each; returns the keys not settled."""
         held = self._held_until - time.monotonic()
         if leaders and held > 0:
-            # The LRS asked (Retry-After) not to be called before then: nothing is sent.
-            answer = Answer(status=None, error=f"held: the LRS asked to wait {held:.0f} s more")
+            # The LRS asked (Retry-After) not to be called before then, or keeps failing
+            # (spool on): nothing is sent.
+            answer = Answer(status=None, error=f"held: no POST to the LRS for {held:.0f} s more")
             results = [Result(i, Verdict.RETRY, answer) for i in leaders]
-            requeue.extend(self._settle(results, now, hold=held))
-            return {"requeue": requeue}
+            return self._settle(results, now, hold=held)
         try:
             results = deliver(
                 leaders,
@@ -228,8 +240,45 @@ class Processor:
         if any(r.verdict in (Verdict.DELIVERED, Verdict.DUPLICATE) for r in results):
             # One SET per batch the LRS accepted (the monitoring's last_delivery_age).
             self.dead.note_delivery()
-        requeue.extend(self._settle(results, now))
-        return {"requeue": requeue}
+            self._answering()
+        elif results and all(r.verdict is Verdict.RETRY for r in results):
+            self._not_answering(results[0].answer)
+        return self._settle(results, now)
+
+    # --- the LRS failing: live batches to the spool without a POST ------------------------------
+    def _not_answering(self, answer: Answer) -> None:
+        """Past XAPI_WORKER_SPOOL_AFTER failing batches in a row, the LRS is not called for
+        live batches until a probe is due: they go to the spool at once, so the broker is
+        emptied at the pace of the disk, not of the LRS's timeouts."""
+        if self.spool is None:
+            return
+        self._failing += 1
+        over = self._failing - self.settings.spool_after
+        if over < 0:
+            return
+        probe = min(PROBE_MAX_SECONDS, self.settings.retry_base_seconds * 2**over)
+        self._held_until = max(self._held_until, time.monotonic() + probe)
+        if over == 0:
+            log.warning(
+                "LRS failing for %d batches in a row (%s): live statements go to the spool "
+                "without a POST; one batch probes the LRS every %.0f s at most",
+                self._failing,
+                answer.what,
+                PROBE_MAX_SECONDS,
+            )
+
+    def _answering(self) -> None:
+        if self.spool is None or not self._failing:
+            return
+        self._failing = 0
+        self._held_until = 0.0
+        try:
+            woken = self.spool.wake()
+        except Exception:
+            log.exception("cannot mark spool %s due", self.spool.path)
+            return
+        if woken:
+            log.info("LRS answers again: %d spooled statements are due now", woken)
 
     def _settle(self, results: list[Result], now: float, hold: float = 0.0) -> list[str]:
         requeue: list[str] = []
@@ -340,6 +389,8 @@ class Processor:
             )
         bounded = kind not in (Kind.AUTH, Kind.CONFIG)
         max_age = s.max_age_days * 86400
+        if self.spool is not None:
+            return self._to_spool(group, answer, now, hold, bounded, max_age)
         requeue: list[str] = []
         republished = 0
         # A held batch was not sent: its attempt number stays, so does its backoff.
@@ -391,6 +442,86 @@ class Processor:
                 delay,
                 what,
             )
+        return requeue
+
+    def _delay(self, attempt: int, answer: Answer) -> float:
+        """The wait before a spooled statement's next attempt: the live backoff, and an
+        LRS's Retry-After honoured in full, however long (the spool is not bound by the
+        visibility timeout as a countdown message is)."""
+        s = self.settings
+        delay = retry_delay(attempt, s.retry_base_seconds, s.retry_max_seconds, answer.retry_after)
+        if answer.retry_after is not None:
+            delay = max(delay, answer.retry_after)
+        return delay
+
+    def _to_spool(
+        self,
+        group: list[Item],
+        answer: Answer,
+        now: float,
+        hold: float,
+        bounded: bool,
+        max_age: float,
+    ) -> list[str]:
+        """Retries live in the spool: the statements are committed to disk, then their
+        messages are acknowledged. A spool that cannot take them (full, disk full) leaves
+        the messages in the broker."""
+        s = self.settings
+        assert self.spool is not None
+        requeue: list[str] = []
+        step = 0 if hold > 0 else 1
+        attempt = max(i.attempt for i in group)
+        delay = hold if hold > 0 else self._delay(attempt, answer)
+        entries: list[Entry] = []
+        spooled: list[Item] = []
+        for item in group:
+            if bounded and now - item.first_seen > max_age:
+                reason = f"max age exceeded ({s.max_age_days:g} days), last error: {answer.what}"
+                if not self._dead_letter(item, reason, Result(item, Verdict.DEAD, answer)):
+                    requeue.extend(self._keys(item))
+                continue
+            entries.append(
+                Entry(
+                    statement=item.statement,
+                    task_id=item.key,
+                    attempts=item.attempt + step,
+                    first_seen=item.first_seen,
+                    next_at=now + delay,
+                    last_error=answer.what,
+                )
+            )
+            spooled.append(item)
+        try:
+            self.spool.add(entries)
+        except SpoolError as exc:
+            now_m = time.monotonic()
+            if now_m - self._spool_warned >= 60 or not isinstance(exc, SpoolFull):
+                self._spool_warned = now_m
+                log.error("%s: their messages are put back on the broker", exc)
+            for item in spooled:
+                requeue.extend(self._keys(item))
+            return requeue
+        if entries:
+            self.metrics.count(SPOOLED, len(entries))
+            events.emit(
+                "spooled",
+                logging.WARNING,
+                count=len(entries),
+                reason=answer.what,
+                lrs_status=answer.status,
+                delay_s=round(delay, 3),
+                attempt=attempt + step,
+                held=hold > 0,
+                node=self.node,
+            )
+            if hold <= 0:
+                log.warning(
+                    "spooled %d statements for attempt %d in %.1f s: %s",
+                    len(entries),
+                    attempt + step,
+                    delay,
+                    answer.what,
+                )
         return requeue
 
 
@@ -446,6 +577,7 @@ class XapiBatches(Batches):  # type: ignore[misc]
 
 def register_task(app: Celery, settings: Settings) -> Task:
     processor = Processor(app, settings)
+    _run_the_spool(app, processor)
 
     @app.task(  # type: ignore[untyped-decorator]
         base=XapiBatches,
@@ -463,3 +595,46 @@ def register_task(app: Celery, settings: Settings) -> Task:
 
     task: Task = send_xapi_statement_task
     return task
+
+
+def _run_the_spool(app: Celery, processor: Processor) -> None:
+    """Open and check the node's spool in the main process as the worker starts (before the
+    pool is forked: the pool processes inherit it), then start the drainer thread once the
+    worker is ready; stop it at shutdown."""
+    from .drain import Drainer  # the drainer needs this module's Processor
+
+    own_conf = app.conf
+    state: dict[str, Drainer] = {}
+
+    def on_init(sender: str, conf: object = None, **_: object) -> None:
+        if conf is not own_conf:
+            return
+        node = str(sender)
+        if processor.settings.spool_enabled:
+            spool = Spool(
+                processor.settings.spool_dir, node, processor.settings.spool_max_mb * 1024**2
+            )
+            spool.open()
+            log.info(
+                "spool %s: %d statements, limit %d MiB",
+                spool.path,
+                spool.stats().depth,
+                spool.max_bytes // 1024**2,
+            )
+            spool.close()  # reopened by each process that uses it
+            processor.spool = spool
+        state["drainer"] = Drainer(app, processor.settings, processor.spool, node)
+
+    def on_ready(sender: object = None, **_: object) -> None:
+        drainer = state.get("drainer")
+        if drainer is not None and getattr(sender, "app", app) is app:
+            drainer.start()
+
+    def on_shutdown(**_: object) -> None:
+        drainer = state.get("drainer")
+        if drainer is not None:
+            drainer.stop()
+
+    celeryd_init.connect(on_init, weak=False)
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)

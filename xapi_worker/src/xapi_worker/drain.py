@@ -1,0 +1,217 @@
+"""The drainer: a thread of the worker's main process that delivers the node's spool to
+the LRS, oldest first, in batches, while live statements keep flowing through the pool.
+
+Each turn it also:
+
+- publishes the spool's state to the broker (hash ``xapi.inflight.<node>.spool``: depth,
+  oldest, bytes, max_bytes, full, damaged, updated), which ``xapi-worker status``,
+  ``playbooks/status.yml`` and ``check_xapi`` read: the spool itself is readable by the
+  worker's user only;
+- stops the node taking from the broker while the spool is full (transport.TAKING), and
+  starts it again once a tenth of the spool is free: statements then wait in Redis, none is
+  dropped;
+- purges the dead letters older than ``XAPI_WORKER_DEAD_LETTER_RETENTION_DAYS`` (hourly).
+
+A spooled statement is deleted only once the LRS holds it, or once its dead letter is
+written; a failure reschedules it with the same backoff as a live retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from celery import Celery
+
+from . import events
+from .delivery import Answer, Item, Result, Verdict, merge_duplicates
+from .scripts import set_fields
+from .settings import QUEUE, Settings
+from .spool import Row, Spool, Stats
+from .transport import TAKING, spool_state_key
+from .worker import Processor
+
+log = logging.getLogger("xapi_worker.spool")
+
+STATE_EVERY = 5.0  # seconds between two publications of the spool's state
+PURGE_EVERY = 3600.0  # seconds between two purges of expired dead letters
+IDLE_WAIT = 1.0  # seconds between two looks at an empty or not yet due spool
+RESUME_SHARE = 0.9  # a full spool takes again below this share of its limit
+
+
+class DrainProcessor(Processor):
+    """The live Processor's rules, applied to spooled rows: a retry reschedules the row
+    instead of spooling it again."""
+
+    def __init__(self, app: Celery, settings: Settings, spool: Spool) -> None:
+        super().__init__(app, settings)
+        self.spool = spool
+        self.rescheduled: set[str] = set()
+
+    def _to_spool(
+        self,
+        group: list[Item],
+        answer: Answer,
+        now: float,
+        hold: float,
+        bounded: bool,
+        max_age: float,
+    ) -> list[str]:
+        s = self.settings
+        assert self.spool is not None
+        keep: list[str] = []
+        later: list[str] = []
+        for item in group:
+            if bounded and now - item.first_seen > max_age:
+                reason = f"max age exceeded ({s.max_age_days:g} days), last error: {answer.what}"
+                res = Result(item, Verdict.DEAD, answer)
+                if not self._dead_letter(item, reason, res):
+                    keep.extend(self._keys(item))
+                continue
+            later.extend(self._keys(item))
+        if later:
+            attempt = max(i.attempt for i in group)
+            delay = hold if hold > 0 else self._delay(attempt, answer)
+            step = 0 if hold > 0 else 1
+            self.spool.reschedule([int(k) for k in later], now + delay, answer.what, step)
+            self.rescheduled.update(later)
+        return keep
+
+    def drain(self, rows: Sequence[Row]) -> tuple[int, int]:
+        """One batch of the spool: returns (settled, still spooled)."""
+        self.rescheduled = set()
+        items = [Item(str(r.id), r.statement, r.attempts, r.first_seen) for r in rows]
+        self._batch = len(items)
+        try:
+            keep = set(self.run(merge_duplicates(items), time.time()))
+        finally:
+            self.metrics.flush()
+        assert self.spool is not None
+        settled = [r.id for r in rows if str(r.id) not in keep | self.rescheduled]
+        self.spool.delete(settled)
+        return len(settled), len(rows) - len(settled)
+
+
+class Drainer:
+    """The thread; :meth:`step` is one turn (the tests call it directly)."""
+
+    def __init__(self, app: Celery, settings: Settings, spool: Spool | None, node: str) -> None:
+        self.settings = settings
+        self.node = node
+        # A Spool of its own: an SQLite connection serves the thread that made it.
+        self.spool = Spool(spool.directory, node, spool.max_bytes) if spool is not None else None
+        if self.spool is not None:
+            self.processor: Processor = DrainProcessor(app, settings, self.spool)
+        else:
+            self.processor = Processor(app, settings)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="xapi-spool-drainer", daemon=True)
+        self._next_state = 0.0
+        self._next_purge = 0.0
+        self._full_logged = -1e9
+        self.paused = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            wait = self.settings.connect_timeout + self.settings.read_timeout + 5
+            self._thread.join(timeout if timeout is not None else wait)
+        if self.spool is not None:
+            self.spool.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wait = self.step()
+            except Exception:
+                log.exception("spool drainer: unexpected error; trying again in 5 s")
+                wait = 5.0
+            self._stop.wait(wait)
+
+    # --- one turn ----------------------------------------------------------------------------
+    def step(self, now: float | None = None) -> float:
+        """Purge, gate, publish, drain one batch; returns how long to wait before the next."""
+        now = time.time() if now is None else now
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_EVERY
+            self.purge_expired()
+        if self.spool is None:
+            return STATE_EVERY
+        stats = self.spool.stats()
+        self._gate(stats)
+        if now >= self._next_state:
+            self._next_state = now + STATE_EVERY
+            self.publish(stats)
+        rows = self.spool.due(self.settings.batch_size, now)
+        if not rows:
+            if stats.depth == 0 and stats.used_bytes > 4 * 1024**2:
+                self.spool.compact()
+            return IDLE_WAIT
+        assert isinstance(self.processor, DrainProcessor)
+        settled, _kept = self.processor.drain(rows)
+        if settled:
+            log.info("spool: %d settled, %d still spooled", settled, stats.depth - settled)
+        return 0.0 if settled else IDLE_WAIT
+
+    def _gate(self, stats: Stats) -> None:
+        if stats.full:
+            if not self.paused:
+                self.paused = True
+                TAKING.clear()
+            now = time.monotonic()
+            if now - self._full_logged >= 60:
+                self._full_logged = now
+                log.error(
+                    "spool %s FULL (%d statements, %d of %d MiB): this node takes nothing "
+                    "from the broker until the LRS takes the spool; statements wait in Redis, "
+                    "none is dropped",
+                    self.spool.path if self.spool else "-",
+                    stats.depth,
+                    stats.used_bytes // 1024**2,
+                    stats.max_bytes // 1024**2,
+                )
+                events.emit(
+                    "spool_full",
+                    logging.ERROR,
+                    node=self.node,
+                    depth=stats.depth,
+                    bytes=stats.used_bytes,
+                    max_bytes=stats.max_bytes,
+                )
+        elif self.paused and stats.used_bytes < stats.max_bytes * RESUME_SHARE:
+            self.paused = False
+            TAKING.set()
+            log.warning("spool has room again: this node takes from the broker again")
+
+    def publish(self, stats: Stats) -> None:
+        """The spool's state, for status and monitoring. Best effort."""
+        values = {
+            "depth": str(stats.depth),
+            "oldest": "" if stats.oldest is None else repr(stats.oldest),
+            "bytes": str(stats.used_bytes),
+            "max_bytes": str(stats.max_bytes),
+            "full": "1" if stats.full else "0",
+            "damaged": str(stats.damaged),
+            "updated": repr(time.time()),
+        }
+        try:
+            set_fields(self.processor.dead.quick_client, spool_state_key(QUEUE, self.node), values)
+        except Exception:
+            log.debug("spool state not published", exc_info=True)
+
+    def purge_expired(self) -> None:
+        days = self.settings.dead_letter_retention_days
+        if not days:
+            return
+        try:
+            purged = self.processor.dead.purge_older(days)
+        except Exception:
+            log.warning("expired dead letters not purged this time", exc_info=True)
+            return
+        if purged:
+            log.info("purged %d dead letters older than %d days (retention)", purged, days)

@@ -1,0 +1,370 @@
+"""The durable spool of one worker node: statements the LRS could not take yet, on the
+encoding host's disk, in an SQLite database (WAL mode, ``synchronous=FULL``).
+
+Why: a statement waiting in Redis takes about 3 kB of the broker's memory, which is bounded
+(``maxmemory``, ``noeviction``); once it is full, Pod's producers are refused and the
+statements of that moment are lost. The spool moves what the LRS refuses for now from the
+broker's memory to the encoding host's disk, so an outage of the LRS is bounded by the disk
+instead. A message is acknowledged only once its statement is committed here (the commit is
+``fsync``-ed), and a spooled statement is deleted only once the LRS holds it.
+
+One file per node (``<node>.sqlite3``, its ``-wal`` and ``-shm`` beside it), written by the
+node's pool process (what it could not deliver) and by its drainer thread (delivery from the
+spool). SQLite's locking serialises them; ``busy_timeout`` makes one wait for the other.
+
+Personal data: statements carry learners' identities. The directory is the worker user's
+only (0700, the role's), and the files are created 0600 whatever the umask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("xapi_worker.spool")
+
+#: The documented maximum of an automatic size limit, and its share of the free disk.
+AUTO_MAX_BYTES = 10 * 1024**3
+AUTO_SHARE = 0.25
+#: Below this much free room the spool counts as full (a batch's worth, roughly).
+HEADROOM_BYTES = 1024**2
+#: Waiting for the other writer (pool process or drainer) before giving up, milliseconds.
+BUSY_TIMEOUT_MS = 10_000
+SCHEMA_VERSION = 1
+WAL_LIMIT_BYTES = 4 * 1024**2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    statement_id TEXT NOT NULL,
+    statement TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    first_seen REAL NOT NULL,
+    spooled_at REAL NOT NULL,
+    next_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS spool_due ON spool (next_at, id);
+"""
+
+
+_COLUMNS = "id, statement, task_id, attempts, first_seen, spooled_at, next_at, last_error"
+
+
+class SpoolError(Exception):
+    """The spool cannot take these statements now (full, disk full, I/O error): the caller
+    keeps them where they are (the messages go back to the broker)."""
+
+
+class SpoolFull(SpoolError):
+    pass
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One statement to spool."""
+
+    statement: dict[str, Any]
+    task_id: str
+    attempts: int
+    first_seen: float
+    next_at: float
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One spooled statement, as read back."""
+
+    id: int
+    statement: dict[str, Any]
+    task_id: str
+    attempts: int
+    first_seen: float
+    spooled_at: float
+    next_at: float
+    last_error: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    depth: int
+    oldest: float | None  # first_seen of the oldest spooled statement
+    used_bytes: int
+    max_bytes: int
+    damaged: int
+
+    @property
+    def full(self) -> bool:
+        return self.used_bytes + headroom(self.max_bytes) >= self.max_bytes
+
+
+def headroom(max_bytes: int) -> int:
+    """Room kept free: a spool this close to its limit counts as full (about a batch)."""
+    return min(HEADROOM_BYTES, max_bytes // 8)
+
+
+def node_file(node: str) -> str:
+    """The file name of a node's spool: the node name (``xapi@host``) with anything but
+    letters, digits, ``@``, ``.``, ``_`` and ``-`` replaced, so it stays one plain name."""
+    return re.sub(r"[^A-Za-z0-9@._-]", "_", node) + ".sqlite3"
+
+
+def auto_max_bytes(directory: Path, used: int = 0) -> int:
+    """A quarter of the free space of the spool's filesystem (plus what it already uses), at
+    most :data:`AUTO_MAX_BYTES`."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    return int(min(AUTO_MAX_BYTES, used + free * AUTO_SHARE))
+
+
+class Spool:
+    """A node's spool file. Open it with :meth:`open` (which checks it) in the process that
+    uses it; the connection is rebuilt after a fork."""
+
+    def __init__(self, directory: str | Path, node: str, max_bytes: int = 0) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / node_file(node)
+        self._max_bytes = max_bytes  # 0: automatic, computed at open
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+
+    def __repr__(self) -> str:
+        return f"Spool({str(self.path)!r})"
+
+    # --- opening, checking, setting aside ------------------------------------------------------
+    def open(self) -> list[Path]:
+        """Open (creating if need be) and check the spool; a damaged file is renamed, never
+        deleted, and a new one started. Returns what was set aside now."""
+        set_aside: list[Path] = []
+        try:
+            self._connect()
+            problem = self._check()
+        except sqlite3.DatabaseError as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            self.close()
+            set_aside = self._set_aside(problem)
+            self._connect()
+        if not self._max_bytes:
+            self._max_bytes = auto_max_bytes(self.directory, self._used_bytes())
+        return set_aside
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        # A connection made before a fork belongs to the parent: never used here.
+        self._conn = None
+        old = os.umask(0o077)
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        finally:
+            os.umask(old)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk (WAL fsync-ed) before the message is acknowledged.
+        conn.execute("PRAGMA synchronous = FULL")
+        # After a checkpoint, the WAL file is cut back to this size (bytes).
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            # auto_vacuum must be set before the first table: an empty spool gives back its
+            # pages (incremental_vacuum after a drain).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._conn = conn
+        self._pid = os.getpid()
+        return conn
+
+    def _check(self) -> str | None:
+        conn = self._connect()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            return f"unknown spool format {version}"
+        result = [r[0] for r in conn.execute("PRAGMA quick_check")]
+        if result != ["ok"]:
+            return "; ".join(str(r) for r in result[:3])
+        conn.execute("SELECT count(*) FROM spool").fetchone()
+        return None
+
+    def _set_aside(self, problem: str) -> list[Path]:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved: list[Path] = []
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            if source.exists():
+                target = Path(f"{self.path}.damaged-{stamp}{suffix}")
+                source.rename(target)
+                moved.append(target)
+        log.error(
+            "spool %s is damaged (%s): set aside as %s, kept for inspection; a new spool is "
+            "started. Its statements are not delivered until it is repaired (see the "
+            "operator guide, 'The spool')",
+            self.path,
+            problem[:200],
+            f"{self.path}.damaged-{stamp}",
+        )
+        return moved
+
+    def damaged_files(self) -> list[Path]:
+        return sorted(
+            p
+            for p in self.directory.glob(f"{self.path.name}.damaged-*")
+            if not p.name.endswith(("-wal", "-shm"))
+        )
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+        self._conn = None
+
+    # --- size ------------------------------------------------------------------------------------
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes or AUTO_MAX_BYTES
+
+    def _used_bytes(self) -> int:
+        conn = self._connect()
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        # The pages the statements take, as this connection sees the database (the WAL's
+        # newer pages included); the WAL file itself is bounded by journal_size_limit.
+        return int((pages - free) * page)
+
+    # --- writes ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def add(self, entries: Sequence[Entry], now: float | None = None) -> None:
+        """Spool ``entries`` in one transaction, committed to disk on return; raise
+        :class:`SpoolError` (nothing written) when they cannot be."""
+        if not entries:
+            return
+        now = time.time() if now is None else now
+        rows = [
+            (
+                str(e.statement.get("id", "")),
+                json.dumps(e.statement, ensure_ascii=False, separators=(",", ":")),
+                e.task_id,
+                e.attempts,
+                e.first_seen,
+                now,
+                e.next_at,
+                e.last_error[:500],
+            )
+            for e in entries
+        ]
+        incoming = sum(len(r[1]) + len(r[2]) + 200 for r in rows)
+        try:
+            # The hard limit; the drainer stops the node taking before it (Stats.full).
+            if self._used_bytes() + incoming > self.max_bytes:
+                raise SpoolFull(
+                    f"spool {self.path} is full ({self.max_bytes // 1024**2} MiB): "
+                    f"{len(rows)} statements stay in the broker"
+                )
+            with self._transaction() as conn:
+                conn.executemany(
+                    "INSERT INTO spool (statement_id, statement, task_id, attempts, first_seen,"
+                    " spooled_at, next_at, last_error) VALUES (?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+        except SpoolError:
+            raise
+        except sqlite3.Error as exc:  # disk full, I/O error, locked for too long
+            raise SpoolError(f"spool {self.path}: {type(exc).__name__}: {exc}") from exc
+
+    def delete(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        with self._transaction() as conn:
+            conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
+
+    def reschedule(
+        self, ids: Sequence[int], next_at: float, error: str, attempt_step: int = 1
+    ) -> None:
+        """Another attempt failed (or was held): try these again at ``next_at``."""
+        if not ids:
+            return
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE spool SET attempts = attempts + ?, next_at = ?, last_error = ? "
+                "WHERE id = ?",
+                [(attempt_step, next_at, error[:500], i) for i in ids],
+            )
+
+    def wake(self, now: float | None = None) -> int:
+        """The LRS answers again: everything spooled is due now (oldest first)."""
+        now = time.time() if now is None else now
+        with self._transaction() as conn:
+            return conn.execute(
+                "UPDATE spool SET next_at = ? WHERE next_at > ?", (now, now)
+            ).rowcount
+
+    def compact(self) -> None:
+        """Give back the pages of an empty spool to the filesystem."""
+        conn = self._connect()
+        conn.execute("PRAGMA incremental_vacuum")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # --- reads -----------------------------------------------------------------------------------
+    def due(self, limit: int, now: float | None = None) -> list[Row]:
+        """The oldest statements whose next attempt is due, at most ``limit``."""
+        now = time.time() if now is None else now
+        return self._rows("WHERE next_at <= ? ORDER BY id LIMIT ?", (now, limit))
+
+    def rows(self, limit: int = -1, after: int = 0) -> list[Row]:
+        return self._rows("WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+
+    def _rows(self, where: str, params: tuple[Any, ...]) -> list[Row]:
+        # ``where`` is one of this module's constants; every value is a bound parameter.
+        query = f"SELECT {_COLUMNS} FROM spool {where}"  # noqa: S608
+        cursor = self._connect().execute(query, params)
+        return [
+            Row(
+                id=r[0],
+                statement=json.loads(r[1]),
+                task_id=r[2],
+                attempts=r[3],
+                first_seen=r[4],
+                spooled_at=r[5],
+                next_at=r[6],
+                last_error=r[7],
+            )
+            for r in cursor
+        ]
+
+    def next_due(self) -> float | None:
+        row = self._connect().execute("SELECT min(next_at) FROM spool").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def stats(self) -> Stats:
+        conn = self._connect()
+        depth, oldest = conn.execute("SELECT count(*), min(first_seen) FROM spool").fetchone()
+        return Stats(
+            depth=int(depth),
+            oldest=None if oldest is None else float(oldest),
+            used_bytes=self._used_bytes(),
+            max_bytes=self.max_bytes,
+            damaged=len(self.damaged_files()),
+        )

@@ -1,0 +1,256 @@
+"""The durable spool, against a real Redis, a real Ralph and a real Celery worker: an LRS
+outage empties the broker into the spool, the spool drains once the LRS is back, a full
+spool stops the node taking, a damaged spool is set aside, a kill mid-drain loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from support import Proxy, pod_producer, run_cli, wait_for
+from xapi_testsupport.statements import video_statement
+from xapi_worker.spool import Entry, Spool, node_file
+
+
+def _spool_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "spool"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def _status(config: Path) -> dict[str, Any]:
+    out = run_cli(config, "status")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _produce(url: str, statements: list[dict[str, Any]]) -> None:
+    with pod_producer(url) as delay:
+        for statement in statements:
+            delay(statement)
+
+
+def _exactly_once(ids: list[str], expected: set[str]) -> None:
+    dupes = [i for i, c in Counter(ids).items() if c > 1]
+    assert not dupes, f"stored twice: {dupes[:5]}"
+    assert set(ids) == expected, f"missing {len(expected - set(ids))}"
+
+
+def _spool_depth(directory: Path, node: str) -> int:
+    spool = Spool(directory, node)
+    try:
+        return spool.stats().depth
+    finally:
+        spool.close()
+
+
+def test_outage_moves_the_queue_to_the_spool_then_drains(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    spool_dir = _spool_dir(tmp_path)
+    config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_BATCH_SIZE=50)
+    worker = start_worker(config, name="sp")
+    node = worker_node("sp")
+    ralph.stop()
+    statements = [video_statement("played", n, with_id=True) for n in range(600)]
+    _produce(redis_srv.url(), statements)
+    client = redis_srv.client()
+    # Everything leaves the broker's memory for the spool, acknowledged.
+    assert wait_for(lambda: _spool_depth(spool_dir, node) == 600, 60), worker.text()[-3000:]
+    assert wait_for(lambda: client.llen("xapi") == 0 and client.hlen("unacked") == 0, 30)
+    path = spool_dir / node_file(node)
+    assert path.stat().st_mode & 0o077 == 0, oct(path.stat().st_mode)
+    assert "without a POST" in worker.text()
+    state = wait_for_value(lambda: _status(config), lambda s: s["spool"] == 600, 15)
+    assert state["spool_full"] == [] and state["spool_oldest_age_s"] >= 0
+    ralph.start()
+    assert wait_for(lambda: len(ralph.stored()) >= 600, 120), worker.text()[-3000:]
+    _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})
+    assert wait_for(lambda: _spool_depth(spool_dir, node) == 0, 30)
+    metrics = {k.decode(): v.decode() for k, v in client.hgetall("xapi.metrics").items()}
+    assert int(metrics["spooled"]) >= 600
+    assert int(metrics["delivered"]) == 600
+    assert client.llen("xapi.dead_letters") == 0
+
+
+def test_full_spool_stops_taking_and_drops_nothing(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    spool_dir = _spool_dir(tmp_path)
+    config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_SPOOL_MAX_MB=2)
+    worker = start_worker(config, name="full")
+    ralph.stop()
+    statements = [video_statement("paused", n, with_id=True) for n in range(4000)]
+    _produce(redis_srv.url(), statements)
+    assert wait_for(lambda: "FULL" in worker.text(), 90), worker.text()[-3000:]
+    state = wait_for_value(lambda: _status(config), lambda s: s["spool_full"], 20)
+    assert state["spool_full"] == [worker_node("full")]
+    client = redis_srv.client()
+    # The rest waits in the broker: taken by nobody, dropped by nobody.
+    waiting = client.llen("xapi") + client.hlen("unacked")
+    spooled = _spool_depth(spool_dir, worker_node("full"))
+    assert spooled > 0 and waiting > 0
+    assert spooled + waiting >= 4000
+    ralph.start()
+    assert wait_for(lambda: len(set(ralph.stored_ids())) >= 4000, 240), worker.text()[-3000:]
+    _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})
+    assert "takes from the broker again" in worker.text()
+
+
+def test_damaged_spool_is_set_aside_never_deleted(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    spool_dir = _spool_dir(tmp_path)
+    node = worker_node("dmg")
+    damaged = spool_dir / node_file(node)
+    garbage = b"SQLite format 3\x00" + os.urandom(8192)
+    damaged.write_bytes(garbage)
+    config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir)
+    worker = start_worker(config, name="dmg")
+    kept = list(spool_dir.glob(node_file(node) + ".damaged-*"))
+    assert [p.read_bytes() for p in kept] == [garbage]
+    assert "is damaged" in worker.text()
+    state = wait_for_value(lambda: _status(config), lambda s: s["spool_damaged"] == 1, 15)
+    assert state["spool_damaged"] == 1
+    # The new spool works: a statement goes through.
+    statement = video_statement("played", 1, with_id=True)
+    _produce(redis_srv.url(), [statement])
+    assert wait_for(lambda: statement["id"] in ralph.stored_ids(), 30), worker.text()[-2000:]
+
+
+def test_kill_in_the_middle_of_a_drain_loses_nothing(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    spool_dir = _spool_dir(tmp_path)
+    node = worker_node("mid")
+    statements = [video_statement("seeked", n, with_id=True) for n in range(1500)]
+    # A spool written before, as an earlier outage leaves it.
+    spool = Spool(spool_dir, node)
+    spool.open()
+    now = time.time()
+    spool.add(
+        [Entry(s, f"task-{n}", 2, now - 60, now, "HTTP 503") for n, s in enumerate(statements)]
+    )
+    spool.close()
+    proxy = Proxy(upstream_port=ralph.port, delay=0.3).start()
+    try:
+        config = make_config(proxy.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_BATCH_SIZE=50)
+        worker = start_worker(config, name="mid")
+        assert wait_for(lambda: 100 <= len(ralph.stored()), 60), worker.text()[-2000:]
+        worker.kill()
+        left = _spool_depth(spool_dir, node)
+        assert 0 < left < 1500
+        worker = start_worker(config, name="mid")
+        assert wait_for(lambda: _spool_depth(spool_dir, node) == 0, 120), worker.text()[-2000:]
+    finally:
+        proxy.stop()
+    _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})
+
+
+def test_sigkill_mid_write_leaves_whole_rows(tmp_path):
+    """A writer killed while committing batches: the spool opens clean, every row is whole."""
+    spool_dir = _spool_dir(tmp_path)
+    code = (
+        "import sys, time\n"
+        "from xapi_worker.spool import Entry, Spool\n"
+        "s = Spool(sys.argv[1], 'k@h'); s.open()\n"
+        "n = 0\n"
+        "while True:\n"
+        "    s.add([Entry({'id': f'{n}-{i}', 'pad': 'x' * 2000}, 't', 1, time.time(),"
+        " time.time()) for i in range(100)])\n"
+        "    n += 1\n"
+        "    print(n, flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(spool_dir)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    for _ in range(20):
+        proc.stdout.readline()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    spool = Spool(spool_dir, "k@h")
+    assert spool.open() == []  # nothing set aside: SQLite's journal did its work
+    rows = spool.rows()
+    assert len(rows) % 100 == 0 and len(rows) >= 2000
+    assert all(len(r.statement["pad"]) == 2000 for r in rows)
+    spool.close()
+
+
+def test_spool_cli_list_and_drain(tmp_path, redis_srv, ralph, make_config):
+    spool_dir = _spool_dir(tmp_path)
+    statements = [video_statement("played", n, with_id=True) for n in range(250)]
+    spool = Spool(spool_dir, "cli@h")
+    spool.open()
+    now = time.time()
+    spool.add(
+        [Entry(s, f"t{n}", 3, now - 10, now + 600, "HTTP 502") for n, s in enumerate(statements)]
+    )
+    spool.close()
+    config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir)
+    listed = run_cli(config, "spool", "list", "--limit", "5")
+    assert listed.returncode == 0, listed.stderr
+    lines = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [x["statement_id"] for x in lines] == [s["id"] for s in statements[:5]]
+    assert "statement" not in lines[0] and lines[0]["last_error"] == "HTTP 502"
+    ralph.stop()
+    refused = run_cli(config, "spool", "drain")
+    assert refused.returncode == 6, refused.stdout + refused.stderr
+    ralph.start()
+    drained = run_cli(config, "spool", "drain")
+    assert drained.returncode == 0, drained.stderr
+    assert "drained 250 statements" in drained.stdout
+    _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})
+    assert _spool_depth(spool_dir, "cli@h") == 0
+
+
+def test_dead_letters_purge_older_than(tmp_path, redis_srv, ralph, make_config):
+    client = redis_srv.client()
+    old = {"statement": {"id": "old"}, "time": "2020-01-01T00:00:00Z", "reason": "x"}
+    new = {"statement": {"id": "new"}, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ"), "reason": "x"}
+    client.rpush("xapi.dead_letters", json.dumps(old), json.dumps(new))
+    config = make_config(ralph.url)
+    out = run_cli(config, "dead-letters", "purge", "--older-than", "30")
+    assert out.returncode == 0, out.stderr
+    assert "purged 1 dead letters older than 30 days" in out.stdout
+    left = [json.loads(x)["statement"]["id"] for x in client.lrange("xapi.dead_letters", 0, -1)]
+    assert left == ["new"]
+
+
+def test_spool_file_is_the_workers_only(tmp_path):
+    spool_dir = _spool_dir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        spool = Spool(spool_dir, "perm@h")
+        spool.open()
+        spool.add([Entry({"id": "a"}, "t", 1, time.time(), time.time())])
+        spool.close()
+    finally:
+        os.umask(old)
+    for path in spool_dir.iterdir():
+        assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
+    with sqlite3.connect(spool_dir / node_file("perm@h")) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def worker_node(name: str) -> str:
+    import socket
+
+    return f"{name}@{socket.gethostname()}"
+
+
+def wait_for_value(read, ok, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not ok(value) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        value = read()
+    return value
