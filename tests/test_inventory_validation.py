@@ -36,6 +36,66 @@ CASES = [
     ("redis.yml", {"xapi_broker_db": "42"}, "xapi_broker_db"),
     ("redis.yml", {"redis_firewall_enabled": "maybe"}, "redis_firewall_enabled"),
     ("redis.yml", {"redis_maxmemory": "lots"}, "redis_maxmemory"),
+    ("redis.yml", {"redis_maxmemory": "0"}, "redis_maxmemory"),
+    ("redis.yml", {"redis_maxmemory": "512 mb"}, "redis_maxmemory"),
+    ("redis.yml", {"redis_maxmemory": "512mb\nrequirepass x"}, "redis_maxmemory"),
+    # The worker's spool (roles/xapi_encodage): its directory reaches worker.env and the
+    # unit's ReadWritePaths=, and root creates it.
+    ("xapi_encodage.yml", {"xapi_encodage_spool_enabled": "maybe"}, "xapi_encodage_spool_enabled"),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_dir": "/var/lib/spool\nReadWritePaths=/etc"},
+        "xapi_encodage_spool_dir",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_dir": '/var/lib/x"; touch /tmp/pwned; "'},
+        "xapi_encodage_spool_dir",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_dir": "/var/lib/celeryd-xapi/../../../etc"},
+        "xapi_encodage_spool_dir",
+    ),
+    ("xapi_encodage.yml", {"xapi_encodage_spool_dir": "var/lib/spool"}, "xapi_encodage_spool_dir"),
+    ("xapi_encodage.yml", {"xapi_encodage_spool_dir": "/spool"}, "xapi_encodage_spool_dir"),
+    # pod would own the directory of the worker's settings, or the directory above its venv.
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_dir": "/etc/celeryd-xapi"},
+        "neither inside nor above xapi_encodage_worker_config",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_dir": "/opt"},
+        "xapi_encodage_spool_dir",
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_spool_dir": "/opt/spool-of/x",
+            "xapi_encodage_worker_venv": "/opt/spool-of",
+        },
+        "neither inside nor above xapi_encodage_worker_venv",
+    ),
+    # A parent anyone may write to (/tmp): refused by the look at the path, before any change.
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_dir": "/tmp/xapi-spool"},
+        "writable by others than root: /tmp.",
+    ),
+    ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": -1}, "xapi_encodage_spool_max_mb"),
+    ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": "lots"}, "xapi_encodage_spool_max_mb"),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_dead_letter_retention_days": -3},
+        "xapi_encodage_dead_letter_retention_days",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_settings": {"XAPI_WORKER_SPOOL_DIR": "/tmp"}},
+        "not from xapi_encodage_worker_settings",
+    ),
     (
         "xapi_encodage.yml",
         {"xapi_encodage_service_manager": "upstart"},

@@ -56,8 +56,11 @@ def render(template: str, **overrides: object) -> str:
         "xapi_encodage_worker_watchdog_sec": 60,
         "xapi_encodage_worker_ip_filter": True,
         "xapi_encodage_worker_ip_allow": ["10.89.0.5", "10.89.0.7", "2001:db8::5"],
+        "xapi_encodage_spool_dir": "/var/lib/celeryd-xapi/spool",
     }
     values.update(overrides)
+    # As vars/main.yml decides it: the spool is the bundled worker's only.
+    values.setdefault("xapi_encodage_spool_on", values["xapi_encodage_worker_app"] == "xapi_worker")
     return env.get_template(template).render(**values)
 
 
@@ -84,6 +87,9 @@ def test_node_unit_has_the_reviewed_directives(app: str) -> None:
     assert unit["IPAddressAllow"] == ["localhost 10.89.0.5 10.89.0.7 2001:db8::5"]
     # Run end to end under it with the bundled worker only (README, "Sandbox").
     assert unit.get("MemoryDenyWriteExecute") == (["true"] if app == "xapi_worker" else None)
+    # Its spool is the one writable path, and only the bundled worker has one.
+    spool = ["/var/lib/celeryd-xapi/spool"]
+    assert unit.get("ReadWritePaths") == (spool if app == "xapi_worker" else None)
 
 
 def test_ip_filter_can_be_switched_off() -> None:
@@ -120,8 +126,13 @@ needs_analyze = pytest.mark.skipif(
 @needs_analyze
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"xapi_encodage_worker_app": "pod"}, {"xapi_encodage_worker_ip_filter": False}],
-    ids=["bundled-worker", "pod-app", "no-ip-filter"],
+    [
+        {},
+        {"xapi_encodage_worker_app": "pod"},
+        {"xapi_encodage_worker_ip_filter": False},
+        {"xapi_encodage_spool_on": False},
+    ],
+    ids=["bundled-worker", "pod-app", "no-ip-filter", "no-spool"],
 )
 def test_node_unit_exposure(tmp_path: Path, overrides: dict) -> None:
     score = exposure(
