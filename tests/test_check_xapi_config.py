@@ -79,6 +79,9 @@ def test_frontal_checks_its_own_instance_and_the_encoding_host_every_broker(
         assert config["thresholds"]["nodes"] == [2, 1]
         assert config["thresholds"]["queue"] == [5, 50]
         assert config["thresholds"]["oldest_age"] == [300, 1800]
+        assert config["thresholds"]["spool_depth"] == [1000, 100000]
+        assert config["thresholds"]["spool_age"] == [900, 86400]
+        assert config["thresholds"]["spool_used"] == [50, 90]
 
 
 @pytest.mark.parametrize("host", ["front1", "enc1"])

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ PYTHON = os.environ.get("CHECK_XAPI_PYTHON", "/usr/bin/python3")
 REDIS_PASSWORD = "r3dis-Monitor-pw"
 #: Every secret any test writes into a configuration: never in any output.
 SECRETS = (LRS_PASSWORD, REDIS_PASSWORD, "wrong-Lrs-pw-42", "wrong-Redis-pw-42")
-PERF = re.compile(r"'([^']+)'=([0-9.]+)(s?);([0-9.]*);([0-9.]*);([0-9.]*);")
+PERF = re.compile(r"'([^']+)'=([0-9.]+)(s|%|);([0-9.]*);([0-9.]*);([0-9.]*);")
 STATUS = re.compile(r"^XAPI (OK|WARNING|CRITICAL|UNKNOWN) - .+")
 CODES = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 
@@ -415,3 +416,168 @@ def test_usage_errors_are_unknown(tmp_path):
     assert check(unreadable).line.startswith("XAPI UNKNOWN - configuration: ")
     version = subprocess.run([PYTHON, str(PLUGIN), "-V"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("check_xapi ")
+
+
+# --- the nodes' on-disk spools (the hash <in-flight list>.spool, written here by hand) ------
+MiB = 1 << 20
+
+
+def set_node(r: Any, node: str, alive: bool = True, **spool: Any) -> None:
+    """A node as its worker shows it: registered, its heartbeat, and (given fields) its spool."""
+    member = f"xapi.inflight.{node}"
+    r.sadd("xapi.inflight", member)
+    if alive:
+        r.set(member + ".alive", "1", ex=60)
+    if spool:
+        now = time.time()
+        fields = {
+            "depth": 0,
+            "oldest": "",
+            "bytes": 0,
+            "max_bytes": 100 * MiB,
+            "full": 0,
+            "damaged": 0,
+            "updated": now,
+        }
+        fields.update(spool)
+        r.hset(member + ".spool", mapping={k: str(v) for k, v in fields.items()})
+
+
+def prometheus(config: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """check_xapi --prometheus -, read by prometheus_client's parser: {(sample, labels): value}.
+    The parser is the tools venv's (tools/requirements.txt) when this venv lacks it."""
+    proc = subprocess.run(
+        [PYTHON, str(PLUGIN), "-C", str(config), "--prometheus", "-"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        check=True,
+    )
+    script = (
+        "import json, sys\n"
+        "from prometheus_client.parser import text_string_to_metric_families as parse\n"
+        "out = [[f.type, s.name, sorted(s.labels.items()), s.value]\n"
+        "       for f in parse(sys.stdin.read()) for s in f.samples]\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        import prometheus_client  # noqa: F401
+
+        python = sys.executable
+    except ImportError:
+        python = str(REPO / ".venv" / "bin" / "python")
+        if not Path(python).exists():
+            pytest.skip("prometheus_client: neither in this venv nor in the tools venv")
+    parsed = subprocess.run(
+        [python, "-c", script], input=proc.stdout, capture_output=True, text=True, check=True
+    )
+    families = json.loads(parsed.stdout)
+    assert "# TYPE xapi_spool_depth gauge" in proc.stdout
+    return {(name, tuple(tuple(p) for p in labels)): value for _, name, labels, value in families}
+
+
+def test_spool_healthy_one_node(tmp_path, redis_srv):
+    r = redis_srv.client()
+    set_node(r, "enc1", **{"depth": 0, "bytes": 4096})
+    config = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)]})
+    result = check(config)
+    assert result.code == 0, result.line
+    assert "0 spooled, spool 0 % used" in result.text
+    perf = result.perf()
+    assert perf["spool_depth"] == (0, "", "1000", "100000")
+    assert perf["spool_age"] == (0, "s", "900", "86400")
+    assert perf["spool_used"] == (0, "%", "50", "90")
+
+
+def test_spool_absent_reports_nothing(tmp_path, redis_srv):
+    set_node(redis_srv.client(), "enc1")  # spool off, or a worker older than the spool
+    result = check(write(tmp_path, {"brokers": [broker_entry(redis_srv.port)]}))
+    assert result.code == 0 and "spool" not in result.line
+    assert (
+        check(
+            write(tmp_path, {"brokers": [broker_entry(redis_srv.port)]}), "--metric", "spool_depth"
+        ).line
+        == "XAPI OK - spool_depth not available"
+    )
+
+
+def test_spool_filling_then_full_two_nodes(tmp_path, redis_srv):
+    r = redis_srv.client()
+    now = time.time()
+    set_node(r, "enc1", depth=30, oldest=now - 1000, bytes=60 * MiB)  # 60 %, 1000 s
+    set_node(r, "enc2", depth=12, oldest=now - 100, bytes=10 * MiB)
+    config = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)], "nodes_expected": 2})
+    filling = check(config)
+    assert filling.code == 1, filling.line
+    assert filling.text.startswith("XAPI WARNING - oldest statement spooled 10")
+    assert "spool filling: spool of node enc1 60 % used (>= 50 %)" in filling.text
+    assert "42 spooled (oldest 10" in filling.text  # problems first, then the summary
+    perf = filling.perf()
+    assert perf["spool_depth"][0] == 42
+    assert 1000 <= perf["spool_age"][0] < 1060
+    assert perf["spool_used"][0] == 60
+
+    only = check(config, "--metric", "spool_depth", "-w", "40", "-c", "100")
+    assert only.line == "XAPI WARNING - 42 statements spooled (>= 40) | 'spool_depth'=42;40;100;0;"
+    assert check(config, "--metric", "spool_used", "-w", "70", "-c", "95").code == 0
+
+    r.hset("xapi.inflight.enc2.spool", mapping={"full": "1", "bytes": str(100 * MiB)})
+    full = check(config)
+    assert full.code == 2, full.line
+    assert full.text.startswith(
+        "XAPI CRITICAL - spool of node enc2 full: the node no longer takes from the broker; "
+        "statements accumulate in Redis; spool filling: spool of node enc2 100 % used (>= 90 %)"
+    )
+    assert full.text.index("CRITICAL") < full.text.index("oldest statement spooled")
+    # the full spool is CRITICAL with --metric spool_used, whatever the thresholds
+    lenient = check(config, "--metric", "spool_used", "-w", "100", "-c", "100")
+    assert lenient.code == 2 and "spool of node enc2 full" in lenient.text
+
+    values = prometheus(config)
+    broker = ("broker", "frontal1")
+    for node, depth, size, is_full in (("enc1", 30, 60 * MiB, 0), ("enc2", 12, 100 * MiB, 1)):
+        labels = (broker, ("node", node))
+        assert values[("xapi_spool_depth", labels)] == depth
+        assert values[("xapi_spool_bytes", labels)] == size
+        assert values[("xapi_spool_max_bytes", labels)] == 100 * MiB
+        assert values[("xapi_spool_full", labels)] == is_full
+        assert values[("xapi_spool_damaged", labels)] == 0
+    assert 1000 <= values[("xapi_spool_oldest_age_seconds", (broker, ("node", "enc1")))] < 1060
+    assert 100 <= values[("xapi_spool_oldest_age_seconds", (broker, ("node", "enc2")))] < 160
+    assert values[("xapi_statements_spooled_total", (broker,))] == 0  # no counter yet
+
+    r.hset("xapi.metrics", "spooled", "57")
+    assert prometheus(config)[("xapi_statements_spooled_total", (broker,))] == 57
+
+
+def test_spool_stale_and_damaged(tmp_path, redis_srv):
+    r = redis_srv.client()
+    now = time.time()
+    set_node(r, "enc1", updated=now - 300)  # the worker stopped reporting, heartbeat alive
+    set_node(r, "enc2", damaged=1)
+    set_node(r, "enc3", alive=False, updated=now - 3000)  # a stopped node: old, not stale
+    config = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)], "nodes_expected": 2})
+    result = check(config)
+    assert result.code == 1, result.line
+    assert result.text.startswith("XAPI WARNING - spool state of node enc1 stale (updated 30")
+    assert "while its heartbeat is alive)" in result.text
+    assert "damaged spool set aside on node enc2: see the worker's log" in result.text
+    assert "enc3" not in result.text
+    values = prometheus(config)
+    assert values[("xapi_spool_damaged", (("broker", "frontal1"), ("node", "enc2")))] == 1
+    assert (
+        values[("xapi_spool_oldest_age_seconds", (("broker", "frontal1"), ("node", "enc1")))] == 0
+    )
+
+
+def test_spool_thresholds_in_the_configuration(tmp_path, redis_srv):
+    set_node(redis_srv.client(), "enc1", depth=5, oldest=time.time() - 10, bytes=MiB)
+    strict = {"spool_depth": [1, 5], "spool_age": [5, 3600], "spool_used": [0, 1]}
+    config = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)], "thresholds": strict})
+    result = check(config)
+    assert result.code == 2, result.line
+    assert result.text.startswith("XAPI CRITICAL - 5 statements spooled (>= 5); spool filling: ")
+    assert "oldest statement spooled 1" in result.text
+    wrong = {"brokers": [broker_entry(redis_srv.port)], "thresholds": {"spool_used": [90, 50]}}
+    assert check(write(tmp_path, wrong, "w.json")).code == 3

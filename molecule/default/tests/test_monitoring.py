@@ -2,9 +2,10 @@
 
 The check runs as NRPE's `nagios` user (the lab installs Debian's NRPE before the bundle, as a
 monitored site has it), in each state an operator must tell apart: healthy, LRS stopped, LRS
-credentials refused, dead letters, every worker stopped while statements arrive. Then the
-metrics file the frontal's timer writes is parsed with prometheus_client's own parser, and its
-counters are compared with what was delivered. No password may appear in any output.
+credentials refused, dead letters, every worker stopped while statements arrive, the nodes'
+spools filling while the LRS is stopped. Then the metrics file the frontal's timer writes is
+parsed with prometheus_client's own parser, and its counters are compared with what was
+delivered. No password may appear in any output.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def perfdata(line: str) -> dict[str, float]:
     values = {}
     for item in line.split(" | ", 1)[1].split():
         label, rest = item.split("=", 1)
-        values[label.strip("'")] = float(rest.split(";")[0].rstrip("s"))
+        values[label.strip("'")] = float(rest.split(";")[0].rstrip("s%"))
     return values
 
 
@@ -162,6 +163,39 @@ def test_workers_stopped_while_statements_arrive(frontal, encodage) -> None:
         encodage.run(f"rm -f {path}")
     assert all(delivered(encodage, i) for i in ids)
     assert wait_until(lambda: check(encodage)[0] in (0, 1), 60)  # dead letters may remain
+
+
+def test_spool_filling_while_the_lrs_is_stopped(frontal, encodage, lrs) -> None:
+    """The LRS stopped: the worker moves what it cannot deliver into its node's spool, the
+    check (the frontal's: the spool state is in its broker) reports it, and the spool drains
+    by itself once the LRS is back."""
+    before = perfdata(check(frontal)[1])
+    if "spool_depth" not in before:
+        pytest.skip("the lab's worker nodes run without the spool (no <list>.spool hash)")
+
+    def low_spool_thresholds(config: dict) -> None:
+        config["thresholds"]["spool_depth"] = [1, 1000]
+
+    path = altered_config(frontal, low_spool_thresholds)
+    lrs.check_output("systemctl stop ralph-lrs")
+    try:
+        ids = [produce(frontal) for _ in range(5)]
+
+        def spooled() -> bool:
+            return perfdata(check(frontal, config=path)[1]).get("spool_depth", 0) > 0
+
+        assert wait_until(spooled, 120), check(frontal, config=path)[1]
+        code, line = check(frontal, config=path)
+        assert code in (1, 2), line  # 2 only if a node's spool is full
+        assert "statements spooled (>= 1)" in line, line
+        # With the defaults, a few spooled statements are below the warning (1000).
+        code, line = check(frontal)
+        assert "spooled" in line and "statements spooled (>=" not in line, line
+    finally:
+        lrs.check_output("systemctl start ralph-lrs")
+        frontal.run(f"rm -f {path}")
+    assert wait_until(lambda: perfdata(check(frontal)[1]).get("spool_depth") == 0, 180)
+    assert all(delivered(encodage, i) for i in ids)
 
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:
