@@ -65,10 +65,12 @@ def render_encodage(out: Path, overrides: dict) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def spool_on(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return render_encodage(tmp_path_factory.mktemp("spool-on"), {})
+    return render_encodage(
+        tmp_path_factory.mktemp("spool-on"), {"xapi_encodage_spool_enabled": True}
+    )
 
 
-def test_worker_env_has_the_spool_by_default(spool_on: dict[str, str]) -> None:
+def test_worker_env_has_the_spool_when_on(spool_on: dict[str, str]) -> None:
     env = env_lines(spool_on["env"])
     assert env["XAPI_WORKER_SPOOL_DIR"] == '"/var/lib/celeryd-xapi/spool"'
     assert env["XAPI_WORKER_SPOOL_MAX_MB"] == "0"
