@@ -81,7 +81,7 @@ CASES = [
     # A parent anyone may write to (/tmp): refused by the look at the path, before any change.
     (
         "xapi_encodage.yml",
-        {"xapi_encodage_spool_dir": "/tmp/xapi-spool"},
+        {"xapi_encodage_spool_dir": "/tmp/xapi-spool", "xapi_encodage_spool_enabled": True},
         "writable by others than root: /tmp.",
     ),
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": -1}, "xapi_encodage_spool_max_mb"),

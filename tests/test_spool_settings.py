@@ -87,6 +87,7 @@ def test_spool_settings_follow_the_role_variables(tmp_path: Path) -> None:
     rendered = render_encodage(
         tmp_path,
         {
+            "xapi_encodage_spool_enabled": True,
             "xapi_encodage_spool_dir": "/srv/xapi-worker/spool",
             "xapi_encodage_spool_max_mb": 2048,
             "xapi_encodage_dead_letter_retention_days": 0,
