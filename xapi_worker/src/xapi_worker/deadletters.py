@@ -56,6 +56,9 @@ class DeadLetter:
         return entry
 
 
+#: What a node publishes of its spool (drain.py), read back by status.
+SPOOL_FIELDS = ("depth", "oldest", "bytes", "max_bytes", "full", "damaged", "updated")
+
 STATUS_FIELDS = (
     "queue",
     "dead_letters",
@@ -160,16 +163,22 @@ class RedisAccess:
         pipe.llen(unreadable_key(QUEUE))
         for key in lists:
             pipe.llen(key)
+        # HGET field by field: the worker's ACL grants HGET, not HGETALL.
         for key in lists:
-            pipe.hgetall(key + SPOOL_SUFFIX)
+            for name in SPOOL_FIELDS:
+                pipe.hget(key + SPOOL_SUFFIX, name)
         replies = pipe.execute()  # type: ignore[no-untyped-call]
         queue, dead, unacked, unreadable = replies[:4]
         in_flight = replies[4 : 4 + len(lists)]
-        spools = [
-            (key, {k.decode(): v.decode() for k, v in h.items()})
-            for key, h in zip(lists, replies[4 + len(lists) :], strict=True)
-            if h
-        ]
+        values = replies[4 + len(lists) :]
+        spools: list[tuple[str, dict[str, str]]] = []
+        for n, key in enumerate(lists):
+            got = values[n * len(SPOOL_FIELDS) : (n + 1) * len(SPOOL_FIELDS)]
+            fields = {
+                f: v.decode() for f, v in zip(SPOOL_FIELDS, got, strict=True) if v is not None
+            }
+            if fields:
+                spools.append((key, fields))
         state: dict[str, Any] = {
             "queue": int(queue),
             "dead_letters": int(dead),
