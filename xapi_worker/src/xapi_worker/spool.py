@@ -354,10 +354,6 @@ class Spool:
             for r in cursor
         ]
 
-    def next_due(self) -> float | None:
-        row = self._connect().execute("SELECT min(next_at) FROM spool").fetchone()
-        return None if row[0] is None else float(row[0])
-
     def stats(self) -> Stats:
         conn = self._connect()
         depth, oldest = conn.execute("SELECT count(*), min(first_seen) FROM spool").fetchone()
