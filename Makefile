@@ -57,6 +57,7 @@ image: system-deps
 
 # --- the two README commands ---------------------------------------------------------------
 demo: $(VENV)/.done image
+	bash lab/sweep-networks.sh
 	bash lab/up.sh
 	ansible-playbook -i inventories/lab lab/prepare.yml
 	ansible-playbook -i inventories/lab site.yml
@@ -66,6 +67,7 @@ demo-down:
 	bash lab/down.sh
 
 test: $(VENV)/.done $(WORKER_VENV)/.done $(RALPH_VENV)/.done image
+	bash lab/sweep-networks.sh
 	bash tools/run-tests.sh \
 	  "lint=$(MAKE) --no-print-directory lint" \
 	  "bundle-tests=pytest -q -p no:cacheprovider tests" \
@@ -101,9 +103,11 @@ lock-check: $(VENV)/.done
 	$(LOCK_TRIXIE) --check
 
 molecule: $(VENV)/.done image
+	bash lab/sweep-networks.sh
 	set -e; for s in $(SCENARIOS); do molecule test -s $$s; done
 
 resilience: $(VENV)/.done image
+	bash lab/sweep-networks.sh
 	molecule test -s resilience
 
 # Not part of make test: fresh bench hosts, every configuration deployed and measured

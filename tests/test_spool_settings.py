@@ -65,9 +65,7 @@ def render_encodage(out: Path, overrides: dict) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def spool_on(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return render_encodage(
-        tmp_path_factory.mktemp("spool-on"), {"xapi_encodage_spool_enabled": True}
-    )
+    return render_encodage(tmp_path_factory.mktemp("spool-on"), {})
 
 
 def test_worker_env_has_the_spool_when_on(spool_on: dict[str, str]) -> None:

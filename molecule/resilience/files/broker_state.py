@@ -8,7 +8,10 @@ tests build it from the lab's settings (hosts.worker_broker_url).
     python broker_state.py              JSON: messages waiting in queue `xapi`, messages
                                         delivered to a worker but unacknowledged, taken
                                         but not yet recorded (the workers' in-flight
-                                        lists), dead letters (id, reason, status)
+                                        lists), statements in the nodes' spools (the
+                                        state each node publishes), dead letters (id,
+                                        reason, status)
+    python broker_state.py spool        JSON: the nodes' spools summed, depth and bytes
     python broker_state.py wait-unacked SECONDS
                                         returns as soon as a worker holds unacknowledged
                                         messages (to strike it mid-batch); prints how many
@@ -35,6 +38,19 @@ if sys.argv[1:2] == ["wait-unacked"]:
     print(held)
     sys.exit(0)
 
+# The worker's transport: the nodes' in-flight lists, and beside each the hash where that node
+# publishes its spool's state (xapi_worker transport.spool_state_key).
+inflight_lists = sorted(k.decode() for k in client.smembers("xapi.inflight"))
+
+
+def spool_sum(field: str) -> int:
+    return sum(int(client.hget(key + ".spool", field) or 0) for key in inflight_lists)
+
+
+if sys.argv[1:2] == ["spool"]:
+    print(json.dumps({"depth": spool_sum("depth"), "bytes": spool_sum("bytes")}))
+    sys.exit(0)
+
 dead = []
 for raw in client.lrange(DEAD_LETTERS, 0, -1):
     entry = json.loads(raw)
@@ -42,14 +58,15 @@ for raw in client.lrange(DEAD_LETTERS, 0, -1):
     dead.append(
         {"id": statement.get("id"), "reason": entry.get("reason"), "status": entry.get("status")}
     )
-# The worker's transport: messages a node has taken and not yet recorded in unacked.
-in_flight = sum(client.llen(key) for key in client.smembers("xapi.inflight"))
+# Messages a node has taken and not yet recorded in unacked.
+in_flight = sum(client.llen(key) for key in inflight_lists)
 print(
     json.dumps(
         {
             "queue": client.llen("xapi"),
             "unacked": client.hlen("unacked"),
             "in_flight": in_flight,
+            "spooled": spool_sum("depth"),
             "dead": dead,
         }
     )

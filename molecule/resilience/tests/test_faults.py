@@ -249,7 +249,8 @@ def test_faults_lose_nothing(playbook, evidence, report_path) -> None:
         done = everything & ({d["id"] for d in state["dead"]} | set(lrs_store_ids()))
         if len(done) > progress["settled"]:
             progress.update(settled=len(done), at=time.time())
-        return done == everything and not (state["queue"] or state["unacked"] or state["in_flight"])
+        waiting = state["queue"] or state["unacked"] or state["in_flight"] or state["spooled"]
+        return done == everything and not waiting
 
     wait_until(drained, 300, 5)
     elapsed = progress["at"] - started
@@ -287,7 +288,8 @@ def test_faults_lose_nothing(playbook, evidence, report_path) -> None:
         "",
         *[f"- {p.fault}: {p.detail}" for p in phases],
         f"- queue `xapi` at the end: {state['queue']} waiting, {state['unacked']} "
-        f"unacknowledged, {state['in_flight']} in the workers' in-flight lists",
+        f"unacknowledged, {state['in_flight']} in the workers' in-flight lists, "
+        f"{state['spooled']} in the nodes' spools",
     ]
     report = "\n".join(lines)
     print("\n" + report)
@@ -313,7 +315,7 @@ def test_faults_lose_nothing(playbook, evidence, report_path) -> None:
     for statement_id in invalid:
         entry = dead[statement_id]
         assert entry["status"] in (400, 422) and "rejected by the LRS" in entry["reason"], entry
-    assert (state["queue"], state["unacked"], state["in_flight"]) == (0, 0, 0)
+    assert (state["queue"], state["unacked"], state["in_flight"], state["spooled"]) == (0, 0, 0, 0)
     assert all(p.ids(enqueued) for p in phases), "a fault hit an idle pipeline"
 
 
