@@ -152,3 +152,61 @@ def worker_rss_kib(host: PodmanHost) -> int:
         for line in out.splitlines()
         if "celery" in line and " worker" in line
     )
+
+
+# CPU seconds of the bundled worker's processes, from /proc: every process in a
+# celeryd-xapi@ unit's cgroup (the lab host's Pod encoding worker is not counted). "main" is
+# the Celery main process (consumer, transport); "pool" its pool processes, with the CPU of
+# pool processes it has reaped. The host's cgroup v1 gives containers no per-unit cpuacct.
+WORKER_CPU = """
+import json, os
+tick = os.sysconf("SC_CLK_TCK")
+procs = {}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            if "/celeryd-xapi@" not in f.read():
+                continue
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue
+    procs[int(pid)] = (int(fields[1]), [int(v) for v in fields[11:15]])
+main = pool = 0
+for pid, (ppid, (utime, stime, cutime, cstime)) in procs.items():
+    if ppid in procs:
+        pool += utime + stime
+    else:
+        main += utime + stime
+        pool += cutime + cstime
+print(json.dumps({"main": main / tick, "pool": pool / tick, "processes": len(procs)}))
+"""
+SPOOL_DEPTH = """
+import glob, sqlite3
+total = 0
+for path in glob.glob("/var/lib/celeryd-xapi/spool/*.sqlite3"):
+    conn = sqlite3.connect(path, timeout=30)
+    total += conn.execute("SELECT count(*) FROM spool").fetchone()[0]
+    conn.close()
+print(total)
+"""
+
+
+def worker_cpu(host: PodmanHost) -> dict[str, float]:
+    """CPU seconds used so far by the bundled worker's main and pool processes on a host."""
+    return json.loads(host.check(f"python3 -c '{WORKER_CPU}'"))
+
+
+def spool_depth(host: PodmanHost) -> int:
+    """Statements in the spools of the host's nodes (read as the worker's user)."""
+    return int(host.check(f"runuser -u pod -- python3 -c '{SPOOL_DEPTH}'").strip() or 0)
+
+
+def stop_lrs(lrs: PodmanHost) -> None:
+    """Ralph stopped, its store and history emptied for when it comes back."""
+    lrs.check(f"systemctl stop ralph-lrs && rm -f {STORE} {HISTORY}")
+
+
+def start_lrs(lrs: PodmanHost) -> None:
+    lrs.check("systemctl start ralph-lrs")
+    lrs.check(f"python3 -c '{HEARTBEAT}'")

@@ -2,6 +2,7 @@
 configuration deployed by the bundle and measured end to end, raw results as JSON.
 
     python bench/pipeline.py [--n 2000] [--phases deploy,b,bdrain,c,a,b2nodes,b2hosts]
+                             [--spool-n 20000] (phases spool,cspool)
 
 Run from the repository root with the Makefile's environment (CONTAINERS_CONF,
 ANSIBLE_CONFIG, the tools venv on PATH); bench/run.sh does it and renders the report.
@@ -78,6 +79,23 @@ class RssSampler(threading.Thread):
             self.done.wait(1.0)
 
 
+def worker_cpu(hosts: list[PodmanHost]) -> dict[str, float]:
+    """CPU seconds of the bundled worker's processes so far, summed over the hosts."""
+    total = {"main": 0.0, "pool": 0.0}
+    for host in hosts:
+        used = onhost.worker_cpu(host)
+        total["main"] += used["main"]
+        total["pool"] += used["pool"]
+    return total
+
+
+def cpu_per_statement(before: dict[str, float], after: dict[str, float], n: int) -> dict:
+    """Milliseconds of worker CPU per statement between two readings, main and pool."""
+    main = (after["main"] - before["main"]) * 1000 / n
+    pool = (after["pool"] - before["pool"]) * 1000 / n
+    return {"main": round(main, 3), "pool": round(pool, 3), "total": round(main + pool, 3)}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -97,6 +115,7 @@ def measure(n: int, hosts: list[PodmanHost], direct: bool, window: float) -> dic
     onhost.reset_lrs(LRS)
     sampler = RssSampler(hosts)
     sampler.start()
+    cpu_before = worker_cpu(hosts)
     sent: list[tuple[str, float]] = []
 
     def send() -> None:
@@ -111,6 +130,7 @@ def measure(n: int, hosts: list[PodmanHost], direct: bool, window: float) -> dic
     complete = wait_until(lambda: onhost.stored_count(LRS) >= n, window, 0.5)
     ended = time.time()
     producer.join()
+    cpu_after = worker_cpu(hosts)
     sampler.done.set()
     sampler.join()
     if not complete:
@@ -135,6 +155,7 @@ def measure(n: int, hosts: list[PodmanHost], direct: bool, window: float) -> dic
         "latency_p50_ms": round(percentile(latencies, 0.50) * 1000),
         "latency_p99_ms": round(percentile(latencies, 0.99) * 1000),
         "worker_rss_peak_mib": round(sampler.peak_kib / 1024, 1) if hosts else None,
+        "worker_cpu_ms": cpu_per_statement(cpu_before, cpu_after, len(done)) if hosts else None,
     }
 
 
@@ -153,7 +174,10 @@ def drain(n: int, hosts: list[PodmanHost]) -> dict[str, Any]:
     sampler.start()
     for host in hosts:
         host.check("systemctl start celeryd-xapi")
+    # The worker's CPU from its start: its start-up costs are in (a second or so).
+    cpu_before = {"main": 0.0, "pool": 0.0}
     complete = wait_until(lambda: onhost.stored_count(LRS) >= n, 3600, 0.5)
+    cpu_after = worker_cpu(hosts)
     sampler.done.set()
     sampler.join()
     stored = onhost.stored_times(LRS)
@@ -169,10 +193,86 @@ def drain(n: int, hosts: list[PodmanHost]) -> dict[str, Any]:
         "latency_p50_ms": None,
         "latency_p99_ms": None,
         "worker_rss_peak_mib": round(sampler.peak_kib / 1024, 1),
+        "worker_cpu_ms": cpu_per_statement(cpu_before, cpu_after, n),
     }
 
 
-def run_config(name: str, n: int, logs: Path, window: float) -> dict[str, Any]:
+def spool(n: int, host: PodmanHost) -> dict[str, Any]:
+    """The spool (issue #17): Ralph stopped, N statements queued by Pod's producer in one
+    burst; the worker takes them from Redis into its spool (the live path while the LRS is
+    away). Then Ralph comes back with an empty store and the spool drains, oldest first in
+    batches: rate between the first and the last `stored` stamp, as (c) on a store of the
+    same size (phase cspool). Worker CPU per statement for each half."""
+    onhost.reset_lrs(LRS)
+    onhost.produce(FRONTAL, 10)  # warm-up, as in measure()
+    if not wait_until(lambda: onhost.stored_count(LRS) >= 10, 120, 0.5):
+        raise RuntimeError("warm-up statements not delivered")
+    before = onhost.spool_depth(host)
+    if before:
+        raise RuntimeError(f"the spool holds {before} statements before the run")
+    onhost.stop_lrs(LRS)
+    sampler = RssSampler([host])
+    sampler.start()
+    cpu_start = worker_cpu([host])
+    began = time.time()
+    sent = onhost.produce(FRONTAL, n)
+
+    def spooled() -> bool:
+        return onhost.queue_length(FRONTAL) == 0 and onhost.spool_depth(host) >= n
+
+    if not wait_until(spooled, 3600, 2):
+        raise RuntimeError(f"only {onhost.spool_depth(host)} of {n} statements spooled")
+    in_spool = time.time() - began
+    cpu_spooled = worker_cpu([host])
+    onhost.start_lrs(LRS)
+    complete = wait_until(lambda: onhost.stored_count(LRS) >= n, 3600, 1)
+    cpu_drained = worker_cpu([host])
+    sampler.done.set()
+    sampler.join()
+    stored = onhost.stored_times(LRS)
+    if not complete or any(i not in stored for i, _ in sent):
+        raise RuntimeError(f"only {len(stored)} of {n} statements stored")
+    if len(stored) != n:
+        raise RuntimeError(f"{len(stored) - n} statements stored more than once")
+    first, last = min(stored.values()), max(stored.values())
+    return {
+        "n": n,
+        "stored": n,
+        "complete": True,
+        "seconds": round(last - first, 2),
+        "statements_per_s": round((n - 1) / (last - first), 2),
+        "spooled_seconds": round(in_spool, 2),
+        "latency_p50_ms": None,
+        "latency_p99_ms": None,
+        "worker_rss_peak_mib": round(sampler.peak_kib / 1024, 1),
+        "worker_cpu_ms": cpu_per_statement(cpu_spooled, cpu_drained, n),
+        "worker_cpu_spooling_ms": cpu_per_statement(cpu_start, cpu_spooled, n),
+    }
+
+
+def direct_rate(n: int) -> dict[str, Any]:
+    """(c) on N statements, its rate between the first and the last `stored` stamp: the
+    measure spool() uses, on a store growing to the same size."""
+    row = measure(n, [], direct=True, window=3600)
+    stored = onhost.stored_times(LRS)
+    first, last = min(stored.values()), max(stored.values())
+    return {
+        **row,
+        "seconds": round(last - first, 2),
+        "statements_per_s": round((n - 1) / (last - first), 2),
+    }
+
+
+def run_config(name: str, n: int, logs: Path, window: float, spool_n: int) -> dict[str, Any]:
+    if name == "spool":  # on the deployment of (b), spool on (the defaults)
+        print(f"bench: (b) spool, LRS away then back, N={spool_n}", flush=True)
+        ENCODAGE[1].run("systemctl stop celeryd-xapi 2>/dev/null || true")
+        row = spool(spool_n, ENCODAGE[0])
+        return {"config": "spool", "label": "(b) spool drain, LRS back", **row}
+    if name == "cspool":
+        print(f"bench: (c) direct batched ingest, N={spool_n}", flush=True)
+        row = direct_rate(spool_n)
+        return {"config": "cspool", "label": "(c) Ralph direct, same store size", **row}
     if name == "c":
         print(f"bench: (c) direct batched ingest, N={n}", flush=True)
         row = measure(n, [], direct=True, window=window)
@@ -209,8 +309,10 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--phases", default="deploy,b,bdrain,c,a,b2nodes,b2hosts")
+    parser.add_argument("--phases", default="deploy,b,bdrain,spool,cspool,c,a,b2nodes,b2hosts")
     parser.add_argument("--out", default="bench/results")
+    # The spool's size in phases spool and cspool (issue #17 asks for 20,000).
+    parser.add_argument("--spool-n", type=int, default=20000)
     # The seed configuration delivers about one statement every two seconds, so its full run
     # of 2,000 takes about an hour. 0 (default): run it to the end (capped at 3 h); a number
     # of seconds time-boxes it for a quicker bench. The other configurations get an hour.
@@ -238,7 +340,7 @@ def main() -> None:
             print(f"bench: deployment {result['deployment']}", flush=True)
         else:
             window = seed_window if phase == "a" else 3600
-            result["runs"].append(run_config(phase, args.n, logs, window))
+            result["runs"].append(run_config(phase, args.n, logs, window, args.spool_n))
             print(f"bench: {result['runs'][-1]}", flush=True)
         (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
     result["total_seconds"] = round((dt.datetime.now(dt.UTC) - started).total_seconds())

@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 CHART = REPO / "docs" / "benchmarks-pipeline.png"
 START, END = "<!-- bench:pipeline:start -->", "<!-- bench:pipeline:end -->"
+SPOOL_START, SPOOL_END = "<!-- bench:spool:start -->", "<!-- bench:spool:end -->"
+# Issue #17's goals: the drain of a spool against (c) on a store of the same size, and the
+# worker's CPU per delivered statement on the encoding host (main + pool processes).
+DRAIN_SHARE = 0.9
+CPU_MS = 0.3
 
 
 def chart(runs: list[dict[str, Any]]) -> None:
@@ -126,18 +131,101 @@ def section(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cpu_cell(cpu: dict[str, float] | None) -> str:
+    if not cpu:
+        return "—"
+    return f"{cpu['total']:.2f} ms ({cpu['main']:.2f} + {cpu['pool']:.2f})"
+
+
+def spool_section(res: dict[str, Any]) -> str:
+    """The spool's drain against Ralph's direct ceiling, and the worker's CPU per statement
+    in every run that measured it."""
+    runs = {r["config"]: r for r in res["runs"]}
+    drain, ceiling = runs.get("spool"), runs.get("cspool")
+    lines = [
+        SPOOL_START,
+        "## The spool and the worker's CPU (`make bench`, phases spool and cspool)",
+        "",
+        f"Measured {res['date'][:10]} with `{res['command']}`, same machine and hosts as "
+        "above. Phase spool: Ralph stopped, statements queued in one burst with Pod's "
+        "`.delay()`; the worker takes them from Redis into its spool on the encoding host. "
+        "Then Ralph comes back with an empty store and the spool drains. Phase cspool: (c) "
+        "with the same number of statements, so Ralph's store grows to the same size (its "
+        "FS backend re-reads the store on every POST). Both rates are taken between the "
+        "first and the last `stored` stamp. Worker CPU: utime + stime of the processes of "
+        "the `celeryd-xapi@` units (`/proc`), main process + pool processes, over the run, "
+        "divided by the statements.",
+        "",
+    ]
+    if drain and ceiling:
+        share = drain["statements_per_s"] / ceiling["statements_per_s"]
+        lines += [
+            "| run | statements | seconds | statements/s |",
+            "|---|---:|---:|---:|",
+            f"| {drain['label']} | {drain['n']:,} | {drain['seconds']} "
+            f"| {drain['statements_per_s']:g} |",
+            f"| {ceiling['label']} | {ceiling['n']:,} | {ceiling['seconds']} "
+            f"| {ceiling['statements_per_s']:g} |",
+            "",
+            f"- the spool's drain ≥ {DRAIN_SHARE:.0%} of (c): {share:.0%} — "
+            f"{verdict(share >= DRAIN_SHARE)}",
+            f"- {drain['n']:,} statements from Redis into the spool in "
+            f"{drain['spooled_seconds']} s (producer included)",
+            "",
+        ]
+    cpu_rows = [r for r in res["runs"] if r.get("worker_cpu_ms")]
+    if cpu_rows:
+        lines += [
+            "| run | worker CPU per statement (main + pool) |",
+            "|---|---:|",
+        ]
+        for r in cpu_rows:
+            lines.append(f"| {r['label']} | {cpu_cell(r['worker_cpu_ms'])} |")
+            if r.get("worker_cpu_spooling_ms"):
+                lines.append(
+                    f"| {r['label']}: taking into the spool, LRS away "
+                    f"| {cpu_cell(r['worker_cpu_spooling_ms'])} |"
+                )
+        live = runs.get("b", {}).get("worker_cpu_ms")
+        if live:
+            ok = live["total"] <= CPU_MS
+            lines += [
+                "",
+                f"- worker CPU per delivered statement, live (b) ≤ {CPU_MS} ms: "
+                f"{live['total']:.2f} ms — {verdict(ok)}",
+            ]
+        if drain and drain.get("worker_cpu_ms"):
+            ok = drain["worker_cpu_ms"]["total"] <= CPU_MS
+            lines.append(
+                f"- worker CPU per delivered statement, draining the spool ≤ {CPU_MS} ms: "
+                f"{drain['worker_cpu_ms']['total']:.2f} ms — {verdict(ok)}"
+            )
+    lines += ["", SPOOL_END]
+    return "\n".join(lines)
+
+
+def replace(text: str, start: str, end: str, new: str) -> str:
+    """The section between its markers, or after the pipeline's section the first time."""
+    if start in text:
+        head, rest = text.split(start, 1)
+        return head + new + rest.split(end, 1)[1]
+    head, rest = text.split(END, 1)
+    return f"{head}{END}\n\n{new}{rest}"
+
+
 def main() -> None:
     source = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "bench/results/latest.json"
     res = json.loads(source.read_text())
-    chart(res["runs"])
+    configs = {r["config"] for r in res["runs"]}
     text = DOC.read_text()
-    new = section(res)
-    if START in text:
-        head, rest = text.split(START, 1)
-        text = head + new + rest.split(END, 1)[1]
-    else:  # first time: after the page title, before the loopback section
-        title, body = text.split("\n", 1)
-        text = f"{title}\n\n{new}\n{body}"
+    # A partial run (e.g. --phases deploy,b,spool,cspool) leaves the pipeline's table of the
+    # last full run in place: it is rewritten only with its reference, (c).
+    if "c" in configs:
+        pipeline = [r for r in res["runs"] if r["config"] not in ("spool", "cspool")]
+        chart(pipeline)
+        text = replace(text, START, END, section({**res, "runs": pipeline}))
+    if configs & {"spool", "cspool"}:
+        text = replace(text, SPOOL_START, SPOOL_END, spool_section(res))
     DOC.write_text(text)
     print(f"wrote {DOC.relative_to(REPO)} and {CHART.relative_to(REPO)}")
 

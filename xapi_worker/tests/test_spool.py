@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support import Proxy, pod_producer, run_cli, wait_for
 from xapi_testsupport.statements import video_statement
 from xapi_worker.spool import Entry, Spool, node_file
@@ -103,6 +104,61 @@ def test_full_spool_stops_taking_and_drops_nothing(
     assert wait_for(lambda: len(set(ralph.stored_ids())) >= 4000, 240), worker.text()[-3000:]
     _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})
     assert "takes from the broker again" in worker.text()
+
+
+def test_full_disk_stops_taking_and_drops_nothing(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    """The spool's filesystem fills up (another writer, as an encoding's ffmpeg would): the
+    node stops taking before SQLite meets ENOSPC, says so, and takes again once there is
+    room. A real filesystem of 64 MiB (tmpfs), a ballast file leaving 20 MiB free, and a
+    spool limit far above it, so only the disk can be what is full."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        spool_dir = _spool_dir(mount)
+        ballast = mount / "ballast"
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        with ballast.open("wb") as f:
+            f.truncate(0)
+            chunk = b"\0" * 1024**2
+            for _ in range((free - 20 * 1024**2) // len(chunk)):
+                f.write(chunk)
+        config = make_config(
+            ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_SPOOL_MAX_MB=1024
+        )
+        worker = start_worker(config, name="disk")
+        node = worker_node("disk")
+        ralph.stop()
+        statements = [video_statement("played", n, with_id=True) for n in range(6000)]
+        _produce(redis_srv.url(), statements)
+        assert wait_for(lambda: "its disk has" in worker.text(), 90), worker.text()[-3000:]
+        state = wait_for_value(lambda: _status(config), lambda s: s["spool_full"], 20)
+        assert state["spool_full"] == [node]
+        time.sleep(5)  # no write failing in a loop meanwhile
+        client = redis_srv.client()
+        waiting = client.llen("xapi") + client.hlen("unacked")
+        spooled = _spool_depth(spool_dir, node)
+        assert spooled > 0 and waiting > 0
+        assert spooled + waiting >= 6000
+        log = worker.text()
+        assert "OperationalError" not in log, log[-3000:]
+        assert log.count("put back on the broker") <= 3, log[-3000:]
+        # Room again (the ballast goes), the LRS back: everything arrives, once.
+        ballast.unlink()
+        ralph.start()
+        assert wait_for(lambda: len(set(ralph.stored_ids())) >= 6000, 240), worker.text()[-3000:]
+        _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})
+        assert "takes from the broker again" in worker.text()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_damaged_spool_is_set_aside_never_deleted(

@@ -290,6 +290,19 @@ def test_merge_duplicates():
     leaders = merge_duplicates(items)
     assert [i.key for i in leaders] == ["t0", "t1", "t2"]
     assert [f.key for f in leaders[1].followers] == ["t9"]
+    # The same id with another content stays apart (a conflict for the LRS to answer), and
+    # statements without a string id are compared by content.
+    apart = merge_duplicates(
+        [
+            Item("a", {"id": "s1", "v": 1}),
+            Item("b", {"id": "s1", "v": 2}),
+            Item("c", {"v": 3}),
+            Item("d", {"v": 3}),
+            Item("e", {"id": ["x"], "v": 4}),
+        ]
+    )
+    assert [i.key for i in apart] == ["a", "b", "c", "e"]
+    assert [f.key for f in apart[2].followers] == ["d"]
 
 
 def test_retry_delay_bounds():

@@ -8,6 +8,7 @@ import hashlib
 import json
 import random
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -153,13 +154,26 @@ def fingerprint(statement: dict[str, Any]) -> str:
     return json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _string_id(statement: dict[str, Any]) -> str | None:
+    value = statement.get("id")
+    return value if isinstance(value, str) else None
+
+
 def merge_duplicates(items: Sequence[Item]) -> list[Item]:
     """Fold items whose statement (id and content) is identical into one leader item, so a
     batch never carries the same statement twice (the LRS would reject it as a whole)."""
-    leaders: dict[str, Item] = {}
+    # Identical statements share their id: only items whose id occurs twice (or that have
+    # no string id) need the canonical dump, which costs more than the rest of a batch's
+    # bookkeeping in the pool process.
+    ids = Counter(_string_id(item.statement) for item in items)
+    leaders: dict[tuple[str, str], Item] = {}
     out: list[Item] = []
     for item in items:
-        key = fingerprint(item.statement)
+        statement_id = _string_id(item.statement)
+        if statement_id is not None and ids[statement_id] == 1:
+            key = ("id", statement_id)
+        else:
+            key = ("content", fingerprint(item.statement))
         leader = leaders.get(key)
         if leader is None:
             leaders[key] = item

@@ -7,9 +7,10 @@ Each turn it also:
   oldest, bytes, max_bytes, full, damaged, updated), which ``xapi-worker status``,
   ``playbooks/status.yml`` and ``check_xapi`` read: the spool itself is readable by the
   worker's user only;
-- stops the node taking from the broker while the spool is full (transport.TAKING), and
-  starts it again once a tenth of the spool is free: statements then wait in Redis, none is
-  dropped;
+- stops the node taking from the broker while the spool is full (transport.TAKING), or its
+  disk is (less than spool.DISK_RESERVE_BYTES free), and starts it again once a tenth of
+  the spool, and half as much again as that reserve, are free: statements then wait in
+  Redis, none is dropped;
 - purges the dead letters older than ``XAPI_WORKER_DEAD_LETTER_RETENTION_DAYS`` (hourly).
 
 A spooled statement is deleted only once the LRS holds it, or once its dead letter is
@@ -29,7 +30,7 @@ from . import events
 from .delivery import Answer, Item, Result, Verdict, merge_duplicates
 from .scripts import set_fields
 from .settings import QUEUE, Settings
-from .spool import Row, Spool, Stats
+from .spool import DISK_RESERVE_BYTES, Row, Spool, Stats
 from .transport import TAKING, spool_state_key
 from .worker import Processor
 
@@ -166,14 +167,19 @@ class Drainer:
             now = time.monotonic()
             if now - self._full_logged >= 60:
                 self._full_logged = now
+                why = (
+                    f"its disk has {stats.free_bytes // 1024**2} MiB free, under the "
+                    f"{DISK_RESERVE_BYTES // 1024**2} MiB it leaves"
+                    if stats.disk_full
+                    else f"{stats.used_bytes // 1024**2} of {stats.max_bytes // 1024**2} MiB"
+                )
                 log.error(
-                    "spool %s FULL (%d statements, %d of %d MiB): this node takes nothing "
-                    "from the broker until the LRS takes the spool; statements wait in Redis, "
-                    "none is dropped",
+                    "spool %s FULL (%d statements, %s): this node takes nothing from the "
+                    "broker until the LRS takes the spool or the disk has room; statements "
+                    "wait in Redis, none is dropped",
                     self.spool.path if self.spool else "-",
                     stats.depth,
-                    stats.used_bytes // 1024**2,
-                    stats.max_bytes // 1024**2,
+                    why,
                 )
                 events.emit(
                     "spool_full",
@@ -182,8 +188,13 @@ class Drainer:
                     depth=stats.depth,
                     bytes=stats.used_bytes,
                     max_bytes=stats.max_bytes,
+                    disk_free=stats.free_bytes,
                 )
-        elif self.paused and stats.used_bytes < stats.max_bytes * RESUME_SHARE:
+        elif (
+            self.paused
+            and stats.used_bytes < stats.max_bytes * RESUME_SHARE
+            and stats.free_bytes >= DISK_RESERVE_BYTES * 3 // 2
+        ):
             self.paused = False
             TAKING.set()
             log.warning("spool has room again: this node takes from the broker again")

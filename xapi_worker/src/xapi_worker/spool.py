@@ -37,6 +37,10 @@ AUTO_MAX_BYTES = 10 * 1024**3
 AUTO_SHARE = 0.25
 #: Below this much free room the spool counts as full (a batch's worth, roughly).
 HEADROOM_BYTES = 1024**2
+#: Free space the spool leaves on its filesystem: below it the spool counts as full, whatever
+#: its own size, so a disk filled by something else (an encoding's ffmpeg) stops the node
+#: taking instead of failing every write. SQLite needs room for the WAL and a checkpoint.
+DISK_RESERVE_BYTES = 16 * 1024**2
 #: Waiting for the other writer (pool process or drainer) before giving up, milliseconds.
 BUSY_TIMEOUT_MS = 10_000
 SCHEMA_VERSION = 1
@@ -103,10 +107,15 @@ class Stats:
     used_bytes: int
     max_bytes: int
     damaged: int
+    free_bytes: int = AUTO_MAX_BYTES  # free space of the spool's filesystem
+
+    @property
+    def disk_full(self) -> bool:
+        return self.free_bytes < DISK_RESERVE_BYTES
 
     @property
     def full(self) -> bool:
-        return self.used_bytes + headroom(self.max_bytes) >= self.max_bytes
+        return self.used_bytes + headroom(self.max_bytes) >= self.max_bytes or self.disk_full
 
 
 def headroom(max_bytes: int) -> int:
@@ -120,12 +129,16 @@ def node_file(node: str) -> str:
     return re.sub(r"[^A-Za-z0-9@._-]", "_", node) + ".sqlite3"
 
 
+def free_bytes(directory: Path) -> int:
+    """Free space of the filesystem holding ``directory``, for an unprivileged writer."""
+    st = os.statvfs(directory)
+    return int(st.f_bavail * st.f_frsize)
+
+
 def auto_max_bytes(directory: Path, used: int = 0) -> int:
     """A quarter of the free space of the spool's filesystem (plus what it already uses), at
     most :data:`AUTO_MAX_BYTES`."""
-    st = os.statvfs(directory)
-    free = st.f_bavail * st.f_frsize
-    return int(min(AUTO_MAX_BYTES, used + free * AUTO_SHARE))
+    return int(min(AUTO_MAX_BYTES, used + free_bytes(directory) * AUTO_SHARE))
 
 
 class Spool:
@@ -283,6 +296,12 @@ class Spool:
                     f"spool {self.path} is full ({self.max_bytes // 1024**2} MiB): "
                     f"{len(rows)} statements stay in the broker"
                 )
+            if free_bytes(self.directory) < incoming + DISK_RESERVE_BYTES:
+                raise SpoolFull(
+                    f"spool {self.path}: its disk is full (less than "
+                    f"{DISK_RESERVE_BYTES // 1024**2} MiB free): {len(rows)} statements stay "
+                    "in the broker"
+                )
             with self._transaction() as conn:
                 conn.executemany(
                     "INSERT INTO spool (statement_id, statement, task_id, attempts, first_seen,"
@@ -363,4 +382,5 @@ class Spool:
             used_bytes=self._used_bytes(),
             max_bytes=self.max_bytes,
             damaged=len(self.damaged_files()),
+            free_bytes=free_bytes(self.directory),
         )

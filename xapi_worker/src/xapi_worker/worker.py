@@ -525,6 +525,19 @@ class Processor:
         return requeue
 
 
+def _slim(request: Request) -> SimpleRequest:
+    """What the batch task reads of a request (id, arguments, the two headers of ours), and
+    nothing more, for the pickle that crosses to the pool process. celery-batches'
+    ``from_request`` also sends every header, and Celery's ``argsrepr`` header holds the
+    whole statement a second time."""
+    args, kwargs, _embed = request._payload
+    headers = request.request_dict or {}
+    ours = {k: headers[k] for k in (H_ATTEMPT, H_FIRST_SEEN) if k in headers}
+    return SimpleRequest(
+        request.id, request.name, args, kwargs, None, request.hostname, True, None, None, ours
+    )
+
+
 class XapiBatches(Batches):  # type: ignore[misc]
     """celery-batches' task with acknowledgement decided per request by the task's result,
     and the batch put back when the pool process running it is lost."""
@@ -549,7 +562,7 @@ class XapiBatches(Batches):  # type: ignore[misc]
 
     def flush(self, requests: Collection[Request]) -> object:
         reqs = list(requests)
-        payload = ([SimpleRequest.from_request(r) for r in reqs],)
+        payload = ([_slim(r) for r in reqs],)
 
         def on_return(result: object) -> None:
             if isinstance(result, dict):
