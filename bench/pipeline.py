@@ -159,6 +159,19 @@ def measure(n: int, hosts: list[PodmanHost], direct: bool, window: float) -> dic
     }
 
 
+def stored_span(n: int, sent: list[tuple[str, float]], complete: bool) -> dict[str, float]:
+    """Every statement sent is in Ralph's store; the time and rate from the first to the
+    last `stored` stamp (no producer in them)."""
+    stored = onhost.stored_times(LRS)
+    if not complete or any(i not in stored for i, _ in sent):
+        raise RuntimeError(f"only {len(stored)} of {n} statements stored")
+    first, last = min(stored.values()), max(stored.values())
+    return {
+        "seconds": round(last - first, 2),
+        "statements_per_s": round((n - 1) / (last - first), 2),
+    }
+
+
 def drain(n: int, hosts: list[PodmanHost]) -> dict[str, Any]:
     """The workers alone: N statements queued while they are stopped, then the rate between
     the first and the last statement stored once they start (no producer on the CPUs)."""
@@ -180,16 +193,11 @@ def drain(n: int, hosts: list[PodmanHost]) -> dict[str, Any]:
     cpu_after = worker_cpu(hosts)
     sampler.done.set()
     sampler.join()
-    stored = onhost.stored_times(LRS)
-    if not complete or any(i not in stored for i, _ in sent):
-        raise RuntimeError(f"only {len(stored)} of {n} statements stored")
-    first, last = min(stored.values()), max(stored.values())
     return {
         "n": n,
         "stored": n,
         "complete": True,
-        "seconds": round(last - first, 2),
-        "statements_per_s": round((n - 1) / (last - first), 2),
+        **stored_span(n, sent, complete),
         "latency_p50_ms": None,
         "latency_p99_ms": None,
         "worker_rss_peak_mib": round(sampler.peak_kib / 1024, 1),
@@ -229,18 +237,11 @@ def spool(n: int, host: PodmanHost) -> dict[str, Any]:
     cpu_drained = worker_cpu([host])
     sampler.done.set()
     sampler.join()
-    stored = onhost.stored_times(LRS)
-    if not complete or any(i not in stored for i, _ in sent):
-        raise RuntimeError(f"only {len(stored)} of {n} statements stored")
-    if len(stored) != n:
-        raise RuntimeError(f"{len(stored) - n} statements stored more than once")
-    first, last = min(stored.values()), max(stored.values())
     return {
         "n": n,
         "stored": n,
         "complete": True,
-        "seconds": round(last - first, 2),
-        "statements_per_s": round((n - 1) / (last - first), 2),
+        **stored_span(n, sent, complete),
         "spooled_seconds": round(in_spool, 2),
         "latency_p50_ms": None,
         "latency_p99_ms": None,
@@ -254,13 +255,7 @@ def direct_rate(n: int) -> dict[str, Any]:
     """(c) on N statements, its rate between the first and the last `stored` stamp: the
     measure spool() uses, on a store growing to the same size."""
     row = measure(n, [], direct=True, window=3600)
-    stored = onhost.stored_times(LRS)
-    first, last = min(stored.values()), max(stored.values())
-    return {
-        **row,
-        "seconds": round(last - first, 2),
-        "statements_per_s": round((n - 1) / (last - first), 2),
-    }
+    return {**row, **stored_span(n, [], True)}
 
 
 def run_config(name: str, n: int, logs: Path, window: float, spool_n: int) -> dict[str, Any]:
@@ -342,11 +337,15 @@ def main() -> None:
             window = seed_window if phase == "a" else 3600
             result["runs"].append(run_config(phase, args.n, logs, window, args.spool_n))
             print(f"bench: {result['runs'][-1]}", flush=True)
-        (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "running.json").write_text(json.dumps(result, indent=2) + "\n")
     result["total_seconds"] = round((dt.datetime.now(dt.UTC) - started).total_seconds())
     text = json.dumps(result, indent=2) + "\n"
-    (out / "latest.json").write_text(text)
     (out / f"bench-{started:%Y%m%dT%H%M%SZ}.json").write_text(text)
+    # latest.json is the run behind the pipeline's table: only a run with its reference, (c),
+    # replaces it (report.py rewrites that table on the same condition).
+    if "c" in args.phases.split(","):
+        (out / "latest.json").write_text(text)
+    (out / "running.json").unlink()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ docs/benchmarks-pipeline.png. Needs matplotlib (bench/requirements.txt, .venv-be
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -137,6 +138,11 @@ def cpu_cell(cpu: dict[str, float] | None) -> str:
     return f"{cpu['total']:.2f} ms ({cpu['main']:.2f} + {cpu['pool']:.2f})"
 
 
+def results_file(res: dict[str, Any]) -> str:
+    """The name bench/pipeline.py gave this run's results."""
+    return f"bench-{dt.datetime.fromisoformat(res['date']):%Y%m%dT%H%M%SZ}.json"
+
+
 def spool_section(res: dict[str, Any]) -> str:
     """The spool's drain against Ralph's direct ceiling, and the worker's CPU per statement
     in every run that measured it."""
@@ -146,8 +152,9 @@ def spool_section(res: dict[str, Any]) -> str:
         SPOOL_START,
         "## The spool and the worker's CPU (`make bench`, phases spool and cspool)",
         "",
-        f"Measured {res['date'][:10]} with `{res['command']}`, same machine and hosts as "
-        "above. Phase spool: Ralph stopped, statements queued in one burst with Pod's "
+        f"Measured {res['date'][:10]} with `{res['command']}`, same machine and kind of "
+        f"hosts as above (raw results: `bench/results/{results_file(res)}`). Phase spool: "
+        "Ralph stopped, statements queued in one burst with Pod's "
         "`.delay()`; the worker takes them from Redis into its spool on the encoding host. "
         "Then Ralph comes back with an empty store and the spool drains. Phase cspool: (c) "
         "with the same number of statements, so Ralph's store grows to the same size (its "
@@ -186,14 +193,14 @@ def spool_section(res: dict[str, Any]) -> str:
                     f"| {r['label']}: taking into the spool, LRS away "
                     f"| {cpu_cell(r['worker_cpu_spooling_ms'])} |"
                 )
+        lines.append("")
         live = runs.get("b", {}).get("worker_cpu_ms")
         if live:
             ok = live["total"] <= CPU_MS
-            lines += [
-                "",
+            lines.append(
                 f"- worker CPU per delivered statement, live (b) ≤ {CPU_MS} ms: "
-                f"{live['total']:.2f} ms — {verdict(ok)}",
-            ]
+                f"{live['total']:.2f} ms — {verdict(ok)}"
+            )
         if drain and drain.get("worker_cpu_ms"):
             ok = drain["worker_cpu_ms"]["total"] <= CPU_MS
             lines.append(
@@ -205,12 +212,12 @@ def spool_section(res: dict[str, Any]) -> str:
 
 
 def replace(text: str, start: str, end: str, new: str) -> str:
-    """The section between its markers, or after the pipeline's section the first time."""
+    """The section between its markers, or before the loopback section the first time."""
     if start in text:
         head, rest = text.split(start, 1)
         return head + new + rest.split(end, 1)[1]
-    head, rest = text.split(END, 1)
-    return f"{head}{END}\n\n{new}{rest}"
+    head, rest = text.split("## Loopback worker", 1)
+    return f"{head}{new}\n\n## Loopback worker{rest}"
 
 
 def main() -> None:
@@ -227,7 +234,10 @@ def main() -> None:
     if configs & {"spool", "cspool"}:
         text = replace(text, SPOOL_START, SPOOL_END, spool_section(res))
     DOC.write_text(text)
-    print(f"wrote {DOC.relative_to(REPO)} and {CHART.relative_to(REPO)}")
+    print(
+        f"wrote {DOC.relative_to(REPO)}"
+        + (f" and {CHART.relative_to(REPO)}" if "c" in configs else "")
+    )
 
 
 if __name__ == "__main__":

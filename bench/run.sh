@@ -11,7 +11,8 @@ export BENCH_COMMAND=${BENCH_COMMAND:-make bench}
 # The helpers shared with the tests (testsupport/README.md).
 export PYTHONPATH=$PWD/testsupport${PYTHONPATH:+:$PYTHONPATH}
 python bench/pipeline.py "$@"
-.venv-bench/bin/python bench/report.py
+# This run's results (bench-<UTC time>.json, the newest).
+.venv-bench/bin/python bench/report.py "$(ls -t bench/results/bench-*.json | head -n 1)"
 if [ "${BENCH_KEEP:-0}" != 1 ]; then
   LAB_PREFIX=xapi-bench LAB_HOSTS="frontal encodage encodage2 lrs" bash lab/down.sh
 fi

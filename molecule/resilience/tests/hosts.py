@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from urllib.parse import quote
 # Pod's layout on the lab hosts and its venv's python as pod, as the other scenarios know
 # them (xapi_testsupport, on sys.path through molecule/pytest.ini).
 from xapi_testsupport.pod_on_host import POD_DIR, POD_PYTHON
+from xapi_testsupport.polling import wait_until
 
 PREFIX = os.environ.get("XAPI_RES_PREFIX", "res-")
 FILES = Path(__file__).resolve().parents[1] / "files"
@@ -84,9 +86,10 @@ def broker_state(*args: str) -> dict:
     return json.loads(out.stdout)
 
 
-def produced() -> list[tuple[float, str, int]]:
-    """(enqueue time, id, refused attempts) of every statement enqueued so far."""
-    text = sh("frontal", f"cat {WORK}/progress.tsv 2>/dev/null || true").stdout
+def produced(progress: str = f"{WORK}/progress.tsv") -> list[tuple[float, str, int]]:
+    """(enqueue time, id, refused attempts) of every statement the producer enqueued so far
+    (files/producer.py's progress file)."""
+    text = sh("frontal", f"cat {progress} 2>/dev/null || true").stdout
     rows = []
     for line in text.splitlines():
         stamp, statement_id, refused = line.split("\t")
@@ -122,17 +125,21 @@ def secrets() -> dict[str, str]:
     }
 
 
-def acl_log() -> list[dict[str, Any]]:
-    """The xAPI instance's ACL LOG (denied commands, keys, channels and failed logins), read
-    on the frontal with the default user (its password on stdin, never in argv)."""
+def redis_admin(*args: str) -> str:
+    """redis-cli on the frontal against the xAPI instance, as its default (administrator)
+    user, the password on stdin (never in argv)."""
     port = lab_settings()["xapi_broker_port"]
-    out = sh(
+    return sh(
         "frontal",
         f"read -r REDISCLI_AUTH && export REDISCLI_AUTH && redis-cli --user default -p {port} "
-        "--json ACL LOG 128",
+        + " ".join(args),
         stdin=secrets()["Redis password (default user)"] + "\n",
-    )
-    entries = json.loads(out.stdout)
+    ).stdout
+
+
+def acl_log() -> list[dict[str, Any]]:
+    """The xAPI instance's ACL LOG (denied commands, keys, channels and failed logins)."""
+    entries = json.loads(redis_admin("--json", "ACL", "LOG", "128"))
     # RESP3 (redis-cli --json) gives maps; RESP2 flat key/value arrays.
     return [e if isinstance(e, dict) else dict(zip(e[::2], e[1::2], strict=True)) for e in entries]
 
@@ -145,3 +152,36 @@ def lab_settings() -> dict[str, Any]:
     values = yaml.safe_load((root / "roles/xapi/defaults/main.yml").read_text())
     values.update(yaml.safe_load((root / "inventories/lab/group_vars/all/xapi.yml").read_text()))
     return values
+
+
+def wait_settled(everything: set[str], timeout: float) -> float:
+    """Waits until every id is in Ralph's store or in the dead letters and nothing waits in
+    the broker (queue, unacked, in-flight lists) or in the nodes' spools. Returns when the
+    last of them settled (epoch seconds)."""
+    progress = {"settled": 0, "at": time.time()}
+
+    def settled() -> bool:
+        state = broker_state()
+        done = everything & ({d["id"] for d in state["dead"]} | set(lrs_store_ids()))
+        if len(done) > progress["settled"]:
+            progress.update(settled=len(done), at=time.time())
+        waiting = state["queue"] or state["unacked"] or state["in_flight"] or state["spooled"]
+        return done == everything and not waiting
+
+    wait_until(settled, timeout, 5)
+    return progress["at"]
+
+
+def assert_accounted(
+    valid: set[str], invalid: set[str], stored: Counter[str], dead: dict[str, dict]
+) -> None:
+    """Each valid statement stored once and not dead-lettered; each invalid one refused by the
+    LRS and dead-lettered with its answer."""
+    duplicates = {i: n for i, n in stored.items() if n > 1 and i in valid | invalid}
+    assert not duplicates, f"stored more than once: {list(duplicates.items())[:5]}"
+    assert not invalid & set(stored), "the LRS stored a statement it must refuse"
+    assert invalid <= set(dead), f"{len(invalid - set(dead))} invalid statements not dead-lettered"
+    assert not valid & set(dead), "valid statements dead-lettered"
+    for statement_id in invalid:
+        entry = dead[statement_id]
+        assert entry["status"] in (400, 422) and "rejected by the LRS" in entry["reason"], entry

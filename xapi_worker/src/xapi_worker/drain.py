@@ -143,20 +143,27 @@ class Drainer:
             self.purge_expired()
         if self.spool is None:
             return STATE_EVERY
-        stats = self.spool.stats()
+        # Size and room between two batches; depth and oldest (two scans of the table) only
+        # when they are published, or looked at: an idle spool, a full one.
+        counted = now >= self._next_state
+        stats = self.spool.stats(counts=counted)
+        if stats.full and not counted:
+            stats, counted = self.spool.stats(), True
         self._gate(stats)
-        if now >= self._next_state:
+        if counted:
             self._next_state = now + STATE_EVERY
             self.publish(stats)
         rows = self.spool.due(self.settings.batch_size, now)
         if not rows:
+            if not counted:
+                stats = self.spool.stats()
             if stats.depth == 0 and stats.used_bytes > 4 * 1024**2:
                 self.spool.compact()
             return IDLE_WAIT
         assert isinstance(self.processor, DrainProcessor)
-        settled, _kept = self.processor.drain(rows)
+        settled, kept = self.processor.drain(rows)
         if settled:
-            log.info("spool: %d settled, %d still spooled", settled, stats.depth - settled)
+            log.info("spool: %d settled (%d of the batch kept for later)", settled, kept)
         return 0.0 if settled else IDLE_WAIT
 
     def _gate(self, stats: Stats) -> None:

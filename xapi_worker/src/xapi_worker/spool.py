@@ -373,14 +373,20 @@ class Spool:
             for r in cursor
         ]
 
-    def stats(self) -> Stats:
-        conn = self._connect()
-        depth, oldest = conn.execute("SELECT count(*), min(first_seen) FROM spool").fetchone()
+    def stats(self, counts: bool = True) -> Stats:
+        """Depth, oldest, size, room. ``counts=False``: size and room only (``depth`` -1,
+        ``oldest`` None, ``damaged`` 0), without the two scans of the table that depth and
+        oldest cost (about 5 ms at 20,000 statements), for the drainer's check between two
+        batches."""
+        depth, oldest, damaged = -1, None, 0
+        if counts:
+            row = self._connect().execute("SELECT count(*), min(first_seen) FROM spool").fetchone()
+            depth, oldest, damaged = int(row[0]), row[1], len(self.damaged_files())
         return Stats(
-            depth=int(depth),
+            depth=depth,
             oldest=None if oldest is None else float(oldest),
             used_bytes=self._used_bytes(),
             max_bytes=self.max_bytes,
-            damaged=len(self.damaged_files()),
+            damaged=damaged,
             free_bytes=free_bytes(self.directory),
         )
