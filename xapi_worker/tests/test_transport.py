@@ -167,6 +167,33 @@ def test_messages_behind_the_first_are_taken_together_up_to_the_prefetch_limit(r
         conn.release()
 
 
+def test_acknowledging_on_a_closed_channel_is_dropped_and_the_message_comes_again(redis_srv):
+    """A batch taken on a connection that dropped and was replaced (a broker restart) is
+    acknowledged once its POST returns, on the old, closed channel. That used to raise in the
+    event loop and stop the worker ("Unrecoverable error: AttributeError"). The close put the
+    messages back: the acknowledgement is dropped, and the messages come again."""
+    statements = [video_statement("played", n) for n in range(6)]
+    with pod_producer(redis_srv.url()) as delay:
+        for statement in statements:
+            delay(statement)
+    r = redis_srv.client()
+    conn, got = _consume(redis_srv.url(), prefetch=10)
+    conn.drain_events(timeout=5)
+    assert len(got) == 6
+    conn.release()  # the channel closes and puts back what it held
+    got[0].ack()
+    got[1].reject(requeue=True)
+    got[2].reject(requeue=False)
+    assert (r.llen("xapi"), r.hlen("unacked")) == (6, 0)
+    again, got_again = _consume(redis_srv.url(), prefetch=10)
+    try:
+        again.drain_events(timeout=5)
+        ids = sorted(m.payload[0][0]["id"] for m in got_again)
+        assert ids == sorted(s["id"] for s in statements)
+    finally:
+        again.release()
+
+
 def test_acknowledgements_of_a_batch_leave_unacked_together(
     redis_srv, ralph, make_config, start_worker
 ):

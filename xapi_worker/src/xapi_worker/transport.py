@@ -71,12 +71,6 @@ PRIORITY_LISTS = tuple(kombu_redis.PRIORITY_STEPS[1:])
 ACK_CHUNK = 1000
 #: Most messages taken in one go after a ``BLMOVE`` (bounded by the prefetch limit too).
 TAKE_MAX = 500
-#: After a take that emptied the queue, the next ``BLMOVE`` waits until this long after it.
-#: Statements that arrive one by one (a live frontal) are then taken a few at a time: a take
-#: costs the main process about the same whatever its size (docs/benchmarks.md), so this
-#: divides the consumer's CPU per statement. Nothing is in flight during the wait (it comes
-#: before the take), and it is far below the batch's flush interval (500 ms by default).
-GATHER_SECONDS = 0.1
 
 
 #: Cleared while this process must take nothing from the task queue (its node's spool is
@@ -124,7 +118,15 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
     def ack(self, delivery_tag: str) -> None:
         # Celery acknowledges through the event loop (hub.call_soon), a batch's worth in one
         # loop turn: those acknowledgements leave unacked together, one turn later.
-        hub = self.channel.connection.hub
+        connection = self.channel.connection
+        if connection is None:
+            # The channel was closed since the take (the broker connection dropped, Celery
+            # reconnected on a new one) and its close put back what it held: the message
+            # comes again (a re-send, idempotent at the LRS), there is nothing left here to
+            # remove. Raising would stop the worker (an unrecoverable error in the loop).
+            log.info("acknowledgement of %s dropped: its channel is closed", delivery_tag)
+            return
+        hub = connection.hub
         if hub is None:  # no event loop (a plain consumer): kombu's way
             super().ack(delivery_tag)
             return
@@ -132,6 +134,12 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
             self._ack_batch = []
             hub.call_soon(self.flush_acks)
         self._ack_batch.append(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if self.channel.connection is None:  # closed since the take: see ack()
+            log.info("rejection of %s dropped: its channel is closed", delivery_tag)
+            return
+        super().reject(delivery_tag, requeue)
 
     def flush_acks(self) -> None:
         """Remove the acknowledged messages from unacked, in one pipeline.
@@ -141,6 +149,9 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         """
         tags, self._ack_batch = self._ack_batch, None
         if not tags:
+            return
+        if self.channel.connection is None:  # closed meanwhile: see ack()
+            log.info("%d acknowledgement(s) dropped: their channel is closed", len(tags))
             return
         try:
             with self.channel.conn_or_acquire() as client:
@@ -226,8 +237,6 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._scripts: Scripts | None = None  # registered on first use
         self.poll_started = 0.0  # monotonic: when the pending poll was sent (watchdog.py)
         self._oom_logged = -1e9
-        self._last_take = -1e9  # monotonic: when the last take returned
-        self._queue_emptied = False  # the last take left the queue empty
 
     # --- the atomic take ---------------------------------------------------------------------
     def basic_consume(self, queue: str, *args: object, **kwargs: object) -> object:
@@ -258,10 +267,6 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             # Paused (a full spool): no poll is sent; kombu asks again at its next turn of
             # the event loop, which timers bound, so this is no busy loop.
             return
-        if self._queue_emptied:
-            wait = self._last_take + GATHER_SECONDS - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
         self._polling = (queue, key)
         self._in_poll = self.client.connection
         self.poll_started = time.monotonic()
@@ -292,7 +297,6 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 self._hand_over(queue, key, raws)
                 return True
             if not reply or not queue:
-                self._queue_emptied = False  # the poll waited: no gathering wait before the next
                 raise kombu_redis.Empty()
             self._queue_cycle.rotate(queue)
             if key is None:
@@ -324,16 +328,12 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         room = self.qos.can_consume_max_estimate()
         count = min(TAKE_MAX, room if room is not None else TAKE_MAX)
         count -= 0 if include_first else 1
-        self._last_take = time.monotonic()
-        # Room left and nothing more to take: the queue is empty (room full: not known).
-        self._queue_emptied = count >= 1
         if count < 1:
             return []
         with self.conn_or_acquire() as client:
             taken: list[bytes] = self._scripts_on(client).take(
                 keys=[queue, key], args=[count], client=client
             )
-        self._queue_emptied = len(taken) < count
         return taken
 
     def _hand_over(self, queue: str, key: str, raws: list[bytes]) -> None:
