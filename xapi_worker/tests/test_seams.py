@@ -38,6 +38,7 @@ HASHES = {
     "redis.Channel.conn_or_acquire": "25883caca6c4121e",
     "redis.QoS.append": "35c655f6ecc62fe6",
     "redis.QoS.ack": "1bc15a4ddf541af6",
+    "redis.QoS.reject": "747a02434344d1a6",
     "redis.QoS.restore_by_tag": "58e161d81b6fe18d",
     "redis.QoS.restore_visible": "56ab7a42978335ce",
     "redis.QoS._remove_from_indices": "980a109d54ad9136",
