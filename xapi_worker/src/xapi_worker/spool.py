@@ -107,7 +107,7 @@ class Stats:
     used_bytes: int
     max_bytes: int
     damaged: int
-    free_bytes: int = AUTO_MAX_BYTES  # free space of the spool's filesystem
+    free_bytes: int  # free space of the spool's filesystem
 
     @property
     def disk_full(self) -> bool:
