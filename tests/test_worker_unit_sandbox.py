@@ -92,6 +92,15 @@ def test_node_unit_has_the_reviewed_directives(app: str) -> None:
     assert unit.get("ReadWritePaths") == (spool if app == "xapi_worker" else None)
 
 
+def test_node_unit_is_ordered_after_its_group() -> None:
+    """PartOf= alone leaves the stops unordered: `systemctl stop celeryd-xapi` returned while
+    the nodes were still in their warm shutdown (molecule/default's every-worker-stopped
+    check saw a node still taking). After= the group makes that stop wait for every node."""
+    unit = directives(render("celeryd-xapi@.service.j2"))
+    assert unit["PartOf"] == ["celeryd-xapi.service"]
+    assert "celeryd-xapi.service" in " ".join(unit["After"]).split()
+
+
 def test_ip_filter_can_be_switched_off() -> None:
     unit = directives(render("celeryd-xapi@.service.j2", xapi_encodage_worker_ip_filter=False))
     assert "IPAddressDeny" not in unit and "IPAddressAllow" not in unit
