@@ -3,6 +3,7 @@ configuration deployed by the bundle and measured end to end, raw results as JSO
 
     python bench/pipeline.py [--n 2000] [--phases deploy,b,bdrain,c,a,b2nodes,b2hosts]
                              [--spool-n 20000] (phases spool,cspool)
+                             [--before-worker DIR] (phase spoolbefore)
 
 Run from the repository root with the Makefile's environment (CONTAINERS_CONF,
 ANSIBLE_CONFIG, the tools venv on PATH); bench/run.sh does it and renders the report.
@@ -258,7 +259,41 @@ def direct_rate(n: int) -> dict[str, Any]:
     return {**row, **stored_span(n, [], True)}
 
 
-def run_config(name: str, n: int, logs: Path, window: float, spool_n: int) -> dict[str, Any]:
+def git_rev(tree: Path) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip() or tree.name
+
+
+def spool_before(spool_n: int, logs: Path, tree: Path) -> dict[str, Any]:
+    """Phase spool with the worker of an earlier checkout (its xapi_worker tree), for a
+    side-by-side comparison in the same run; (b) is deployed again afterwards, so that a
+    later phase spool measures the current worker."""
+    rev = git_rev(tree)
+    _, book, inventory, extra, _ = CONFIGS["b"]
+    deploy = ("-i", inventory, book, "-e", f"@bench/configs/{extra}.yml")
+    run = playbook("deploy-spoolbefore", logs, *deploy, "-e", f"xapi_encodage_worker_source={tree}")
+    print(f"bench: worker of {rev} deployed in {run.seconds} s", flush=True)
+    try:
+        row = spool(spool_n, ENCODAGE[0])
+    finally:
+        playbook("deploy-spoolbefore-back", logs, *deploy)
+    return {"config": "spoolbefore", "label": f"(b) spool drain, worker of {rev}", **row}
+
+
+def run_config(
+    name: str, n: int, logs: Path, window: float, spool_n: int, before: Path | None = None
+) -> dict[str, Any]:
+    if name == "spoolbefore":
+        if before is None:
+            raise SystemExit("phase spoolbefore needs --before-worker DIR")
+        print(f"bench: (b) spool drain with the worker of {before}, N={spool_n}", flush=True)
+        ENCODAGE[1].run("systemctl stop celeryd-xapi 2>/dev/null || true")
+        return spool_before(spool_n, logs, before)
     if name == "spool":  # on the deployment of (b), spool on (the defaults)
         print(f"bench: (b) spool, LRS away then back, N={spool_n}", flush=True)
         ENCODAGE[1].run("systemctl stop celeryd-xapi 2>/dev/null || true")
@@ -308,6 +343,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     # The spool's size in phases spool and cspool (issue #17 asks for 20,000).
     parser.add_argument("--spool-n", type=int, default=20000)
+    # Phase spoolbefore: the xapi_worker directory of an earlier checkout (git worktree).
+    parser.add_argument("--before-worker", type=Path)
     # The seed configuration delivers about one statement every two seconds, so its full run
     # of 2,000 takes about an hour. 0 (default): run it to the end (capped at 3 h); a number
     # of seconds time-boxes it for a quicker bench. The other configurations get an hour.
@@ -335,7 +372,8 @@ def main() -> None:
             print(f"bench: deployment {result['deployment']}", flush=True)
         else:
             window = seed_window if phase == "a" else 3600
-            result["runs"].append(run_config(phase, args.n, logs, window, args.spool_n))
+            row = run_config(phase, args.n, logs, window, args.spool_n, args.before_worker)
+            result["runs"].append(row)
             print(f"bench: {result['runs'][-1]}", flush=True)
         (out / "running.json").write_text(json.dumps(result, indent=2) + "\n")
     result["total_seconds"] = round((dt.datetime.now(dt.UTC) - started).total_seconds())

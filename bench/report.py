@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ DOC = REPO / "docs" / "benchmarks.md"
 CHART = REPO / "docs" / "benchmarks-pipeline.png"
 START, END = "<!-- bench:pipeline:start -->", "<!-- bench:pipeline:end -->"
 SPOOL_START, SPOOL_END = "<!-- bench:spool:start -->", "<!-- bench:spool:end -->"
+SPOOL_CONFIGS = {"spool", "spoolbefore", "cspool"}
 # Issue #17's goals: the drain of a spool against (c) on a store of the same size, and the
 # worker's CPU per delivered statement on the encoding host (main + pool processes).
 DRAIN_SHARE = 0.9
@@ -145,9 +147,10 @@ def results_file(res: dict[str, Any]) -> str:
 
 def spool_section(res: dict[str, Any]) -> str:
     """The spool's drain against Ralph's direct ceiling, and the worker's CPU per statement
-    in every run that measured it."""
-    runs = {r["config"]: r for r in res["runs"]}
-    drain, ceiling = runs.get("spool"), runs.get("cspool")
+    in every run that measured it. Phases may repeat (e.g. spool,cspool,spool,cspool): every
+    run gets its row, and the goal is judged on the medians."""
+    of = {c: [r for r in res["runs"] if r["config"] == c] for c in SPOOL_CONFIGS | {"b"}}
+    drains, ceilings = of["spool"], of["cspool"]
     lines = [
         SPOOL_START,
         "## The spool and the worker's CPU (`make bench`, phases spool and cspool)",
@@ -156,28 +159,43 @@ def spool_section(res: dict[str, Any]) -> str:
         f"hosts as above (raw results: `bench/results/{results_file(res)}`). Phase spool: "
         "Ralph stopped, statements queued in one burst with Pod's "
         "`.delay()`; the worker takes them from Redis into its spool on the encoding host. "
-        "Then Ralph comes back with an empty store and the spool drains. Phase cspool: (c) "
+        "Then Ralph comes back with an empty store and the spool drains. Phase spoolbefore: "
+        "the same with the worker of an earlier commit. Phase cspool: (c) "
         "with the same number of statements, so Ralph's store grows to the same size (its "
         "FS backend re-reads the store on every POST). Both rates are taken between the "
         "first and the last `stored` stamp. Worker CPU: utime + stime of the processes of "
         "the `celeryd-xapi@` units (`/proc`), main process + pool processes, over the run, "
-        "divided by the statements.",
+        "divided by the statements. Runs in the order they ran.",
         "",
     ]
-    if drain and ceiling:
-        share = drain["statements_per_s"] / ceiling["statements_per_s"]
+    if drains and ceilings:
+        ceiling = statistics.median(r["statements_per_s"] for r in ceilings)
         lines += [
-            "| run | statements | seconds | statements/s |",
-            "|---|---:|---:|---:|",
-            f"| {drain['label']} | {drain['n']:,} | {drain['seconds']} "
-            f"| {drain['statements_per_s']:g} |",
-            f"| {ceiling['label']} | {ceiling['n']:,} | {ceiling['seconds']} "
-            f"| {ceiling['statements_per_s']:g} |",
+            "| run | statements | seconds | statements/s | share of (c)'s median |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in res["runs"]:
+            if r["config"] in SPOOL_CONFIGS:
+                lines.append(
+                    f"| {r['label']} | {r['n']:,} | {r['seconds']} "
+                    f"| {r['statements_per_s']:g} | {r['statements_per_s'] / ceiling:.0%} |"
+                )
+        share = statistics.median(r["statements_per_s"] for r in drains) / ceiling
+        lines += [
             "",
-            f"- the spool's drain ≥ {DRAIN_SHARE:.0%} of (c): {share:.0%} — "
-            f"{verdict(share >= DRAIN_SHARE)}",
-            f"- {drain['n']:,} statements from Redis into the spool in "
-            f"{drain['spooled_seconds']} s (producer included)",
+            f"- the spool's drain ≥ {DRAIN_SHARE:.0%} of (c), medians of {len(drains)} and "
+            f"{len(ceilings)} runs: {share:.0%} — {verdict(share >= DRAIN_SHARE)}",
+        ]
+        if of["spoolbefore"]:
+            earlier = statistics.median(r["statements_per_s"] for r in of["spoolbefore"])
+            lines.append(
+                f"- {of['spoolbefore'][0]['label']}, median of {len(of['spoolbefore'])}: "
+                f"{earlier / ceiling:.0%} of (c)"
+            )
+        lines += [
+            f"- {drains[-1]['n']:,} statements from Redis into the spool in "
+            + ", ".join(f"{r['spooled_seconds']} s" for r in drains)
+            + " (producer included)",
             "",
         ]
     cpu_rows = [r for r in res["runs"] if r.get("worker_cpu_ms")]
@@ -194,19 +212,14 @@ def spool_section(res: dict[str, Any]) -> str:
                     f"| {cpu_cell(r['worker_cpu_spooling_ms'])} |"
                 )
         lines.append("")
-        live = runs.get("b", {}).get("worker_cpu_ms")
-        if live:
-            ok = live["total"] <= CPU_MS
-            lines.append(
-                f"- worker CPU per delivered statement, live (b) ≤ {CPU_MS} ms: "
-                f"{live['total']:.2f} ms — {verdict(ok)}"
-            )
-        if drain and drain.get("worker_cpu_ms"):
-            ok = drain["worker_cpu_ms"]["total"] <= CPU_MS
-            lines.append(
-                f"- worker CPU per delivered statement, draining the spool ≤ {CPU_MS} ms: "
-                f"{drain['worker_cpu_ms']['total']:.2f} ms — {verdict(ok)}"
-            )
+        for name, runs in (("live (b)", of["b"]), ("draining the spool", drains)):
+            totals = [r["worker_cpu_ms"]["total"] for r in runs if r.get("worker_cpu_ms")]
+            if totals:
+                worst = max(totals)
+                lines.append(
+                    f"- worker CPU per delivered statement, {name} ≤ {CPU_MS} ms: "
+                    f"{worst:.2f} ms at most — {verdict(worst <= CPU_MS)}"
+                )
     lines += ["", SPOOL_END]
     return "\n".join(lines)
 
@@ -228,10 +241,10 @@ def main() -> None:
     # A partial run (e.g. --phases deploy,b,spool,cspool) leaves the pipeline's table of the
     # last full run in place: it is rewritten only with its reference, (c).
     if "c" in configs:
-        pipeline = [r for r in res["runs"] if r["config"] not in ("spool", "cspool")]
+        pipeline = [r for r in res["runs"] if r["config"] not in SPOOL_CONFIGS]
         chart(pipeline)
         text = replace(text, START, END, section({**res, "runs": pipeline}))
-    if configs & {"spool", "cspool"}:
+    if configs & SPOOL_CONFIGS:
         text = replace(text, SPOOL_START, SPOOL_END, spool_section(res))
     DOC.write_text(text)
     print(

@@ -310,3 +310,51 @@ def wait_for_value(read, ok, timeout: float) -> Any:
         time.sleep(0.5)
         value = read()
     return value
+
+
+def test_due_leaves_out_the_batch_at_the_lrs(tmp_path):
+    """The drainer reads the next batch while one is at the LRS: that one is left out."""
+    spool = Spool(_spool_dir(tmp_path), "due@h")
+    spool.open()
+    now = time.time()
+    spool.add([Entry(video_statement("played", n), f"t{n}", 1, now, now - 1) for n in range(10)])
+    first = spool.due(4, now)
+    assert [r.task_id for r in first] == ["t0", "t1", "t2", "t3"]
+    ahead = spool.due(4, now, exclude=[r.id for r in first])
+    assert [r.task_id for r in ahead] == ["t4", "t5", "t6", "t7"]
+    spool.reschedule([first[1].id], now + 60, "HTTP 503")
+    spool.delete([first[0].id, first[2].id, first[3].id])
+    assert [r.task_id for r in spool.due(10, now, exclude=[r.id for r in ahead])] == ["t8", "t9"]
+    spool.close()
+
+
+def test_drain_through_intermittent_failures_stores_each_once(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    """Every third POST of the drain fails: the batch read ahead meanwhile is dropped, the
+    failed batch comes again, and every statement is stored once."""
+    spool_dir = _spool_dir(tmp_path)
+    node = worker_node("flaky")
+    statements = [video_statement("paused", n, with_id=True) for n in range(600)]
+    spool = Spool(spool_dir, node)
+    spool.open()
+    now = time.time()
+    spool.add([Entry(s, f"t{n}", 1, now - 60, now, "HTTP 503") for n, s in enumerate(statements)])
+    spool.close()
+    posts = iter(range(10**6))
+
+    def every_third(req: Any) -> tuple[int, dict[str, str], bytes] | None:
+        if req.method == "POST" and next(posts) % 3 == 2:
+            return 503, {"Content-Type": "application/json"}, b'{"detail": "busy"}'
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=every_third).start()
+    try:
+        config = make_config(proxy.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_BATCH_SIZE=50)
+        worker = start_worker(config, name="flaky")
+        assert wait_for(lambda: _spool_depth(spool_dir, node) == 0, 120), worker.text()[-2000:]
+        failed = sum(1 for r in proxy.requests if r.method == "POST") // 3
+        assert failed >= 4, "the LRS failed too few POSTs for the test to mean anything"
+    finally:
+        proxy.stop()
+    _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})

@@ -71,6 +71,12 @@ PRIORITY_LISTS = tuple(kombu_redis.PRIORITY_STEPS[1:])
 ACK_CHUNK = 1000
 #: Most messages taken in one go after a ``BLMOVE`` (bounded by the prefetch limit too).
 TAKE_MAX = 500
+#: After a take that emptied the queue, the next ``BLMOVE`` waits until this long after it.
+#: Statements that arrive one by one (a live frontal) are then taken a few at a time: a take
+#: costs the main process about the same whatever its size (docs/benchmarks.md), so this
+#: divides the consumer's CPU per statement. Nothing is in flight during the wait (it comes
+#: before the take), and it is far below the batch's flush interval (500 ms by default).
+GATHER_SECONDS = 0.1
 
 
 #: Cleared while this process must take nothing from the task queue (its node's spool is
@@ -237,6 +243,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._scripts: Scripts | None = None  # registered on first use
         self.poll_started = 0.0  # monotonic: when the pending poll was sent (watchdog.py)
         self._oom_logged = -1e9
+        self._last_take = -1e9  # monotonic: when the last take returned
+        self._queue_emptied = False  # the last take left the queue empty
 
     # --- the atomic take ---------------------------------------------------------------------
     def basic_consume(self, queue: str, *args: object, **kwargs: object) -> object:
@@ -267,6 +275,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             # Paused (a full spool): no poll is sent; kombu asks again at its next turn of
             # the event loop, which timers bound, so this is no busy loop.
             return
+        if self._queue_emptied:
+            wait = self._last_take + GATHER_SECONDS - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
         self._polling = (queue, key)
         self._in_poll = self.client.connection
         self.poll_started = time.monotonic()
@@ -297,6 +309,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 self._hand_over(queue, key, raws)
                 return True
             if not reply or not queue:
+                self._queue_emptied = False  # the poll waited: no gathering wait before the next
                 raise kombu_redis.Empty()
             self._queue_cycle.rotate(queue)
             if key is None:
@@ -328,12 +341,16 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         room = self.qos.can_consume_max_estimate()
         count = min(TAKE_MAX, room if room is not None else TAKE_MAX)
         count -= 0 if include_first else 1
+        self._last_take = time.monotonic()
+        # Room left and nothing more to take: the queue is empty (room full: not known).
+        self._queue_emptied = count >= 1
         if count < 1:
             return []
         with self.conn_or_acquire() as client:
             taken: list[bytes] = self._scripts_on(client).take(
                 keys=[queue, key], args=[count], client=client
             )
+        self._queue_emptied = len(taken) < count
         return taken
 
     def _hand_over(self, queue: str, key: str, raws: list[bytes]) -> None:
