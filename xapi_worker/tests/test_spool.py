@@ -53,6 +53,17 @@ def _spool_depth(directory: Path, node: str) -> int:
         spool.close()
 
 
+def _spooled_before(directory: Path, node: str, statements: list[dict[str, Any]]) -> None:
+    """A node's spool as an earlier outage leaves it: every statement due now."""
+    spool = Spool(directory, node)
+    spool.open()
+    now = time.time()
+    spool.add(
+        [Entry(s, f"task-{n}", 2, now - 60, now, "HTTP 503") for n, s in enumerate(statements)]
+    )
+    spool.close()
+
+
 def test_outage_moves_the_queue_to_the_spool_then_drains(
     tmp_path, redis_srv, ralph, make_config, start_worker
 ):
@@ -188,14 +199,7 @@ def test_kill_in_the_middle_of_a_drain_loses_nothing(
     spool_dir = _spool_dir(tmp_path)
     node = worker_node("mid")
     statements = [video_statement("seeked", n, with_id=True) for n in range(1500)]
-    # A spool written before, as an earlier outage leaves it.
-    spool = Spool(spool_dir, node)
-    spool.open()
-    now = time.time()
-    spool.add(
-        [Entry(s, f"task-{n}", 2, now - 60, now, "HTTP 503") for n, s in enumerate(statements)]
-    )
-    spool.close()
+    _spooled_before(spool_dir, node, statements)
     proxy = Proxy(upstream_port=ralph.port, delay=0.3).start()
     try:
         config = make_config(proxy.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_BATCH_SIZE=50)
@@ -336,11 +340,7 @@ def test_drain_through_intermittent_failures_stores_each_once(
     spool_dir = _spool_dir(tmp_path)
     node = worker_node("flaky")
     statements = [video_statement("paused", n, with_id=True) for n in range(600)]
-    spool = Spool(spool_dir, node)
-    spool.open()
-    now = time.time()
-    spool.add([Entry(s, f"t{n}", 1, now - 60, now, "HTTP 503") for n, s in enumerate(statements)])
-    spool.close()
+    _spooled_before(spool_dir, node, statements)
     posts = iter(range(10**6))
 
     def every_third(req: Any) -> tuple[int, dict[str, str], bytes] | None:
