@@ -2,6 +2,7 @@
 # `make test`: every stage runs even when an earlier one failed, so one run shows all that is
 # broken; the last line sums them up as "summary: N passed, N failed" (pytest stages count
 # their tests, the other stages count as one each). Exit code 0 only when nothing failed.
+# The failed tests' lines are repeated just above the summary: CI keeps only the log's tail.
 # Usage: tools/run-tests.sh STAGE... where a stage is `name=command`.
 set -uo pipefail
 log_dir=${TEST_LOG_DIR:-.ansible/test-logs}
@@ -31,6 +32,13 @@ for stage in "$@"; do
   report+=("$(printf '%-22s rc=%-3s %4s passed %4s failed %5ss' "$name" "$rc" "$p" "$f" "$took")")
 done
 echo
+echo "=== failed tests"
+for stage in "$@"; do
+  name=${stage%%=*}
+  # pytest's short summary lines; molecule's verifier prints the same ones.
+  sed 's/\x1b\[[0-9;]*m//g' "$log_dir/$name.log" | grep -aE '^(FAILED|ERROR) ' | cut -c1-300 |
+    sed "s/^/$name: /" || true
+done
 echo "=== stages"
 printf '%s\n' "${report[@]}"
 echo "summary: $passed passed, $failed failed"
