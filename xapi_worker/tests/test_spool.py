@@ -316,11 +316,27 @@ def wait_for_value(read, ok, timeout: float) -> Any:
     return value
 
 
+def test_due_leaves_out_the_batch_at_the_lrs(tmp_path):
+    """The drainer reads the next batch while one is at the LRS: that one is left out."""
+    spool = Spool(_spool_dir(tmp_path), "due@h")
+    spool.open()
+    now = time.time()
+    spool.add([Entry(video_statement("played", n), f"t{n}", 1, now, now - 1) for n in range(10)])
+    first = spool.due(4, now)
+    assert [r.task_id for r in first] == ["t0", "t1", "t2", "t3"]
+    ahead = spool.due(4, now, exclude=[r.id for r in first])
+    assert [r.task_id for r in ahead] == ["t4", "t5", "t6", "t7"]
+    spool.reschedule([first[1].id], now + 60, "HTTP 503")
+    spool.delete([first[0].id, first[2].id, first[3].id])
+    assert [r.task_id for r in spool.due(10, now, exclude=[r.id for r in ahead])] == ["t8", "t9"]
+    spool.close()
+
+
 def test_drain_through_intermittent_failures_stores_each_once(
     tmp_path, redis_srv, ralph, make_config, start_worker
 ):
-    """Every third POST of the drain fails: the failed batch is rescheduled and comes
-    again, the others are deleted as they are stored, and every statement is stored once."""
+    """Every third POST of the drain fails: the batch read ahead meanwhile is dropped, the
+    failed batch comes again, and every statement is stored once."""
     spool_dir = _spool_dir(tmp_path)
     node = worker_node("flaky")
     statements = [video_statement("paused", n, with_id=True) for n in range(600)]

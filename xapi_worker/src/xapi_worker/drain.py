@@ -15,6 +15,13 @@ Each turn it also:
 
 A spooled statement is deleted only once the LRS holds it, or once its dead letter is
 written; a failure reschedules it with the same backoff as a live retry.
+
+While a batch is at the LRS, a second thread ("ahead") does the spool's bookkeeping: it
+deletes the previous batch's settled rows and reads the next batch, work that the LRS's
+time then hides (docs/benchmarks.md, "The drainer's second thread": 9 % faster than one
+thread on the medians of four paired runs). The POSTs stay one at a time and oldest first. A crash
+between a batch's 200 and its deletion sends that batch again: the statements keep their
+ids, the LRS stores them once (the same window as a crash just before a deletion).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from celery import Celery
 
@@ -80,8 +88,10 @@ class DrainProcessor(Processor):
             self.rescheduled.update(later)
         return keep
 
-    def drain(self, rows: Sequence[Row]) -> tuple[int, int]:
-        """One batch of the spool: returns (settled, still spooled)."""
+    def deliver(self, rows: Sequence[Row]) -> list[int]:
+        """One batch of the spool to the LRS; returns the ids of the rows it settled (the
+        LRS holds them, or their dead letter is written), which the caller deletes. The
+        others are rescheduled or left as they were."""
         self.rescheduled = set()
         items = [Item(str(r.id), r.statement, r.attempts, r.first_seen) for r in rows]
         self._batch = len(items)
@@ -89,14 +99,19 @@ class DrainProcessor(Processor):
             keep = set(self.run(merge_duplicates(items), time.time()))
         finally:
             self.metrics.flush()
+        return [r.id for r in rows if str(r.id) not in keep | self.rescheduled]
+
+    def drain(self, rows: Sequence[Row]) -> tuple[int, int]:
+        """One batch of the spool, its settled rows deleted: returns (settled, still
+        spooled)."""
+        settled = self.deliver(rows)
         assert self.spool is not None
-        settled = [r.id for r in rows if str(r.id) not in keep | self.rescheduled]
         self.spool.delete(settled)
         return len(settled), len(rows) - len(settled)
 
 
 class Drainer:
-    """The thread; :meth:`step` is one turn (the tests call it directly)."""
+    """The thread; :meth:`step` is one turn."""
 
     def __init__(self, app: Celery, settings: Settings, spool: Spool | None, node: str) -> None:
         self.settings = settings
@@ -107,6 +122,13 @@ class Drainer:
             self.processor: Processor = DrainProcessor(app, settings, self.spool)
         else:
             self.processor = Processor(app, settings)
+        # The bookkeeping thread's own Spool: its connection is made, used and closed there.
+        self._ahead_spool = (
+            Spool(spool.directory, node, spool.max_bytes) if spool is not None else None
+        )
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xapi-spool-ahead")
+        self._next: Future[list[Row]] | None = None  # the batch after the one at the LRS
+        self._settled: list[int] = []  # delivered, not yet deleted (the ahead thread's next job)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="xapi-spool-drainer", daemon=True)
         self._next_state = 0.0
@@ -122,8 +144,8 @@ class Drainer:
         if self._thread.is_alive():
             wait = self.settings.connect_timeout + self.settings.read_timeout + 5
             self._thread.join(timeout if timeout is not None else wait)
-        elif self._thread.ident is None and self.spool is not None:  # never started
-            self.spool.close()
+        elif self._thread.ident is None:  # never started
+            self._ahead.shutdown(wait=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -133,9 +155,21 @@ class Drainer:
                 log.exception("spool drainer: unexpected error; trying again in 5 s")
                 wait = 5.0
             self._stop.wait(wait)
-        # Here: an SQLite connection is closed by the thread that made it.
+        self._finish()
+
+    def _finish(self) -> None:
+        """Stopping, in the drainer thread (an SQLite connection serves the thread that made
+        it): what was delivered is deleted, the connections are closed."""
+        self._read_ahead()
+        try:
+            self._settle_now()
+        except Exception:
+            log.warning("spool: delivered rows not deleted; they are sent again", exc_info=True)
         if self.spool is not None:
             self.spool.close()
+        if self._ahead_spool is not None:
+            self._ahead.submit(self._ahead_spool.close).result()
+        self._ahead.shutdown(wait=True)
 
     # --- one turn ----------------------------------------------------------------------------
     def step(self, now: float | None = None) -> float:
@@ -156,18 +190,56 @@ class Drainer:
         if counted:
             self._next_state = now + STATE_EVERY
             self.publish(stats)
-        rows = self.spool.due(self.settings.batch_size, now)
+        rows = self._read_ahead()
+        if rows is None:
+            rows = self.spool.due(self.settings.batch_size, now)
         if not rows:
+            self._settle_now()
             if not counted:
                 stats = self.spool.stats()
             if stats.depth == 0 and stats.used_bytes > 4 * 1024**2:
                 self.spool.compact()
             return IDLE_WAIT
         assert isinstance(self.processor, DrainProcessor)
-        settled, kept = self.processor.drain(rows)
+        # While this batch is at the LRS: the last one's deletion, the next one's read.
+        settled_before, self._settled = self._settled, []
+        self._next = self._ahead.submit(self._bookkeep, settled_before, [r.id for r in rows])
+        settled = self._settled = self.processor.deliver(rows)
+        kept = len(rows) - len(settled)
         if settled:
-            log.info("spool: %d settled (%d of the batch kept for later)", settled, kept)
+            log.info("spool: %d settled (%d of the batch kept for later)", len(settled), kept)
+        if kept:
+            # The LRS failed some: the next turn reads the spool afresh (the read ahead
+            # may hold rows that are due no more by then) and deletes what it settled.
+            self._read_ahead()
+            self._settle_now()
         return 0.0 if settled else IDLE_WAIT
+
+    # --- the bookkeeping thread ----------------------------------------------------------------
+    def _bookkeep(self, settled: list[int], at_lrs: list[int]) -> list[Row]:
+        """In the ahead thread: delete what the LRS holds, read the next batch."""
+        assert self._ahead_spool is not None
+        self._ahead_spool.delete(settled)
+        return self._ahead_spool.due(self.settings.batch_size, exclude=at_lrs)
+
+    def _read_ahead(self) -> list[Row] | None:
+        """The batch the ahead thread read (None: none pending, or its job failed)."""
+        future, self._next = self._next, None
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception:
+            # Its deletion failed (the rows stay and are sent again: idempotent at the LRS)
+            # or its read did: this turn reads in its own thread.
+            log.warning("spool bookkeeping failed; the drainer reads afresh", exc_info=True)
+            return None
+
+    def _settle_now(self) -> None:
+        """Delete, in this thread, what was delivered and not yet deleted."""
+        settled, self._settled = self._settled, []
+        if settled and self.spool is not None:
+            self.spool.delete(settled)
 
     def _gate(self, stats: Stats) -> None:
         if stats.full:

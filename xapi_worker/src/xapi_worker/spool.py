@@ -347,10 +347,18 @@ class Spool:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # --- reads -----------------------------------------------------------------------------------
-    def due(self, limit: int, now: float | None = None) -> list[Row]:
-        """The oldest statements whose next attempt is due, at most ``limit``."""
+    def due(self, limit: int, now: float | None = None, exclude: Sequence[int] = ()) -> list[Row]:
+        """The oldest statements whose next attempt is due, at most ``limit``, but for the
+        rows ``exclude`` lists (a batch still at the LRS)."""
         now = time.time() if now is None else now
-        return self._rows("WHERE next_at <= ? ORDER BY id LIMIT ?", (now, limit))
+        if not exclude:
+            return self._rows("WHERE next_at <= ? ORDER BY id LIMIT ?", (now, limit))
+        # One bound parameter, a JSON array, whatever the batch size (SQLite bounds the
+        # number of parameters of a statement).
+        return self._rows(
+            "WHERE next_at <= ? AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+            (now, json.dumps(list(exclude)), limit),
+        )
 
     def rows(self, limit: int = -1, after: int = 0) -> list[Row]:
         return self._rows("WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
