@@ -35,8 +35,10 @@ echo
 echo "=== failed tests"
 for stage in "$@"; do
   name=${stage%%=*}
-  # pytest's short summary lines; molecule's verifier prints the same ones.
-  sed 's/\x1b\[[0-9;]*m//g' "$log_dir/$name.log" | grep -aE '^(FAILED|ERROR) ' | cut -c1-300 |
+  # pytest's short summary lines; molecule's verifier prints them behind a "│" margin.
+  # Ansible's "FAILED - RETRYING" lines are no test.
+  sed 's/\x1b\[[0-9;]*m//g' "$log_dir/$name.log" | sed -E 's/^ *│ *//' |
+    grep -aE '^(FAILED|ERROR) ' | grep -av '^FAILED - RETRYING' | cut -c1-300 |
     sed "s/^/$name: /" || true
 done
 echo "=== stages"
