@@ -6,6 +6,10 @@ Runs on the frontal as user pod, in Pod's venv, like Pod's views: each statement
 a user's next page view would, and the refusal is counted.
 
     python producer.py PLAN.json PROGRESS.tsv RATE_PER_SECOND
+    python producer.py PLAN.json PROGRESS.tsv RATE_FILE
+
+With a RATE_FILE (a file holding the rate), the rate is read again every half second, so a
+test can slow the stream down around a fault and speed it up again.
 
 PROGRESS gets one line per enqueued statement: epoch seconds, id, refused attempts.
 """
@@ -15,19 +19,39 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from pod.xapi.xapi_tasks import send_xapi_statement_task
 
+REREAD_SECONDS = 0.5
 
-def main(plan_path: str, progress_path: str, rate: float) -> int:
+
+def rate_source(argument: str) -> Callable[[], float]:
+    try:
+        fixed = float(argument)
+    except ValueError:
+        rate_file = Path(argument)
+        return lambda: float(rate_file.read_text(encoding="utf-8"))
+    return lambda: fixed
+
+
+def main(plan_path: str, progress_path: str, rate_argument: str) -> int:
     with open(plan_path, encoding="utf-8") as plan_file:
         statements = json.load(plan_file)
-    interval = 1.0 / rate
-    start = time.monotonic()
+    read_rate = rate_source(rate_argument)
+    rate = read_rate()
+    # Paced against the last change of rate, so time lost to a refused publish is caught up.
+    paced_from, paced_n = time.monotonic(), 0
+    read_at = paced_from
     with open(progress_path, "a", encoding="utf-8") as progress:
         for n, statement in enumerate(statements):
-            # Paced against the start, so time lost to a refused publish is caught up.
-            time.sleep(max(0.0, start + n * interval - time.monotonic()))
+            if time.monotonic() - read_at >= REREAD_SECONDS:
+                read_at = time.monotonic()
+                new_rate = read_rate()
+                if new_rate != rate:
+                    rate, paced_from, paced_n = new_rate, read_at, n
+            time.sleep(max(0.0, paced_from + (n - paced_n) / rate - time.monotonic()))
             refused = 0
             while True:
                 try:
@@ -44,4 +68,4 @@ def main(plan_path: str, progress_path: str, rate: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3]))
