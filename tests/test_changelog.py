@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,9 @@ KEYS = {
 
 
 def _antsibull(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("antsibull-changelog")
+    # the tools venv's (tools/requirements.txt), beside the Python running the tests
+    beside = Path(sys.executable).parent / "antsibull-changelog"
+    exe = str(beside) if beside.exists() else shutil.which("antsibull-changelog")
     if exe is None:
         pytest.fail("antsibull-changelog missing: pip install -r tools/requirements.txt")
     return subprocess.run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def _env(tmp: Path) -> dict[str, str]:
     """Ansible as an operator's project runs it: none of the checkout's settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MOLECULE_"))}
     env.update(
+        # the tools venv's ansible (tools/requirements.txt), beside the Python of the tests
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}",
         ANSIBLE_COLLECTIONS_PATH=str(tmp / "collections"),
         ANSIBLE_ROLES_PATH=str(tmp / "no-roles"),
         ANSIBLE_LOCAL_TEMP=str(tmp / "tmp"),

@@ -83,6 +83,16 @@ def test_thresholds_are_check_xapis() -> None:
         assert f" >= {crit}" in rules[alert + "Critical"]["expr"], alert
 
 
+def test_role_deploys_check_xapis_thresholds() -> None:
+    """The thresholds roles/xapi_ops deploys (vars/main.yml) are check_xapi's defaults, those
+    of the rules: `nodes` aside, which the role derives from the inventory's node count."""
+    role = yaml.safe_load((ROOT / "roles" / "xapi_ops" / "vars" / "main.yml").read_text())
+    deployed = role["xapi_ops_check_threshold_defaults"]
+    expected = {k: list(v) for k, v in check_xapi.DEFAULT_THRESHOLDS.items() if k != "nodes"}
+    assert {k: v for k, v in deployed.items() if k != "nodes"} == expected
+    assert "min" in deployed["nodes"][1]  # critical below min(node count, 1): the rules' < 1
+
+
 def test_rules_use_only_the_textfiles_metrics() -> None:
     """Every xapi_* name in the rules is one check_xapi writes (a renamed family breaks it)."""
     families = {f[0] for f in check_xapi.GAUGES.values()}
@@ -155,7 +165,7 @@ CASES: list[tuple[str, dict[str, str], dict[str, list[tuple[dict[str, str], str]
         },
         {
             "XapiNoWorkerConsuming": [({}, "0")],
-            "XapiWorkerNodesMissingWarning": [({}, "0")],
+            "XapiWorkerNodesMissing": [({}, "0")],
             "XapiQueueLongWarning": [({}, "2000")],
         },
     ),

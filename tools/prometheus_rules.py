@@ -106,21 +106,20 @@ def rules(check: ModuleType, dead_window: int) -> list[Rule]:
             "the encoding hosts, systemctl status 'celeryd-xapi@*', or run site.yml.",
         ),
     ]
-    # check_xapi's thresholds, a warning and a critical rule each. `nodes` is a minimum.
+    # Worker nodes alive, a minimum: the role deploys check_xapi with [the site's node count,
+    # min(that count, 1)] (roles/xapi_ops/vars/main.yml), so CRITICAL below 1 on any site
+    # with a worker; the warning below the site's own count depends on its inventory.
+    out.append(
+        Rule(
+            "XapiWorkerNodesMissing",
+            f"{g['nodes']} < 1",
+            "critical",
+            f"no worker node alive on {on}",
+            "Every worker node consuming from this broker is down: systemctl status "
+            "'celeryd-xapi@*' and journalctl -u 'celeryd-xapi@*' on the encoding hosts.",
+        )
+    )
     levels = (("Warning", "warning", 0), ("Critical", "critical", 1))
-    for suffix, severity, i in levels:
-        nodes = t["nodes"][i]
-        if nodes > 0:  # a minimum of 0 never fires
-            out.append(
-                Rule(
-                    f"XapiWorkerNodesMissing{suffix}",
-                    f"{g['nodes']} < {_num(nodes)}",
-                    severity,
-                    f"{{{{ $value }}}} worker nodes alive on {on} (< {_num(nodes)})",
-                    "A worker node or an encoding host is down: systemctl status "
-                    "'celeryd-xapi@*' and journalctl -u 'celeryd-xapi@*' on the encoding hosts.",
-                )
-            )
     high = [
         (
             "XapiQueueLong",
