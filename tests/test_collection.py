@@ -34,6 +34,7 @@ NEVER = (
     ".venv",
     ".git/",
     ".ci/",
+    ".config/",
     "build/",
     "xapi_worker/tests/",
     "xapi_worker/build/",
