@@ -21,10 +21,11 @@ from ansible.module_utils.parsing.convert_bool import boolean
 ROOT = Path(__file__).resolve().parents[1]
 ROLE = ROOT / "roles" / "xapi_encodage"
 
-# The role's filter plugin, loaded from its file: Ansible finds it by directory, not as a
-# package, and putting that directory on sys.path would leak it into every other test.
+# The collection's filter plugin (esup.pod_xapi.xapi_encodage_*), loaded from its file:
+# Ansible finds it by directory, not as a package, and putting that directory on sys.path
+# would leak it into every other test.
 _SPEC = importlib.util.spec_from_file_location(
-    "ip_prefixes", ROLE / "filter_plugins" / "ip_prefixes.py"
+    "ip_prefixes", ROOT / "plugins" / "filter" / "ip_prefixes.py"
 )
 assert _SPEC is not None and _SPEC.loader is not None
 ip_prefixes = importlib.util.module_from_spec(_SPEC)
