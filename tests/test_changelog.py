@@ -1,6 +1,7 @@
 """The changelog (antsibull-changelog, docs/releasing.md): its fragments and release file
-lint clean, CHANGELOG.md is what changelogs/changelog.yaml generates, and every commit since
-the last release that changes what operators run comes with a fragment.
+lint clean, CHANGELOG.md is what changelogs/changelog.yaml generates, and every change landed on
+main since the last release (a merged branch, or a commit made on main) that changes what
+operators run comes with a fragment.
 
 The fragment rule reads the git history: CI runs on a full clone (a shallow one fails here,
 saying so, rather than passing unchecked).
@@ -95,19 +96,29 @@ def test_fragments_use_known_keys() -> None:
         assert set(data) <= KEYS, f"{path.name}: {sorted(set(data) - KEYS)}"
 
 
+def _changed(commit: str) -> list[str]:
+    """What a change on main changed: a merge against its first parent (the whole branch it
+    brought), a plain commit against its parent."""
+    return _git("diff", "--name-only", f"{commit}^1", commit).split()
+
+
 def unreleased_without_fragment() -> list[str]:
-    """Non-merge commits after the last release (the last commit that changed
-    changelogs/changelog.yaml) that change WATCHED paths and no fragment."""
+    """Changes on main (its first-parent history: each merged branch counts as one change,
+    each commit made on main as one) after the last release (the last commit that changed
+    changelogs/changelog.yaml) that change WATCHED files other than docs, and no fragment."""
     if _git("rev-parse", "--is-shallow-repository").strip() == "true":
         pytest.fail("shallow clone: the fragment check needs the history (git fetch --unshallow)")
     release = _git("log", "-1", "--format=%H", "--", "changelogs/changelog.yaml").strip()
     assert release, "no release commit (changelogs/changelog.yaml never committed)"
     missing = []
-    for commit in _git("rev-list", "--no-merges", f"{release}..HEAD").split():
-        files = _git("diff-tree", "--no-commit-id", "--name-only", "-r", commit).split("\n")
-        watched = [f for f in files if f == "site.yml" or f.startswith(WATCHED)]
+    for commit in _git("rev-list", "--first-parent", f"{release}..HEAD").split():
+        files = _changed(commit)
+        watched = [
+            f for f in files if (f == "site.yml" or f.startswith(WATCHED)) and not f.endswith(".md")
+        ]
         fragments = [f for f in files if f.startswith(FRAGMENTS) and f.endswith((".yml", ".yaml"))]
-        if watched and not fragments:
+        released = "changelogs/changelog.yaml" in files
+        if watched and not fragments and not released:
             subject = _git("log", "-1", "--format=%h %s", commit).strip()
             missing.append(f"{subject[:100]} (changes {watched[0]})")
     return missing
