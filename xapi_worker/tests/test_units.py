@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from xapi_worker.delivery import (
     Answer,
@@ -328,3 +330,29 @@ def test_answer_excerpt_masked_before_it_is_cut():
     text = "x" * (EXCERPT_CHARS - 5) + secret + " and " + "s3cr%2Fet%2Bpass%20word"
     cut = excerpt(text, secret)
     assert "s3cr" not in cut and len(cut) <= EXCERPT_CHARS
+
+
+def test_any_content_has_a_json_text_and_a_reason_when_unsendable():
+    from xapi_worker.content import (
+        CUT_MARKER,
+        LONE_SURROGATE,
+        NOT_A_NUMBER,
+        TOO_DEEP,
+        json_text,
+        problem,
+    )
+
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    assert problem({"s": "caf\u00e9 \x00 \U0001f3ac"}) is None
+    assert problem({"s": "\ud83c"}) == LONE_SURROGATE
+    assert problem({"n": float("inf")}) == NOT_A_NUMBER
+    assert problem({"d": deep}) == TOO_DEEP
+    assert json_text({"s": "caf\u00e9"}) == '{"s":"caf\u00e9"}'  # plain UTF-8 when it can be
+    assert json_text({"s": "\ud83c"}) == '{"s":"\\ud83c"}'  # escaped when it cannot
+    assert json.loads(json_text({"s": "\ud83c"})) == {"s": "\ud83c"}
+    cut = json.loads(json_text({"d": deep}))
+    for _ in range(64):
+        cut = cut["d"] if isinstance(cut, dict) else cut[0]
+    assert cut == CUT_MARKER

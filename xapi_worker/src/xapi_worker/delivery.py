@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from .content import problem
+
 # Namespace of the ids given to statements that arrive without one: uuid5(NS, task id), so a
 # redelivery of the same Celery message produces the same statement id (idempotent at the LRS).
 STATEMENT_ID_NAMESPACE = uuid.UUID("6f1c2b0e-52f4-4c59-9a51-3f1f0c6e2d7a")
@@ -195,7 +197,8 @@ def comparable(statement: dict[str, Any]) -> dict[str, Any]:
 
 
 def digest(statement: dict[str, Any]) -> str:
-    return hashlib.sha256(fingerprint(comparable(statement)).encode()).hexdigest()
+    text = fingerprint(comparable(statement))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 #: fetch(statement id) -> (the LRS's answer, the statement it holds under that id, or None)
@@ -239,6 +242,23 @@ def _splittable(answer: Answer) -> bool:
     return answer.status >= 500
 
 
+def unsendable(items: Sequence[Item]) -> tuple[list[Item], list[Result]]:
+    """The items whose statement can travel as JSON in UTF-8, and a dead-letter Result for
+    each other one (a lone surrogate, NaN, nesting too deep: content.py). One check of the
+    whole batch in the common case, one per statement only when it fails."""
+    if problem([i.statement for i in items]) is None:
+        return list(items), []
+    sendable: list[Item] = []
+    dead: list[Result] = []
+    for item in items:
+        why = problem(item.statement)
+        if why is None:
+            sendable.append(item)
+        else:
+            dead.append(Result(item, Verdict.DEAD, Answer(status=None, error=why), reason=why))
+    return sendable, dead
+
+
 @dataclass
 class _Walk:
     delivered: int = 0
@@ -265,8 +285,10 @@ def deliver(
       failing: the walk stops.
     - Any other failure (auth, config, connection) stops the walk: every statement not yet
       settled gets that answer with Verdict.RETRY.
+    - A statement that cannot be sent as JSON in UTF-8 (:func:`unsendable`) is dead-lettered
+      without a POST.
     """
-    results: list[Result] = []
+    items, results = unsendable(items)
     walk = _Walk()
 
     def visit(batch: Sequence[Item], splitting: bool) -> None:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .content import json_text, printable
+
 log = logging.getLogger("xapi_worker.spool")
 
 #: The documented maximum of an automatic size limit, and its share of the free disk.
@@ -277,14 +279,14 @@ class Spool:
         now = time.time() if now is None else now
         rows = [
             (
-                str(e.statement.get("id", "")),
-                json.dumps(e.statement, ensure_ascii=False, separators=(",", ":")),
+                printable(str(e.statement.get("id", ""))),
+                json_text(e.statement),
                 e.task_id,
                 e.attempts,
                 e.first_seen,
                 now,
                 e.next_at,
-                e.last_error[:500],
+                printable(e.last_error[:500]),
             )
             for e in entries
         ]

@@ -12,6 +12,7 @@ consumer restores them once ``visibility_timeout`` has passed.
 from __future__ import annotations
 
 import logging
+import pickle
 import socket
 import time
 from collections.abc import Callable, Collection
@@ -25,6 +26,7 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
 from . import events
+from .content import TOO_DEEP, printable, problem
 from .deadletters import DeadLetter, RedisAccess
 from .delivery import (
     Answer,
@@ -38,6 +40,7 @@ from .delivery import (
     merge_duplicates,
     parse_iso,
     retry_delay,
+    unsendable,
 )
 from .lrs import LRSClient
 from .metrics import DEAD_LETTERED, DELIVERED, RETRIED, SPOOLED, Metrics
@@ -223,7 +226,8 @@ class Processor:
             # The LRS asked (Retry-After) not to be called before then, or keeps failing
             # (spool on): nothing is sent.
             answer = Answer(status=None, error=f"held: no POST to the LRS for {held:.0f} s more")
-            results = [Result(i, Verdict.RETRY, answer) for i in leaders]
+            sendable, results = unsendable(leaders)
+            results.extend(Result(i, Verdict.RETRY, answer) for i in sendable)
             return self._settle(results, now, hold=held)
         try:
             results = deliver(
@@ -289,7 +293,7 @@ class Processor:
             elif res.verdict is Verdict.DUPLICATE:
                 log.info(
                     "statement %s already stored with the same content (HTTP 409): delivered",
-                    res.item.statement_id,
+                    printable(res.item.statement_id),
                 )
                 self.metrics.count(DELIVERED)
                 events.emit(
@@ -351,7 +355,7 @@ class Processor:
             return False
         log.warning(
             "dead letter: statement %s (task %s, attempt %d): %s: %s",
-            item.statement_id,
+            printable(item.statement_id),
             item.key,
             item.attempt,
             reason,
@@ -560,8 +564,63 @@ class XapiBatches(Batches):  # type: ignore[misc]
             self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
         return handler
 
+    #: Set by register_task: writes the dead letters of requests the pool cannot be given.
+    processor: Processor | None = None
+
     def flush(self, requests: Collection[Request]) -> object:
         reqs = list(requests)
+        try:
+            return self._hand_over(reqs)
+        except Exception:
+            # Pickling the batch for the pool failed: a statement nested too deep (it was
+            # decoded, it cannot be re-encoded a few calls deeper). Nothing was sent to the
+            # pool; such statements are dead-lettered here, alone, and the rest handed over.
+            log.warning("a batch of %d cannot go to the pool process: checking each", len(reqs))
+            kept = [r for r in reqs if not self._unpoolable(r)]
+            if not kept:
+                return None
+            try:
+                return self._hand_over(kept)
+            except Exception:
+                log.exception("batch of %d not handed to the pool: messages put back", len(kept))
+                for r in kept:
+                    r.reject(requeue=True)
+                return None
+
+    def _unpoolable(self, request: Request) -> bool:
+        """True when ``request`` cannot be handed to the pool and its dead letter is written
+        (the message acknowledged); a message whose dead letter fails is put back."""
+        args, kwargs, _embed = request._payload
+        candidate = args[0] if len(args) == 1 and not kwargs else {"args": args, "kwargs": kwargs}
+        why = problem(candidate)
+        if why is None:
+            try:
+                pickle.dumps(_slim(request))
+            except RecursionError:
+                why = TOO_DEEP
+            except Exception as exc:
+                why = f"cannot be handed to the pool process: {type(exc).__name__}"
+        if why is None:
+            return False
+        if self.processor is None:
+            return False
+        letter = DeadLetter(
+            statement=candidate if isinstance(candidate, dict) else {"value": candidate},
+            reason=why,
+            task_id=str(request.id),
+            attempts=_int((request.request_dict or {}).get(H_ATTEMPT), 1),
+            first_seen=parse_iso((request.request_dict or {}).get(H_FIRST_SEEN)),
+        )
+        written = self.processor._write_dead_letter(letter)
+        self.processor.metrics.flush()
+        if written:
+            log.warning("dead letter: task %s: %s", request.id, why)
+            request.acknowledge()
+        else:
+            request.reject(requeue=True)
+        return True
+
+    def _hand_over(self, reqs: list[Request]) -> object:
         payload = ([_slim(r) for r in reqs],)
 
         def on_return(result: object) -> None:
@@ -607,6 +666,7 @@ def register_task(app: Celery, settings: Settings) -> Task:
         return processor.process(requests)
 
     task: Task = send_xapi_statement_task
+    task.processor = processor
     return task
 
 
