@@ -358,3 +358,29 @@ def test_drain_through_intermittent_failures_stores_each_once(
     finally:
         proxy.stop()
     _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})
+
+
+def test_a_spool_of_the_previous_format_is_kept_and_gains_the_lone_failures_column(tmp_path):
+    directory = _spool_dir(tmp_path)
+    path = directory / node_file("old@host")
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE spool (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, statement_id TEXT NOT NULL,
+            statement TEXT NOT NULL, task_id TEXT NOT NULL, attempts INTEGER NOT NULL,
+            first_seen REAL NOT NULL, spooled_at REAL NOT NULL, next_at REAL NOT NULL,
+            last_error TEXT NOT NULL DEFAULT '');
+        CREATE INDEX spool_due ON spool (next_at, id);
+        INSERT INTO spool VALUES (1, 's1', '{"id":"s1"}', 't1', 3, 1.0, 2.0, 3.0, 'HTTP 503');
+        PRAGMA user_version = 1;
+        """
+    )
+    conn.close()
+    spool = Spool(directory, "old@host")
+    assert spool.open() == []  # not set aside as damaged
+    (row,) = spool.rows()
+    assert row.statement == {"id": "s1"} and row.attempts == 3 and row.lone_failures == 0
+    spool.reschedule([1], 10.0, "HTTP 500", lone_failures={1: 4})
+    assert spool.rows()[0].lone_failures == 4
+    spool.close()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from xapi_worker.delivery import (
+    POISON_AFTER,
     Answer,
     Item,
     Kind,
@@ -253,16 +254,28 @@ def test_poison_statement_is_isolated_after_a_few_failures():
     # The first failures: the batch is retried whole (the LRS may be failing for all).
     results = deliver(_items(16, bad={0}), _poison_lrs(calls))
     assert {r.verdict for r in results} == {Verdict.RETRY} and calls == [16]
-    # Tried three times: split; the culprit, alone failing while others are stored, is
-    # dead-lettered with its reason, and its 15 batch-mates are delivered.
+    # Tried three times: split; its 15 batch-mates are delivered. The culprit, failing alone
+    # (twice in a row) while others are stored, counts one lone failure and is kept.
     calls.clear()
-    results = deliver(_items(16, bad={0}, attempt=3), _poison_lrs(calls))
+    items = _items(16, bad={0}, attempt=3)
+    results = deliver(items, _poison_lrs(calls))
     verdicts = {r.item.key: r.verdict for r in results}
-    assert verdicts.pop("t0") is Verdict.DEAD
+    assert verdicts.pop("t0") is Verdict.RETRY and items[0].lone_failures == 1
     assert set(verdicts.values()) == {Verdict.DELIVERED}
-    dead = next(r for r in results if r.item.key == "t0")
-    assert "alone" in dead.reason and "HTTP 500" in dead.reason
-    assert len(calls) <= 2 * 4 + 2  # about two POSTs per halving
+    assert len(calls) <= 2 * 4 + 3  # about two POSTs per halving, and a second look
+    # Alone in later exchanges, the LRS storing others just before: one more each time,
+    # dead-lettered at POISON_AFTER with its reason.
+    poison = items[0]
+    for n in range(2, POISON_AFTER + 1):
+        (res,) = deliver([poison], _poison_lrs([]), stored_before=True)
+        assert poison.lone_failures == n
+        assert res.verdict is (Verdict.DEAD if n == POISON_AFTER else Verdict.RETRY)
+    assert "alone" in res.reason and "HTTP 500" in res.reason
+    assert f"in {POISON_AFTER} separate exchanges" in res.reason
+    # Alone with nothing stored anywhere: no evidence, nothing counted.
+    fresh = _items(1, bad={0}, attempt=9)
+    (res,) = deliver(fresh, _poison_lrs([]))
+    assert res.verdict is Verdict.RETRY and fresh[0].lone_failures == 0
     # A fresh statement failing alone is kept for another attempt, not dead-lettered.
     items = _items(4, bad={2})
     items[0].attempt = 3

@@ -84,7 +84,8 @@ class DrainProcessor(Processor):
             attempt = max(i.attempt for i in group)
             delay = hold if hold > 0 else self._delay(attempt, answer)
             step = 0 if hold > 0 else 1
-            self.spool.reschedule([int(k) for k in later], now + delay, answer.what, step)
+            lone = {int(k): i.lone_failures for i in group for k in self._keys(i)}
+            self.spool.reschedule([int(k) for k in later], now + delay, answer.what, step, lone)
             self.rescheduled.update(later)
         return keep
 
@@ -93,7 +94,9 @@ class DrainProcessor(Processor):
         LRS holds them, or their dead letter is written), which the caller deletes. The
         others are rescheduled or left as they were."""
         self.rescheduled = set()
-        items = [Item(str(r.id), r.statement, r.attempts, r.first_seen) for r in rows]
+        items = [
+            Item(str(r.id), r.statement, r.attempts, r.first_seen, r.lone_failures) for r in rows
+        ]
         self._batch = len(items)
         try:
             keep = set(self.run(merge_duplicates(items), time.time()))

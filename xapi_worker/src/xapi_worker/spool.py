@@ -25,7 +25,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ HEADROOM_BYTES = 1024**2
 DISK_RESERVE_BYTES = 16 * 1024**2
 #: Waiting for the other writer (pool process or drainer) before giving up, milliseconds.
 BUSY_TIMEOUT_MS = 10_000
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 WAL_LIMIT_BYTES = 4 * 1024**2
 
 _SCHEMA = """
@@ -58,13 +58,18 @@ CREATE TABLE IF NOT EXISTS spool (
     first_seen REAL NOT NULL,
     spooled_at REAL NOT NULL,
     next_at REAL NOT NULL,
-    last_error TEXT NOT NULL DEFAULT ''
+    last_error TEXT NOT NULL DEFAULT '',
+    lone_failures INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS spool_due ON spool (next_at, id);
 """
 
 
-_COLUMNS = "id, statement, task_id, attempts, first_seen, spooled_at, next_at, last_error"
+_COLUMNS = (
+    "id, statement, task_id, attempts, first_seen, spooled_at, next_at, last_error, lone_failures"
+)
+#: Version 1 (before lone_failures) to 2, in place.
+_MIGRATE_1 = "ALTER TABLE spool ADD COLUMN lone_failures INTEGER NOT NULL DEFAULT 0"
 
 
 class SpoolError(Exception):
@@ -86,6 +91,7 @@ class Entry:
     first_seen: float
     next_at: float
     last_error: str = ""
+    lone_failures: int = 0  # see delivery.deliver()
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class Row:
     spooled_at: float
     next_at: float
     last_error: str
+    lone_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,13 @@ class Spool:
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif conn.execute("PRAGMA user_version").fetchone()[0] == 1:
+            # A spool of the previous version: one column more, its rows kept.
+            conn.execute("BEGIN IMMEDIATE")
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
+                conn.execute(_MIGRATE_1)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
         self._conn = conn
         self._pid = os.getpid()
         return conn
@@ -287,6 +301,7 @@ class Spool:
                 now,
                 e.next_at,
                 printable(e.last_error[:500]),
+                e.lone_failures,
             )
             for e in entries
         ]
@@ -307,7 +322,7 @@ class Spool:
             with self._transaction() as conn:
                 conn.executemany(
                     "INSERT INTO spool (statement_id, statement, task_id, attempts, first_seen,"
-                    " spooled_at, next_at, last_error) VALUES (?,?,?,?,?,?,?,?)",
+                    " spooled_at, next_at, last_error, lone_failures) VALUES (?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
         except SpoolError:
@@ -322,16 +337,24 @@ class Spool:
             conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
 
     def reschedule(
-        self, ids: Sequence[int], next_at: float, error: str, attempt_step: int = 1
+        self,
+        ids: Sequence[int],
+        next_at: float,
+        error: str,
+        attempt_step: int = 1,
+        lone_failures: Mapping[int, int] | None = None,
     ) -> None:
-        """Another attempt failed (or was held): try these again at ``next_at``."""
+        """Another attempt failed (or was held): try these again at ``next_at``, with each
+        row's count of lone failures (``lone_failures``, by row id) where given."""
         if not ids:
             return
+        lone = lone_failures or {}
+        error = printable(error[:500])
         with self._transaction() as conn:
             conn.executemany(
-                "UPDATE spool SET attempts = attempts + ?, next_at = ?, last_error = ? "
-                "WHERE id = ?",
-                [(attempt_step, next_at, error[:500], i) for i in ids],
+                "UPDATE spool SET attempts = attempts + ?, next_at = ?, last_error = ?, "
+                "lone_failures = coalesce(?, lone_failures) WHERE id = ?",
+                [(attempt_step, next_at, error, lone.get(i), i) for i in ids],
             )
 
     def wake(self, now: float | None = None) -> int:
@@ -379,6 +402,7 @@ class Spool:
                 spooled_at=r[5],
                 next_at=r[6],
                 last_error=r[7],
+                lone_failures=r[8],
             )
             for r in cursor
         ]

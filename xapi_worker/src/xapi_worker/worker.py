@@ -53,6 +53,10 @@ from .transport import NODE_OPTION
 log = logging.getLogger("xapi_worker")
 
 H_ATTEMPT = "xapi_attempt"
+#: exchanges in which the statement failed alone while the LRS stored others (delivery.py)
+H_LONE_FAILURES = "xapi_lone_failures"
+#: A lone failure counts against a statement when the LRS stored others this recently.
+STORED_RECENTLY_SECONDS = 30.0
 BROKER_SOCKET_TIMEOUT = 10.0
 #: With the spool on and the LRS failing, a live batch probes it at least this often.
 PROBE_MAX_SECONDS = 30.0
@@ -121,9 +125,11 @@ def _statement_of(req: SimpleRequest) -> dict[str, Any] | None:
     return None
 
 
-def _int(value: object, default: int) -> int:
+def _int(value: object, default: int, minimum: int = 1) -> int:
+    if value is None:
+        return default
     try:
-        return max(1, int(str(value)))
+        return max(minimum, int(str(value)))
     except (TypeError, ValueError):
         return default
 
@@ -138,6 +144,7 @@ class Processor:
         self.dead = RedisAccess(settings)
         self.metrics = Metrics(settings)
         self._held_until = 0.0  # monotonic: no POST before (an LRS's long Retry-After)
+        self._stored_at = -1e9  # monotonic: the last batch the LRS stored statements of
         self._batch = 0  # statements of the batch being processed (for the events)
         # The node's durable spool (None: off), opened and checked by the worker's main
         # process at start (open_spool), before the pool processes are forked.
@@ -199,6 +206,7 @@ class Processor:
             statement = _statement_of(req)
             headers = req.request_dict or {}
             attempt = _int(headers.get(H_ATTEMPT), 1)
+            lone_failures = _int(headers.get(H_LONE_FAILURES), 0, minimum=0)
             # Queued at: stamped by the first take from the broker (transport.py), kept by
             # every retry; the worker's clock at the first attempt only for older messages.
             first_seen = parse_iso(headers.get(H_FIRST_SEEN)) or now
@@ -215,7 +223,7 @@ class Processor:
                     requeue.append(task_id)
                 continue
             ensure_statement_id(statement, task_id)
-            items.append(Item(task_id, statement, attempt, first_seen))
+            items.append(Item(task_id, statement, attempt, first_seen, lone_failures))
         requeue.extend(self.run(merge_duplicates(items), now))
         return {"requeue": requeue}
 
@@ -236,6 +244,7 @@ class Processor:
                 on_sent=self._on_sent,
                 fetch=self.lrs.get_statement,
                 isolate_after=self.settings.isolate_after,
+                stored_before=time.monotonic() - self._stored_at < STORED_RECENTLY_SECONDS,
             )
         except Exception as exc:  # a bug of ours: keep the statements, try again later
             log.exception("internal error while delivering a batch")
@@ -243,6 +252,7 @@ class Processor:
             results = [Result(i, Verdict.RETRY, answer) for i in leaders]
         if any(r.verdict in (Verdict.DELIVERED, Verdict.DUPLICATE) for r in results):
             # One SET per batch the LRS accepted (the monitoring's last_delivery_age).
+            self._stored_at = time.monotonic()
             self.dead.note_delivery()
             self._answering()
         elif results and all(r.verdict is Verdict.RETRY for r in results):
@@ -418,7 +428,11 @@ class Processor:
                     TASK_NAME,
                     args=[item.statement],
                     countdown=delay,
-                    headers={H_ATTEMPT: item.attempt + step, H_FIRST_SEEN: iso(item.first_seen)},
+                    headers={
+                        H_ATTEMPT: item.attempt + step,
+                        H_FIRST_SEEN: iso(item.first_seen),
+                        H_LONE_FAILURES: item.lone_failures,
+                    },
                 )
             except Exception:
                 log.exception("cannot re-publish task %s: put back", item.key)
@@ -492,6 +506,7 @@ class Processor:
                     first_seen=item.first_seen,
                     next_at=now + delay,
                     last_error=answer.what,
+                    lone_failures=item.lone_failures,
                 )
             )
             spooled.append(item)
@@ -536,7 +551,7 @@ def _slim(request: Request) -> SimpleRequest:
     whole statement a second time."""
     args, kwargs, _embed = request._payload
     headers = request.request_dict or {}
-    ours = {k: headers[k] for k in (H_ATTEMPT, H_FIRST_SEEN) if k in headers}
+    ours = {k: headers[k] for k in (H_ATTEMPT, H_FIRST_SEEN, H_LONE_FAILURES) if k in headers}
     return SimpleRequest(
         request.id, request.name, args, kwargs, None, request.hostname, True, None, None, ours
     )
