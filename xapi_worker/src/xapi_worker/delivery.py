@@ -285,7 +285,7 @@ def deliver(
     fetch: Fetch | None = None,
     isolate_after: int = 3,
     poison_after: int = POISON_AFTER,
-    stored_before: bool = False,
+    stored_before: bool | Callable[[], bool] = False,
 ) -> list[Result]:
     """POST ``items`` as one batch and settle each statement.
 
@@ -297,10 +297,10 @@ def deliver(
       balancer with one broken backend, an LRS restarting): a statement that fails alone
       with a 5xx is sent alone once more; failing again (or timing out) while the LRS
       stores others, in this exchange or just before it (``stored_before``: the caller saw
-      it store some recently), counts one lone failure (``Item.lone_failures``, carried
-      from one exchange to the next), and only ``poison_after`` of them make it a dead
-      letter. Three lone failures with nothing stored mean the LRS itself is failing:
-      the walk stops.
+      it store some recently; a callable is asked only when a statement fails alone),
+      counts one lone failure (``Item.lone_failures``, carried from one exchange to the
+      next), and only ``poison_after`` of them make it a dead letter. Three lone failures
+      with nothing stored mean the LRS itself is failing: the walk stops.
     - Any other failure (auth, config, connection) stops the walk: every statement not yet
       settled gets that answer with Verdict.RETRY.
     - A statement that cannot be sent as JSON in UTF-8 (:func:`unsendable`) is dead-lettered
@@ -308,6 +308,15 @@ def deliver(
     """
     items, results = unsendable(items)
     walk = _Walk()
+    asked: list[bool] = []
+
+    def storing() -> bool:
+        """The LRS stores others: in this exchange, or just before it."""
+        if walk.delivered:
+            return True
+        if not asked:
+            asked.append(stored_before() if callable(stored_before) else stored_before)
+        return asked[0]
 
     def post(batch: Sequence[Item]) -> Answer:
         answer = verified(send([i.statement for i in batch]), [i.statement_id for i in batch])
@@ -363,7 +372,7 @@ def deliver(
             lone = Result(batch[0], Verdict.RETRY, answer)
             results.append(lone)
             looked = False
-            if (walk.delivered or stored_before) and answer.status is not None:
+            if answer.status is not None and storing():
                 if second_look(lone):
                     return
                 looked = True
@@ -376,7 +385,7 @@ def deliver(
 
     if items:
         visit(list(items), False)
-    if walk.delivered or stored_before:
+    if walk.lone_failures and storing():
         # The LRS stores others, in this very exchange or just before it: a statement that
         # failed alone (a 5xx twice in a row, or a timeout) counts one lone failure; enough
         # of them, in as many exchanges, make it the culprit.

@@ -44,7 +44,7 @@ from .delivery import (
 )
 from .lrs import LRSClient
 from .metrics import DEAD_LETTERED, DELIVERED, RETRIED, SPOOLED, Metrics
-from .settings import QUEUE, TASK_NAME, Settings, mask_url
+from .settings import LAST_DELIVERY_KEY, QUEUE, TASK_NAME, Settings, mask_url
 from .spool import Entry, Spool, SpoolError, SpoolFull
 from .transport import ALIAS as TRANSPORT
 from .transport import FIRST_SEEN as H_FIRST_SEEN
@@ -244,7 +244,7 @@ class Processor:
                 on_sent=self._on_sent,
                 fetch=self.lrs.get_statement,
                 isolate_after=self.settings.isolate_after,
-                stored_before=time.monotonic() - self._stored_at < STORED_RECENTLY_SECONDS,
+                stored_before=self._stored_recently,
             )
         except Exception as exc:  # a bug of ours: keep the statements, try again later
             log.exception("internal error while delivering a batch")
@@ -258,6 +258,19 @@ class Processor:
         elif results and all(r.verdict is Verdict.RETRY for r in results):
             self._not_answering(results[0].answer)
         return self._settle(results, now)
+
+    def _stored_recently(self) -> bool:
+        """The LRS stored statements in the last STORED_RECENTLY_SECONDS: a batch of this
+        process, or of any process of any node (``xapi.last_delivery``, one GET, asked only
+        when a statement fails alone). Best effort: False when the broker cannot say."""
+        if time.monotonic() - self._stored_at < STORED_RECENTLY_SECONDS:
+            return True
+        try:
+            raw: bytes | None = self.dead.quick_client.get(LAST_DELIVERY_KEY)  # type: ignore[assignment]
+            return raw is not None and time.time() - float(raw) < STORED_RECENTLY_SECONDS
+        except Exception:
+            log.debug("%s not read", LAST_DELIVERY_KEY, exc_info=True)
+            return False
 
     # --- the LRS failing: live batches to the spool without a POST ------------------------------
     def _not_answering(self, answer: Answer) -> None:
