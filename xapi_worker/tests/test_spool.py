@@ -384,3 +384,24 @@ def test_a_spool_of_the_previous_format_is_kept_and_gains_the_lone_failures_colu
     spool.reschedule([1], 10.0, "HTTP 500", lone_failures={1: 4})
     assert spool.rows()[0].lone_failures == 4
     spool.close()
+
+
+def test_rows_parked_by_an_earlier_run_are_woken_at_start(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    """A far Retry-After parks spooled rows; the worker restarted, they used to wait until
+    then whatever the LRS did (a date in 2028: 389 days). They are due at start now."""
+    spool_dir = _spool_dir(tmp_path)
+    node = worker_node("park")
+    statements = [video_statement("played", n) for n in range(30)]
+    spool = Spool(spool_dir, node)
+    spool.open()
+    now = time.time()
+    spool.add(
+        [Entry(s, f"t{n}", 2, now, now + 30 * 86400, "HTTP 503") for n, s in enumerate(statements)]
+    )
+    spool.close()
+    worker = start_worker(make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir), name="park")
+    assert wait_for(lambda: len(ralph.stored()) == 30, 30), worker.text()[-3000:]
+    _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})
+    assert "parked by an earlier run are due now" in worker.text()

@@ -369,3 +369,14 @@ def test_any_content_has_a_json_text_and_a_reason_when_unsendable():
     for _ in range(64):
         cut = cut["d"] if isinstance(cut, dict) else cut[0]
     assert cut == CUT_MARKER
+
+
+def test_retry_after_is_capped():
+    """A Retry-After of a date in 2028 used to hold every POST for 389 days."""
+    from xapi_worker.delivery import RETRY_AFTER_MAX_SECONDS
+
+    now = 1_796_000_000.0  # 2026-11-30
+    assert parse_retry_after("Fri, 01 Dec 2028 00:00:00 GMT", now) == RETRY_AFTER_MAX_SECONDS
+    assert parse_retry_after("99999999999999999999", now) == RETRY_AFTER_MAX_SECONDS
+    assert parse_retry_after("120", now) == 120.0
+    assert RETRY_AFTER_MAX_SECONDS == 3600.0

@@ -137,6 +137,7 @@ class Drainer:
         self._next_state = 0.0
         self._next_purge = 0.0
         self._full_logged = -1e9
+        self._woken = False
         self.paused = False
 
     def start(self) -> None:
@@ -183,6 +184,9 @@ class Drainer:
             self.purge_expired()
         if self.spool is None:
             return STATE_EVERY
+        if not self._woken:
+            self._woken = True
+            self.wake_parked()
         # Size and room between two batches; depth and oldest (two scans of the table) only
         # when they are published, or looked at: an idle spool, a full one.
         counted = now >= self._next_state
@@ -217,6 +221,15 @@ class Drainer:
             self._read_ahead()
             self._settle_now()
         return 0.0 if settled else IDLE_WAIT
+
+    def wake_parked(self) -> None:
+        """At start: rows parked beyond the longest retry delay (an LRS's Retry-After, up to
+        delivery.RETRY_AFTER_MAX_SECONDS, by the process before this one) are due now; the
+        first batch asks the LRS afresh, and a failure parks them again with the backoff."""
+        assert self.spool is not None
+        woken = self.spool.wake(beyond=self.settings.retry_max_seconds)
+        if woken:
+            log.info("spool: %d statements parked by an earlier run are due now", woken)
 
     # --- the bookkeeping thread ----------------------------------------------------------------
     def _bookkeep(self, settled: list[int], at_lrs: list[int]) -> list[Row]:

@@ -357,12 +357,13 @@ class Spool:
                 [(attempt_step, next_at, error, lone.get(i), i) for i in ids],
             )
 
-    def wake(self, now: float | None = None) -> int:
-        """The LRS answers again: everything spooled is due now (oldest first)."""
+    def wake(self, now: float | None = None, beyond: float = 0.0) -> int:
+        """Everything spooled is due now (oldest first): the LRS answers again. With
+        ``beyond``: only the rows due later than that many seconds from now."""
         now = time.time() if now is None else now
         with self._transaction() as conn:
             return conn.execute(
-                "UPDATE spool SET next_at = ? WHERE next_at > ?", (now, now)
+                "UPDATE spool SET next_at = ? WHERE next_at > ?", (now, now + beyond)
             ).rowcount
 
     def compact(self) -> None:
