@@ -405,3 +405,32 @@ def test_rows_parked_by_an_earlier_run_are_woken_at_start(
     assert wait_for(lambda: len(ralph.stored()) == 30, 30), worker.text()[-3000:]
     _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})
     assert "parked by an earlier run are due now" in worker.text()
+
+
+def test_one_rule_for_a_full_spool_or_disk_with_hysteresis(tmp_path, monkeypatch):
+    """The pause rule and add() disagreed: between 16 MiB and 16 MiB plus a batch of free
+    space the node took, add() refused, the batch went back to the broker, forever. Now a
+    node that takes is never refused a batch, and takes again only well away from the
+    limit where it stopped."""
+    from xapi_worker import spool as spool_module
+
+    spool = Spool(_spool_dir(tmp_path), "rule@h", max_bytes=1024**3)
+    spool.open()
+    now = time.time()
+    batch = [Entry(video_statement("played", n), f"t{n}", 1, now, now) for n in range(100)]
+    reserve = spool_module.DISK_RESERVE_BYTES
+    taking = refused = 0
+    for above in range(0, 12 * 1024**2, 256 * 1024):  # free: the reserve, and that much more
+        monkeypatch.setattr(spool_module, "free_bytes", lambda _d, a=above: reserve + a)
+        stats = spool.stats(counts=False)
+        if stats.full:
+            with pytest.raises(spool_module.SpoolFull):
+                spool.add(batch * 200)  # far more than the headroom: refused
+            refused += 1
+            assert not stats.roomy
+            continue
+        taking += 1
+        spool.add(batch)  # a node that takes: its batch is accepted
+        assert stats.roomy == (above >= 8 * 1024**2)
+    assert refused and taking
+    spool.close()

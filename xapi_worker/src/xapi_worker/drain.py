@@ -8,9 +8,9 @@ Each turn it also:
   ``playbooks/status.yml`` and ``check_xapi`` read: the spool itself is readable by the
   worker's user only;
 - stops the node taking from the broker while the spool is full (transport.TAKING), or its
-  disk is (less than spool.DISK_RESERVE_BYTES free), and starts it again once a tenth of
-  the spool, and half as much again as that reserve, are free: statements then wait in
-  Redis, none is dropped;
+  disk is (less than a batch's worth above spool.DISK_RESERVE_BYTES free), and starts it
+  again once a tenth of the spool, and 8 MiB above that reserve, are free (one rule, with
+  Spool.add()'s refusal: spool.Stats): statements then wait in Redis, none is dropped;
 - purges the dead letters older than ``XAPI_WORKER_DEAD_LETTER_RETENTION_DAYS`` (hourly).
 
 A spooled statement is deleted only once the LRS holds it, or once its dead letter is
@@ -47,7 +47,6 @@ log = logging.getLogger("xapi_worker.spool")
 STATE_EVERY = 5.0  # seconds between two publications of the spool's state
 PURGE_EVERY = 3600.0  # seconds between two purges of expired dead letters
 IDLE_WAIT = 1.0  # seconds between two looks at an empty or not yet due spool
-RESUME_SHARE = 0.9  # a full spool takes again below this share of its limit
 
 
 class DrainProcessor(Processor):
@@ -288,11 +287,7 @@ class Drainer:
                     max_bytes=stats.max_bytes,
                     disk_free=stats.free_bytes,
                 )
-        elif (
-            self.paused
-            and stats.used_bytes < stats.max_bytes * RESUME_SHARE
-            and stats.free_bytes >= DISK_RESERVE_BYTES * 3 // 2
-        ):
+        elif self.paused and stats.roomy:
             self.paused = False
             TAKING.set()
             log.warning("spool has room again: this node takes from the broker again")

@@ -37,8 +37,13 @@ log = logging.getLogger("xapi_worker.spool")
 #: The documented maximum of an automatic size limit, and its share of the free disk.
 AUTO_MAX_BYTES = 10 * 1024**3
 AUTO_SHARE = 0.25
-#: Below this much free room the spool counts as full (a batch's worth, roughly).
+#: Below this much room (under its limit, or above the disk's reserve) the spool counts as
+#: full and the node stops taking: a batch's worth, roughly, which add() still accepts.
 HEADROOM_BYTES = 1024**2
+#: A full spool takes again below this share of its limit, and with this much room above the
+#: disk's reserve: far enough from where it stopped that it does not stop again at once.
+RESUME_SHARE = 0.9
+RESUME_DISK_BYTES = 8 * 1024**2
 #: Free space the spool leaves on its filesystem: below it the spool counts as full, whatever
 #: its own size, so a disk filled by something else (an encoding's ffmpeg) stops the node
 #: taking instead of failing every write. SQLite needs room for the WAL and a checkpoint.
@@ -118,18 +123,42 @@ class Stats:
     damaged: int
     free_bytes: int  # free space of the spool's filesystem
 
+    # The one rule of a full spool, with add()'s refusal (room()) and its hysteresis.
+    @property
+    def room(self) -> int:
+        return room(self.used_bytes, self.max_bytes, self.free_bytes)
+
     @property
     def disk_full(self) -> bool:
-        return self.free_bytes < DISK_RESERVE_BYTES
+        """The disk, not the spool's limit, is what is short of room."""
+        return self.free_bytes - DISK_RESERVE_BYTES < headroom(self.max_bytes)
 
     @property
     def full(self) -> bool:
-        return self.used_bytes + headroom(self.max_bytes) >= self.max_bytes or self.disk_full
+        """The node stops taking: less room than a batch's worth, which add() would still
+        take, so a node that takes never meets add()'s refusal with a batch that size."""
+        return self.room < headroom(self.max_bytes)
+
+    @property
+    def roomy(self) -> bool:
+        """A full spool takes again (hysteresis: well away from where it stopped)."""
+        return (
+            self.used_bytes < self.max_bytes * RESUME_SHARE
+            and self.free_bytes - DISK_RESERVE_BYTES >= RESUME_DISK_BYTES
+            and not self.full
+        )
 
 
 def headroom(max_bytes: int) -> int:
     """Room kept free: a spool this close to its limit counts as full (about a batch)."""
     return min(HEADROOM_BYTES, max_bytes // 8)
+
+
+def room(used_bytes: int, max_bytes: int, free: int) -> int:
+    """Bytes the spool may still write: up to its limit, never into the disk's reserve
+    (:data:`DISK_RESERVE_BYTES`). add() refuses more; Stats.full stops the node taking
+    before."""
+    return min(max_bytes - used_bytes, free - DISK_RESERVE_BYTES)
 
 
 def node_file(node: str) -> str:
@@ -308,12 +337,15 @@ class Spool:
         incoming = sum(len(r[1]) + len(r[2]) + 200 for r in rows)
         try:
             # The hard limit; the drainer stops the node taking before it (Stats.full).
-            if self._used_bytes() + incoming > self.max_bytes:
+            used, free = self._used_bytes(), free_bytes(self.directory)
+            if incoming <= room(used, self.max_bytes, free):
+                pass
+            elif used + incoming > self.max_bytes:
                 raise SpoolFull(
                     f"spool {self.path} is full ({self.max_bytes // 1024**2} MiB): "
                     f"{len(rows)} statements stay in the broker"
                 )
-            if free_bytes(self.directory) < incoming + DISK_RESERVE_BYTES:
+            else:
                 raise SpoolFull(
                     f"spool {self.path}: its disk is full (less than "
                     f"{DISK_RESERVE_BYTES // 1024**2} MiB free): {len(rows)} statements stay "
