@@ -38,7 +38,7 @@ from . import events
 from .delivery import Answer, Item, Result, Verdict, merge_duplicates
 from .scripts import set_fields
 from .settings import QUEUE, Settings
-from .spool import DISK_RESERVE_BYTES, Row, Spool, Stats
+from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, Stats
 from .transport import TAKING, spool_state_key
 from .worker import Processor
 
@@ -201,9 +201,8 @@ class Drainer:
             rows = self.spool.due(self.settings.batch_size, now)
         if not rows:
             self._settle_now()
-            if not counted:
-                stats = self.spool.stats()
-            if stats.depth == 0 and stats.used_bytes > 4 * 1024**2:
+            # Nothing due: give back what deleted rows took (the spool shrinks after a drain).
+            if self.spool.reclaimable() > SHRINK_ABOVE_BYTES:
                 self.spool.compact()
             return IDLE_WAIT
         assert isinstance(self.processor, DrainProcessor)

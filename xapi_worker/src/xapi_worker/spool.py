@@ -51,6 +51,9 @@ DISK_RESERVE_BYTES = 16 * 1024**2
 #: Waiting for the other writer (pool process or drainer) before giving up, milliseconds.
 BUSY_TIMEOUT_MS = 10_000
 SCHEMA_VERSION = 2
+AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+#: The drainer, idle, compacts the spool once it could give back more than this.
+SHRINK_ABOVE_BYTES = 512 * 1024
 WAL_LIMIT_BYTES = 4 * 1024**2
 
 _SCHEMA = """
@@ -222,15 +225,16 @@ class Spool:
         finally:
             os.umask(old)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # Before the WAL mode, which writes the new file's header: auto_vacuum can be set on
+        # a file without tables only (after, only a VACUUM changes it: compact()). A spool
+        # whose deleted rows' pages go back to the filesystem (incremental_vacuum).
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit is on disk (WAL fsync-ed) before the message is acknowledged.
         conn.execute("PRAGMA synchronous = FULL")
         # After a checkpoint, the WAL file is cut back to this size (bytes).
         conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-            # auto_vacuum must be set before the first table: an empty spool gives back its
-            # pages (incremental_vacuum after a drain).
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         elif conn.execute("PRAGMA user_version").fetchone()[0] == 1:
@@ -399,10 +403,29 @@ class Spool:
             ).rowcount
 
     def compact(self) -> None:
-        """Give back the pages of an empty spool to the filesystem."""
+        """Give the pages of deleted rows back to the filesystem, and empty the WAL file."""
         conn = self._connect()
-        conn.execute("PRAGMA incremental_vacuum")
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == AUTO_VACUUM_INCREMENTAL:
+            # Each step of this statement frees one page, and the sqlite3 module's execute()
+            # steps it once: executescript() runs it to its end.
+            conn.executescript("PRAGMA incremental_vacuum;")
+        elif conn.execute("SELECT 1 FROM spool LIMIT 1").fetchone() is None:
+            # A spool made while auto_vacuum stayed off (set after the WAL mode): rebuilt
+            # with it on, once, while it is empty (a VACUUM of an empty file is quick).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("VACUUM")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def reclaimable(self) -> int:
+        """Bytes compact() would give back: the free pages, and the WAL file."""
+        conn = self._connect()
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        try:
+            wal = Path(f"{self.path}-wal").stat().st_size
+        except OSError:
+            wal = 0
+        return int(page * free) + wal
 
     # --- reads -----------------------------------------------------------------------------------
     def due(self, limit: int, now: float | None = None, exclude: Sequence[int] = ()) -> list[Row]:
