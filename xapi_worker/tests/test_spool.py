@@ -4,6 +4,7 @@ spool stops the node taking, a damaged spool is set aside, a kill mid-drain lose
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -481,3 +482,45 @@ def test_the_spool_shrinks_after_a_drain(tmp_path):
     assert time.monotonic() - started < 60
     drainer._finish()
     assert _on_disk(spool.path) <= 1024**2, _on_disk(spool.path)
+
+
+def test_a_full_disk_at_start_is_no_damage_the_node_stops_loudly(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    """Any SQLite error at open counted as damage: a healthy spool on a full disk was set
+    aside, and the worker ran with no spool and no drainer. Now only damage sets a spool
+    aside; a full disk stops the node (exit 75, for systemd to start it again), loudly,
+    taking nothing, its spool untouched."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        spool_dir = _spool_dir(mount)
+        node = worker_node("full")
+        statements = [video_statement("played", n) for n in range(50)]
+        _spooled_before(spool_dir, node, statements)
+        with (mount / "ballast").open("wb", buffering=0) as f:  # the disk full, to the last block
+            for size in (65536, 4096, 512):
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * size)
+        with pod_producer(redis_srv.url()) as delay:
+            delay(video_statement("played", 99))
+        config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir)
+        worker = start_worker(config, name="full", wait_ready=False)
+        assert wait_for(lambda: worker.proc.poll() is not None, 60), worker.text()[-3000:]
+        assert worker.proc.returncode == 75, worker.text()[-3000:]
+        assert "cannot be opened" in worker.text()
+        assert not list(spool_dir.glob("*.damaged-*")), list(spool_dir.iterdir())
+        assert redis_srv.client().llen("xapi") == 1  # nothing taken
+        (mount / "ballast").unlink()
+        worker = start_worker(config, name="full")
+        assert wait_for(lambda: len(ralph.stored()) == 51, 60), worker.text()[-3000:]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -152,6 +152,20 @@ class Stats:
         )
 
 
+#: SQLite's primary result codes that mean a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB.
+DAMAGE_CODES = frozenset({11, 26})
+
+
+def damage(exc: sqlite3.DatabaseError) -> bool:
+    """An error that says the file itself is damaged (not a full disk, an I/O error, a
+    lock): only then is a spool set aside."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11 and later
+    if code is None:
+        text = str(exc).lower()
+        return "malformed" in text or "not a database" in text
+    return int(code) & 0xFF in DAMAGE_CODES
+
+
 def headroom(max_bytes: int) -> int:
     """Room kept free: a spool this close to its limit counts as full (about a batch)."""
     return min(HEADROOM_BYTES, max_bytes // 8)
@@ -199,12 +213,19 @@ class Spool:
     # --- opening, checking, setting aside ------------------------------------------------------
     def open(self) -> list[Path]:
         """Open (creating if need be) and check the spool; a damaged file is renamed, never
-        deleted, and a new one started. Returns what was set aside now."""
+        deleted, and a new one started. Returns what was set aside now. Anything else than
+        damage (a full disk, an I/O error, a lock held too long) raises :class:`SpoolError`:
+        a healthy spool must not be set aside for it."""
         set_aside: list[Path] = []
         try:
             self._connect()
             problem = self._check()
         except sqlite3.DatabaseError as exc:
+            if not damage(exc):
+                self.close()
+                raise SpoolError(
+                    f"spool {self.path} cannot be opened: {type(exc).__name__}: {exc}"
+                ) from exc
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:
             self.close()

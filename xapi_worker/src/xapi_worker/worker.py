@@ -55,6 +55,9 @@ log = logging.getLogger("xapi_worker")
 H_ATTEMPT = "xapi_attempt"
 #: exchanges in which the statement failed alone while the LRS stored others (delivery.py)
 H_LONE_FAILURES = "xapi_lone_failures"
+#: Exit status of a worker whose spool cannot be opened (not damaged: a full disk, an I/O
+#: error): EX_TEMPFAIL of sysexits.h, for systemd to start it again.
+SPOOL_UNAVAILABLE_EXIT = 75
 #: A lone failure counts against a statement when the LRS stored others this recently.
 STORED_RECENTLY_SECONDS = 30.0
 BROKER_SOCKET_TIMEOUT = 10.0
@@ -715,7 +718,19 @@ def _run_the_spool(app: Celery, processor: Processor) -> None:
             spool = Spool(
                 processor.settings.spool_dir, node, processor.settings.spool_max_mb * 1024**2
             )
-            spool.open()
+            try:
+                spool.open()
+            except Exception as exc:
+                # A full disk, an I/O error: the spool is not damaged, and this node must not
+                # run without it (no retries kept, no drain): it stops, loudly, and systemd
+                # starts it again (Restart=); nothing is taken from the broker meanwhile.
+                log.critical(
+                    "%s: this node stops without taking anything (exit %d); free the disk "
+                    "or repair the directory, then it starts again",
+                    exc,
+                    SPOOL_UNAVAILABLE_EXIT,
+                )
+                raise SystemExit(SPOOL_UNAVAILABLE_EXIT) from exc
             log.info(
                 "spool %s: %d statements, limit %d MiB",
                 spool.path,
