@@ -380,3 +380,23 @@ def test_retry_after_is_capped():
     assert parse_retry_after("99999999999999999999", now) == RETRY_AFTER_MAX_SECONDS
     assert parse_retry_after("120", now) == 120.0
     assert RETRY_AFTER_MAX_SECONDS == 3600.0
+
+
+def test_a_split_stops_at_its_deadline():
+    """A split of a batch of rejected statements took 2N-1 POSTs whatever their time: with
+    slow answers it outlasted the visibility timeout, and the messages came back to another
+    consumer while still being worked on. No POST starts after the deadline now."""
+    now = [0.0]
+    calls = []
+
+    def slow(batch):
+        calls.append(len(batch))
+        now[0] += 1.0  # each POST takes a second
+        return Answer(status=422, excerpt="bad") if len(batch) > 1 else _ok(batch)
+
+    results = deliver(_items(100), slow, deadline=10.0, clock=lambda: now[0])
+    assert len(calls) == 10 and now[0] == 10.0
+    assert len(results) == 100
+    retried = [r for r in results if r.verdict is Verdict.RETRY]
+    assert retried and all("time is up" in r.answer.what for r in retried)
+    assert {r.verdict for r in results} <= {Verdict.RETRY, Verdict.DELIVERED}

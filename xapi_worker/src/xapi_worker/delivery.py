@@ -7,6 +7,7 @@ import enum
 import hashlib
 import json
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -272,6 +273,7 @@ POISON_AFTER = 10
 @dataclass
 class _Walk:
     delivered: int = 0
+    posts: int = 0
     #: lone failures of this exchange, and whether each was sent alone a second time
     lone_failures: list[tuple[Result, bool]] = field(default_factory=list)
     halted: Answer | None = None
@@ -286,6 +288,8 @@ def deliver(
     isolate_after: int = 3,
     poison_after: int = POISON_AFTER,
     stored_before: bool | Callable[[], bool] = False,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[Result]:
     """POST ``items`` as one batch and settle each statement.
 
@@ -305,6 +309,9 @@ def deliver(
       settled gets that answer with Verdict.RETRY.
     - A statement that cannot be sent as JSON in UTF-8 (:func:`unsendable`) is dead-lettered
       without a POST.
+    - No POST starts after ``deadline`` (``clock()`` time): a split of many statements, or
+      of slow answers, stops there and what is not settled is retried, so the batch's
+      messages are settled before the broker's visibility timeout hands them to another.
     """
     items, results = unsendable(items)
     walk = _Walk()
@@ -319,6 +326,7 @@ def deliver(
         return asked[0]
 
     def post(batch: Sequence[Item]) -> Answer:
+        walk.posts += 1
         answer = verified(send([i.statement for i in batch]), [i.statement_id for i in batch])
         if on_sent is not None:
             on_sent(len(batch), answer)
@@ -350,6 +358,10 @@ def deliver(
         return True
 
     def visit(batch: Sequence[Item], splitting: bool) -> None:
+        if walk.halted is None and walk.posts and deadline is not None and clock() >= deadline:
+            walk.halted = Answer(
+                status=None, error="split stopped: its time is up (visibility timeout)"
+            )
         if walk.halted is not None:
             results.extend(Result(i, Verdict.RETRY, walk.halted) for i in batch)
             return
@@ -392,6 +404,8 @@ def deliver(
         for lone, looked in walk.lone_failures:
             if walk.halted is not None or lone.verdict is not Verdict.RETRY:
                 continue
+            if not looked and deadline is not None and clock() >= deadline:
+                continue  # no time for a second look: kept, not counted
             if not looked and lone.answer.status is not None and second_look(lone):
                 continue
             lone.item.lone_failures += 1

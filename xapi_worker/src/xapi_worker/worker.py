@@ -248,6 +248,7 @@ class Processor:
                 fetch=self.lrs.get_statement,
                 isolate_after=self.settings.isolate_after,
                 stored_before=self._stored_recently,
+                deadline=time.monotonic() + self._split_budget(),
             )
         except Exception as exc:  # a bug of ours: keep the statements, try again later
             log.exception("internal error while delivering a batch")
@@ -261,6 +262,17 @@ class Processor:
         elif results and all(r.verdict is Verdict.RETRY for r in results):
             self._not_answering(results[0].answer)
         return self._settle(results, now)
+
+    def _split_budget(self) -> float:
+        """Seconds a batch's exchange (a split included) may last: its messages come back to
+        another consumer after the visibility timeout, of which a retry delay, a flush and
+        the last POST (which may start just before the deadline) take their share."""
+        s = self.settings
+        exchange = s.connect_timeout + s.read_timeout
+        budget = (
+            s.visibility_timeout - s.retry_max_seconds - s.flush_interval_ms / 1000 - 2 * exchange
+        )
+        return max(budget, exchange)
 
     def _stored_recently(self) -> bool:
         """The LRS stored statements in the last STORED_RECENTLY_SECONDS: a batch of this
