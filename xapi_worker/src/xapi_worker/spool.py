@@ -206,6 +206,9 @@ class Spool:
         self._max_bytes = max_bytes  # 0: automatic, computed at open
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        # _counts()'s cache: ((pid, data_version), depth, oldest); _wrote: a write since
+        self._counted: tuple[tuple[int, int], int, float | None] | None = None
+        self._wrote = False
 
     def __repr__(self) -> str:
         return f"Spool({str(self.path)!r})"
@@ -330,6 +333,7 @@ class Spool:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         conn = self._connect()
+        self._wrote = True
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -484,6 +488,19 @@ class Spool:
             for r in cursor
         ]
 
+    def _counts(self) -> tuple[int, float | None]:
+        """Depth and oldest first_seen: two scans of the table, done again only once the
+        spool has changed (a write of this object's, or a commit of another connection's:
+        SQLite's data_version). An idle spool is not scanned every time it is published."""
+        conn = self._connect()
+        version = (os.getpid(), conn.execute("PRAGMA data_version").fetchone()[0])
+        if self._counted is not None and not self._wrote and self._counted[0] == version:
+            return self._counted[1], self._counted[2]
+        self._wrote = False
+        row = conn.execute("SELECT count(*), min(first_seen) FROM spool").fetchone()
+        self._counted = (version, int(row[0]), None if row[1] is None else float(row[1]))
+        return self._counted[1], self._counted[2]
+
     def stats(self, counts: bool = True) -> Stats:
         """Depth, oldest, size, room. ``counts=False``: size and room only (``depth`` -1,
         ``oldest`` None, ``damaged`` 0), without the two scans of the table that depth and
@@ -491,8 +508,8 @@ class Spool:
         batches."""
         depth, oldest, damaged = -1, None, 0
         if counts:
-            row = self._connect().execute("SELECT count(*), min(first_seen) FROM spool").fetchone()
-            depth, oldest, damaged = int(row[0]), row[1], len(self.damaged_files())
+            depth, oldest = self._counts()
+            damaged = len(self.damaged_files())
         return Stats(
             depth=depth,
             oldest=None if oldest is None else float(oldest),
