@@ -190,9 +190,14 @@ class Ralph:
     def stored(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for path in self.data.glob("*.jsonl"):
-            for line in path.read_text().splitlines():
-                if line.strip():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            for n, line in enumerate(lines):
+                try:
                     out.append(json.loads(line))
+                except ValueError:
+                    if n < len(lines) - 1:
+                        raise
+                    # the last line, which Ralph is still writing: read at the next look
         return out
 
     def stored_ids(self) -> list[str]:

@@ -133,6 +133,25 @@ def test_unreachable_broker_keeps_counts_and_warns_once(redis_srv, caplog, monke
     assert _field(redis_srv, "delivered") == 5
 
 
+def test_a_refused_increment_inside_exec_does_not_count_the_others_again(redis_srv, monkeypatch):
+    """Redis applies the other commands of an EXEC in which one fails (a field that is not
+    an integer): the whole batch's increments used to be kept and sent again, so 3 batches
+    of 100 gave delivered=600. Now only the refused increment is dropped."""
+    monkeypatch.setattr(m, "RETRY_AFTER_SECONDS", 0.0)
+    redis_srv.client().hset(KEY, "retried", "not a number")
+    rec = m.Metrics(_settings(redis_srv.url()))
+    for _ in range(3):
+        rec.count(m.DELIVERED, 100)
+        rec.count(m.RETRIED, 1)
+        rec.observe_post(100, 200, 0.1)
+        rec.flush()
+    h = redis_srv.client().hgetall(KEY)
+    assert int(h[b"delivered"]) == 300
+    assert int(h[b"batch_size_count"]) == 3 and int(h[b"lrs_responses:200"]) == 3
+    assert h[b"retried"] == b"not a number"
+    assert rec.pending == {}
+
+
 # --- a worker ----------------------------------------------------------------------------------
 def test_counters_and_events_of_deliveries_and_dead_letters(
     redis_srv, ralph, make_config, start_worker

@@ -15,12 +15,16 @@ from pathlib import Path
 import pytest
 from support import (
     LRS_PASSWORD,
+    LRS_USER,
     Proxy,
     RedisServer,
     pod_producer,
     wait_for,
 )
 from xapi_testsupport.statements import video_statement
+from xapi_worker.delivery import POISON_AFTER, Item, Verdict, deliver
+from xapi_worker.lrs import LRSClient
+from xapi_worker.settings import settings_from_mapping
 
 JSON = {"Content-Type": "application/json"}
 
@@ -116,6 +120,73 @@ def test_one_poison_statement_does_not_hold_its_batch_mates(
         assert entry["attempts"] >= 3
     finally:
         proxy.stop()
+
+
+def test_a_balancer_with_one_broken_backend_dead_letters_no_valid_statement(ralph):
+    """A 5xx or a timeout alone used to be evidence against a statement: once tried
+    ISOLATE_AFTER times, a statement failing alone while its batch-mates were stored was
+    dead-lettered. Behind a balancer whose second backend answers 503 to every other POST,
+    that was about one valid statement per batch of 100. Now: the real Ralph behind such a
+    balancer, deliver() as the worker calls it, round after round; a true poison (a 500
+    for any POST holding it) is still dead-lettered, once it has failed alone in
+    POISON_AFTER separate exchanges."""
+    posts = iter(range(10**6))
+    poison = video_statement("paused", 666)
+    marker = poison["id"].encode()
+
+    def balancer(req):
+        if req.method != "POST":
+            return None
+        broken = next(posts) % 2 == 1
+        if marker in req.body:
+            return 500, JSON, b'{"detail":"Statements bulk indexation failed"}'
+        if broken:
+            return 503, {"Content-Type": "text/html"}, b"<html>503 Service Unavailable</html>"
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=balancer).start()
+    settings = settings_from_mapping(
+        {
+            "XAPI_LRS_URL": proxy.url,
+            "XAPI_LRS_LOGIN": LRS_USER,
+            "XAPI_LRS_PWD": LRS_PASSWORD,
+            "XAPI_CELERY_BROKER_URL": "redis://127.0.0.1:1/6",
+        }
+    )
+    lrs = LRSClient(settings)
+    # 300 statements queued, then 20 more per batch (live traffic), every one tried
+    # three times already: every failing batch is split.
+    good = [video_statement("played", n) for n in range(300)]
+    pending = [Item(f"t{n}", s, attempt=3) for n, s in enumerate(good)]
+    pending.insert(150, Item("poison", poison, attempt=3))
+    dead: list[str] = []
+    stored_before = False
+    try:
+        for _ in range(300):
+            if not pending:
+                break
+            if len(good) < 600:
+                fresh = [video_statement("played", len(good) + n) for n in range(20)]
+                pending.extend(Item(s["id"], s, attempt=3) for s in fresh)
+                good.extend(fresh)
+            batch, pending = pending[:100], pending[100:]
+            results = deliver(
+                batch, lrs.post_statements, fetch=lrs.get_statement, stored_before=stored_before
+            )
+            stored_before = any(r.verdict is Verdict.DELIVERED for r in results)
+            for res in results:
+                if res.verdict is Verdict.DEAD:
+                    dead.append(res.item.key)
+                elif res.verdict is Verdict.RETRY:
+                    res.item.attempt += 1
+                    pending.append(res.item)
+    finally:
+        proxy.stop()
+    assert dead == ["poison"], dead
+    assert not pending
+    stored = ralph.stored_ids()
+    assert sorted(stored) == sorted(s["id"] for s in good)  # each once
+    assert POISON_AFTER > 1
 
 
 def test_retry_after_longer_than_the_retry_maximum_is_honoured(

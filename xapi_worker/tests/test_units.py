@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from xapi_worker.delivery import (
+    POISON_AFTER,
     Answer,
     Item,
     Kind,
@@ -251,16 +254,28 @@ def test_poison_statement_is_isolated_after_a_few_failures():
     # The first failures: the batch is retried whole (the LRS may be failing for all).
     results = deliver(_items(16, bad={0}), _poison_lrs(calls))
     assert {r.verdict for r in results} == {Verdict.RETRY} and calls == [16]
-    # Tried three times: split; the culprit, alone failing while others are stored, is
-    # dead-lettered with its reason, and its 15 batch-mates are delivered.
+    # Tried three times: split; its 15 batch-mates are delivered. The culprit, failing alone
+    # (twice in a row) while others are stored, counts one lone failure and is kept.
     calls.clear()
-    results = deliver(_items(16, bad={0}, attempt=3), _poison_lrs(calls))
+    items = _items(16, bad={0}, attempt=3)
+    results = deliver(items, _poison_lrs(calls))
     verdicts = {r.item.key: r.verdict for r in results}
-    assert verdicts.pop("t0") is Verdict.DEAD
+    assert verdicts.pop("t0") is Verdict.RETRY and items[0].lone_failures == 1
     assert set(verdicts.values()) == {Verdict.DELIVERED}
-    dead = next(r for r in results if r.item.key == "t0")
-    assert "alone" in dead.reason and "HTTP 500" in dead.reason
-    assert len(calls) <= 2 * 4 + 2  # about two POSTs per halving
+    assert len(calls) <= 2 * 4 + 3  # about two POSTs per halving, and a second look
+    # Alone in later exchanges, the LRS storing others just before: one more each time,
+    # dead-lettered at POISON_AFTER with its reason.
+    poison = items[0]
+    for n in range(2, POISON_AFTER + 1):
+        (res,) = deliver([poison], _poison_lrs([]), stored_before=True)
+        assert poison.lone_failures == n
+        assert res.verdict is (Verdict.DEAD if n == POISON_AFTER else Verdict.RETRY)
+    assert "alone" in res.reason and "HTTP 500" in res.reason
+    assert f"in {POISON_AFTER} separate exchanges" in res.reason
+    # Alone with nothing stored anywhere: no evidence, nothing counted.
+    fresh = _items(1, bad={0}, attempt=9)
+    (res,) = deliver(fresh, _poison_lrs([]))
+    assert res.verdict is Verdict.RETRY and fresh[0].lone_failures == 0
     # A fresh statement failing alone is kept for another attempt, not dead-lettered.
     items = _items(4, bad={2})
     items[0].attempt = 3
@@ -328,3 +343,60 @@ def test_answer_excerpt_masked_before_it_is_cut():
     text = "x" * (EXCERPT_CHARS - 5) + secret + " and " + "s3cr%2Fet%2Bpass%20word"
     cut = excerpt(text, secret)
     assert "s3cr" not in cut and len(cut) <= EXCERPT_CHARS
+
+
+def test_any_content_has_a_json_text_and_a_reason_when_unsendable():
+    from xapi_worker.content import (
+        CUT_MARKER,
+        LONE_SURROGATE,
+        NOT_A_NUMBER,
+        TOO_DEEP,
+        json_text,
+        problem,
+    )
+
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    assert problem({"s": "caf\u00e9 \x00 \U0001f3ac"}) is None
+    assert problem({"s": "\ud83c"}) == LONE_SURROGATE
+    assert problem({"n": float("inf")}) == NOT_A_NUMBER
+    assert problem({"d": deep}) == TOO_DEEP
+    assert json_text({"s": "caf\u00e9"}) == '{"s":"caf\u00e9"}'  # plain UTF-8 when it can be
+    assert json_text({"s": "\ud83c"}) == '{"s":"\\ud83c"}'  # escaped when it cannot
+    assert json.loads(json_text({"s": "\ud83c"})) == {"s": "\ud83c"}
+    cut = json.loads(json_text({"d": deep}))
+    for _ in range(64):
+        cut = cut["d"] if isinstance(cut, dict) else cut[0]
+    assert cut == CUT_MARKER
+
+
+def test_retry_after_is_capped():
+    """A Retry-After of a date in 2028 used to hold every POST for 389 days."""
+    from xapi_worker.delivery import RETRY_AFTER_MAX_SECONDS
+
+    now = 1_796_000_000.0  # 2026-11-30
+    assert parse_retry_after("Fri, 01 Dec 2028 00:00:00 GMT", now) == RETRY_AFTER_MAX_SECONDS
+    assert parse_retry_after("99999999999999999999", now) == RETRY_AFTER_MAX_SECONDS
+    assert parse_retry_after("120", now) == 120.0
+    assert RETRY_AFTER_MAX_SECONDS == 3600.0
+
+
+def test_a_split_stops_at_its_deadline():
+    """A split of a batch of rejected statements took 2N-1 POSTs whatever their time: with
+    slow answers it outlasted the visibility timeout, and the messages came back to another
+    consumer while still being worked on. No POST starts after the deadline now."""
+    now = [0.0]
+    calls = []
+
+    def slow(batch):
+        calls.append(len(batch))
+        now[0] += 1.0  # each POST takes a second
+        return Answer(status=422, excerpt="bad") if len(batch) > 1 else _ok(batch)
+
+    results = deliver(_items(100), slow, deadline=10.0, clock=lambda: now[0])
+    assert len(calls) == 10 and now[0] == 10.0
+    assert len(results) == 100
+    retried = [r for r in results if r.verdict is Verdict.RETRY]
+    assert retried and all("time is up" in r.answer.what for r in retried)
+    assert {r.verdict for r in results} <= {Verdict.RETRY, Verdict.DELIVERED}

@@ -17,6 +17,7 @@ import redis
 import requests
 
 from . import __version__
+from .content import json_text
 from .deadletters import STATUS_FIELDS, RedisAccess
 from .lrs import LRSClient, excerpt
 from .settings import (
@@ -154,7 +155,7 @@ def cmd_dead_list(settings: Settings, args: argparse.Namespace) -> int:
         for n, (_raw, entry) in enumerate(access.entries()):
             if args.limit and n >= args.limit:
                 break
-            print(json.dumps(entry, ensure_ascii=False))
+            print(json_text(entry, compact=False))
     return Exit.OK
 
 
@@ -236,7 +237,7 @@ def cmd_spool_list(settings: Settings, args: argparse.Namespace) -> int:
             }
             if args.statements:
                 entry["statement"] = row.statement
-            print(json.dumps(entry, ensure_ascii=False))
+            print(json_text(entry, compact=False))
             if args.limit and n + 1 >= args.limit:
                 break
         spool.close()

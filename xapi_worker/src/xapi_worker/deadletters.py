@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from .content import json_text
 from .delivery import iso, parse_iso
 from .scripts import push, set_value
 from .settings import LAST_DELIVERY_KEY, QUEUE, Settings
@@ -121,7 +122,8 @@ class RedisAccess:
     def add(self, letter: DeadLetter) -> None:
         # A dead letter replaces the message that is then acknowledged: written at maxmemory
         # too, or the statement would go round until the broker has room (scripts.py).
-        push(self.client, self.key, [json.dumps(letter.entry(), ensure_ascii=False)], left=False)
+        # json_text: any statement's dead letter can be written (content.py).
+        push(self.client, self.key, [json_text(letter.entry())], left=False)
 
     def entries(self) -> Iterator[tuple[bytes, dict[str, Any]]]:
         raws: list[bytes] = self.client.lrange(self.key, 0, -1)  # type: ignore[assignment]

@@ -7,6 +7,7 @@ import enum
 import hashlib
 import json
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
+
+from .content import problem
 
 # Namespace of the ids given to statements that arrive without one: uuid5(NS, task id), so a
 # redelivery of the same Celery message produces the same statement id (idempotent at the LRS).
@@ -127,6 +130,8 @@ class Item:
     statement: dict[str, Any]
     attempt: int = 1
     first_seen: float = 0.0  # epoch seconds: when it was first queued or taken
+    #: exchanges in which it failed alone while the LRS stored others (see deliver())
+    lone_failures: int = 0
     followers: list[Item] = field(default_factory=list)  # same id and content, same batch
 
     @property
@@ -182,6 +187,7 @@ def merge_duplicates(items: Sequence[Item]) -> list[Item]:
             leader.followers.append(item)
             leader.attempt = max(leader.attempt, item.attempt)
             leader.first_seen = min(leader.first_seen, item.first_seen)
+            leader.lone_failures = max(leader.lone_failures, item.lone_failures)
     return out
 
 
@@ -195,7 +201,8 @@ def comparable(statement: dict[str, Any]) -> dict[str, Any]:
 
 
 def digest(statement: dict[str, Any]) -> str:
-    return hashlib.sha256(fingerprint(comparable(statement)).encode()).hexdigest()
+    text = fingerprint(comparable(statement))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 #: fetch(statement id) -> (the LRS's answer, the statement it holds under that id, or None)
@@ -239,10 +246,36 @@ def _splittable(answer: Answer) -> bool:
     return answer.status >= 500
 
 
+def unsendable(items: Sequence[Item]) -> tuple[list[Item], list[Result]]:
+    """The items whose statement can travel as JSON in UTF-8, and a dead-letter Result for
+    each other one (a lone surrogate, NaN, nesting too deep: content.py). One check of the
+    whole batch in the common case, one per statement only when it fails."""
+    if problem([i.statement for i in items]) is None:
+        return list(items), []
+    sendable: list[Item] = []
+    dead: list[Result] = []
+    for item in items:
+        why = problem(item.statement)
+        if why is None:
+            sendable.append(item)
+        else:
+            dead.append(Result(item, Verdict.DEAD, Answer(status=None, error=why), reason=why))
+    return sendable, dead
+
+
+#: A statement is dead-lettered as the LRS's poison once it has failed alone (HTTP 5xx, twice
+#: in a row, or a timeout) in this many separate exchanges in each of which the LRS stored
+#: other statements. A flaky LRS (a balancer with one broken backend, random 502s) fails a
+#: valid statement so often with odds of about 1 in 4 per exchange: 1 in 10^6 for ten.
+POISON_AFTER = 10
+
+
 @dataclass
 class _Walk:
     delivered: int = 0
-    lone_failures: list[Result] = field(default_factory=list)
+    posts: int = 0
+    #: lone failures of this exchange, and whether each was sent alone a second time
+    lone_failures: list[tuple[Result, bool]] = field(default_factory=list)
     halted: Answer | None = None
 
 
@@ -253,6 +286,10 @@ def deliver(
     *,
     fetch: Fetch | None = None,
     isolate_after: int = 3,
+    poison_after: int = POISON_AFTER,
+    stored_before: bool | Callable[[], bool] = False,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[Result]:
     """POST ``items`` as one batch and settle each statement.
 
@@ -260,38 +297,84 @@ def deliver(
       alone, then dead-lettered; a lone 409 is compared with what the LRS holds.
     - A batch holding a statement already tried ``isolate_after`` times that fails with a
       5xx or a timeout is split the same way, so one poison statement does not hold its
-      batch-mates: a statement that fails alone while the LRS accepts others is
-      dead-lettered. Three lone failures with no success at all mean the LRS itself is
-      failing: the walk stops.
+      batch-mates. A 5xx or a timeout is no evidence against a statement by itself (a
+      balancer with one broken backend, an LRS restarting): a statement that fails alone
+      with a 5xx is sent alone once more; failing again (or timing out) while the LRS
+      stores others, in this exchange or just before it (``stored_before``: the caller saw
+      it store some recently; a callable is asked only when a statement fails alone),
+      counts one lone failure (``Item.lone_failures``, carried from one exchange to the
+      next), and only ``poison_after`` of them make it a dead letter. Three lone failures
+      with nothing stored mean the LRS itself is failing: the walk stops.
     - Any other failure (auth, config, connection) stops the walk: every statement not yet
       settled gets that answer with Verdict.RETRY.
+    - A statement that cannot be sent as JSON in UTF-8 (:func:`unsendable`) is dead-lettered
+      without a POST.
+    - No POST starts after ``deadline`` (``clock()`` time): a split of many statements, or
+      of slow answers, stops there and what is not settled is retried, so the batch's
+      messages are settled before the broker's visibility timeout hands them to another.
     """
-    results: list[Result] = []
+    items, results = unsendable(items)
     walk = _Walk()
+    asked: list[bool] = []
 
-    def visit(batch: Sequence[Item], splitting: bool) -> None:
-        if walk.halted is not None:
-            results.extend(Result(i, Verdict.RETRY, walk.halted) for i in batch)
-            return
+    def storing() -> bool:
+        """The LRS stores others: in this exchange, or just before it."""
+        if walk.delivered:
+            return True
+        if not asked:
+            asked.append(stored_before() if callable(stored_before) else stored_before)
+        return asked[0]
+
+    def post(batch: Sequence[Item]) -> Answer:
+        walk.posts += 1
         answer = verified(send([i.statement for i in batch]), [i.statement_id for i in batch])
         if on_sent is not None:
             on_sent(len(batch), answer)
+        if answer.kind is Kind.OK:
+            walk.delivered += len(batch)
+        return answer
+
+    def settle_rejected(item: Item, answer: Answer) -> Result:
+        if answer.status == 409:
+            return _settle_conflict(item, answer, fetch)
+        return Result(item, Verdict.DEAD, answer, reason=f"rejected by the LRS ({answer.what})")
+
+    def second_look(lone: Result) -> bool:
+        """Send a statement that failed alone with a 5xx alone once more; True when this
+        settled it (or stopped the walk), False when it failed the same way again."""
+        answer = post([lone.item])
         kind = answer.kind
         if kind is Kind.OK:
-            walk.delivered += len(batch)
+            lone.verdict, lone.answer = Verdict.DELIVERED, answer
+        elif kind is Kind.REJECTED:
+            settled = settle_rejected(lone.item, answer)
+            lone.verdict, lone.answer = settled.verdict, settled.answer
+            lone.reason, lone.conflict = settled.reason, settled.conflict
+        elif _splittable(answer):
+            lone.answer = answer
+            return False
+        else:
+            lone.answer = walk.halted = answer
+        return True
+
+    def visit(batch: Sequence[Item], splitting: bool) -> None:
+        if walk.halted is None and walk.posts and deadline is not None and clock() >= deadline:
+            walk.halted = Answer(
+                status=None, error="split stopped: its time is up (visibility timeout)"
+            )
+        if walk.halted is not None:
+            results.extend(Result(i, Verdict.RETRY, walk.halted) for i in batch)
+            return
+        answer = post(batch)
+        kind = answer.kind
+        if kind is Kind.OK:
             results.extend(Result(i, Verdict.DELIVERED, answer) for i in batch)
         elif kind is Kind.REJECTED and len(batch) > 1:
             middle = len(batch) // 2
             visit(batch[:middle], splitting)
             visit(batch[middle:], splitting)
-        elif kind is Kind.REJECTED and answer.status == 409:
-            results.append(_settle_conflict(batch[0], answer, fetch))
         elif kind is Kind.REJECTED:
-            results.append(
-                Result(
-                    batch[0], Verdict.DEAD, answer, reason=f"rejected by the LRS ({answer.what})"
-                )
-            )
+            results.append(settle_rejected(batch[0], answer))
         elif _splittable(answer) and (splitting or any(i.attempt >= isolate_after for i in batch)):
             if len(batch) > 1:
                 middle = len(batch) // 2
@@ -300,7 +383,12 @@ def deliver(
                 return
             lone = Result(batch[0], Verdict.RETRY, answer)
             results.append(lone)
-            walk.lone_failures.append(lone)
+            looked = False
+            if answer.status is not None and storing():
+                if second_look(lone):
+                    return
+                looked = True
+            walk.lone_failures.append((lone, looked))
             if walk.delivered == 0 and len(walk.lone_failures) >= 3:
                 walk.halted = answer
         else:
@@ -309,32 +397,48 @@ def deliver(
 
     if items:
         visit(list(items), False)
-    if walk.delivered:
-        # The LRS stored others in this very exchange: what failed alone is the culprit.
-        for lone in walk.lone_failures:
-            if lone.item.attempt >= isolate_after:
+    if walk.lone_failures and storing():
+        # The LRS stores others, in this very exchange or just before it: a statement that
+        # failed alone (a 5xx twice in a row, or a timeout) counts one lone failure; enough
+        # of them, in as many exchanges, make it the culprit.
+        for lone, looked in walk.lone_failures:
+            if walk.halted is not None or lone.verdict is not Verdict.RETRY:
+                continue
+            if not looked and deadline is not None and clock() >= deadline:
+                continue  # no time for a second look: kept, not counted
+            if not looked and lone.answer.status is not None and second_look(lone):
+                continue
+            lone.item.lone_failures += 1
+            if lone.item.lone_failures >= poison_after:
                 lone.verdict = Verdict.DEAD
                 lone.reason = (
                     f"the LRS fails on this statement alone ({lone.answer.what}) while it "
-                    f"stores others, after {lone.item.attempt} attempts"
+                    f"stores others, in {lone.item.lone_failures} separate exchanges "
+                    f"({lone.item.attempt} attempts)"
                 )
     return results
 
 
+#: The longest ``Retry-After`` honoured: an LRS's (or a proxy's) date far ahead, a typo, a
+#: clock gone wrong would otherwise hold every POST for as long (a date in 2028: 389 days).
+RETRY_AFTER_MAX_SECONDS = 3600.0
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait according to a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+    """Seconds to wait according to a ``Retry-After`` header (delta-seconds or HTTP-date),
+    at most :data:`RETRY_AFTER_MAX_SECONDS`."""
     if not value:
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        return min(float(value), RETRY_AFTER_MAX_SECONDS)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)  # noqa: UP017 (Python 3.9 on Debian 11)
-    return max(0.0, when.timestamp() - now)
+    return min(max(0.0, when.timestamp() - now), RETRY_AFTER_MAX_SECONDS)
 
 
 def retry_delay(

@@ -8,9 +8,9 @@ Each turn it also:
   ``playbooks/status.yml`` and ``check_xapi`` read: the spool itself is readable by the
   worker's user only;
 - stops the node taking from the broker while the spool is full (transport.TAKING), or its
-  disk is (less than spool.DISK_RESERVE_BYTES free), and starts it again once a tenth of
-  the spool, and half as much again as that reserve, are free: statements then wait in
-  Redis, none is dropped;
+  disk is (less than a batch's worth above spool.DISK_RESERVE_BYTES free), and starts it
+  again once a tenth of the spool, and 8 MiB above that reserve, are free (one rule, with
+  Spool.add()'s refusal: spool.Stats): statements then wait in Redis, none is dropped;
 - purges the dead letters older than ``XAPI_WORKER_DEAD_LETTER_RETENTION_DAYS`` (hourly).
 
 A spooled statement is deleted only once the LRS holds it, or once its dead letter is
@@ -38,7 +38,7 @@ from . import events
 from .delivery import Answer, Item, Result, Verdict, merge_duplicates
 from .scripts import set_fields
 from .settings import QUEUE, Settings
-from .spool import DISK_RESERVE_BYTES, Row, Spool, Stats
+from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, Stats
 from .transport import TAKING, spool_state_key
 from .worker import Processor
 
@@ -47,7 +47,6 @@ log = logging.getLogger("xapi_worker.spool")
 STATE_EVERY = 5.0  # seconds between two publications of the spool's state
 PURGE_EVERY = 3600.0  # seconds between two purges of expired dead letters
 IDLE_WAIT = 1.0  # seconds between two looks at an empty or not yet due spool
-RESUME_SHARE = 0.9  # a full spool takes again below this share of its limit
 
 
 class DrainProcessor(Processor):
@@ -84,7 +83,8 @@ class DrainProcessor(Processor):
             attempt = max(i.attempt for i in group)
             delay = hold if hold > 0 else self._delay(attempt, answer)
             step = 0 if hold > 0 else 1
-            self.spool.reschedule([int(k) for k in later], now + delay, answer.what, step)
+            lone = {int(k): i.lone_failures for i in group for k in self._keys(i)}
+            self.spool.reschedule([int(k) for k in later], now + delay, answer.what, step, lone)
             self.rescheduled.update(later)
         return keep
 
@@ -93,7 +93,9 @@ class DrainProcessor(Processor):
         LRS holds them, or their dead letter is written), which the caller deletes. The
         others are rescheduled or left as they were."""
         self.rescheduled = set()
-        items = [Item(str(r.id), r.statement, r.attempts, r.first_seen) for r in rows]
+        items = [
+            Item(str(r.id), r.statement, r.attempts, r.first_seen, r.lone_failures) for r in rows
+        ]
         self._batch = len(items)
         try:
             keep = set(self.run(merge_duplicates(items), time.time()))
@@ -134,6 +136,7 @@ class Drainer:
         self._next_state = 0.0
         self._next_purge = 0.0
         self._full_logged = -1e9
+        self._woken = False
         self.paused = False
 
     def start(self) -> None:
@@ -180,6 +183,9 @@ class Drainer:
             self.purge_expired()
         if self.spool is None:
             return STATE_EVERY
+        if not self._woken:
+            self._woken = True
+            self.wake_parked()
         # Size and room between two batches; depth and oldest (two scans of the table) only
         # when they are published, or looked at: an idle spool, a full one.
         counted = now >= self._next_state
@@ -195,9 +201,8 @@ class Drainer:
             rows = self.spool.due(self.settings.batch_size, now)
         if not rows:
             self._settle_now()
-            if not counted:
-                stats = self.spool.stats()
-            if stats.depth == 0 and stats.used_bytes > 4 * 1024**2:
+            # Nothing due: give back what deleted rows took (the spool shrinks after a drain).
+            if self.spool.reclaimable() > SHRINK_ABOVE_BYTES:
                 self.spool.compact()
             return IDLE_WAIT
         assert isinstance(self.processor, DrainProcessor)
@@ -214,6 +219,15 @@ class Drainer:
             self._read_ahead()
             self._settle_now()
         return 0.0 if settled else IDLE_WAIT
+
+    def wake_parked(self) -> None:
+        """At start: rows parked beyond the longest retry delay (an LRS's Retry-After, up to
+        delivery.RETRY_AFTER_MAX_SECONDS, by the process before this one) are due now; the
+        first batch asks the LRS afresh, and a failure parks them again with the backoff."""
+        assert self.spool is not None
+        woken = self.spool.wake(beyond=self.settings.retry_max_seconds)
+        if woken:
+            log.info("spool: %d statements parked by an earlier run are due now", woken)
 
     # --- the bookkeeping thread ----------------------------------------------------------------
     def _bookkeep(self, settled: list[int], at_lrs: list[int]) -> list[Row]:
@@ -272,11 +286,7 @@ class Drainer:
                     max_bytes=stats.max_bytes,
                     disk_free=stats.free_bytes,
                 )
-        elif (
-            self.paused
-            and stats.used_bytes < stats.max_bytes * RESUME_SHARE
-            and stats.free_bytes >= DISK_RESERVE_BYTES * 3 // 2
-        ):
+        elif self.paused and stats.roomy:
             self.paused = False
             TAKING.set()
             log.warning("spool has room again: this node takes from the broker again")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 
+from .content import json_text
+
 log = logging.getLogger("xapi_worker.events")
 
 Value = str | int | float | bool | None
@@ -20,7 +22,7 @@ Value = str | int | float | bool | None
 def emit(event: str, level: int = logging.INFO, **fields: Value) -> None:
     """Log ``{"event": event, **fields}`` as one JSON line. Never raises."""
     try:
-        line = json.dumps({"event": event, **fields}, sort_keys=True, ensure_ascii=False)
+        line = json_text({"event": event, **fields}, sort_keys=True, compact=False)
     except (TypeError, ValueError):  # a field of ours not JSON-able: a bug, not a failure
         line = json.dumps({"event": event, "unloggable": True}, sort_keys=True)
     log.log(level, "%s", line)

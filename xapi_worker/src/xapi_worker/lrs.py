@@ -105,7 +105,10 @@ class LRSClient:
         )
 
     def post_statements(self, statements: list[dict[str, Any]]) -> Answer:
-        body = json.dumps(statements, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            body = json.dumps(statements, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # deliver() keeps such statements out; never raise here
+            body = json.dumps(statements, separators=(",", ":")).encode()
         started = time.monotonic()
         try:
             response = self.session.post(

@@ -138,7 +138,10 @@ class Metrics:
                 pipe.hincrby(self.key, name, n)
             for name, x in floats.items():
                 pipe.hincrbyfloat(self.key, name, x)
-            pipe.execute()  # type: ignore[no-untyped-call]
+            # An EXEC refused as a whole (maxmemory refuses MULTI) raises: nothing applied.
+            # A command failing inside it (a field that is not a number) does not undo the
+            # others: its error comes back in its place, and only it was not applied.
+            replies = pipe.execute(raise_on_error=False)  # type: ignore[no-untyped-call]
         except redis.TimeoutError as exc:
             # Sent, maybe applied by a broker that resumes: dropped, not counted twice.
             self._failed(now, exc, "these increments are dropped")
@@ -149,6 +152,16 @@ class Metrics:
             for name, x in floats.items():
                 self._floats[name] = self._floats.get(name, 0.0) + x
             self._failed(now, exc, "kept for the next batch")
+            return False
+        names = [*ints, *floats]
+        refused = [
+            f"{name}: {reply}"
+            for name, reply in zip(names, replies, strict=True)
+            if isinstance(reply, Exception)
+        ]
+        if refused:
+            # Sent again it would fail again: dropped, the rest is counted once.
+            self._failed(now, redis.ResponseError("; ".join(refused)), "these fields are dropped")
             return False
         return True
 

@@ -25,25 +25,35 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .content import json_text, printable
 
 log = logging.getLogger("xapi_worker.spool")
 
 #: The documented maximum of an automatic size limit, and its share of the free disk.
 AUTO_MAX_BYTES = 10 * 1024**3
 AUTO_SHARE = 0.25
-#: Below this much free room the spool counts as full (a batch's worth, roughly).
+#: Below this much room (under its limit, or above the disk's reserve) the spool counts as
+#: full and the node stops taking: a batch's worth, roughly, which add() still accepts.
 HEADROOM_BYTES = 1024**2
+#: A full spool takes again below this share of its limit, and with this much room above the
+#: disk's reserve: far enough from where it stopped that it does not stop again at once.
+RESUME_SHARE = 0.9
+RESUME_DISK_BYTES = 8 * 1024**2
 #: Free space the spool leaves on its filesystem: below it the spool counts as full, whatever
 #: its own size, so a disk filled by something else (an encoding's ffmpeg) stops the node
 #: taking instead of failing every write. SQLite needs room for the WAL and a checkpoint.
 DISK_RESERVE_BYTES = 16 * 1024**2
 #: Waiting for the other writer (pool process or drainer) before giving up, milliseconds.
 BUSY_TIMEOUT_MS = 10_000
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+#: The drainer, idle, compacts the spool once it could give back more than this.
+SHRINK_ABOVE_BYTES = 512 * 1024
 WAL_LIMIT_BYTES = 4 * 1024**2
 
 _SCHEMA = """
@@ -56,13 +66,18 @@ CREATE TABLE IF NOT EXISTS spool (
     first_seen REAL NOT NULL,
     spooled_at REAL NOT NULL,
     next_at REAL NOT NULL,
-    last_error TEXT NOT NULL DEFAULT ''
+    last_error TEXT NOT NULL DEFAULT '',
+    lone_failures INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS spool_due ON spool (next_at, id);
 """
 
 
-_COLUMNS = "id, statement, task_id, attempts, first_seen, spooled_at, next_at, last_error"
+_COLUMNS = (
+    "id, statement, task_id, attempts, first_seen, spooled_at, next_at, last_error, lone_failures"
+)
+#: Version 1 (before lone_failures) to 2, in place.
+_MIGRATE_1 = "ALTER TABLE spool ADD COLUMN lone_failures INTEGER NOT NULL DEFAULT 0"
 
 
 class SpoolError(Exception):
@@ -84,6 +99,7 @@ class Entry:
     first_seen: float
     next_at: float
     last_error: str = ""
+    lone_failures: int = 0  # see delivery.deliver()
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,7 @@ class Row:
     spooled_at: float
     next_at: float
     last_error: str
+    lone_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,18 +126,56 @@ class Stats:
     damaged: int
     free_bytes: int  # free space of the spool's filesystem
 
+    # The one rule of a full spool, with add()'s refusal (room()) and its hysteresis.
+    @property
+    def room(self) -> int:
+        return room(self.used_bytes, self.max_bytes, self.free_bytes)
+
     @property
     def disk_full(self) -> bool:
-        return self.free_bytes < DISK_RESERVE_BYTES
+        """The disk, not the spool's limit, is what is short of room."""
+        return self.free_bytes - DISK_RESERVE_BYTES < headroom(self.max_bytes)
 
     @property
     def full(self) -> bool:
-        return self.used_bytes + headroom(self.max_bytes) >= self.max_bytes or self.disk_full
+        """The node stops taking: less room than a batch's worth, which add() would still
+        take, so a node that takes never meets add()'s refusal with a batch that size."""
+        return self.room < headroom(self.max_bytes)
+
+    @property
+    def roomy(self) -> bool:
+        """A full spool takes again (hysteresis: well away from where it stopped)."""
+        return (
+            self.used_bytes < self.max_bytes * RESUME_SHARE
+            and self.free_bytes - DISK_RESERVE_BYTES >= RESUME_DISK_BYTES
+            and not self.full
+        )
+
+
+#: SQLite's primary result codes that mean a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB.
+DAMAGE_CODES = frozenset({11, 26})
+
+
+def damage(exc: sqlite3.DatabaseError) -> bool:
+    """An error that says the file itself is damaged (not a full disk, an I/O error, a
+    lock): only then is a spool set aside."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11 and later
+    if code is None:
+        text = str(exc).lower()
+        return "malformed" in text or "not a database" in text
+    return int(code) & 0xFF in DAMAGE_CODES
 
 
 def headroom(max_bytes: int) -> int:
     """Room kept free: a spool this close to its limit counts as full (about a batch)."""
     return min(HEADROOM_BYTES, max_bytes // 8)
+
+
+def room(used_bytes: int, max_bytes: int, free: int) -> int:
+    """Bytes the spool may still write: up to its limit, never into the disk's reserve
+    (:data:`DISK_RESERVE_BYTES`). add() refuses more; Stats.full stops the node taking
+    before."""
+    return min(max_bytes - used_bytes, free - DISK_RESERVE_BYTES)
 
 
 def node_file(node: str) -> str:
@@ -151,6 +206,9 @@ class Spool:
         self._max_bytes = max_bytes  # 0: automatic, computed at open
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        # _counts()'s cache: ((pid, data_version), depth, oldest); _wrote: a write since
+        self._counted: tuple[tuple[int, int], int, float | None] | None = None
+        self._wrote = False
 
     def __repr__(self) -> str:
         return f"Spool({str(self.path)!r})"
@@ -158,12 +216,19 @@ class Spool:
     # --- opening, checking, setting aside ------------------------------------------------------
     def open(self) -> list[Path]:
         """Open (creating if need be) and check the spool; a damaged file is renamed, never
-        deleted, and a new one started. Returns what was set aside now."""
+        deleted, and a new one started. Returns what was set aside now. Anything else than
+        damage (a full disk, an I/O error, a lock held too long) raises :class:`SpoolError`:
+        a healthy spool must not be set aside for it."""
         set_aside: list[Path] = []
         try:
             self._connect()
             problem = self._check()
         except sqlite3.DatabaseError as exc:
+            if not damage(exc):
+                self.close()
+                raise SpoolError(
+                    f"spool {self.path} cannot be opened: {type(exc).__name__}: {exc}"
+                ) from exc
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:
             self.close()
@@ -184,17 +249,25 @@ class Spool:
         finally:
             os.umask(old)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # Before the WAL mode, which writes the new file's header: auto_vacuum can be set on
+        # a file without tables only (after, only a VACUUM changes it: compact()). A spool
+        # whose deleted rows' pages go back to the filesystem (incremental_vacuum).
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit is on disk (WAL fsync-ed) before the message is acknowledged.
         conn.execute("PRAGMA synchronous = FULL")
         # After a checkpoint, the WAL file is cut back to this size (bytes).
         conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-            # auto_vacuum must be set before the first table: an empty spool gives back its
-            # pages (incremental_vacuum after a drain).
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif conn.execute("PRAGMA user_version").fetchone()[0] == 1:
+            # A spool of the previous version: one column more, its rows kept.
+            conn.execute("BEGIN IMMEDIATE")
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
+                conn.execute(_MIGRATE_1)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
         self._conn = conn
         self._pid = os.getpid()
         return conn
@@ -260,6 +333,7 @@ class Spool:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         conn = self._connect()
+        self._wrote = True
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -277,26 +351,30 @@ class Spool:
         now = time.time() if now is None else now
         rows = [
             (
-                str(e.statement.get("id", "")),
-                json.dumps(e.statement, ensure_ascii=False, separators=(",", ":")),
+                printable(str(e.statement.get("id", ""))),
+                json_text(e.statement),
                 e.task_id,
                 e.attempts,
                 e.first_seen,
                 now,
                 e.next_at,
-                e.last_error[:500],
+                printable(e.last_error[:500]),
+                e.lone_failures,
             )
             for e in entries
         ]
         incoming = sum(len(r[1]) + len(r[2]) + 200 for r in rows)
         try:
             # The hard limit; the drainer stops the node taking before it (Stats.full).
-            if self._used_bytes() + incoming > self.max_bytes:
+            used, free = self._used_bytes(), free_bytes(self.directory)
+            if incoming <= room(used, self.max_bytes, free):
+                pass
+            elif used + incoming > self.max_bytes:
                 raise SpoolFull(
                     f"spool {self.path} is full ({self.max_bytes // 1024**2} MiB): "
                     f"{len(rows)} statements stay in the broker"
                 )
-            if free_bytes(self.directory) < incoming + DISK_RESERVE_BYTES:
+            else:
                 raise SpoolFull(
                     f"spool {self.path}: its disk is full (less than "
                     f"{DISK_RESERVE_BYTES // 1024**2} MiB free): {len(rows)} statements stay "
@@ -305,7 +383,7 @@ class Spool:
             with self._transaction() as conn:
                 conn.executemany(
                     "INSERT INTO spool (statement_id, statement, task_id, attempts, first_seen,"
-                    " spooled_at, next_at, last_error) VALUES (?,?,?,?,?,?,?,?)",
+                    " spooled_at, next_at, last_error, lone_failures) VALUES (?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
         except SpoolError:
@@ -320,31 +398,59 @@ class Spool:
             conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
 
     def reschedule(
-        self, ids: Sequence[int], next_at: float, error: str, attempt_step: int = 1
+        self,
+        ids: Sequence[int],
+        next_at: float,
+        error: str,
+        attempt_step: int = 1,
+        lone_failures: Mapping[int, int] | None = None,
     ) -> None:
-        """Another attempt failed (or was held): try these again at ``next_at``."""
+        """Another attempt failed (or was held): try these again at ``next_at``, with each
+        row's count of lone failures (``lone_failures``, by row id) where given."""
         if not ids:
             return
+        lone = lone_failures or {}
+        error = printable(error[:500])
         with self._transaction() as conn:
             conn.executemany(
-                "UPDATE spool SET attempts = attempts + ?, next_at = ?, last_error = ? "
-                "WHERE id = ?",
-                [(attempt_step, next_at, error[:500], i) for i in ids],
+                "UPDATE spool SET attempts = attempts + ?, next_at = ?, last_error = ?, "
+                "lone_failures = coalesce(?, lone_failures) WHERE id = ?",
+                [(attempt_step, next_at, error, lone.get(i), i) for i in ids],
             )
 
-    def wake(self, now: float | None = None) -> int:
-        """The LRS answers again: everything spooled is due now (oldest first)."""
+    def wake(self, now: float | None = None, beyond: float = 0.0) -> int:
+        """Everything spooled is due now (oldest first): the LRS answers again. With
+        ``beyond``: only the rows due later than that many seconds from now."""
         now = time.time() if now is None else now
         with self._transaction() as conn:
             return conn.execute(
-                "UPDATE spool SET next_at = ? WHERE next_at > ?", (now, now)
+                "UPDATE spool SET next_at = ? WHERE next_at > ?", (now, now + beyond)
             ).rowcount
 
     def compact(self) -> None:
-        """Give back the pages of an empty spool to the filesystem."""
+        """Give the pages of deleted rows back to the filesystem, and empty the WAL file."""
         conn = self._connect()
-        conn.execute("PRAGMA incremental_vacuum")
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == AUTO_VACUUM_INCREMENTAL:
+            # Each step of this statement frees one page, and the sqlite3 module's execute()
+            # steps it once: executescript() runs it to its end.
+            conn.executescript("PRAGMA incremental_vacuum;")
+        elif conn.execute("SELECT 1 FROM spool LIMIT 1").fetchone() is None:
+            # A spool made while auto_vacuum stayed off (set after the WAL mode): rebuilt
+            # with it on, once, while it is empty (a VACUUM of an empty file is quick).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("VACUUM")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def reclaimable(self) -> int:
+        """Bytes compact() would give back: the free pages, and the WAL file."""
+        conn = self._connect()
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        try:
+            wal = Path(f"{self.path}-wal").stat().st_size
+        except OSError:
+            wal = 0
+        return int(page * free) + wal
 
     # --- reads -----------------------------------------------------------------------------------
     def due(self, limit: int, now: float | None = None, exclude: Sequence[int] = ()) -> list[Row]:
@@ -377,9 +483,23 @@ class Spool:
                 spooled_at=r[5],
                 next_at=r[6],
                 last_error=r[7],
+                lone_failures=r[8],
             )
             for r in cursor
         ]
+
+    def _counts(self) -> tuple[int, float | None]:
+        """Depth and oldest first_seen: two scans of the table, done again only once the
+        spool has changed (a write of this object's, or a commit of another connection's:
+        SQLite's data_version). An idle spool is not scanned every time it is published."""
+        conn = self._connect()
+        version = (os.getpid(), conn.execute("PRAGMA data_version").fetchone()[0])
+        if self._counted is not None and not self._wrote and self._counted[0] == version:
+            return self._counted[1], self._counted[2]
+        self._wrote = False
+        row = conn.execute("SELECT count(*), min(first_seen) FROM spool").fetchone()
+        self._counted = (version, int(row[0]), None if row[1] is None else float(row[1]))
+        return self._counted[1], self._counted[2]
 
     def stats(self, counts: bool = True) -> Stats:
         """Depth, oldest, size, room. ``counts=False``: size and room only (``depth`` -1,
@@ -388,8 +508,8 @@ class Spool:
         batches."""
         depth, oldest, damaged = -1, None, 0
         if counts:
-            row = self._connect().execute("SELECT count(*), min(first_seen) FROM spool").fetchone()
-            depth, oldest, damaged = int(row[0]), row[1], len(self.damaged_files())
+            depth, oldest = self._counts()
+            damaged = len(self.damaged_files())
         return Stats(
             depth=depth,
             oldest=None if oldest is None else float(oldest),

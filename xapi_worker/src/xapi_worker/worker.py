@@ -12,6 +12,7 @@ consumer restores them once ``visibility_timeout`` has passed.
 from __future__ import annotations
 
 import logging
+import pickle
 import socket
 import time
 from collections.abc import Callable, Collection
@@ -25,6 +26,7 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
 from . import events
+from .content import TOO_DEEP, printable, problem
 from .deadletters import DeadLetter, RedisAccess
 from .delivery import (
     Answer,
@@ -38,10 +40,11 @@ from .delivery import (
     merge_duplicates,
     parse_iso,
     retry_delay,
+    unsendable,
 )
 from .lrs import LRSClient
 from .metrics import DEAD_LETTERED, DELIVERED, RETRIED, SPOOLED, Metrics
-from .settings import QUEUE, TASK_NAME, Settings, mask_url
+from .settings import LAST_DELIVERY_KEY, QUEUE, TASK_NAME, Settings, mask_url
 from .spool import Entry, Spool, SpoolError, SpoolFull
 from .transport import ALIAS as TRANSPORT
 from .transport import FIRST_SEEN as H_FIRST_SEEN
@@ -50,6 +53,13 @@ from .transport import NODE_OPTION
 log = logging.getLogger("xapi_worker")
 
 H_ATTEMPT = "xapi_attempt"
+#: exchanges in which the statement failed alone while the LRS stored others (delivery.py)
+H_LONE_FAILURES = "xapi_lone_failures"
+#: Exit status of a worker whose spool cannot be opened (not damaged: a full disk, an I/O
+#: error): EX_TEMPFAIL of sysexits.h, for systemd to start it again.
+SPOOL_UNAVAILABLE_EXIT = 75
+#: A lone failure counts against a statement when the LRS stored others this recently.
+STORED_RECENTLY_SECONDS = 30.0
 BROKER_SOCKET_TIMEOUT = 10.0
 #: With the spool on and the LRS failing, a live batch probes it at least this often.
 PROBE_MAX_SECONDS = 30.0
@@ -118,9 +128,11 @@ def _statement_of(req: SimpleRequest) -> dict[str, Any] | None:
     return None
 
 
-def _int(value: object, default: int) -> int:
+def _int(value: object, default: int, minimum: int = 1) -> int:
+    if value is None:
+        return default
     try:
-        return max(1, int(str(value)))
+        return max(minimum, int(str(value)))
     except (TypeError, ValueError):
         return default
 
@@ -135,6 +147,7 @@ class Processor:
         self.dead = RedisAccess(settings)
         self.metrics = Metrics(settings)
         self._held_until = 0.0  # monotonic: no POST before (an LRS's long Retry-After)
+        self._stored_at = -1e9  # monotonic: the last batch the LRS stored statements of
         self._batch = 0  # statements of the batch being processed (for the events)
         # The node's durable spool (None: off), opened and checked by the worker's main
         # process at start (open_spool), before the pool processes are forked.
@@ -196,6 +209,7 @@ class Processor:
             statement = _statement_of(req)
             headers = req.request_dict or {}
             attempt = _int(headers.get(H_ATTEMPT), 1)
+            lone_failures = _int(headers.get(H_LONE_FAILURES), 0, minimum=0)
             # Queued at: stamped by the first take from the broker (transport.py), kept by
             # every retry; the worker's clock at the first attempt only for older messages.
             first_seen = parse_iso(headers.get(H_FIRST_SEEN)) or now
@@ -212,7 +226,7 @@ class Processor:
                     requeue.append(task_id)
                 continue
             ensure_statement_id(statement, task_id)
-            items.append(Item(task_id, statement, attempt, first_seen))
+            items.append(Item(task_id, statement, attempt, first_seen, lone_failures))
         requeue.extend(self.run(merge_duplicates(items), now))
         return {"requeue": requeue}
 
@@ -223,7 +237,8 @@ class Processor:
             # The LRS asked (Retry-After) not to be called before then, or keeps failing
             # (spool on): nothing is sent.
             answer = Answer(status=None, error=f"held: no POST to the LRS for {held:.0f} s more")
-            results = [Result(i, Verdict.RETRY, answer) for i in leaders]
+            sendable, results = unsendable(leaders)
+            results.extend(Result(i, Verdict.RETRY, answer) for i in sendable)
             return self._settle(results, now, hold=held)
         try:
             results = deliver(
@@ -232,6 +247,8 @@ class Processor:
                 on_sent=self._on_sent,
                 fetch=self.lrs.get_statement,
                 isolate_after=self.settings.isolate_after,
+                stored_before=self._stored_recently,
+                deadline=time.monotonic() + self._split_budget(),
             )
         except Exception as exc:  # a bug of ours: keep the statements, try again later
             log.exception("internal error while delivering a batch")
@@ -239,11 +256,36 @@ class Processor:
             results = [Result(i, Verdict.RETRY, answer) for i in leaders]
         if any(r.verdict in (Verdict.DELIVERED, Verdict.DUPLICATE) for r in results):
             # One SET per batch the LRS accepted (the monitoring's last_delivery_age).
+            self._stored_at = time.monotonic()
             self.dead.note_delivery()
             self._answering()
         elif results and all(r.verdict is Verdict.RETRY for r in results):
             self._not_answering(results[0].answer)
         return self._settle(results, now)
+
+    def _split_budget(self) -> float:
+        """Seconds a batch's exchange (a split included) may last: its messages come back to
+        another consumer after the visibility timeout, of which a retry delay, a flush and
+        the last POST (which may start just before the deadline) take their share."""
+        s = self.settings
+        exchange = s.connect_timeout + s.read_timeout
+        budget = (
+            s.visibility_timeout - s.retry_max_seconds - s.flush_interval_ms / 1000 - 2 * exchange
+        )
+        return max(budget, exchange)
+
+    def _stored_recently(self) -> bool:
+        """The LRS stored statements in the last STORED_RECENTLY_SECONDS: a batch of this
+        process, or of any process of any node (``xapi.last_delivery``, one GET, asked only
+        when a statement fails alone). Best effort: False when the broker cannot say."""
+        if time.monotonic() - self._stored_at < STORED_RECENTLY_SECONDS:
+            return True
+        try:
+            raw: bytes | None = self.dead.quick_client.get(LAST_DELIVERY_KEY)  # type: ignore[assignment]
+            return raw is not None and time.time() - float(raw) < STORED_RECENTLY_SECONDS
+        except Exception:
+            log.debug("%s not read", LAST_DELIVERY_KEY, exc_info=True)
+            return False
 
     # --- the LRS failing: live batches to the spool without a POST ------------------------------
     def _not_answering(self, answer: Answer) -> None:
@@ -289,7 +331,7 @@ class Processor:
             elif res.verdict is Verdict.DUPLICATE:
                 log.info(
                     "statement %s already stored with the same content (HTTP 409): delivered",
-                    res.item.statement_id,
+                    printable(res.item.statement_id),
                 )
                 self.metrics.count(DELIVERED)
                 events.emit(
@@ -351,7 +393,7 @@ class Processor:
             return False
         log.warning(
             "dead letter: statement %s (task %s, attempt %d): %s: %s",
-            item.statement_id,
+            printable(item.statement_id),
             item.key,
             item.attempt,
             reason,
@@ -414,7 +456,11 @@ class Processor:
                     TASK_NAME,
                     args=[item.statement],
                     countdown=delay,
-                    headers={H_ATTEMPT: item.attempt + step, H_FIRST_SEEN: iso(item.first_seen)},
+                    headers={
+                        H_ATTEMPT: item.attempt + step,
+                        H_FIRST_SEEN: iso(item.first_seen),
+                        H_LONE_FAILURES: item.lone_failures,
+                    },
                 )
             except Exception:
                 log.exception("cannot re-publish task %s: put back", item.key)
@@ -488,6 +534,7 @@ class Processor:
                     first_seen=item.first_seen,
                     next_at=now + delay,
                     last_error=answer.what,
+                    lone_failures=item.lone_failures,
                 )
             )
             spooled.append(item)
@@ -532,7 +579,7 @@ def _slim(request: Request) -> SimpleRequest:
     whole statement a second time."""
     args, kwargs, _embed = request._payload
     headers = request.request_dict or {}
-    ours = {k: headers[k] for k in (H_ATTEMPT, H_FIRST_SEEN) if k in headers}
+    ours = {k: headers[k] for k in (H_ATTEMPT, H_FIRST_SEEN, H_LONE_FAILURES) if k in headers}
     return SimpleRequest(
         request.id, request.name, args, kwargs, None, request.hostname, True, None, None, ours
     )
@@ -560,8 +607,63 @@ class XapiBatches(Batches):  # type: ignore[misc]
             self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
         return handler
 
+    #: Set by register_task: writes the dead letters of requests the pool cannot be given.
+    processor: Processor | None = None
+
     def flush(self, requests: Collection[Request]) -> object:
         reqs = list(requests)
+        try:
+            return self._hand_over(reqs)
+        except Exception:
+            # Pickling the batch for the pool failed: a statement nested too deep (it was
+            # decoded, it cannot be re-encoded a few calls deeper). Nothing was sent to the
+            # pool; such statements are dead-lettered here, alone, and the rest handed over.
+            log.warning("a batch of %d cannot go to the pool process: checking each", len(reqs))
+            kept = [r for r in reqs if not self._unpoolable(r)]
+            if not kept:
+                return None
+            try:
+                return self._hand_over(kept)
+            except Exception:
+                log.exception("batch of %d not handed to the pool: messages put back", len(kept))
+                for r in kept:
+                    r.reject(requeue=True)
+                return None
+
+    def _unpoolable(self, request: Request) -> bool:
+        """True when ``request`` cannot be handed to the pool and its dead letter is written
+        (the message acknowledged); a message whose dead letter fails is put back."""
+        args, kwargs, _embed = request._payload
+        candidate = args[0] if len(args) == 1 and not kwargs else {"args": args, "kwargs": kwargs}
+        why = problem(candidate)
+        if why is None:
+            try:
+                pickle.dumps(_slim(request))
+            except RecursionError:
+                why = TOO_DEEP
+            except Exception as exc:
+                why = f"cannot be handed to the pool process: {type(exc).__name__}"
+        if why is None:
+            return False
+        if self.processor is None:
+            return False
+        letter = DeadLetter(
+            statement=candidate if isinstance(candidate, dict) else {"value": candidate},
+            reason=why,
+            task_id=str(request.id),
+            attempts=_int((request.request_dict or {}).get(H_ATTEMPT), 1),
+            first_seen=parse_iso((request.request_dict or {}).get(H_FIRST_SEEN)),
+        )
+        written = self.processor._write_dead_letter(letter)
+        self.processor.metrics.flush()
+        if written:
+            log.warning("dead letter: task %s: %s", request.id, why)
+            request.acknowledge()
+        else:
+            request.reject(requeue=True)
+        return True
+
+    def _hand_over(self, reqs: list[Request]) -> object:
         payload = ([_slim(r) for r in reqs],)
 
         def on_return(result: object) -> None:
@@ -607,6 +709,7 @@ def register_task(app: Celery, settings: Settings) -> Task:
         return processor.process(requests)
 
     task: Task = send_xapi_statement_task
+    task.processor = processor
     return task
 
 
@@ -627,7 +730,19 @@ def _run_the_spool(app: Celery, processor: Processor) -> None:
             spool = Spool(
                 processor.settings.spool_dir, node, processor.settings.spool_max_mb * 1024**2
             )
-            spool.open()
+            try:
+                spool.open()
+            except Exception as exc:
+                # A full disk, an I/O error: the spool is not damaged, and this node must not
+                # run without it (no retries kept, no drain): it stops, loudly, and systemd
+                # starts it again (Restart=); nothing is taken from the broker meanwhile.
+                log.critical(
+                    "%s: this node stops without taking anything (exit %d); free the disk "
+                    "or repair the directory, then it starts again",
+                    exc,
+                    SPOOL_UNAVAILABLE_EXIT,
+                )
+                raise SystemExit(SPOOL_UNAVAILABLE_EXIT) from exc
             log.info(
                 "spool %s: %d statements, limit %d MiB",
                 spool.path,
