@@ -13,6 +13,7 @@ import base64
 import json
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 from xapi_testsupport.pod_on_host import POD_DIR, VENV, as_pod, as_pod_command, lrs_auth
@@ -20,7 +21,8 @@ from xapi_testsupport.statements import EXT, agent, video_context
 from xapi_testsupport.statements import statement as build_statement
 
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
-CONSTRAINTS = "/usr/local/share/xapi/frontal-constraints.txt"
+# The pin set whose kombu== line is the kombu fix (on the controller: the frontal gets no copy).
+CONSTRAINTS = Path(__file__).resolve().parents[3] / "xapi_worker/constraints.txt"
 MARK = "xAPI settings managed by Ansible (Esup-Pod xAPI bundle)"
 BEGIN, END = f"# BEGIN {MARK}", f"# END {MARK}"
 MANAGED_NAMES = [
@@ -153,7 +155,7 @@ def test_pod_pins_unchanged_and_kombu_fixed(frontal):
     }
     for name in ("celery", "redis", "requests"):
         assert installed[name] == pins[name], f"{name} was changed in Pod's venv"
-    kombu_pin = re.search(r"(?im)^kombu==(\S+)", frontal.file(CONSTRAINTS).content_string)
+    kombu_pin = re.search(r"(?im)^kombu==(\S+)", CONSTRAINTS.read_text())
     assert kombu_pin and installed["kombu"] == kombu_pin.group(1)
     # kombu's own redis extra accepts the installed redis-py (what kombu 5.7 broke).
     check = pod_json(
