@@ -251,3 +251,27 @@ def test_statement_is_read_back_from_the_lrs(frontal, queued_statement):
     )
     assert found["stored"]["id"] == queued_statement["id"]
     assert found["stored"]["verb"]["id"] == "https://w3id.org/xapi/video/verbs/played"
+
+
+# The role's check of the public host name, run on the frontal as the role runs it: Pod's venv
+# python as pod, the validator Ralph's models use (email_validator, from Pod's requirements).
+PUBLIC_HOST_CHECK = Path(__file__).resolve().parents[3] / (
+    "roles/xapi_frontal/files/xapi_frontal_public_host_check.py"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("host:8000", False), ("frontal", False), ("pod.test", False), ("pod.lab.example.org", True)],
+)
+def test_public_host_checked_with_pods_own_validator(frontal, name, ok):
+    code = base64.b64encode(PUBLIC_HOST_CHECK.read_bytes()).decode()
+    stdin = base64.b64encode(json.dumps({"host": name}).encode()).decode()
+    result = frontal.run(
+        f"echo {stdin} | base64 -d | runuser -u pod -- {VENV}/bin/python -c "
+        f'"$(echo {code} | base64 -d)"'
+    )
+    assert result.rc == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["checked"] is True and answer["validator"].startswith("email-validator ")
+    assert answer["ok"] is ok, answer
