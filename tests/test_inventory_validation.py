@@ -132,6 +132,33 @@ CASES = [
         "xapi_encodage_pod_dir",
     ),
     ("xapi_encodage.yml", {"xapi_encodage_pod_user": "pod;id"}, "system user names"),
+    # Pod's version and the upgrade (roles/xapi_encodage_pod): an upgrade names both ends,
+    # versions reach git's argv (no option), and a host without Pod needs a version named.
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_pod_upgrade_to": "4.4.0", "xapi_encodage_worker_ip_filter": False},
+        "xapi_encodage_pod_upgrade_from and xapi_encodage_pod_upgrade_to go together",
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_upgrade_from": "--upload-pack=touch /tmp/pwned",
+            "xapi_encodage_pod_upgrade_to": "4.4.0",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_upgrade_from ("--upload-pack=touch /tmp/pwned") must be a tag',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_pod_version": "", "xapi_encodage_worker_ip_filter": False},
+        "set xapi_encodage_pod_version to the Pod release your frontal runs",
+    ),
+    # The frontal's public host name (roles/xapi_frontal): Pod would answer 200 and drop
+    # every statement of a site reached by such a name (docs/upstream-facts.md §1.6).
+    ("xapi_frontal.yml", {"xapi_frontal_public_host": "host:8000"}, "it has a port (:8000)"),
+    ("xapi_frontal.yml", {"xapi_frontal_public_host": "frontal"}, "it has no dot"),
+    ("xapi_frontal.yml", {"xapi_frontal_public_host": "pod.test"}, "reserved name .test"),
+    ("xapi_frontal.yml", {"xapi_frontal_public_host": "192.0.2.7"}, "ends in a number"),
     # Variables renamed when Pod's part became roles/xapi_encodage_pod: refused by that role
     # (reached once the worker's read-only steps pass: no IP allow list to resolve here).
     (
@@ -245,6 +272,15 @@ def test_bad_value_is_refused_naming_the_variable(
     assert named in output, output[-2000:]
     # Refused before the role changed anything: no task reported a change.
     assert "changed=0" in output, output[-2000:]
+
+
+def test_real_public_host_name_is_accepted(inventory: Path, tmp_path: Path) -> None:
+    """A real name passes the public-host check: the run goes on to the next one (this
+    machine has no Pod, which the role names next)."""
+    values = {**GOOD, "xapi_frontal_public_host": "pod.univ.example.fr"}
+    returncode, output = check_run(inventory, tmp_path, "xapi_frontal.yml", values)
+    assert "xapi_frontal_public_host" not in output, output[-2000:]
+    assert returncode != 0 and "lacks" in output, output[-2000:]
 
 
 def test_broker_without_firewall_is_warned_about(inventory: Path, tmp_path: Path) -> None:

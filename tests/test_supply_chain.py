@@ -134,8 +134,8 @@ def test_pods_commit_is_recorded_and_a_moved_tag_refused_before_the_checkout():
     options = specs["argument_specs"]["main"]["options"]
     assert options["xapi_encodage_pod_allow_moved_tag"]["type"] == "bool"
     names = [t["name"] for t in yaml.safe_load((POD_ROLE / "tasks/code.yml").read_text())]
-    clone = names.index("Clone or update Pod, keeping any local change (force false)")
-    assert names.index("Ask the repository where Pod's version points now") < clone
+    clone = names.index("Clone Pod on a fresh host, or move it for the upgrade asked (force false)")
+    assert names.index("Ask the repository where the upgrade's version points now") < clone
     assert names.index("Refuse a tag that moved since it was checked out") < clone
     assert names.index("Record the commit Pod's version resolved to") > clone
     assert "xapi_encodage_pod_allow_moved_tag" in (POD_ROLE / "README.md").read_text()

@@ -2,7 +2,8 @@
 
 Run as root with the system's python3: Pod's Redis and encoding-worker configuration files
 (byte-for-byte checksums), Pod's services (main process and start time, which change on any
-restart), Pod's own Celery processes, the packages of Pod's venv (pip freeze, as user pod),
+restart), Pod's own Celery processes, the commit of Pod's checkout and the packages of Pod's
+venv (pip freeze), both read as user pod,
 and, on a host with Pod's Redis, its data (pod_redis_state.py, as user pod with Pod's venv).
 lab/prepare.yml keeps the first snapshot in /var/lib/xapi-lab/site-before.json; the tests
 take another after site.yml and compare.
@@ -76,6 +77,19 @@ def pod_venv() -> list[str] | None:
     return sorted(out.split())
 
 
+def pod_checkout() -> str | None:
+    """The commit Pod's checkout is at (git rev-parse HEAD, run as pod)."""
+    if not os.path.exists(f"{POD_DIR}/.git"):
+        return None
+    return subprocess.run(
+        ["runuser", "-u", "pod", "--", "git", "-C", POD_DIR, "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    ).stdout.strip()
+
+
 def redis_data() -> object:
     if checksum("/etc/redis/redis.conf") is None:
         return None
@@ -97,6 +111,7 @@ print(
             "redis": redis_data(),
             "pod_workers": pod_workers(),
             "pod_venv": pod_venv(),
+            "pod_checkout": pod_checkout(),
         },
         sort_keys=True,
     )

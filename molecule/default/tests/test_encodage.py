@@ -65,7 +65,7 @@ def test_pod_checked_out_at_the_tag_by_pod(encodage):
     assert encodage.user("pod").exists
     assert encodage.file(POD_DIR).user == "pod"
     tag = as_pod(encodage, f"git -C {POD_DIR} describe --tags --exact-match")
-    assert tag.stdout.strip() == "4.1.0", tag.stderr
+    assert tag.stdout.strip() == "4.4.0", tag.stderr
 
 
 def test_no_database_or_index_command_ran(encodage):

@@ -13,6 +13,7 @@ import base64
 import json
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 from xapi_testsupport.pod_on_host import POD_DIR, VENV, as_pod, as_pod_command, lrs_auth
@@ -20,7 +21,8 @@ from xapi_testsupport.statements import EXT, agent, video_context
 from xapi_testsupport.statements import statement as build_statement
 
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
-CONSTRAINTS = "/usr/local/share/xapi/frontal-constraints.txt"
+# The pin set whose kombu== line is the kombu fix (on the controller: the frontal gets no copy).
+CONSTRAINTS = Path(__file__).resolve().parents[3] / "xapi_worker/constraints.txt"
 MARK = "xAPI settings managed by Ansible (Esup-Pod xAPI bundle)"
 BEGIN, END = f"# BEGIN {MARK}", f"# END {MARK}"
 MANAGED_NAMES = [
@@ -153,7 +155,7 @@ def test_pod_pins_unchanged_and_kombu_fixed(frontal):
     }
     for name in ("celery", "redis", "requests"):
         assert installed[name] == pins[name], f"{name} was changed in Pod's venv"
-    kombu_pin = re.search(r"(?im)^kombu==(\S+)", frontal.file(CONSTRAINTS).content_string)
+    kombu_pin = re.search(r"(?im)^kombu==(\S+)", CONSTRAINTS.read_text())
     assert kombu_pin and installed["kombu"] == kombu_pin.group(1)
     # kombu's own redis extra accepts the installed redis-py (what kombu 5.7 broke).
     check = pod_json(
@@ -249,3 +251,27 @@ def test_statement_is_read_back_from_the_lrs(frontal, queued_statement):
     )
     assert found["stored"]["id"] == queued_statement["id"]
     assert found["stored"]["verb"]["id"] == "https://w3id.org/xapi/video/verbs/played"
+
+
+# The role's check of the public host name, run on the frontal as the role runs it: Pod's venv
+# python as pod, the validator Ralph's models use (email_validator, from Pod's requirements).
+PUBLIC_HOST_CHECK = Path(__file__).resolve().parents[3] / (
+    "roles/xapi_frontal/files/xapi_frontal_public_host_check.py"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("host:8000", False), ("frontal", False), ("pod.test", False), ("pod.lab.example.org", True)],
+)
+def test_public_host_checked_with_pods_own_validator(frontal, name, ok):
+    code = base64.b64encode(PUBLIC_HOST_CHECK.read_bytes()).decode()
+    stdin = base64.b64encode(json.dumps({"host": name}).encode()).decode()
+    result = frontal.run(
+        f"echo {stdin} | base64 -d | runuser -u pod -- {VENV}/bin/python -c "
+        f'"$(echo {code} | base64 -d)"'
+    )
+    assert result.rc == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["checked"] is True and answer["validator"].startswith("email-validator ")
+    assert answer["ok"] is ok, answer

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from xapi_testsupport.pod_on_host import site_snapshots
+from xapi_testsupport.pod_on_host import POD_DIR, as_pod, site_snapshots
 
 POD_DBS = (2, 3, 4, 5)
 
@@ -106,6 +106,33 @@ def test_pod_venv_untouched_by_the_bundled_worker(encodage_snapshots):
     assert not [
         p for p in now["pod_venv"] if p.lower().startswith(("xapi-worker", "celery-batches"))
     ]
+
+
+def test_pod_checkout_and_venv_unchanged_on_a_current_release(encodage_snapshots, encodage):
+    """The encoding host runs Pod 4.4.0 before the bundle (lab/prepare.yml): site.yml, whose
+    inventory names 4.4.0 for fresh hosts only, leaves its checkout at its commit and every
+    package of its venv as it was (issue 32: an earlier release moved it back to 4.1.0)."""
+    before, now = encodage_snapshots
+    tag = as_pod(encodage, f"git -C {POD_DIR} describe --tags --exact-match")
+    assert tag.stdout.strip() == "4.4.0", tag.stderr
+    assert before["pod_checkout"] and now["pod_checkout"] == before["pod_checkout"]
+    assert before["pod_venv"] and now["pod_venv"] == before["pod_venv"]
+    assert "requests==2.34.2" in now["pod_venv"]
+
+
+def test_frontal_pod_venv_changed_only_in_kombu(frontal_snapshots):
+    """Pod's pins win on the frontal: a fresh install of Pod 4.4.0's requirements resolved
+    kombu 5.7 (the drift); the bundle changed kombu and nothing else."""
+    before, now = frontal_snapshots
+
+    def without_kombu(freeze: list[str]) -> list[str]:
+        return [p for p in freeze if not p.lower().startswith("kombu==")]
+
+    assert before["pod_venv"] and without_kombu(now["pod_venv"]) == without_kombu(
+        before["pod_venv"]
+    )
+    assert "kombu==5.5.4" in now["pod_venv"] and "kombu==5.5.4" not in before["pod_venv"]
+    assert "requests==2.34.2" in now["pod_venv"]
 
 
 def test_encoding_in_progress_goes_on(encodage):

@@ -2,9 +2,10 @@
 
 The other scenarios run Debian 12: together they cover both supported releases. Here:
 Redis 8.0 and nftables 1.1 on the frontal, CPython 3.13 everywhere, the worker's venv from
-Debian 13's lock, and Pod 4.1.0's requirements-encode.txt under the bundle's constraints
-on Python 3.13 (a fresh venv as pod, from PyPI), which is the set an operator's Pod venv
-gets when the role installs Pod's requirements (roles/xapi_encodage_pod).
+Debian 13's lock, and the lab's Pod release's (4.4.0) requirements-encode.txt with the
+bundle's kombu fix on Python 3.13 (a fresh venv as pod, from PyPI), which is what an
+operator's Pod venv gets when the role installs Pod's requirements (roles/xapi_encodage_pod:
+Pod's pins win, kombu alone is constrained).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hosts import HOSTS, copy_to, sh
+from hosts import HOSTS, sh
 from xapi_testsupport.pod_on_host import POD_DIR, VENV
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -59,9 +60,10 @@ def test_pods_venvs_run_celery_5_4_on_python_3_13() -> None:
         assert sh(host, f"{VENV}/bin/python -V").stdout.startswith("Python 3.13.")
 
 
-def test_pods_encoding_requirements_under_the_constraints_on_python_3_13() -> None:
+def test_pods_encoding_requirements_with_the_kombu_fix_on_python_3_13() -> None:
     venv = "/var/tmp/xapi-py313-check"
-    copy_to("encodage", CONSTRAINTS, "/var/tmp/xapi-constraints.txt")
+    kombu = pins(CONSTRAINTS.read_text())["kombu"]
+    sh("encodage", f"echo kombu=={kombu} > /var/tmp/xapi-constraints.txt")
     install = sh(
         "encodage",
         f"rm -rf {venv} && runuser -u pod -- sh -c 'python3 -m venv {venv} && "
@@ -72,9 +74,11 @@ def test_pods_encoding_requirements_under_the_constraints_on_python_3_13() -> No
     try:
         sh("encodage", f"{venv}/bin/pip check")
         installed = pins(sh("encodage", f"{venv}/bin/pip freeze").stdout)
-        constrained = pins(CONSTRAINTS.read_text())
-        # Every distribution installed is at the constraints' version, and nothing else came.
-        assert {name: constrained.get(name) for name in installed} == installed, install.stderr
+        # Pod's own pins, and the kombu fix.
+        wanted = pins(sh("encodage", f"cat {POD_DIR}/requirements-encode.txt").stdout)
+        wanted["kombu"] = kombu
+        assert {name: installed.get(name) for name in wanted} == wanted, install.stderr
+        assert installed["requests"] == "2.34.2"
         # What imports Pod's task module, and Celery's worker itself, load on 3.13.
         sh(
             "encodage",

@@ -252,23 +252,34 @@ def run_role(limit: str, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_local_changes_of_pod_are_kept(enc2):
+    """sysv-enc2 is on Pod 4.1.0 and the inventory names 4.4.0 (for fresh hosts): its
+    checkout never moves unasked, local changes or not; an upgrade asked on purpose refuses
+    to discard the changes."""
     readme = f"{POD_DIR}/README.md"
     patch = "# local patch of this site"
+    head = as_pod(enc2, f"git -C {POD_DIR} rev-parse HEAD").stdout.strip()
     enc2.run(f"echo '{patch}' >> {readme}")
     try:
         same_version = run_role("sysv-enc2")
         assert same_version.returncode == 0, same_version.stdout[-3000:]
         assert re.search(r"sysv-enc2\s+:.*changed=0", same_version.stdout)
         assert enc2.file(readme).content_string.rstrip().endswith(patch)
-        # A version the checkout does not hold yet (an upgrade): it would have to move.
-        other_version = run_role("sysv-enc2", "-e", "xapi_encodage_pod_version=4.2.0")
-        assert other_version.returncode != 0
-        assert "has local changes and is not at" in other_version.stdout
-        assert "README.md" in other_version.stdout
+        # The upgrade asked on purpose: it would have to move the modified checkout.
+        upgrade = run_role(
+            "sysv-enc2",
+            "-e",
+            "xapi_encodage_pod_upgrade_from=4.1.0",
+            "-e",
+            "xapi_encodage_pod_upgrade_to=4.4.0",
+        )
+        assert upgrade.returncode != 0
+        assert "has local changes; the role will not discard them" in upgrade.stdout
+        assert "README.md" in upgrade.stdout
         assert enc2.file(readme).content_string.rstrip().endswith(patch)
     finally:
         as_pod(enc2, "git checkout -- README.md", cwd=POD_DIR)
     assert as_pod(enc2, f"git -C {POD_DIR} status --porcelain").stdout == ""
+    assert as_pod(enc2, f"git -C {POD_DIR} rev-parse HEAD").stdout.strip() == head
 
 
 def test_statements_left_in_pod_redis_moved_exactly_once(frontal, enc2):
