@@ -21,7 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CHANGELOGS = ROOT / "changelogs"
 FRAGMENTS = "changelogs/fragments/"
 #: What operators run: a commit changing any of it adds or edits a fragment.
-WATCHED = ("roles/", "playbooks/", "site.yml", "xapi_worker/src/")
+WATCHED = (
+    "roles/",
+    "playbooks/",
+    "plugins/",
+    "site.yml",
+    "xapi_worker/src/",
+    "xapi_worker/pyproject.toml",
+    "xapi_worker/constraints.txt",
+    "xapi_worker/requirements",
+    "prometheus/",
+    "meta/",
+    "galaxy.yml",
+)
 #: The keys a fragment may use (the helpers' brief and docs/releasing.md name the first five).
 KEYS = {
     "breaking_changes",
@@ -99,7 +111,7 @@ def test_fragments_use_known_keys() -> None:
 def _changed(commit: str) -> list[str]:
     """What a change on main changed: a merge against its first parent (the whole branch it
     brought), a plain commit against its parent."""
-    return _git("diff", "--name-only", f"{commit}^1", commit).split()
+    return _git("diff", "--name-only", "--diff-filter=AMRD", f"{commit}^1", commit).split()
 
 
 def unreleased_without_fragment() -> list[str]:
@@ -116,7 +128,13 @@ def unreleased_without_fragment() -> list[str]:
         watched = [
             f for f in files if (f == "site.yml" or f.startswith(WATCHED)) and not f.endswith(".md")
         ]
-        fragments = [f for f in files if f.startswith(FRAGMENTS) and f.endswith((".yml", ".yaml"))]
+        # a fragment added or edited (a deleted one is no fragment of this change)
+        kept = set(_git("diff", "--name-only", "--diff-filter=AMR", f"{commit}^1", commit).split())
+        fragments = [
+            f
+            for f in files
+            if f in kept and f.startswith(FRAGMENTS) and f.endswith((".yml", ".yaml"))
+        ]
         released = "changelogs/changelog.yaml" in files
         if watched and not fragments and not released:
             subject = _git("log", "-1", "--format=%h %s", commit).strip()
