@@ -458,6 +458,10 @@ def retry_delay(
     return float(round(min(delay, maximum), 3))
 
 
+#: 2100-01-01T00:00:00Z: no header time is later than this.
+LATEST_TIMESTAMP = 4_102_444_800.0
+
+
 def iso(ts: float) -> str:
     when = datetime.fromtimestamp(ts, tz=timezone.utc)  # noqa: UP017
     return when.isoformat(timespec="milliseconds")
@@ -472,4 +476,7 @@ def parse_iso(value: object) -> float | None:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)  # noqa: UP017 (Python 3.9 on Debian 11)
-    return when.timestamp()
+    ts = when.timestamp()
+    # A header can say anything: a time iso() cannot write back (year 0, year 10000) would
+    # make every later dead-letter or re-publish of the message fail.
+    return ts if LATEST_TIMESTAMP > ts > 0 else None

@@ -388,7 +388,8 @@ class Spool:
                 )
         except SpoolError:
             raise
-        except sqlite3.Error as exc:  # disk full, I/O error, locked for too long
+        except (sqlite3.Error, OverflowError, ValueError) as exc:
+            # disk full, I/O error, locked for too long; a value SQLite cannot hold
             raise SpoolError(f"spool {self.path}: {type(exc).__name__}: {exc}") from exc
 
     def delete(self, ids: Sequence[int]) -> None:

@@ -128,11 +128,16 @@ def _statement_of(req: SimpleRequest) -> dict[str, Any] | None:
     return None
 
 
+#: The largest count a header may carry: any message can arrive with any header (the
+#: producer's ACL user writes them), and SQLite's INTEGER holds 64 bits.
+HEADER_COUNT_MAX = 1_000_000
+
+
 def _int(value: object, default: int, minimum: int = 1) -> int:
     if value is None:
         return default
     try:
-        return max(minimum, int(str(value)))
+        return min(HEADER_COUNT_MAX, max(minimum, int(str(value))))
     except (TypeError, ValueError):
         return default
 
