@@ -181,6 +181,18 @@ CASES = [
     ),
     ("redis.yml", {"redis_xapi_producer_acl_commands": ["@all"]}, "plain command names"),
     ("redis.yml", {"redis_xapi_producer_acl_keys": ["%W~xapi", "&*"]}, "the producer's keys start"),
+    # The move from Pod's Redis sends no password of the bundle's there (round two, finding 1).
+    (
+        "redis.yml",
+        {"redis_migrate_from_password": GOOD["xapi_broker_password"]},
+        "redis_migrate_from_password is a bundle password",
+    ),
+    (
+        "redis-migrate.yml",
+        {"redis_migrate_from_password": GOOD["xapi_lrs_password"]},
+        "redis_migrate_from_password is a bundle password",
+    ),
+    ("redis.yml", {"redis_migrate_from_user": "x on +@all"}, "redis_migrate_from_user"),
     (
         "redis.yml",
         {
