@@ -132,6 +132,28 @@ CASES = [
         "xapi_encodage_pod_dir",
     ),
     ("xapi_encodage.yml", {"xapi_encodage_pod_user": "pod;id"}, "system user names"),
+    # Round two, finding 5: the sysv directories and the CA bundle's path reach the same
+    # root-sourced /etc/default/celeryd-xapi (`sh -n` lets `$(...)` through).
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/var/log/$(touch /tmp/pwned)"},
+        "xapi_encodage_sysv_log_dir",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_pid_dir": '/run/celery"; touch /tmp/pwned; "'},
+        "xapi_encodage_sysv_pid_dir",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_ca_bundle_path": "/etc/ssl/`id`.pem"},
+        "Refused: xapi_ca_bundle_path",
+    ),
+    (
+        "xapi_frontal.yml",
+        {"xapi_ca_bundle_path": "/etc/ssl/x.pem\nexport LD_PRELOAD=/tmp/x.so"},
+        "Refused: xapi_ca_bundle_path",
+    ),
     # Variables renamed when Pod's part became roles/xapi_encodage_pod: refused by that role
     # (reached once the worker's read-only steps pass: no IP allow list to resolve here).
     (
