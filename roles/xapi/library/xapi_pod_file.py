@@ -184,7 +184,12 @@ def run(module: AnsibleModule) -> dict[str, Any]:
     uid = pwd.getpwnam(p["owner"]).pw_uid
     gid = grp.getgrnam(p["group"]).gr_gid
     mode = int(p["mode"], 8)
-    dir_fd = open_directory(path)
+    try:
+        dir_fd = open_directory(path)
+    except FileNotFoundError:
+        if module.check_mode:  # a new host: Pod's tree comes with the run
+            return {"changed": present}
+        raise
     try:
         original, st = read_existing(dir_fd, name, path)
         if p["marker"] is not None:
