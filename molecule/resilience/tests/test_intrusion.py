@@ -279,6 +279,8 @@ POD_REDIS_PORT = 6379
 def start_fake_redis(mode: str) -> str:
     """As pod, a listener on Pod's Redis port (Pod's Redis stopped): its capture file."""
     capture = f"{WORK}/fake-redis-{mode}.bin"
+    # pod's working directory (made by earlier tests in a whole run; made here when alone).
+    sh("frontal", f"mkdir -p {WORK} && chown pod:pod {WORK}")
     copy_to("frontal", FILES / "fake_redis.py", f"{WORK}/fake_redis.py")
     sh(
         "frontal",
