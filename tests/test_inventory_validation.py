@@ -159,6 +159,28 @@ CASES = [
     ("xapi_frontal.yml", {"xapi_frontal_public_host": "frontal"}, "it has no dot"),
     ("xapi_frontal.yml", {"xapi_frontal_public_host": "pod.test"}, "reserved name .test"),
     ("xapi_frontal.yml", {"xapi_frontal_public_host": "192.0.2.7"}, "ends in a number"),
+    # Round two, finding 5: the sysv directories and the CA bundle's path reach the same
+    # root-sourced /etc/default/celeryd-xapi (`sh -n` lets `$(...)` through).
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/var/log/$(touch /tmp/pwned)"},
+        "xapi_encodage_sysv_log_dir",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_pid_dir": '/run/celery"; touch /tmp/pwned; "'},
+        "xapi_encodage_sysv_pid_dir",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_ca_bundle_path": "/etc/ssl/`id`.pem"},
+        "Refused: xapi_ca_bundle_path",
+    ),
+    (
+        "xapi_frontal.yml",
+        {"xapi_ca_bundle_path": "/etc/ssl/x.pem\nexport LD_PRELOAD=/tmp/x.so"},
+        "Refused: xapi_ca_bundle_path",
+    ),
     # Variables renamed when Pod's part became roles/xapi_encodage_pod: refused by that role
     # (reached once the worker's read-only steps pass: no IP allow list to resolve here).
     (
@@ -208,6 +230,18 @@ CASES = [
     ),
     ("redis.yml", {"redis_xapi_producer_acl_commands": ["@all"]}, "plain command names"),
     ("redis.yml", {"redis_xapi_producer_acl_keys": ["%W~xapi", "&*"]}, "the producer's keys start"),
+    # The move from Pod's Redis sends no password of the bundle's there (round two, finding 1).
+    (
+        "redis.yml",
+        {"redis_migrate_from_password": GOOD["xapi_broker_password"]},
+        "redis_migrate_from_password is a bundle password",
+    ),
+    (
+        "redis-migrate.yml",
+        {"redis_migrate_from_password": GOOD["xapi_lrs_password"]},
+        "redis_migrate_from_password is a bundle password",
+    ),
+    ("redis.yml", {"redis_migrate_from_user": "x on +@all"}, "redis_migrate_from_user"),
     (
         "redis.yml",
         {

@@ -581,3 +581,62 @@ def test_spool_thresholds_in_the_configuration(tmp_path, redis_srv):
     assert "oldest statement spooled 1" in result.text
     wrong = {"brokers": [broker_entry(redis_srv.port)], "thresholds": {"spool_used": [90, 50]}}
     assert check(write(tmp_path, wrong, "w.json")).code == 3
+
+
+# --- hostile keys and messages (security review, round two, finding 6) ---------------------
+def test_metric_fields_with_line_breaks_make_no_label(tmp_path, redis_srv):
+    """A field of the metrics hash whose bound or status ends with a line break (float() takes
+    it) used to become a label holding one: node_exporter then drops the whole file."""
+    r = redis_srv.client()
+    set_node(r, "enc1", depth=0)
+    r.hset(
+        "xapi.metrics",
+        mapping={
+            "batch_size_bucket:1": "3",
+            "batch_size_bucket:1\n": "4",
+            "batch_size_bucket: 2": "4",
+            "batch_size_bucket:+Inf": "5",
+            "batch_size_count": "5",
+            "lrs_responses:200": "2",
+            "lrs_responses:200\n": "9",
+            "lrs_responses:\u0662\u0660\u0660": "9",  # digits, not ASCII ones
+        },
+    )
+    config = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)]})
+    proc = subprocess.run(
+        [PYTHON, str(PLUGIN), "-C", str(config), "--prometheus", "-"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        check=True,
+    )
+    for line in proc.stdout.splitlines():
+        assert line.startswith("#") or re.fullmatch(r"[a-z_]+\{[^\n]*\} \S+", line), line
+    values = prometheus(config)
+    broker = ("broker", "frontal1")
+    assert values[("xapi_batch_size_bucket", (broker, ("le", "1")))] == 3
+    assert values[("xapi_batch_size_bucket", (broker, ("le", "+Inf")))] == 5
+    assert values[("xapi_lrs_responses_total", (broker, ("status", "200")))] == 2
+    assert len([k for k in values if k[0] == "xapi_lrs_responses_total"]) == 1
+    assert len([k for k in values if k[0] == "xapi_batch_size_bucket"]) == 2
+
+
+def test_a_deeply_nested_message_keeps_no_worker_consumes_critical(tmp_path, redis_srv, ralph):
+    """Anyone may queue a message nested past the JSON parser's stack: the oldest queued one
+    used to turn the check's answer into UNKNOWN (RecursionError), hiding that no worker
+    consumes the queue."""
+    r = redis_srv.client()
+    nested = "[" * 200_000 + "]" * 200_000
+    r.lpush("xapi", nested)  # LINDEX -1: the oldest, the one whose time is read
+    with pod_producer(redis_srv.url()) as delay:
+        for n in range(6):
+            delay(fresh(n, age=400))
+    config = {
+        "brokers": [broker_entry(redis_srv.port)],
+        "lrs": lrs_entry(ralph.url),
+        "thresholds": {"queue": [5, 100]},
+    }
+    result = check(write(tmp_path, config))
+    assert result.code == 2, result.line
+    assert "no worker consumes (queue 7, 0 worker nodes alive)" in result.text, result.line

@@ -219,8 +219,14 @@ def test_the_timer_writes_the_metrics_file(frontal) -> None:
     assert frontal.service("xapi-metrics.timer").is_enabled
     assert frontal.service("xapi-metrics.timer").is_running
     frontal.check_output("systemctl start xapi-metrics.service")
-    written = frontal.file(METRICS)
-    assert (written.user, written.mode) == ("root", 0o644)
+    # Written by the unprivileged xapi-metrics user in its own directory; node_exporter's
+    # file is root's link to it.
+    link = frontal.file(METRICS)
+    assert link.is_symlink and link.user == "root"
+    assert link.linked_to == "/var/lib/xapi-metrics/xapi.prom"
+    written = frontal.file(link.linked_to)
+    assert (written.user, written.mode) == ("xapi-metrics", 0o644)
+    assert frontal.service("xapi-metrics.service").systemd_properties["User"] == "xapi-metrics"
     families = {name for name, _ in parse(written.content_string)}
     assert {"xapi_statements_delivered_total", "xapi_queue_length", "xapi_broker_up"} <= families
 

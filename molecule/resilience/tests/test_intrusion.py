@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shlex
 import time
 import uuid
@@ -246,3 +247,88 @@ def test_no_worker_process_runs_as_root() -> None:
     workers = [line for line in listing if "celery" in line and "worker" in line]
     assert workers, "no worker process found"
     assert all(line.split()[0] == "pod" for line in workers), workers
+
+
+# Live exposure of xapi-metrics.service as it ran as root, measured on the lab's frontal
+# (Debian 12, systemd 252): 2.0. Now an unprivileged user with more of the sandbox.
+METRICS_UNIT_MAX_EXPOSURE = 2.0
+
+
+def test_the_metrics_writer_is_not_root() -> None:
+    """xapi-metrics.service parses what the broker's clients write: it runs as the
+    unprivileged xapi-metrics user (round two, finding 4), writes its own directory, and its
+    systemd-analyze exposure is no higher than as root."""
+    unit = "xapi-metrics.service"
+    assert sh("frontal", f"systemctl show -p User --value {unit}").stdout.strip() == "xapi-metrics"
+    sh("frontal", f"systemctl start {unit}")
+    prom = "/var/lib/prometheus/node-exporter/xapi.prom"
+    listing = sh("frontal", f"stat -c '%U %F' {prom} && stat -L -c '%U %a' {prom}").stdout
+    assert listing.split("\n")[:2] == ["root symbolic link", "xapi-metrics 644"], listing
+    score = sh("frontal", f"systemd-analyze security --no-pager {unit}").stdout
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", score)
+    assert found, score[-500:]
+    print(f"\n{unit} live exposure: {found.group(1)}")
+    assert float(found.group(1)) <= METRICS_UNIT_MAX_EXPOSURE
+
+
+# --- Pod's Redis port taken (security review, round two, finding 1) -------------------------
+# Last in the file: it stops Pod's Redis on the frontal for a while (and starts it again).
+POD_REDIS_PORT = 6379
+
+
+def start_fake_redis(mode: str) -> str:
+    """As pod, a listener on Pod's Redis port (Pod's Redis stopped): its capture file."""
+    capture = f"{WORK}/fake-redis-{mode}.bin"
+    # pod's working directory (made by earlier tests in a whole run; made here when alone).
+    sh("frontal", f"mkdir -p {WORK} && chown pod:pod {WORK}")
+    copy_to("frontal", FILES / "fake_redis.py", f"{WORK}/fake_redis.py")
+    sh(
+        "frontal",
+        f"chmod 0644 {WORK}/fake_redis.py && systemctl stop redis-server.service && "
+        f"runuser -u pod -- setsid python3 {WORK}/fake_redis.py {POD_REDIS_PORT} {capture} "
+        f"{mode} > {WORK}/fake-redis.log 2>&1 < /dev/null & echo $! > {WORK}/fake-redis.pid",
+    )
+    # Pod's Redis is stopped: whatever listens now is pod's (ss may not name another user's
+    # process in a container).
+    listening = f"ss -Hltn 'sport = :{POD_REDIS_PORT}' | grep -q LISTEN"
+    assert wait_until(lambda: sh("frontal", listening, check=False).returncode == 0, 20), (
+        "pod's listener did not start"
+    )
+    return capture
+
+
+def stop_fake_redis() -> None:
+    sh(
+        "frontal",
+        f"kill $(cat {WORK}/fake-redis.pid); sleep 1; systemctl start redis-server.service",
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "run"),
+    [("refuse", "site.yml"), ("accept", "redis-migrate.yml")],
+    ids=["refusing-site.yml", "accepting-migrate"],
+)
+def test_a_listener_on_pod_redis_port_gets_no_password(playbook, mode: str, run: str) -> None:
+    """`pod` binds Pod's Redis port on the broker host while Pod's Redis is down, answering like
+    a password-protected Redis that refuses every login (the old move then sent the workers'
+    password, then the administrator's) or accepts it: the run sends it nothing, fails, and
+    says why; the plays before the move are done."""
+    capture = start_fake_redis(mode)
+    try:
+        result = playbook(run)
+        received = sh("frontal", f"cat {capture}").stdout
+    finally:
+        stop_fake_redis()
+    # Without the colours molecule's environment forces on ansible-playbook.
+    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    for what, secret in secrets().items():
+        assert secret not in received, f"{what} sent to pod's listener: {received[:300]!r}"
+    assert received == "", f"the listener was sent {received[:300]!r}"
+    assert result.returncode != 0, output[-3000:]
+    assert "is not a redis-server run by redis" in output, output[-3000:]
+    if run == "site.yml":  # the move is the last play: the others were done
+        assert output.index("PLAY [Monitoring check") < output.index("PLAY [Move the statements")
+        encodage_recap = re.escape(container("encodage")) + r"\s+:.*failed=0"
+        assert re.search(encodage_recap, output), output[-2000:]

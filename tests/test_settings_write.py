@@ -1,0 +1,236 @@
+"""Root writes settings_local.py and xapi_celery.py into Pod's tree, which `pod` owns, without a
+window between its check and its write (security review, round two, finding 3).
+
+The playbooks run here (local connection, as the test's user, root in CI) against a tree
+owned by `nobody`, standing in for pod. A callback plugin plays pod at the worst moment: when
+the write task starts, after every check before it, it swaps a link in for the file (or for
+the directory above it) pointing at a root-only canary. The old layout (a stat and a
+realpath, then blockinfile) wrote the secret-bearing block into the canary; now the run
+refuses and the canary is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "s3cret-broker-value-0123"
+MARKER = "# {mark} xAPI settings managed by Ansible (Esup-Pod xAPI bundle)"
+
+pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root (chown to another user)")
+
+SWAP = '''
+import os
+from ansible.plugins.callback import CallbackBase
+
+
+class CallbackModule(CallbackBase):
+    """Plays pod: when the write task starts, a link replaces SWAP_PATH (kept aside)."""
+
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "aggregate"
+    CALLBACK_NAME = "swap"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def v2_playbook_on_task_start(self, task, is_conditional):
+        if os.environ["SWAP_BEFORE"] not in task.get_name():
+            return
+        path = os.environ["SWAP_PATH"]
+        os.rename(path, path + ".keep")
+        os.symlink(os.environ["SWAP_TO"], path)
+        os.lchown(path, int(os.environ["SWAP_UID"]), -1)
+'''
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> dict[str, Path]:
+    """Pod's tree owned by nobody, its settings file, and a root-only canary elsewhere."""
+    nobody = pwd.getpwnam("nobody")
+    custom = tmp_path / "pod" / "pod" / "custom"
+    custom.mkdir(parents=True)
+    settings = custom / "settings_local.py"
+    settings.write_text("DEBUG = False\n")
+    for path in (tmp_path / "pod", tmp_path / "pod" / "pod", custom, settings):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    secret_dir = tmp_path / "root-only"
+    secret_dir.mkdir(mode=0o700)
+    canary = secret_dir / "canary"
+    canary.write_text("# root's own, and valid Python\n")
+    canary.chmod(0o600)
+    plugins = tmp_path / "callbacks"
+    plugins.mkdir()
+    (plugins / "swap.py").write_text(SWAP)
+    return {
+        "root": tmp_path,
+        "custom": custom,
+        "settings": settings,
+        "canary": canary,
+        "secret_dir": secret_dir,
+        "plugins": plugins,
+    }
+
+
+def playbook(tmp_path: Path, tasks: list[dict]) -> Path:
+    path = tmp_path / "play.yml"
+    play = {
+        "hosts": "localhost",
+        "connection": "local",
+        "gather_facts": False,
+        "vars": {"ansible_python_interpreter": "/usr/bin/python3"},
+        "tasks": tasks,
+        "handlers": [
+            {
+                "name": "Settings changed",
+                "ansible.builtin.debug": {"msg": "changed"},
+                "listen": "xapi settings_local changed",
+            }
+        ],
+    }
+    path.write_text(json.dumps([play]))
+    return path
+
+
+def settings_block(path: Path, state: str = "present") -> dict:
+    return {
+        "name": "The block",
+        "ansible.builtin.include_role": {"name": "xapi", "tasks_from": "settings_block.yml"},
+        "vars": {
+            "xapi_settings_path": str(path),
+            "xapi_settings_values": {"XAPI_BROKER_SECRET": SECRET},
+            "xapi_settings_owner": "root",
+            "xapi_settings_group": "nogroup",
+            "xapi_settings_state": state,
+        },
+    }
+
+
+def run(
+    tree: dict[str, Path], tasks: list[dict], library: bool = False, **swap: str
+) -> subprocess.CompletedProcess:
+    """The tasks as a playbook; ``library``: the module alone, without its role loaded."""
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+        ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_CALLBACK_PLUGINS=str(tree["plugins"]),
+    )
+    if library:
+        env["ANSIBLE_LIBRARY"] = str(ROOT / "roles/xapi/library")
+    if swap:
+        env.update(
+            ANSIBLE_CALLBACKS_ENABLED="swap",
+            SWAP_UID=str(pwd.getpwnam("nobody").pw_uid),
+            **{f"SWAP_{k.upper()}": v for k, v in swap.items()},
+        )
+    return subprocess.run(
+        ["ansible-playbook", "-i", "localhost,", str(playbook(tree["root"], tasks))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+
+
+def assert_canary_untouched(tree: dict[str, Path]) -> None:
+    canary = tree["canary"]
+    assert canary.read_text() == "# root's own, and valid Python\n", "root wrote through pod's link"
+    st = canary.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
+
+
+@pytest.mark.parametrize("swapped", ["file", "directory"])
+def test_a_link_swapped_in_before_the_write_is_refused(tree, swapped: str) -> None:
+    """After the checks, as the write starts, pod puts a link in place of settings_local.py
+    (to the canary) or of pod/custom (to a root-only directory holding a settings file)."""
+    if swapped == "file":
+        path, target = tree["settings"], tree["canary"]
+    else:
+        path, target = tree["custom"], tree["secret_dir"]
+        tree["canary"].rename(tree["secret_dir"] / "settings_local.py")
+        tree["canary"] = tree["secret_dir"] / "settings_local.py"
+    result = run(
+        tree,
+        [settings_block(tree["settings"])],
+        before="Write the xAPI block of",
+        path=str(path),
+        to=str(target),
+    )
+    output = result.stdout + result.stderr
+    assert_canary_untouched(tree)
+    assert SECRET not in output
+    assert result.returncode != 0, output[-3000:]
+    assert "is not a plain file on a plain path" in output, output[-3000:]
+
+
+def test_a_hard_link_to_a_root_file_is_refused(tree) -> None:
+    """With fs.protected_hardlinks off, pod could hard-link a root file there: root would
+    read it and hand its content back in a file pod reads."""
+    tree["settings"].unlink()
+    os.link(tree["canary"], tree["settings"])
+    result = run(tree, [settings_block(tree["settings"])])
+    assert result.returncode != 0
+    assert "hard links" in result.stdout, result.stdout[-3000:]
+    assert_canary_untouched(tree)
+
+
+def test_the_block_is_written_as_blockinfile_wrote_it(tree) -> None:
+    """Same bytes as the former blockinfile task (so a converged site stays unchanged), root's
+    new file 0640, then idempotent, then removed with state absent."""
+    reference = tree["custom"] / "reference.py"
+    shutil.copy(tree["settings"], reference)
+    block = f"XAPI_BROKER_SECRET = {json.dumps(SECRET)}"
+    blockinfile = {
+        "name": "As before",
+        "ansible.builtin.blockinfile": {"path": str(reference), "marker": MARKER, "block": block},
+    }
+    first = run(tree, [settings_block(tree["settings"]), blockinfile])
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert tree["settings"].read_bytes() == reference.read_bytes()
+    st = tree["settings"].stat()
+    assert (st.st_uid, st.st_mode & 0o777, st.st_nlink) == (0, 0o640, 1)
+    assert "changed=2" in first.stdout
+    again = run(tree, [settings_block(tree["settings"])])
+    assert "changed=0" in again.stdout, again.stdout[-3000:]
+    removed = run(tree, [settings_block(tree["settings"], "absent")])
+    assert removed.returncode == 0, removed.stdout[-3000:]
+    assert tree["settings"].read_text() == "DEBUG = False\n"
+
+
+def test_xapi_celery_is_written_by_the_same_module(tree) -> None:
+    """The frontal's pod/custom/xapi_celery.py was a template task (no check at all): now the
+    same one-step write, which refuses a directory link on its path."""
+    tasks = (ROOT / "roles/xapi_frontal/tasks/settings.yml").read_text()
+    assert "ansible.builtin.template:" not in tasks
+    assert tasks.count("xapi_pod_file:") == 2
+    target = tree["custom"] / "xapi_celery.py"
+    write = {
+        "name": "Write xapi_celery.py",
+        "xapi_pod_file": {
+            "path": str(target),
+            "content": "BROKER_TRANSPORT_OPTIONS = {}\n",
+            "owner": "root",
+            "group": "nogroup",
+            "mode": "0644",
+            "python": True,
+        },
+    }
+    result = run(
+        tree,
+        [write],
+        library=True,
+        before="Write xapi_celery",
+        path=str(tree["custom"]),
+        to=str(tree["secret_dir"]),
+    )
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "is not a plain file on a plain path" in result.stdout
+    assert list(tree["secret_dir"].iterdir()) == [tree["canary"]]
