@@ -123,7 +123,7 @@ def run(
         ANSIBLE_CALLBACK_PLUGINS=str(tree["plugins"]),
     )
     if library:
-        env["ANSIBLE_LIBRARY"] = str(ROOT / "roles/xapi/library")
+        env["ANSIBLE_LIBRARY"] = str(ROOT / "plugins/modules")
     if swap:
         env.update(
             ANSIBLE_CALLBACKS_ENABLED="swap",
@@ -210,7 +210,7 @@ def test_xapi_celery_is_written_by_the_same_module(tree) -> None:
     same one-step write, which refuses a directory link on its path."""
     tasks = (ROOT / "roles/xapi_frontal/tasks/settings.yml").read_text()
     assert "ansible.builtin.template:" not in tasks
-    assert tasks.count("xapi_pod_file:") == 2
+    assert tasks.count("esup.pod_xapi.xapi_pod_file:") == 2
     target = tree["custom"] / "xapi_celery.py"
     write = {
         "name": "Write xapi_celery.py",
