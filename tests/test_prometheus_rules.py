@@ -136,7 +136,10 @@ HEALTHY = {
     f"xapi_spool_damaged{{{N}}}": "0x20",
     'node_textfile_mtime_seconds{file="/var/lib/prometheus/node-exporter/xapi.prom",'
     f"{SCRAPE}}}": "0+60x20",
+    f"node_textfile_scrape_error{{{SCRAPE}}}": "0x20",
 }
+# Every series gone after 4 min (the frontal's node_exporter stopped).
+GONE = {name: re.sub(r"x20$", "x4", values) for name, values in HEALTHY.items()}
 
 # (what, series replacing the healthy ones, {alert: [(extra labels, $value)]}); evaluated at
 # 15 min (every rule's `for` has passed), every alert of the rules file checked: those not
@@ -202,6 +205,20 @@ CASES: list[tuple[str, dict[str, str], dict[str, list[tuple[dict[str, str], str]
         },
     ),
     (
+        "dead letters purged after they rose: nothing rising any more",
+        {
+            f"xapi_dead_letters{{{B}}}": "0 0 0 0 0 0 0 0 0 0 5 5 0 0 0 0 0 0 0 0 0",
+            f"xapi_statements_dead_lettered_total{{{B}}}": "0 0 0 0 0 0 0 0 0 0 5 5 5 5 5 5",
+        },
+        {},
+    ),
+    ("metrics gone", GONE, {"XapiMetricsAbsent": [({}, "1")]}),
+    (
+        "node_exporter cannot parse a textfile",
+        {f"node_textfile_scrape_error{{{SCRAPE}}}": "1x20"},
+        {"XapiMetricsUnreadable": [({}, "1")]},
+    ),
+    (
         "broker down, metrics stale",
         {
             f"xapi_broker_up{{{B}}}": "1x5 0x15",
@@ -233,8 +250,10 @@ def _unittest(tmp_path: Path) -> Path:
             exp = []
             for extra, value in expected.get(alert, []):
                 labels = dict(LABELS)
-                if alert == "XapiMetricsStale":
+                if alert in ("XapiMetricsStale", "XapiMetricsUnreadable"):
                     labels.pop("broker")
+                if alert == "XapiMetricsAbsent":  # absent_over_time: no labels to keep
+                    labels = {}
                 labels.update(extra)
                 exp.append(
                     {
@@ -282,6 +301,9 @@ def test_series_are_shaped_like_the_textfile() -> None:
             keys = set(re.findall(r"(\w+)=", labels))
             if metric == "node_textfile_mtime_seconds":  # node_exporter's own
                 assert keys == {"file", "instance", "job"}
+                continue
+            if metric == "node_textfile_scrape_error":  # node_exporter's own
+                assert keys == {"instance", "job"}
                 continue
             assert metric in families, metric
             assert keys <= {"broker", "node", "status", "instance", "job"}, name

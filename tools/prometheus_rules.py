@@ -78,6 +78,10 @@ def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+#: No series of the textfile anywhere for this long: the metrics are gone, not just stale.
+ABSENT_AFTER = "10m"
+
+
 def rules(check: ModuleType, dead_window: int) -> list[Rule]:
     t = check.DEFAULT_THRESHOLDS
     g = {key: family[0] for key, family in check.GAUGES.items()}
@@ -198,6 +202,8 @@ def rules(check: ModuleType, dead_window: int) -> list[Rule]:
             expr = f"{value} >= {bound}"
             if name == "last_delivery_age":  # an idle site delivers nothing: no alert
                 expr += f" and {g['queue']} > 0"
+            if name == "dead_new":  # the counter keeps its increase after a purge or replay
+                expr += f" and {g['dead_letters']} > 0"
             for_ = None if name == "dead_new" else FOR  # already a window
             out.append(
                 Rule(
@@ -247,6 +253,25 @@ def rules(check: ModuleType, dead_window: int) -> list[Rule]:
             "Every POST to the LRS failed (unreachable, TLS, HTTP errors): statements wait in "
             "the queue or the spools, nothing is lost; fix the LRS.",
             None,
+        ),
+        Rule(
+            "XapiMetricsAbsent",
+            f"absent_over_time({g['up']}[{ABSENT_AFTER}])",
+            "critical",
+            f"no xAPI metrics from any frontal for {ABSENT_AFTER}",
+            "No frontal's xapi.prom is scraped: node_exporter down or its textfile collector "
+            "off, the file removed, or xapi-metrics.timer never ran (systemctl status "
+            "xapi-metrics.timer prometheus-node-exporter on the frontals).",
+            None,
+        ),
+        Rule(
+            "XapiMetricsUnreadable",
+            "node_textfile_scrape_error > 0",
+            "warning",
+            "node_exporter cannot read a textfile of {{ $labels.instance }}",
+            "node_exporter drops every series of a textfile it cannot parse, xapi.prom's "
+            "included: journalctl -u prometheus-node-exporter on that host.",
+            "5m",
         ),
         Rule(
             "XapiMetricsStale",
