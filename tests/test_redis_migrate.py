@@ -286,3 +286,25 @@ def test_the_operators_own_login_is_used_for_pod_redis(
         assert "Moved 2 statements" in output, output[-3000:]
     finally:
         source.stop()
+
+
+def test_a_local_peer_missing_from_the_kernels_tables_is_no_other_host(monkeypatch) -> None:
+    """The kernel's /proc/net/tcp is read in pieces: a local peer's line missed there used to
+    count as "another host", and the workers' password went out unchecked."""
+    import importlib.machinery
+    import importlib.util
+
+    path = str(ROOT / "roles/redis/files/xapi-redis-migrate")
+    loader = importlib.machinery.SourceFileLoader("xapi_redis_migrate", path)
+    spec = importlib.util.spec_from_loader("xapi_redis_migrate", loader)
+    assert spec is not None
+    tool = importlib.util.module_from_spec(spec)
+    loader.exec_module(tool)
+    monkeypatch.setattr(tool, "_peer_socket", lambda sock: None)
+    monkeypatch.setattr(tool, "ACCEPT_WAIT", 0.1)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname()) as sock:
+            with pytest.raises(tool.Impostor, match="not in this host's tables"):
+                tool.check_peer(sock, ME)

@@ -595,6 +595,7 @@ def test_metric_fields_with_line_breaks_make_no_label(tmp_path, redis_srv):
             "batch_size_bucket:1": "3",
             "batch_size_bucket:1\n": "4",
             "batch_size_bucket: 2": "4",
+            "batch_size_bucket:1e+400": "4",  # inf: node_exporter's parser refuses the label
             "batch_size_bucket:+Inf": "5",
             "batch_size_count": "5",
             "lrs_responses:200": "2",
@@ -640,3 +641,23 @@ def test_a_deeply_nested_message_keeps_no_worker_consumes_critical(tmp_path, red
     result = check(write(tmp_path, config))
     assert result.code == 2, result.line
     assert "no worker consumes (queue 7, 0 worker nodes alive)" in result.text, result.line
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1", (1.0, "1")), ("+Inf", (float("inf"), "+Inf")), ("0.5", (0.5, "0.5"))]
+    + [(text, None) for text in ("1e+400", "1\n", " 2", "-1", "inf", "nan")],
+)
+def test_histogram_bounds_as_the_worker_writes_them(text, expected):
+    """Only a finite bound (or +Inf) becomes a label: 1e+400 reads as inf, and node_exporter's
+    parser refuses such a label, then drops every series of the file."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("check_xapi_le", str(PLUGIN))
+    spec = importlib.util.spec_from_loader("check_xapi_le", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
+    loader.exec_module(module)
+    assert module._le(text) == expected
