@@ -8,32 +8,19 @@ promtool comes from Debian's prometheus package, unpacked by tools/promtool.sh (
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import re
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
+from xapi_testsupport.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "prometheus" / "xapi.rules.yml"
 
 
-def _module(name: str, path: Path) -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader(name, str(path))
-    spec = importlib.util.spec_from_loader(name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    loader.exec_module(module)
-    return module
-
-
-generator = _module("prometheus_rules", ROOT / "tools" / "prometheus_rules.py")
+generator = load_script("prometheus_rules", ROOT / "tools" / "prometheus_rules.py")
 check_xapi = generator.load_check_xapi()
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from xapi_testsupport.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ME = pwd.getpwuid(os.getuid()).pw_name
@@ -291,15 +292,7 @@ def test_the_operators_own_login_is_used_for_pod_redis(
 def test_a_local_peer_missing_from_the_kernels_tables_is_no_other_host(monkeypatch) -> None:
     """The kernel's /proc/net/tcp is read in pieces: a local peer's line missed there used to
     count as "another host", and the workers' password went out unchecked."""
-    import importlib.machinery
-    import importlib.util
-
-    path = str(ROOT / "roles/redis/files/xapi-redis-migrate")
-    loader = importlib.machinery.SourceFileLoader("xapi_redis_migrate", path)
-    spec = importlib.util.spec_from_loader("xapi_redis_migrate", loader)
-    assert spec is not None
-    tool = importlib.util.module_from_spec(spec)
-    loader.exec_module(tool)
+    tool = load_script("xapi_redis_migrate", ROOT / "roles/redis/files/xapi-redis-migrate")
     monkeypatch.setattr(tool, "_peer_socket", lambda sock: None)
     monkeypatch.setattr(tool, "ACCEPT_WAIT", 0.1)
     with socket.socket() as server:

@@ -24,6 +24,7 @@ from support import (
     pod_producer,
     wait_for,
 )
+from xapi_testsupport.scripts import load_script
 from xapi_testsupport.statements import invalid, statement, video_statement
 
 PLUGIN = REPO / "roles" / "xapi_ops" / "files" / "check_xapi"
@@ -651,13 +652,4 @@ def test_a_deeply_nested_message_keeps_no_worker_consumes_critical(tmp_path, red
 def test_histogram_bounds_as_the_worker_writes_them(text, expected):
     """Only a finite bound (or +Inf) becomes a label: 1e+400 reads as inf, and node_exporter's
     parser refuses such a label, then drops every series of the file."""
-    import importlib.machinery
-    import importlib.util
-
-    loader = importlib.machinery.SourceFileLoader("check_xapi_le", str(PLUGIN))
-    spec = importlib.util.spec_from_loader("check_xapi_le", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    loader.exec_module(module)
-    assert module._le(text) == expected
+    assert load_script("check_xapi_le", PLUGIN)._le(text) == expected
