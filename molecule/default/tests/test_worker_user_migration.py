@@ -32,6 +32,7 @@ SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
 SPOOL = "/var/lib/celeryd-xapi/spool"
 NODE_UNIT = "celeryd-xapi@xapi.service"
 VENV = "/opt/xapi-worker"
+WORKER_ENV = "/etc/celeryd-xapi/worker.env"
 # Quick retries, so that the statements reach the spool within seconds of the LRS going down,
 # and a short visibility timeout, so that what the killed worker held in `unacked` comes back
 # within a minute rather than ten (both runs get them: the settings are not what is tested).
@@ -120,7 +121,7 @@ def test_a_host_of_the_earlier_layout_moves_with_nothing_lost(old_tree, frontal,
         # What the old worker had spooled, now read by the worker's user.
         spooled = as_worker(
             encodage,
-            f"env XAPI_WORKER_CONFIG=/etc/celeryd-xapi/worker.env {VENV}/bin/xapi-worker spool list",
+            f"env XAPI_WORKER_CONFIG={WORKER_ENV} {VENV}/bin/xapi-worker spool list",
             cwd=VENV,
         )
         assert spooled.rc == 0, spooled.stdout + spooled.stderr
