@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from xapi_testsupport.pod_on_host import POD_DIR, delivered, produce
+from test_worker_user import import_path
+from xapi_testsupport.pod_on_host import POD_DIR, as_pod, delivered, produce
 from xapi_testsupport.polling import wait_until
 from xapi_testsupport.worker_on_host import WORKER, as_worker
 
@@ -110,6 +111,13 @@ def test_a_host_of_the_earlier_layout_moves_with_nothing_lost(old_tree, frontal,
     encodage.check_output(f"chown pod:pod {SPOOL}/* && systemctl restart celeryd-xapi")
     assert wait_until(lambda: worker_user(encodage) == "pod", 30)
     assert "XAPI_LRS_PWD" in encodage.file(SETTINGS).content_string
+    # On this layout the foothold of test_worker_user.py succeeds (those tests fail on it):
+    # pod lists the spool, reads the worker's settings, and writes in the worker's working
+    # directory, the first of its import path.
+    assert as_pod(encodage, f"ls {SPOOL}").rc == 0
+    assert as_pod(encodage, f"cat {WORKER_ENV} > /dev/null").rc == 0
+    assert import_path(encodage)[1] == POD_DIR
+    assert as_pod(encodage, f"test -w {POD_DIR}").rc == 0
 
     lrs.check_output("systemctl stop ralph-lrs")
     try:
