@@ -164,6 +164,8 @@ def test_defaults_file(enc):
     assert f'CELERYD_USER="{user}"' in text
     assert f'CELERYD_CHDIR="{"/opt/xapi-worker" if fresh else POD_DIR}"' in text
     assert f'CELERYD_PID_FILE="{PID_DIR}/%n.pid"' in text
+    # stopwait's log file: without it celery makes /var/log/celery as the workers' user.
+    assert f'DAEMON_OPTS="--logfile={LOG_DIR}/%n%I.log"' in text
     exported = 'export XAPI_WORKER_CONFIG="/etc/celeryd-xapi/worker.env"' in text
     assert exported == (name_of(enc) == "sysv-enc1")
 
