@@ -57,10 +57,15 @@ def inventory() -> str:
 def run_role(tree: Path) -> subprocess.CompletedProcess[str]:
     """playbooks/xapi_encodage.yml of `tree`, with its own configuration and roles."""
     facts = tempfile.mkdtemp(prefix="xapi-facts-")
+    # Plain output to parse: molecule's verifier environment forces colours.
     env = dict(
-        os.environ, ANSIBLE_CONFIG=str(tree / "ansible.cfg"), ANSIBLE_CACHE_PLUGIN_CONNECTION=facts
+        os.environ,
+        ANSIBLE_CONFIG=str(tree / "ansible.cfg"),
+        ANSIBLE_CACHE_PLUGIN_CONNECTION=facts,
+        ANSIBLE_NOCOLOR="1",
     )
     env.pop("ANSIBLE_ROLES_PATH", None)
+    env.pop("ANSIBLE_FORCE_COLOR", None)
     return subprocess.run(
         [
             "ansible-playbook",
@@ -99,7 +104,8 @@ def worker_user(host) -> str:
 
 
 def changed_on(result: subprocess.CompletedProcess[str], host: str) -> int:
-    recap = re.search(rf"^{re.escape(host)}\s*:.*?changed=(\d+)", result.stdout, re.M)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+    recap = re.search(rf"^{re.escape(host)}\s*:.*?changed=(\d+)", plain, re.M)
     assert recap, result.stdout[-3000:]
     return int(recap.group(1))
 
