@@ -246,7 +246,8 @@ def test_no_worker_process_runs_as_root() -> None:
     listing = sh("encodage", "ps -eo user:20,args").stdout.splitlines()
     workers = [line for line in listing if "celery" in line and "worker" in line]
     assert workers, "no worker process found"
-    assert all(line.split()[0] == "pod" for line in workers), workers
+    # The bundled worker's own user (roles/xapi_encodage: xapi_encodage_worker_user).
+    assert all(line.split()[0] == "xapi-worker" for line in workers), workers
 
 
 # Live exposure of xapi-metrics.service as it ran as root, measured on the lab's frontal
