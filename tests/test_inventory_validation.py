@@ -198,10 +198,14 @@ CASES = [
     ),
     (
         "xapi_frontal.yml",
-        {"xapi_frontal_venv": "home/pod/venv"},
+        {"xapi_frontal_venv": "home/pod/venv", "xapi_frontal_public_host": "pod.example.org"},
         "xapi_frontal_venv must be an absolute path",
     ),
-    ("xapi_frontal.yml", {"xapi_frontal_user": "pod;id"}, 'xapi_frontal_user ("pod;id")'),
+    (
+        "xapi_frontal.yml",
+        {"xapi_frontal_user": "pod;id", "xapi_frontal_public_host": "pod.example.org"},
+        'xapi_frontal_user ("pod;id")',
+    ),
     # The frontal's public host name (roles/xapi_frontal): Pod would answer 200 and drop
     # every statement of a site reached by such a name (docs/upstream-facts.md §1.6).
     ("xapi_frontal.yml", {"xapi_frontal_public_host": "host:8000"}, "it has a port (:8000)"),
