@@ -4,6 +4,8 @@ gives is needed (a maintenance page, a 500 for one statement)."""
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import http.client
 import json
 import os
@@ -23,11 +25,12 @@ from support import (
     pod_producer,
     wait_for,
 )
-from xapi_testsupport.statements import video_statement
+from xapi_testsupport.statements import invalid, video_statement
 from xapi_worker.bookkeeping import derive_key, signed_headers
 from xapi_worker.delivery import POISON_AFTER, Item, Verdict, deliver
 from xapi_worker.lrs import LRSClient
 from xapi_worker.settings import settings_from_mapping
+from xapi_worker.spool import Spool
 
 JSON = {"Content-Type": "application/json"}
 
@@ -524,5 +527,75 @@ def test_a_split_counts_its_time_from_the_take_not_from_its_start(
         stopped = time.monotonic() - sent
         # from the take: 10.8 s (+ the last POST); from the split's start, 7 s later: 18.3 s
         assert stopped < 15, (stopped, worker.text()[-3000:])
+    finally:
+        proxy.stop()
+
+
+def test_a_far_retry_after_then_a_broken_backend_through_the_spool_lose_nothing(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    """Issue #33's scenario, at the worker's level: the LRS asks for a wait far in the future
+    (a date 400 days ahead: held for the one-hour cap), so every statement is parked in the
+    spool; the worker restarts and wakes them, and drains them through a balancer whose
+    every other POST goes to a broken backend (503). Every valid statement is stored once,
+    none dead-lettered; every invalid one is dead-lettered with the LRS's refusal."""
+    far = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=400), usegmt=True
+    )
+    mode = {"far": True, "posts": 0}
+
+    def respond(req):
+        if req.method != "POST":
+            return None
+        if mode["far"]:
+            return 503, {**JSON, "Retry-After": far}, b'{"detail": "maintenance"}'
+        mode["posts"] += 1
+        if mode["posts"] % 2:
+            return 503, JSON, b'{"detail": "the broken backend"}'
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o700)
+    config = make_config(
+        proxy.url,
+        XAPI_WORKER_SPOOL_DIR=spool_dir,
+        XAPI_WORKER_SPOOL_AFTER=1,
+        XAPI_WORKER_BATCH_SIZE=20,
+    )
+    node = f"far@{socket.gethostname()}"
+    valid = [video_statement("played", n) for n in range(200)]
+    bad = [invalid(video_statement("played", 1000 + n), n) for n in range(4)]
+
+    def depth() -> int:
+        spool = Spool(spool_dir, node)
+        try:
+            return spool.stats().depth
+        finally:
+            spool.close()
+
+    try:
+        worker = start_worker(config, name="far")
+        with pod_producer(redis_srv.url()) as delay:
+            for n, statement in enumerate(valid):
+                delay(statement)
+                if n % 50 == 25:
+                    delay(bad[n // 50])
+        r = redis_srv.client()
+        total = len(valid) + len(bad)
+        assert wait_for(lambda: depth() == total, 60), worker.text()[-3000:]
+        assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
+        assert "Retry-After" in worker.text()
+        worker.stop()
+        mode["far"] = False
+        worker = start_worker(config, name="far")  # wakes the parked rows at start
+        wanted = sorted(s["id"] for s in valid)
+        assert wait_for(lambda: sorted(ralph.stored_ids()) == wanted, 120), worker.text()[-3000:]
+        assert wait_for(lambda: len(_dead(r)) == len(bad), 60), worker.text()[-3000:]
+        assert wait_for(lambda: depth() == 0, 30)
+        dead = _dead(r)
+        assert {d["statement"]["id"] for d in dead} == {s["id"] for s in bad}
+        assert all(400 <= d["status"] < 500 for d in dead), [d["reason"] for d in dead]
+        assert mode["posts"] > 10  # the broken backend answered its share
     finally:
         proxy.stop()

@@ -52,9 +52,6 @@ from .transport import HEADER_KEY_OPTION, NODE_OPTION
 
 log = logging.getLogger("xapi_worker")
 
-H_ATTEMPT = bookkeeping.ATTEMPT
-H_FIRST_SEEN = bookkeeping.FIRST_SEEN
-H_LONE_FAILURES = bookkeeping.LONE_FAILURES
 #: Exit status of a worker whose spool cannot be opened (not damaged: a full disk, an I/O
 #: error): EX_TEMPFAIL of sysexits.h, for systemd to start it again.
 SPOOL_UNAVAILABLE_EXIT = 75
@@ -134,11 +131,6 @@ def _statement_of(req: SimpleRequest) -> dict[str, Any] | None:
     if not args and set(kwargs) == {"statement"} and isinstance(kwargs["statement"], dict):
         return dict(kwargs["statement"])
     return None
-
-
-#: The largest count a header may carry (bookkeeping.py).
-HEADER_COUNT_MAX = bookkeeping.COUNT_MAX
-_int = bookkeeping.count
 
 
 def header_key(app: Celery) -> bytes:
