@@ -111,6 +111,9 @@ def ralph_env(auth_file: Path, data_dir: Path) -> dict[str, str]:
         RALPH_AUTH_FILE=str(auth_file),
         RALPH_BACKENDS__LRS__FS__DEFAULT_DIRECTORY_PATH=str(data_dir),
         PYTHONPATH=str(REPO / "roles" / "ralph_lrs" / "files"),
+        # Ralph appends every POST to a history file in its application directory (under
+        # XDG_CONFIG_HOME): one per test, not the user's, which concurrent runs corrupt.
+        XDG_CONFIG_HOME=str(data_dir.parent / "ralph-config"),
     )
     return env
 

@@ -3,7 +3,9 @@ content Pod's producer can queue ends stored or dead-lettered alone, never holdi
 
 from __future__ import annotations
 
+import base64
 import json
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from support import Proxy, pod_producer, wait_for
 from xapi_testsupport.statements import video_statement
+from xapi_worker.consumer import NESTED_TOO_DEEP
 from xapi_worker.content import LONE_SURROGATE, NOT_A_NUMBER, TOO_DEEP, problem
 from xapi_worker.delivery import STATEMENT_ID_NAMESPACE
 
@@ -144,6 +147,9 @@ ANY_VALUE = st.one_of(
     # ("Maximum serialization depth exceeded"), a poison whose lone failures take a minute:
     # test_trust covers those. 900 levels, past what the worker can encode, in the example.
     st.integers(1, 120).map(Deep),
+    # Around the limit of the consumer's JSON parser (about 950 levels: the body cannot be
+    # decoded, Celery acknowledged it into nothing) and of the producer's encoder.
+    st.integers(900, 1000).map(Deep),
     # huge strings: 64 to 256 kB of one character, surrogates included (1 MB in the example)
     st.builds(Huge, ANY_CHAR, st.integers(2**16, 2**18)),
 )
@@ -171,6 +177,25 @@ def _hostile_message(place: str, value: Any, n: int) -> tuple[Any, dict[str, Any
     return statement, statement
 
 
+def _queued(delay: Any, argument: Any) -> str:
+    """Queue ``argument`` from a thread of its own: the producer's encoder then has the whole
+    stack (as Pod's view has, a few dozen frames deep), not what pytest and Hypothesis left."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["id"] = delay(argument).id
+        except Exception as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return str(out["id"])
+
+
 @settings(
     max_examples=10,
     deadline=None,
@@ -190,6 +215,8 @@ def _hostile_message(place: str, value: Any, n: int) -> tuple[Any, dict[str, Any
         ("display", "a\x00b"),
         ("extension", float("nan")),
         ("extension", Deep(900)),
+        ("extension", Deep(955)),
+        ("extension", Deep(975)),
         ("extension", Huge("x", 2**20)),
         ("extension", 10**300),
         ("statement", [1, "\udfff"]),
@@ -216,7 +243,7 @@ def test_any_content_ends_stored_once_or_dead_lettered_with_a_reason(
         for n, (place, value) in enumerate(hostile):
             argument, statement = _hostile_message(place, value, n)
             try:
-                task_id = delay(argument).id
+                task_id = _queued(delay, argument)
             except (ValueError, RecursionError):
                 continue  # Pod's producer cannot queue it either
             given_id = statement.get("id") if statement is not None else None
@@ -247,3 +274,97 @@ def test_any_content_ends_stored_once_or_dead_lettered_with_a_reason(
         assert stored.count(statement["id"]) == 1
     assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
     assert "Traceback" not in worker.text(), worker.text()[-3000:]
+
+
+# --- messages the consumer cannot read --------------------------------------------------------
+def _raw_nested(depth: int) -> str:
+    """JSON text of a value nested ``depth`` levels deep, written without recursion."""
+    return '{"a":' * depth + '"bottom"' + "}" * depth
+
+
+def _message_template(redis_srv) -> dict[str, Any]:
+    """A message as Pod's producer queues it (taken back off the queue)."""
+    r = redis_srv.client()
+    with pod_producer(redis_srv.url()) as delay:
+        delay(video_statement("played", 99_999))
+    raw = r.rpop("xapi")
+    return json.loads(raw)
+
+
+def _variant(
+    template: dict[str, Any], body: bytes | str, *, raw_body: bool = False, **headers: Any
+) -> tuple[str, bytes]:
+    """A copy of ``template`` with a new task id and ``body`` (base64-encoded unless
+    ``raw_body``), and its headers updated; returns (task id, the message as queued)."""
+    message = json.loads(json.dumps(template))
+    task_id = str(uuid.uuid4())
+    message["headers"].update(id=task_id, root_id=task_id, **headers)
+    message["properties"]["correlation_id"] = task_id
+    message["properties"]["delivery_tag"] = str(uuid.uuid4())
+    if raw_body:
+        message["body"] = body
+    else:
+        data = body.encode() if isinstance(body, str) else body
+        message["body"] = base64.b64encode(data).decode()
+    return task_id, json.dumps(message).encode()
+
+
+EMBED = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
+
+
+def test_a_message_the_consumer_cannot_read_is_dead_lettered_with_its_reason(
+    redis_srv, ralph, make_config, start_worker
+):
+    """Celery acknowledged a message whose body its JSON parser could not read (a statement
+    nested about 940 levels and more: `on_decode_error`) and rejected into nothing one that
+    was not a task of this worker: lost without trace. A body that decodes to something else
+    than a task's arguments stayed unacknowledged and came back for ever. Each is now a dead
+    letter with its reason; valid statements before and after are stored."""
+    r = redis_srv.client()
+    template = _message_template(redis_srv)
+    statement = video_statement("played", 5)
+    deep = {"result": {"extensions": {"http://example.org/deep": "HOLE"}}}
+    deep_text = json.dumps({**statement, **deep})
+    unreadable: dict[str, tuple[str, ...]] = {}  # task id -> acceptable reasons (prefixes)
+    messages: list[bytes] = []
+    for depth in (940, 960, 990, 5000, 100_000):
+        nested = deep_text.replace('"HOLE"', _raw_nested(depth))
+        body = f"[[{nested}], {{}}, {EMBED}]"
+        task_id, raw = _variant(template, body)
+        unreadable[task_id] = (NESTED_TOO_DEEP, TOO_DEEP)
+        messages.append(raw)
+    for body, headers, reason in (
+        ("42", {}, "invalid task message: TypeError"),
+        ('{"not": "a task"}', {}, "invalid task message"),
+        (f"[[{json.dumps(statement)}], {{}}, {EMBED}]", {"task": "pod.other"}, "not this"),
+        ("[[1], {}, {}]", {"task": None}, "not this"),
+    ):
+        task_id, raw = _variant(template, body, **headers)
+        unreadable[task_id] = (reason,)
+        messages.append(raw)
+    nameless = json.loads(_variant(template, "[[1], {}, {}]")[1])
+    del nameless["headers"]["task"]
+    unreadable[nameless["headers"]["id"]] = ("not a task message",)
+    messages.append(json.dumps(nameless).encode())
+    pickled = json.loads(_variant(template, "[[], {}, {}]")[1])
+    pickled["content-type"] = "application/x-python-serialize"
+    unreadable[pickled["headers"]["id"]] = ("invalid task message: ContentDisallowed",)
+    messages.append(json.dumps(pickled).encode())
+    not_base64 = _variant(template, "%%% not base64 %%%", raw_body=True)[1]
+    good = [video_statement("played", n) for n in range(10)]
+    with pod_producer(redis_srv.url()) as delay:
+        for s in good[:5]:
+            delay(s)
+        r.lpush("xapi", *messages, not_base64)
+        for s in good[5:]:
+            delay(s)
+    worker = start_worker(make_config(ralph.url, XAPI_WORKER_BATCH_SIZE=5))
+    assert wait_for(lambda: len(ralph.stored()) == len(good), 60), worker.text()[-3000:]
+    assert sorted(ralph.stored_ids()) == sorted(s["id"] for s in good)
+    assert wait_for(lambda: len(_dead(r)) == len(unreadable), 30), worker.text()[-3000:]
+    for entry in _dead(r):
+        assert entry["reason"].startswith(unreadable[entry["task_id"]]), entry["reason"]
+        assert isinstance(entry["statement"], dict)
+    assert r.llen("xapi.unreadable") == 1  # not a kombu message: the transport's own path
+    assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
+    assert worker.proc.poll() is None

@@ -1,0 +1,104 @@
+"""Celery's task consumer, with no message acknowledged into nothing.
+
+Celery acknowledges a message whose body it cannot decode (``on_decode_error``: a statement
+nested deeper than the JSON parser goes from where the consumer calls it, about 940 levels
+and more; a body that is not JSON or not base64) and drops, by a rejection without requeue,
+a message that is not a task, names another task or a content type it does not accept:
+gone, with a log line. Any producer of the queue can send such a message (Pod's view queues
+whatever JSON a browser gives it). Here each of them becomes a dead letter with its reason
+and the message's body as text (``{"message_body": ...}``), where ``xapi-worker dead-letters
+list`` shows it and the retention applies; the message is acknowledged only once that is
+written (put back otherwise), and the other messages keep flowing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+
+from .deadletters import DeadLetter
+from .settings import TASK_NAME
+
+log = logging.getLogger("xapi_worker")
+
+#: The dead letter of a message whose body is nested deeper than the consumer can parse.
+NESTED_TOO_DEEP = "not decodable: nested too deep for the worker's JSON parser"
+#: The key of the message's body in such a dead letter's ``statement``.
+BODY = "message_body"
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error under kombu's DecodeError (which wraps what the decoder raised)."""
+    inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+    return inner or exc.__cause__ or exc.__context__ or exc
+
+
+def decode_reason(exc: BaseException) -> str:
+    cause = _cause(exc)
+    if isinstance(cause, RecursionError):
+        return NESTED_TOO_DEEP
+    return f"not decodable: {type(cause).__name__}: {str(cause)[:200]}"
+
+
+def _body_text(message: Any) -> str:  # noqa: ANN401 (kombu's Message)
+    body = getattr(message, "body", b"")
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body).decode("utf-8", "replace")
+    return str(body)
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """``worker_consumer`` of the worker's app (worker.make_celery)."""
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """Celery's handler, and a message it fails on (a body that decodes to something
+        else than ``[args, kwargs, embed]``, a header of the wrong type) set aside: raised
+        out of the event loop, it stayed unacknowledged and came back, again and again."""
+        handler = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> None:  # noqa: ANN401
+            try:
+                handler(message)
+            except Exception as exc:
+                if message.acknowledged:
+                    raise
+                log.debug("message cannot be read as a task", exc_info=True)
+                self.set_aside(message, f"invalid task message: {type(exc).__name__}")
+
+        return on_task_received
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:  # noqa: ANN401
+        self.set_aside(message, decode_reason(exc))
+
+    def on_unknown_message(self, body: object, message: Any) -> None:  # noqa: ANN401
+        self.set_aside(message, "not a task message (no task name in its headers or body)")
+
+    def on_unknown_task(self, body: object, message: Any, exc: BaseException) -> None:  # noqa: ANN401
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        name = str(headers.get("task", "?"))[:200]
+        self.set_aside(message, f"not this worker's task: {name!r} (it runs {TASK_NAME})")
+
+    def on_invalid_task(self, body: object, message: Any, exc: BaseException) -> None:  # noqa: ANN401
+        self.set_aside(message, f"invalid task message: {type(exc).__name__}: {str(exc)[:200]}")
+
+    def set_aside(self, message: Any, reason: str) -> None:  # noqa: ANN401
+        """Dead-letter ``message`` with ``reason``, then acknowledge it; put it back when the
+        dead letter cannot be written (the broker refuses: it comes again)."""
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        task_id = headers.get("id")
+        task = self.app.tasks.get(TASK_NAME)
+        processor = getattr(task, "processor", None)
+        letter = DeadLetter(
+            statement={BODY: _body_text(message)},
+            reason=reason,
+            task_id=task_id if isinstance(task_id, str) else "",
+        )
+        if processor is None or not processor._write_dead_letter(letter):
+            log.error("message %r cannot be read (%s) nor dead-lettered: put back", task_id, reason)
+            message.reject(requeue=True)
+            return
+        processor.metrics.flush()
+        log.error("dead letter: message %r cannot be read: %s", task_id, reason)
+        message.ack()
