@@ -16,7 +16,7 @@ RALPH_VENV := .venv-ralph
 BENCH_VENV := .venv-bench
 SCENARIOS ?= default sysv multi resilience
 
-.PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean lock lock-check
+.PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean lock lock-check docs
 
 help:
 	@echo "make demo       bring the lab up, apply site.yml, deliver one statement"
@@ -73,6 +73,11 @@ test: $(VENV)/.done $(WORKER_VENV)/.done $(RALPH_VENV)/.done image
 	  "bundle-tests=pytest -q -p no:cacheprovider tests" \
 	  "worker-tests=$(MAKE) --no-print-directory worker-test" \
 	  $(foreach s,$(SCENARIOS),"molecule-$(s)=molecule test -s $(s)")
+
+# Each role README's table of variables, from its meta/argument_specs.yml (tools/role_docs.py;
+# tests/test_role_docs.py fails on a stale one).
+docs: $(VENV)/.done
+	python tools/role_docs.py
 
 lint: $(VENV)/.done
 	yamllint -s .
