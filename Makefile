@@ -16,7 +16,7 @@ RALPH_VENV := .venv-ralph
 BENCH_VENV := .venv-bench
 SCENARIOS ?= default sysv multi resilience
 
-.PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean lock lock-check
+.PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean lock lock-check docs
 
 help:
 	@echo "make demo       bring the lab up, apply site.yml, deliver one statement"
@@ -81,6 +81,11 @@ test: $(VENV)/.done $(WORKER_VENV)/.done $(RALPH_VENV)/.done system-deps
 	  $(foreach s,$(wordlist 2,9,$(TEST_SCENARIOS)),"molecule-$(s)=$(MOLECULE_STAGE) $(s)") \
 	  "bundle-tests=pytest -q -p no:cacheprovider tests" \
 	  "lint=$(MAKE) --no-print-directory lint"
+
+# Each role README's table of variables, from its meta/argument_specs.yml (tools/role_docs.py;
+# tests/test_role_docs.py fails on a stale one).
+docs: $(VENV)/.done
+	python tools/role_docs.py
 
 lint: $(VENV)/.done
 	yamllint -s .

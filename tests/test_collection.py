@@ -42,6 +42,7 @@ NEVER = (
     "roles/ralph_lrs/",
     "playbooks/ralph_lrs.yml",
     "docs/benchmarks",
+    "docs/history.md",
     "Makefile",
     "ansible.cfg",
 )
