@@ -562,7 +562,7 @@ def test_spool_stale_and_damaged(tmp_path, redis_srv):
         r,
         "enc2",
         damaged=5,
-        damaged_files=" ".join(names[:4] + ["a\x1b[2Jb"]),
+        damaged_files=" ".join([*names[:4], "a\x1b[2Jb"]),
         damaged_since=now - 3 * 86400,
     )
     set_node(r, "enc3", alive=False, updated=now - 3000)  # a stopped node: old, not stale

@@ -13,7 +13,14 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from support import Proxy, pod_producer, wait_for
 from xapi_testsupport.statements import video_statement
-from xapi_worker.content import LONE_SURROGATE, NOT_A_NUMBER, TOO_DEEP, problem
+from xapi_worker.content import (
+    LONE_SURROGATE,
+    MAX_STATEMENT_BYTES,
+    NOT_A_NUMBER,
+    TOO_DEEP,
+    TOO_LARGE,
+    problem,
+)
 from xapi_worker.delivery import STATEMENT_ID_NAMESPACE
 
 
@@ -247,3 +254,12 @@ def test_any_content_ends_stored_once_or_dead_lettered_with_a_reason(
         assert stored.count(statement["id"]) == 1
     assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
     assert "Traceback" not in worker.text(), worker.text()[-3000:]
+
+
+def test_the_largest_statement_is_counted_in_utf8_bytes():
+    """A statement larger than the worker takes is dead-lettered alone (content.problem):
+    that bounds what a batch writes to the spool (spool.batch_bytes). Bytes, not characters."""
+    room = MAX_STATEMENT_BYTES - len('{"s": ""}')
+    assert problem({"s": "a" * room}) is None
+    assert problem({"s": "a" * (room + 1)}) == TOO_LARGE
+    assert problem({"s": "\u00e9" * (room // 2 + 1)}) == TOO_LARGE  # 2 bytes a character

@@ -99,7 +99,13 @@ def test_full_spool_stops_taking_and_drops_nothing(
     tmp_path, redis_srv, ralph, make_config, start_worker
 ):
     spool_dir = _spool_dir(tmp_path)
-    config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_SPOOL_MAX_MB=2)
+    # 6 MiB: the smallest limit for batches of 5 (four batches of the largest statements)
+    config = make_config(
+        ralph.url,
+        XAPI_WORKER_SPOOL_DIR=spool_dir,
+        XAPI_WORKER_SPOOL_MAX_MB=6,
+        XAPI_WORKER_BATCH_SIZE=5,
+    )
     worker = start_worker(config, name="full")
     ralph.stop()
     statements = [video_statement("paused", n, with_id=True) for n in range(4000)]
@@ -144,8 +150,11 @@ def test_full_disk_stops_taking_and_drops_nothing(
             chunk = b"\0" * 1024**2
             for _ in range((free - 20 * 1024**2) // len(chunk)):
                 f.write(chunk)
-        config = make_config(
-            ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_SPOOL_MAX_MB=1024
+        config = make_config(  # batches of 10: the node stops below 16 + 2.6 MiB free
+            ralph.url,
+            XAPI_WORKER_SPOOL_DIR=spool_dir,
+            XAPI_WORKER_SPOOL_MAX_MB=1024,
+            XAPI_WORKER_BATCH_SIZE=10,
         )
         worker = start_worker(config, name="disk")
         node = worker_node("disk")
@@ -416,13 +425,13 @@ def test_one_rule_for_a_full_spool_or_disk_with_hysteresis(tmp_path, monkeypatch
     limit where it stopped."""
     from xapi_worker import spool as spool_module
 
-    spool = Spool(_spool_dir(tmp_path), "rule@h", max_bytes=1024**3)
+    spool = Spool(_spool_dir(tmp_path), "rule@h", max_bytes=1024**3, batch_size=10)
     spool.open()
     now = time.time()
-    batch = [Entry(video_statement("played", n), f"t{n}", 1, now, now) for n in range(100)]
+    batch = [Entry(video_statement("played", n), f"t{n}", 1, now, now) for n in range(10)]
     reserve = spool_module.DISK_RESERVE_BYTES
     taking = refused = 0
-    for above in range(0, 12 * 1024**2, 256 * 1024):  # free: the reserve, and that much more
+    for above in range(0, 16 * 1024**2, 256 * 1024):  # free: the reserve, and that much more
         monkeypatch.setattr(spool_module, "free_bytes", lambda _d, a=above: reserve + a)
         stats = spool.stats(counts=False)
         if stats.full:
@@ -433,8 +442,38 @@ def test_one_rule_for_a_full_spool_or_disk_with_hysteresis(tmp_path, monkeypatch
             continue
         taking += 1
         spool.add(batch)  # a node that takes: its batch is accepted
-        assert stats.roomy == (above >= 8 * 1024**2)
+        assert stats.roomy == (above >= stats.headroom + spool_module.RESUME_DISK_BYTES)
     assert refused and taking
+    spool.close()
+
+
+def test_the_headroom_counts_bytes_and_the_largest_batch(tmp_path):
+    """The headroom assumed batches of at most 1 MiB and add() counted characters: a batch
+    of statements in Greek (2 bytes a character) or with emoji (4) wrote up to four times
+    what was counted, past the spool's limit, and a batch of large statements was refused
+    by a node that took (taken, refused, put back). Now both count encoded bytes, and the
+    node stops taking with less room than one batch of the largest statements it takes."""
+    limit = 64 * 1024**2
+    spool = Spool(_spool_dir(tmp_path), "bytes@h", max_bytes=limit)
+    spool.batch_size = 10
+    spool.open()
+    now = time.time()
+    # just under the largest statement taken (content.MAX_STATEMENT_BYTES, 256 KiB) in
+    # UTF-8: 8 bytes, 3 characters a time
+    text = "\u03b1\u03b2\U0001f600" * (256 * 1024 // 8 - 300)
+    taken = 0
+    for n in range(200):
+        stats = spool.stats(counts=False)
+        if stats.full:
+            break
+        batch = [
+            Entry({**video_statement("played", n * 10 + i), "pad": text}, f"t{i}", 1, now, now)
+            for i in range(10)
+        ]
+        spool.add(batch)  # a node that takes is never refused its batch
+        taken += 1
+        assert spool.stats(counts=False).used_bytes <= limit
+    assert taken >= 3 and spool.stats(counts=False).full
     spool.close()
 
 

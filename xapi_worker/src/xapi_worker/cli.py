@@ -223,7 +223,10 @@ def _spools(settings: Settings, node: str | None) -> list[Spool]:
     else:
         names = sorted(p.name for p in directory.glob("*.sqlite3"))
     limit = settings.spool_max_mb * 1024**2
-    return [Spool(directory, name.removesuffix(".sqlite3"), limit) for name in names]
+    return [
+        Spool(directory, name.removesuffix(".sqlite3"), limit, settings.batch_size)
+        for name in names
+    ]
 
 
 @contextlib.contextmanager

@@ -121,14 +121,20 @@ class Drainer:
         self.settings = settings
         self.node = node
         # A Spool of its own: an SQLite connection serves the thread that made it.
-        self.spool = Spool(spool.directory, node, spool.max_bytes) if spool is not None else None
+        self.spool = (
+            Spool(spool.directory, node, spool.max_bytes, spool.batch_size)
+            if spool is not None
+            else None
+        )
         if self.spool is not None:
             self.processor: Processor = DrainProcessor(app, settings, self.spool)
         else:
             self.processor = Processor(app, settings)
         # The bookkeeping thread's own Spool: its connection is made, used and closed there.
         self._ahead_spool = (
-            Spool(spool.directory, node, spool.max_bytes) if spool is not None else None
+            Spool(spool.directory, node, spool.max_bytes, spool.batch_size)
+            if spool is not None
+            else None
         )
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xapi-spool-ahead")
         self._next: Future[list[Row]] | None = None  # the batch after the one at the LRS

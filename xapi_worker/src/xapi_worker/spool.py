@@ -32,18 +32,19 @@ from pathlib import Path
 from typing import Any
 from urllib.request import pathname2url
 
-from .content import json_text, printable
+from .content import MAX_STATEMENT_BYTES, json_text, printable
 
 log = logging.getLogger("xapi_worker.spool")
 
 #: The documented maximum of an automatic size limit, and its share of the free disk.
 AUTO_MAX_BYTES = 10 * 1024**3
 AUTO_SHARE = 0.25
-#: Below this much room (under its limit, or above the disk's reserve) the spool counts as
-#: full and the node stops taking: a batch's worth, roughly, which add() still accepts.
-HEADROOM_BYTES = 1024**2
-#: A full spool takes again below this share of its limit, and with this much room above the
-#: disk's reserve: far enough from where it stopped that it does not stop again at once.
+#: What one spooled row may take beyond its statement's JSON text (UTF-8): its other
+#: columns (ids, the last error, cut at 500 characters), SQLite's record and cell headers,
+#: its two index entries, and the unused end of its last overflow page (a page).
+ROW_OVERHEAD_BYTES = 8 * 1024
+#: A full spool takes again below this share of its limit, and with this much room above
+#: where it stopped on its disk: far enough that it does not stop again at once.
 RESUME_SHARE = 0.9
 RESUME_DISK_BYTES = 8 * 1024**2
 #: Free space the spool leaves on its filesystem: below it the spool counts as full, whatever
@@ -156,6 +157,9 @@ class Row:
 
 @dataclass(frozen=True)
 class Stats:
+    """A spool's size and room, and the one rule of a full spool (with :func:`room`, which
+    :meth:`Spool.add` obeys)."""
+
     depth: int
     oldest: float | None  # first_seen of the oldest spooled statement
     used_bytes: int
@@ -164,8 +168,8 @@ class Stats:
     free_bytes: int  # free space of the spool's filesystem
     damaged_files: tuple[str, ...] = ()  # set aside, not drained yet (names, oldest first)
     damaged_since: float | None = None  # when the oldest of them was set aside
+    headroom: int = 0  # the most one batch can write: batch_bytes() of the node's batch size
 
-    # The one rule of a full spool, with add()'s refusal (room()) and its hysteresis.
     @property
     def room(self) -> int:
         return room(self.used_bytes, self.max_bytes, self.free_bytes)
@@ -173,20 +177,20 @@ class Stats:
     @property
     def disk_full(self) -> bool:
         """The disk, not the spool's limit, is what is short of room."""
-        return self.free_bytes - DISK_RESERVE_BYTES < headroom(self.max_bytes)
+        return self.free_bytes - DISK_RESERVE_BYTES < self.headroom
 
     @property
     def full(self) -> bool:
-        """The node stops taking: less room than a batch's worth, which add() would still
-        take, so a node that takes never meets add()'s refusal with a batch that size."""
-        return self.room < headroom(self.max_bytes)
+        """The node stops taking: less room than the most one batch can write, which add()
+        would still take, so a node that takes never meets add()'s refusal with a batch."""
+        return self.room < self.headroom
 
     @property
     def roomy(self) -> bool:
         """A full spool takes again (hysteresis: well away from where it stopped)."""
         return (
             self.used_bytes < self.max_bytes * RESUME_SHARE
-            and self.free_bytes - DISK_RESERVE_BYTES >= RESUME_DISK_BYTES
+            and self.free_bytes - DISK_RESERVE_BYTES >= self.headroom + RESUME_DISK_BYTES
             and not self.full
         )
 
@@ -205,9 +209,28 @@ def damage(exc: sqlite3.DatabaseError) -> bool:
     return int(code) & 0xFF in DAMAGE_CODES
 
 
-def headroom(max_bytes: int) -> int:
-    """Room kept free: a spool this close to its limit counts as full (about a batch)."""
-    return min(HEADROOM_BYTES, max_bytes // 8)
+def row_bytes(statement_text: str, *others: str) -> int:
+    """What a row takes in the spool, at most: its texts' UTF-8 bytes (not characters: a
+    statement in Greek or with emoji takes up to 4 bytes a character), and the overhead."""
+    return (
+        len(statement_text.encode("utf-8"))
+        + sum(len(o.encode("utf-8")) for o in others)
+        + ROW_OVERHEAD_BYTES
+    )
+
+
+def batch_bytes(batch_size: int) -> int:
+    """The most one batch can write to the spool: ``batch_size`` statements of the largest
+    size the worker takes (content.MAX_STATEMENT_BYTES; a larger one is dead-lettered
+    without reaching the spool), each with its row's overhead. A spool with less room than
+    this counts as full (Stats.full)."""
+    return batch_size * (MAX_STATEMENT_BYTES + ROW_OVERHEAD_BYTES)
+
+
+def min_max_bytes(batch_size: int) -> int:
+    """The smallest size limit a spool may be given: room for four batches of the largest
+    statements (a smaller one would count as full before it held a few)."""
+    return 4 * batch_bytes(batch_size)
 
 
 def room(used_bytes: int, max_bytes: int, free: int) -> int:
@@ -261,10 +284,13 @@ class Spool:
     """A node's spool file. Open it with :meth:`open` (which checks it) in the process that
     uses it; the connection is rebuilt after a fork."""
 
-    def __init__(self, directory: str | Path, node: str, max_bytes: int = 0) -> None:
+    def __init__(
+        self, directory: str | Path, node: str, max_bytes: int = 0, batch_size: int = 100
+    ) -> None:
         self.directory = Path(directory)
         self.path = self.directory / node_file(node)
         self._max_bytes = max_bytes  # 0: automatic, computed at open
+        self.batch_size = batch_size  # the node's XAPI_WORKER_BATCH_SIZE: the headroom's unit
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
 
@@ -526,7 +552,7 @@ class Spool:
             )
             for e in entries
         ]
-        incoming = sum(len(r[1]) + len(r[2]) + 200 for r in rows)
+        incoming = sum(row_bytes(r[1], r[0], r[2], r[7]) for r in rows)
         try:
             # The hard limit; the drainer stops the node taking before it (Stats.full).
             used, free = self._used_bytes(), free_bytes(self.directory)
@@ -686,4 +712,5 @@ class Spool:
             free_bytes=free_bytes(self.directory),
             damaged_files=tuple(p.name for p in damaged),
             damaged_since=min(times, default=None),
+            headroom=batch_bytes(self.batch_size),
         )
