@@ -552,7 +552,8 @@ def test_a_full_disk_at_start_is_no_damage_the_node_stops_loudly(
                         f.write(b"\0" * size)
         with pod_producer(redis_srv.url()) as delay:
             delay(video_statement("played", 99))
-        config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir)
+        # batches of 5: a headroom of 1.3 MiB, which the 24 MiB filesystem has once freed
+        config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_BATCH_SIZE=5)
         worker = start_worker(config, name="full", wait_ready=False)
         assert wait_for(lambda: worker.proc.poll() is not None, 60), worker.text()[-3000:]
         assert worker.proc.returncode == 75, worker.text()[-3000:]

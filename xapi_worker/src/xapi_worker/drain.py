@@ -292,9 +292,12 @@ class Drainer:
                 self._full_logged = now
                 why = (
                     f"its disk has {stats.free_bytes // 1024**2} MiB free, under the "
-                    f"{DISK_RESERVE_BYTES // 1024**2} MiB it leaves"
+                    f"{DISK_RESERVE_BYTES // 1024**2} MiB it leaves plus room for one batch "
+                    f"of the largest statements ({stats.headroom / 1024**2:.1f} MiB)"
                     if stats.disk_full
-                    else f"{stats.used_bytes // 1024**2} of {stats.max_bytes // 1024**2} MiB"
+                    else f"{stats.used_bytes // 1024**2} of {stats.max_bytes // 1024**2} MiB, "
+                    f"less than one batch of the largest statements "
+                    f"({stats.headroom / 1024**2:.1f} MiB) from its limit"
                 )
                 log.error(
                     "spool %s FULL (%d statements, %s): this node takes nothing from the "
