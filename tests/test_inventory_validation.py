@@ -106,6 +106,8 @@ CASES = [
     ),
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": -1}, "xapi_encodage_spool_max_mb"),
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": "lots"}, "xapi_encodage_spool_max_mb"),
+    # under four batches of the largest statements (104 MiB with batches of 100)
+    ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": 64}, "at least 104: four batches"),
     (
         "xapi_encodage.yml",
         {"xapi_encodage_dead_letter_retention_days": -3},

@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from support import Proxy, pod_producer, wait_for
 from xapi_testsupport.statements import video_statement
 from xapi_worker.consumer import NESTED_TOO_DEEP
-from xapi_worker.content import LONE_SURROGATE, NOT_A_NUMBER, TOO_DEEP, problem
+from xapi_worker.content import (
+    LONE_SURROGATE,
+    MAX_STATEMENT_BYTES,
+    NOT_A_NUMBER,
+    TOO_DEEP,
+    TOO_LARGE,
+    problem,
+)
 from xapi_worker.delivery import STATEMENT_ID_NAMESPACE
 
 
@@ -368,3 +375,12 @@ def test_a_message_the_consumer_cannot_read_is_dead_lettered_with_its_reason(
     assert r.llen("xapi.unreadable") == 1  # not a kombu message: the transport's own path
     assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
     assert worker.proc.poll() is None
+
+
+def test_the_largest_statement_is_counted_in_utf8_bytes():
+    """A statement larger than the worker takes is dead-lettered alone (content.problem):
+    that bounds what a batch writes to the spool (spool.batch_bytes). Bytes, not characters."""
+    room = MAX_STATEMENT_BYTES - len('{"s": ""}')
+    assert problem({"s": "a" * room}) is None
+    assert problem({"s": "a" * (room + 1)}) == TOO_LARGE
+    assert problem({"s": "\u00e9" * (room // 2 + 1)}) == TOO_LARGE  # 2 bytes a character

@@ -58,7 +58,17 @@ class DeadLetter:
 
 
 #: What a node publishes of its spool (drain.py), read back by status.
-SPOOL_FIELDS = ("depth", "oldest", "bytes", "max_bytes", "full", "damaged", "updated")
+SPOOL_FIELDS = (
+    "depth",
+    "oldest",
+    "bytes",
+    "max_bytes",
+    "full",
+    "damaged",
+    "damaged_files",
+    "damaged_since",
+    "updated",
+)
 
 STATUS_FIELDS = (
     "queue",
@@ -199,10 +209,18 @@ def spool_summary(spools: list[tuple[str, dict[str, str]]]) -> dict[str, Any]:
     now = time.time()
     oldest = [float(h["oldest"]) for _, h in spools if h.get("oldest")]
     prefix = len(QUEUE + INFLIGHT + ".")
+    set_aside = [float(h["damaged_since"]) for _, h in spools if h.get("damaged_since")]
     return {
         "spool": sum(int(h.get("depth") or 0) for _, h in spools),
         "spool_oldest_age_s": round(now - min(oldest), 1) if oldest else None,
         "spool_bytes": sum(int(h.get("bytes") or 0) for _, h in spools),
         "spool_full": sorted(key[prefix:] for key, h in spools if h.get("full") == "1"),
         "spool_damaged": sum(int(h.get("damaged") or 0) for _, h in spools),
+        # set aside as damaged, not drained yet: `xapi-worker spool drain` on their host
+        "spool_damaged_files": sorted(
+            f"{key[prefix:]}: {name}"
+            for key, h in spools
+            for name in (h.get("damaged_files") or "").split()
+        ),
+        "spool_damaged_age_s": round(now - min(set_aside), 1) if set_aside else None,
     }

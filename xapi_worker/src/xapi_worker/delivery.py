@@ -262,10 +262,8 @@ def maybe_stored(answer: Answer) -> bool:
 
 def unsendable(items: Sequence[Item]) -> tuple[list[Item], list[Result]]:
     """The items whose statement can travel as JSON in UTF-8, and a dead-letter Result for
-    each other one (a lone surrogate, NaN, nesting too deep: content.py). One check of the
-    whole batch in the common case, one per statement only when it fails."""
-    if problem([i.statement for i in items]) is None:
-        return list(items), []
+    each other one (a lone surrogate, NaN, nesting too deep, too large: content.py). One
+    check per statement (its size is its own), about the cost of one of the whole batch."""
     sendable: list[Item] = []
     dead: list[Result] = []
     for item in items:

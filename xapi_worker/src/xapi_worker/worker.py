@@ -763,9 +763,8 @@ def _run_the_spool(app: Celery, processor: Processor) -> None:
             return
         node = str(sender)
         if processor.settings.spool_enabled:
-            spool = Spool(
-                processor.settings.spool_dir, node, processor.settings.spool_max_mb * 1024**2
-            )
+            s = processor.settings
+            spool = Spool(s.spool_dir, node, s.spool_max_mb * 1024**2, s.batch_size)
             try:
                 spool.open()
             except Exception as exc:
