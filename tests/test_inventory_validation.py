@@ -242,6 +242,7 @@ CASES = [
         "redis_migrate_from_password is a bundle password",
     ),
     ("redis.yml", {"redis_migrate_from_user": "x on +@all"}, "redis_migrate_from_user"),
+    ("redis.yml", {"redis_migrate_from_unit": "redis-server"}, "redis_migrate_from_unit"),
     (
         "redis.yml",
         {
