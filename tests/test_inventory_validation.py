@@ -33,6 +33,29 @@ CASES = [
     ("monitoring.yml", {"xapi_ops_check_thresholds": {"queue": 10}}, "wrong: queue"),
     ("monitoring.yml", {"xapi_broker_monitor_password": "short"}, "xapi_broker_monitor_password"),
     ("monitoring.yml", {"xapi_broker_monitor_user": "xapi"}, "xapi_broker_monitor_user"),
+    # The metrics writer's account (roles/xapi_ops): never one of the site's or the bundle's
+    # own, by name (whether it exists here or not), nor any existing account the role did not
+    # make (games: a system account of every Debian, standing in for a person's or a
+    # service's), refused before any change.
+    *(
+        (
+            "monitoring.yml",
+            {
+                "xapi_broker_monitor_password": "a-good-monitor-password",
+                "xapi_ops_metrics_user": user,
+            },
+            f"xapi_ops_metrics_user ({user}) a user name of its own, none of the reserved",
+        )
+        for user in ("root", "pod", "redis", "www-data", "xapi-worker", "nobody")
+    ),
+    (
+        "monitoring.yml",
+        {
+            "xapi_broker_monitor_password": "a-good-monitor-password",
+            "xapi_ops_metrics_user": "games",
+        },
+        "xapi_ops_metrics_user (games) names an existing account that this role did not make",
+    ),
     ("redis.yml", {"xapi_broker_db": "42"}, "xapi_broker_db"),
     ("redis.yml", {"redis_firewall_enabled": "maybe"}, "redis_firewall_enabled"),
     ("redis.yml", {"redis_maxmemory": "lots"}, "redis_maxmemory"),
@@ -325,3 +348,41 @@ def test_broker_without_firewall_is_warned_about(inventory: Path, tmp_path: Path
     _, output = check_run(inventory, tmp_path, "redis.yml", values)
     assert "WARNING: redis_firewall_enabled is false" in output, output[-2000:]
     assert "192.0.2.7" in output
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system account)")
+@pytest.mark.parametrize("comment", ["xAPI metrics writer (esup.pod_xapi)", ""])
+def test_the_roles_own_metrics_account_is_accepted(
+    inventory: Path, tmp_path: Path, comment: str
+) -> None:
+    """An account as roles/xapi_ops makes it (a system account with its comment, or none for
+    one made by an earlier release, nologin, its home the unit's state directory) passes the
+    check that refuses every other existing account."""
+    name = f"xapi-m-{os.getpid()}"
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--no-create-home",
+            "--home-dir",
+            "/var/lib/xapi-metrics",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            comment,
+            name,
+        ],
+        check=True,
+    )
+    try:
+        values = {
+            **GOOD,
+            "xapi_broker_monitor_password": "a-good-monitor-password",
+            "xapi_ops_metrics_user": name,
+        }
+        returncode, output = check_run(inventory, tmp_path, "monitoring.yml", values)
+    finally:
+        subprocess.run(["userdel", name], check=True)
+    assert "Check that an existing metrics user is the role's own" in output, output[-2000:]
+    assert "names an existing account" not in output, output[-2000:]
+    assert returncode == 0, output[-2000:]
