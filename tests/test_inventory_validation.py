@@ -351,29 +351,19 @@ def test_broker_without_firewall_is_warned_about(inventory: Path, tmp_path: Path
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system account)")
-@pytest.mark.parametrize("comment", ["xAPI metrics writer (esup.pod_xapi)", ""])
+@pytest.mark.parametrize("comment", ["xAPI metrics writer (esup.pod_xapi)", "", None])
 def test_the_roles_own_metrics_account_is_accepted(
-    inventory: Path, tmp_path: Path, comment: str
+    inventory: Path, tmp_path: Path, comment: str | None
 ) -> None:
     """An account as roles/xapi_ops makes it (a system account with its comment, or none for
-    one made by an earlier release, nologin, its home the unit's state directory) passes the
-    check that refuses every other existing account."""
+    one made by an earlier release, nologin, its home the unit's state directory), or none yet
+    (``comment`` None: a new host), passes the check that refuses every other existing
+    account."""
     name = f"xapi-m-{os.getpid()}"
-    subprocess.run(
-        [
-            "useradd",
-            "--system",
-            "--no-create-home",
-            "--home-dir",
-            "/var/lib/xapi-metrics",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--comment",
-            comment,
-            name,
-        ],
-        check=True,
-    )
+    if comment is not None:
+        home = ["--no-create-home", "--home-dir", "/var/lib/xapi-metrics"]
+        shell = ["--shell", "/usr/sbin/nologin", "--comment", comment]
+        subprocess.run(["useradd", "--system", *home, *shell, name], check=True)
     try:
         values = {
             **GOOD,
@@ -382,7 +372,8 @@ def test_the_roles_own_metrics_account_is_accepted(
         }
         returncode, output = check_run(inventory, tmp_path, "monitoring.yml", values)
     finally:
-        subprocess.run(["userdel", name], check=True)
+        if comment is not None:
+            subprocess.run(["userdel", name], check=True)
     assert "Check that an existing metrics user is the role's own" in output, output[-2000:]
     assert "names an existing account" not in output, output[-2000:]
     assert returncode == 0, output[-2000:]
