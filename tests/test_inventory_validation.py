@@ -53,6 +53,29 @@ CASES = [
     ),
     ("monitoring.yml", {"xapi_broker_monitor_password": "short"}, "xapi_broker_monitor_password"),
     ("monitoring.yml", {"xapi_broker_monitor_user": "xapi"}, "xapi_broker_monitor_user"),
+    # The metrics writer's account (roles/xapi_ops): never one of the site's or the bundle's
+    # own, by name (whether it exists here or not), nor any existing account the role did not
+    # make (games: a system account of every Debian, standing in for a person's or a
+    # service's), refused before any change.
+    *(
+        (
+            "monitoring.yml",
+            {
+                "xapi_broker_monitor_password": "a-good-monitor-password",
+                "xapi_ops_metrics_user": user,
+            },
+            f"xapi_ops_metrics_user ({user}) a user name of its own, none of the reserved",
+        )
+        for user in ("root", "pod", "redis", "www-data", "xapi-worker", "nobody")
+    ),
+    (
+        "monitoring.yml",
+        {
+            "xapi_broker_monitor_password": "a-good-monitor-password",
+            "xapi_ops_metrics_user": "games",
+        },
+        "xapi_ops_metrics_user (games) names an existing account that this role did not make",
+    ),
     ("redis.yml", {"xapi_broker_db": "42"}, "xapi_broker_db"),
     ("redis.yml", {"redis_firewall_enabled": "maybe"}, "redis_firewall_enabled"),
     ("redis.yml", {"redis_maxmemory": "lots"}, "redis_maxmemory"),
@@ -321,6 +344,7 @@ CASES = [
         "redis_migrate_from_password is a bundle password",
     ),
     ("redis.yml", {"redis_migrate_from_user": "x on +@all"}, "redis_migrate_from_user"),
+    ("redis.yml", {"redis_migrate_from_unit": "redis-server"}, "redis_migrate_from_unit"),
     (
         "redis.yml",
         {
@@ -572,3 +596,32 @@ def test_every_broken_rule_is_named_with_its_value(
     missing = [message for message in named if message not in flat]
     assert not missing, f"{missing} not in:\n{output[-4000:]}"
     assert "changed=0" in output, output[-3000:]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system account)")
+@pytest.mark.parametrize("comment", ["xAPI metrics writer (esup.pod_xapi)", "", None])
+def test_the_roles_own_metrics_account_is_accepted(
+    inventory: Path, tmp_path: Path, comment: str | None
+) -> None:
+    """An account as roles/xapi_ops makes it (a system account with its comment, or none for
+    one made by an earlier release, nologin, its home the unit's state directory), or none yet
+    (``comment`` None: a new host), passes the check that refuses every other existing
+    account."""
+    name = f"xapi-m-{os.getpid()}"
+    if comment is not None:
+        home = ["--no-create-home", "--home-dir", "/var/lib/xapi-metrics"]
+        shell = ["--shell", "/usr/sbin/nologin", "--comment", comment]
+        subprocess.run(["useradd", "--system", *home, *shell, name], check=True)
+    try:
+        values = {
+            **GOOD,
+            "xapi_broker_monitor_password": "a-good-monitor-password",
+            "xapi_ops_metrics_user": name,
+        }
+        returncode, output = check_run(inventory, tmp_path, "monitoring.yml", values)
+    finally:
+        if comment is not None:
+            subprocess.run(["userdel", name], check=True)
+    assert "Check that an existing metrics user is the role's own" in output, output[-2000:]
+    assert "names an existing account" not in output, output[-2000:]
+    assert returncode == 0, output[-2000:]

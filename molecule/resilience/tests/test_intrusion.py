@@ -335,3 +335,15 @@ def test_a_listener_on_pod_redis_port_gets_no_password(playbook, mode: str, run:
         assert output.index("PLAY [Monitoring check") < output.index("PLAY [Move the statements")
         encodage_recap = re.escape(container("encodage")) + r"\s+:.*failed=0"
         assert re.search(encodage_recap, output), output[-2000:]
+
+
+def test_the_xapi_instance_in_pod_redis_place_gets_nothing(playbook) -> None:
+    """A redis-server run by `redis` is not yet Pod's Redis: the xAPI instance is one too (in
+    redis-server@xapi.service). Pointed at it as Pod's Redis, the move used to log in there
+    without a password and end rc 0; now it sends it nothing and fails, naming the service it
+    expected and the variable (the review of what landed for issue 34)."""
+    result = playbook("redis-migrate.yml", "-e", '{"redis_migrate_from_port": 6380}')
+    output = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr).split())
+    assert result.returncode != 0, output[-3000:]
+    assert "not the service redis-server.service" in output, output[-3000:]
+    assert "(redis_migrate_from_unit)" in output, output[-3000:]

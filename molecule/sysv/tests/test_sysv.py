@@ -302,13 +302,16 @@ def test_local_changes_of_pod_are_kept(enc2):
 
 def test_statements_left_in_pod_redis_moved_exactly_once(frontal, enc2):
     """The seed-style site of prepare.yml had 20 statements in db 6 of Pod's Redis, one of them
-    in Celery's `unacked` hash: every one is in the LRS after site.yml, nothing of xAPI is
-    left in Pod's Redis, and nothing waits to be delivered again in the instance."""
+    in Celery's `unacked` hash beside an entry planted there by pod that is no message: every
+    statement is in the LRS after site.yml, nothing of xAPI is left in Pod's Redis but the
+    planted entry, as it was (an entry that could not be read stopped the move, on every
+    run), and nothing waits to be delivered again in the instance."""
     ids = frontal.file("/var/lib/xapi-lab/seed-statements.txt").content_string.split()
     assert len(ids) == 20
     missing = [i for i in ids if not delivered(frontal, i, timeout=60)]
     assert missing == []
-    assert frontal.check_output("redis-cli -n 6 DBSIZE") == "0"
+    assert frontal.check_output("redis-cli -n 6 DBSIZE") == "1"
+    assert frontal.check_output("redis-cli -n 6 HGETALL unacked") == "planted-by-pod\nnot a message"
     # The instance holds the token of the one move, and nothing queued or unacknowledged.
     # Read with an encoding host's settings (the worker's user): the frontal's name Pod's
     # producer, which may not read xapi.migrated or unacked (roles/redis README).
