@@ -138,3 +138,23 @@ def test_encoding_hosts_out_of_the_group_are_checked_first(with_group: Path) -> 
 def test_without_the_group_no_encoding_host_is_checked() -> None:
     production = ROOT / "inventories/production"
     assert hosts_of(production, "site.yml", "The encoding hosts left out") == []
+
+
+@pytest.mark.parametrize("tag", ["settings", "service", "packages"])
+def test_the_workers_user_is_created_under_each_tag(tag: str) -> None:
+    """Review M1: `--tags settings` (the spool's move, the settings) or `--tags service`
+    (the init script's stop) must not reach a task needing the worker's user without
+    creating it first."""
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            *("-i", str(ROOT / "inventories/lab"), "--list-tasks", "--tags", tag),
+            str(ROOT / "playbooks/xapi_encodage.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Create the worker's user" in result.stdout
