@@ -61,6 +61,7 @@ def test_the_lab_inventory_runs_every_play_where_it_did() -> None:
         ["encodage", "frontal", "lrs"],  # facts and release check
         ["frontal"],  # broker
         ["frontal"],  # unmanaged broker's preflight
+        [],  # encoding hosts left out of xapi_worker: none without the group
         ["encodage"],  # the worker
         ["frontal"],  # frontal
         ["encodage", "frontal"],  # monitoring
@@ -119,3 +120,41 @@ def test_the_worker_groups_operations_and_monitoring(with_group: Path) -> None:
 def test_an_empty_worker_group_means_the_encoding_hosts(tmp_path: Path) -> None:
     inventory = worker_inventory(tmp_path, "      hosts: {}\n")
     assert hosts_of(inventory, "site.yml", "The xAPI worker") == ["enc1", "enc2"]
+
+
+def test_encoding_hosts_out_of_the_group_are_checked_first(with_group: Path) -> None:
+    """Review H2: an encoding host left out of xapi_worker is looked at for the worker of
+    earlier releases (roles/xapi, tasks/retired_worker.yml) before the worker's play, and in
+    site.yml's first play, before any change."""
+    assert hosts_of(with_group, "site.yml", "The encoding hosts left out") == ["enc1", "enc2"]
+    names = [name for name, _ in plays(with_group, "site.yml")]
+    assert names.index("The encoding hosts left out of xapi_worker") < names.index(
+        "The xAPI worker on its hosts"
+    )
+    first = (ROOT / "playbooks/site.yml").read_text().split("\n- name: Broker")[0]
+    assert "tasks_from: retired_worker.yml" in first
+
+
+def test_without_the_group_no_encoding_host_is_checked() -> None:
+    production = ROOT / "inventories/production"
+    assert hosts_of(production, "site.yml", "The encoding hosts left out") == []
+
+
+@pytest.mark.parametrize("tag", ["settings", "service", "packages"])
+def test_the_workers_user_is_created_under_each_tag(tag: str) -> None:
+    """Review M1: `--tags settings` (the spool's move, the settings) or `--tags service`
+    (the init script's stop) must not reach a task needing the worker's user without
+    creating it first."""
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            *("-i", str(ROOT / "inventories/lab"), "--list-tasks", "--tags", tag),
+            str(ROOT / "playbooks/xapi_encodage.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Create the worker's user" in result.stdout
