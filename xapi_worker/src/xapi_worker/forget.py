@@ -43,6 +43,7 @@ from typing import Any
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+from .retention import unwrap
 from .settings import QUEUE, Settings
 from .spool import Spool
 from .transport import registry_key, unreadable_key
@@ -230,6 +231,8 @@ def decode(raw: bytes | str) -> Any | None:  # noqa: ANN401 (any JSON value)
 
 
 def belongs(learner: Learner, raw: bytes | str) -> bool:
+    if isinstance(raw, bytes):
+        raw, _ = unwrap(raw)  # an element of xapi.unreadable, dated (retention.py)
     value = decode(raw)
     if value is None:
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
