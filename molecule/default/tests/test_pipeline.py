@@ -68,6 +68,7 @@ def test_forget_playbook_removes_a_learner_and_never_shows_who(playbook, frontal
     forgot = playbook("forget.yml", "-e", f"mbox={learner.upper()}")
     output = forgot.stdout + forgot.stderr
     assert forgot.returncode == 0, output[-3000:]
-    assert '\\"dead_letters\\": 1' in output or '"dead_letters": 1' in output, output[-3000:]
+    flat = " ".join(output.replace('\\"', '"').split())  # the callback wraps long lines
+    assert '"dead_letters": 1' in flat, output[-3000:]
     assert "forget-me" not in output.lower()
     assert statement_id not in playbook("dead-letters.yml").stdout
