@@ -48,6 +48,7 @@ class Exit(enum.IntEnum):
     #: As the worker's own start (EX_TEMPFAIL): a spool that cannot be opened (a full disk,
     #: an I/O error, a newer format), or a set-aside file left unread.
     SPOOL_UNAVAILABLE = 75
+    INCOMPLETE = 10
 
 
 EXIT_MEANINGS = {
@@ -62,6 +63,7 @@ EXIT_MEANINGS = {
     Exit.LRS_REJECTED: "LRS rejected the request",
     Exit.LRS_TLS: "LRS TLS verification failed",
     Exit.SPOOL_UNAVAILABLE: "a spool cannot be opened, or a set-aside one not read",
+    Exit.INCOMPLETE: "forget: statements still in a worker's hands (run it again)",
 }
 
 
@@ -212,6 +214,48 @@ def cmd_dead_purge(settings: Settings, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    """Remove one learner's statements from this broker and this host's spools
+    (forget.py); prints how many were removed where, as JSON, never who."""
+    from .forget import Forgetter, Learner, LearnerError
+
+    agent: dict[str, Any] = {}
+    try:
+        given = [a for a in (args.mbox, args.account, args.name) if a is not None]
+        if args.stdin and given:
+            raise LearnerError("--stdin takes the learner alone: no --mbox, --account, --name")
+        if args.stdin:
+            agent = json.loads(sys.stdin.read())
+        else:
+            if args.mbox is not None:
+                agent["mbox"] = args.mbox
+            if args.account is not None:
+                agent["account"] = {"homePage": args.account[0], "name": args.account[1]}
+            if args.name is not None:
+                agent["name"] = args.name
+        learner = Learner.of(agent)
+    except (ValueError, LearnerError) as exc:
+        # The reason names the field; a JSON error may quote the input: not printed.
+        why = str(exc) if isinstance(exc, LearnerError) else "stdin is not one JSON object"
+        print(f"forget: {why}", file=sys.stderr)
+        return Exit.USAGE
+    if args.wait < 0:
+        print("--wait takes a number of seconds >= 0", file=sys.stderr)
+        return Exit.USAGE
+    with _broker(settings) as access:
+        report = Forgetter(settings, access.client, learner, wait_seconds=args.wait).run()
+    print(json.dumps(report.as_dict()))
+    if not report.complete:
+        print(
+            f"forget: {report.in_hands} statements of this learner were still in a worker's "
+            f"hands after {args.wait:g} s (a retry's countdown, an LRS not answering): run "
+            "forget again later",
+            file=sys.stderr,
+        )
+        return Exit.INCOMPLETE
+    return Exit.OK
+
+
 def _spools(settings: Settings, node: str | None) -> list[Spool]:
     if not settings.spool_enabled:
         raise Failure(Exit.CONFIG, "the spool is off: XAPI_WORKER_SPOOL_DIR is not set")
@@ -350,6 +394,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than", type=float, metavar="DAYS", help="delete those written DAYS days ago"
     )
     pur.set_defaults(func=cmd_dead_purge)
+    fgt = sub.add_parser(
+        "forget",
+        help="remove a learner's statements from the broker and this host's spools",
+        description="Remove the statements of one learner (any agent of a statement: mbox, "
+        "account or name) from the queue, the in-flight lists, unacked, this host's spools, "
+        "the dead letters and xapi.unreadable; prints how many were removed where. Not "
+        "reached: the LRS, backups, Pod's own Redis. Options on the command line are seen "
+        "by other users of the host (ps): prefer --stdin.",
+    )
+    fgt.add_argument(
+        "--stdin",
+        action="store_true",
+        help='the learner as a JSON object on stdin: {"mbox": ...}, {"account": {"homePage": '
+        '..., "name": ...}}, {"name": ...}, or several of these keys',
+    )
+    fgt.add_argument("--mbox", help="mailto:address (or the address)")
+    fgt.add_argument("--account", nargs=2, metavar=("HOMEPAGE", "NAME"), help="an account")
+    fgt.add_argument("--name", help="the agent's name (Pod: the user name, or its hash)")
+    fgt.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait, in all, for the workers to settle the learner's statements "
+        f"they hold (default 120); then exit {int(Exit.INCOMPLETE)}",
+    )
+    fgt.set_defaults(func=cmd_forget)
     spool = sub.add_parser("spool", help="list or drain the node spools of this host")
     ssub = spool.add_subparsers(dest="action", required=True)
     slst = ssub.add_parser("list", help="one JSON line per spooled statement, oldest first")

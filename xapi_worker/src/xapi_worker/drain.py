@@ -38,10 +38,11 @@ from celery import Celery
 
 from . import events
 from .delivery import Answer, Item, Result, Verdict, merge_duplicates
+from .retention import Retention
 from .scripts import set_fields
 from .settings import QUEUE, Settings
 from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, Stats
-from .transport import TAKING, spool_state_key
+from .transport import TAKING, spool_state_key, unreadable_key
 from .worker import Processor
 
 log = logging.getLogger("xapi_worker.spool")
@@ -342,6 +343,13 @@ class Drainer:
 
     def purge_expired(self) -> None:
         days = self.settings.dead_letter_retention_days
+        # The same rule for what is set aside (retention.py): damaged spool files, and
+        # xapi.unreadable (dated on the first pass, so that it can expire).
+        spool_file = self.spool.path if self.spool is not None else None
+        try:
+            Retention(self.processor.dead.client, unreadable_key(QUEUE), spool_file).run(days)
+        except Exception:
+            log.warning("retention of what is set aside not applied this time", exc_info=True)
         if not days:
             return
         try:

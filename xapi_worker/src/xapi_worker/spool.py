@@ -587,6 +587,22 @@ class Spool:
         with self._transaction() as conn:
             conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
 
+    def erase(self, ids: Sequence[int]) -> int:
+        """Delete these rows for good (a learner's erasure, forget.py): their content is
+        overwritten in the file (``secure_delete``) and the WAL's older copies of their pages
+        are checkpointed away when no reader holds them. Returns how many were deleted."""
+        if not ids:
+            return 0
+        conn = self._connect()
+        conn.execute("PRAGMA secure_delete = ON")
+        with self._transaction() as conn:
+            deleted = sum(
+                conn.execute("DELETE FROM spool WHERE id = ?", (i,)).rowcount for i in ids
+            )
+        # Best effort: a reader of another process may hold older frames for a while.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted
+
     def reschedule(
         self,
         ids: Sequence[int],
