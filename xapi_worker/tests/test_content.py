@@ -4,9 +4,11 @@ content Pod's producer can queue ends stored or dead-lettered alone, never holdi
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -384,3 +386,38 @@ def test_the_largest_statement_is_counted_in_utf8_bytes():
     assert problem({"s": "a" * room}) is None
     assert problem({"s": "a" * (room + 1)}) == TOO_LARGE
     assert problem({"s": "\u00e9" * (room // 2 + 1)}) == TOO_LARGE  # 2 bytes a character
+
+
+def test_a_compressed_message_is_set_aside_unread_and_dead_letters_stay_bounded(
+    redis_srv, ralph, make_config, start_worker
+):
+    """Kombu decompressed a message with a ``compression`` header whole, and its dead letter
+    copied the whole body, written past maxmemory: 27 KB queued became a 134 MB dead letter.
+    Pod never compresses: such a message goes to ``xapi.unreadable`` as it was queued, and
+    a dead letter keeps the head of a body (with its length and digest), never all of it."""
+    r = redis_srv.client()
+    template = _message_template(redis_srv)
+    bomb = zlib.compress(b"\x01" * 20_000_000, 9)
+    _, compressed = _variant(template, bomb, compression="application/x-gzip")
+    big = json.dumps({"not": "a task", "pad": "x" * 1_000_000})
+    long_id = json.loads(_variant(template, big)[1])
+    long_id["headers"]["id"] = "t" * 10_000
+    large = json.dumps(long_id).encode()
+    r.lpush("xapi", compressed, large)
+    good = [video_statement("played", n) for n in range(3)]
+    with pod_producer(redis_srv.url()) as delay:
+        for s in good:
+            delay(s)
+    worker = start_worker(make_config(ralph.url, XAPI_WORKER_BATCH_SIZE=5))
+    assert wait_for(lambda: len(ralph.stored()) == len(good), 60), worker.text()[-3000:]
+    assert wait_for(lambda: len(_dead(r)) == 1, 30), worker.text()[-3000:]
+    assert r.lrange("xapi.unreadable", 0, -1) == [compressed]
+    [entry] = _dead(r)
+    body = entry["statement"]
+    assert len(body["message_body"]) == 4096
+    assert body["message_bytes"] == len(big)
+    assert body["message_sha256"] == hashlib.sha256(big.encode()).hexdigest()
+    assert len(entry["task_id"]) == 200
+    assert r.execute_command("MEMORY", "USAGE", "xapi.dead_letters") < 64_000
+    assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
+    assert worker.proc.poll() is None

@@ -63,6 +63,8 @@ FIRST_SEEN = bookkeeping.FIRST_SEEN
 NODE_OPTION = "xapi_node"
 #: Transport option: the key of the bookkeeping headers' signature (hex), set by the app.
 HEADER_KEY_OPTION = "xapi_header_key"
+#: Message header naming a compression of the body (kombu's): such a message is set aside.
+COMPRESSION = "compression"
 INFLIGHT = ".inflight"  # <queue>.inflight: set of the in-flight lists of <queue>
 ALIVE = ".alive"
 SPOOL = ".spool"
@@ -369,7 +371,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         One MULTI/EXEC moves them all from the in-flight list to unacked: each is in one
         place or the other, never in neither. What is not a kombu message goes, in the same
         transaction, to ``<queue>.unreadable`` (kombu would drop it with a traceback), where
-        an operator sees it (`xapi-worker status`).
+        an operator sees it (`xapi-worker status`); so does a compressed one, unread: kombu
+        would decompress it whole (a few KB can expand to gigabytes), and Pod never
+        compresses.
         """
         now = time.time()
         good: list[tuple[str, dict[str, Any]]] = []
@@ -378,6 +382,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             try:
                 payload = loads(bytes_to_str(raw))
                 if isinstance(payload.get("headers"), dict):
+                    if payload["headers"].get(COMPRESSION) is not None:
+                        raise ValueError("compressed")
                     self._stamp(payload["headers"], now)
                 props = payload["properties"]
                 tag = str(props["delivery_tag"])
@@ -402,7 +408,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 raise
         if bad:
             log.error(
-                "not a kombu message on %s: moved to %s (%d)",
+                "not a kombu message, or compressed, on %s: moved to %s (%d)",
                 queue,
                 unreadable_key(queue),
                 len(bad),
