@@ -421,3 +421,30 @@ def test_a_compressed_message_is_set_aside_unread_and_dead_letters_stay_bounded(
     assert r.execute_command("MEMORY", "USAGE", "xapi.dead_letters") < 64_000
     assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
     assert worker.proc.poll() is None
+
+
+def test_a_message_that_cannot_be_dead_lettered_is_set_aside_once(
+    redis_srv, ralph, make_config, start_worker
+):
+    """When its dead letter could not be written, an unreadable message was put back at the
+    head of the queue: taken again at once, a hot loop (161 turns in 20 s, a traceback each).
+    It now goes to ``xapi.unreadable``, once; the valid statements around it are stored."""
+    r = redis_srv.client()
+    template = _message_template(redis_srv)
+    r.set("xapi.dead_letters", "not a list")  # every dead-letter write: WRONGTYPE
+    task_id, unreadable = _variant(template, '{"not": "a task"}')
+    good = [video_statement("played", n) for n in range(6)]
+    with pod_producer(redis_srv.url()) as delay:
+        for s in good[:3]:
+            delay(s)
+        r.lpush("xapi", unreadable)
+        for s in good[3:]:
+            delay(s)
+    worker = start_worker(make_config(ralph.url, XAPI_WORKER_BATCH_SIZE=5))
+    assert wait_for(lambda: len(ralph.stored()) == len(good), 60), worker.text()[-3000:]
+    assert wait_for(lambda: r.llen("xapi.unreadable") == 1, 30), worker.text()[-3000:]
+    assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
+    [record] = r.lrange("xapi.unreadable", 0, -1)
+    assert json.loads(record)[0]["headers"]["id"] == task_id
+    assert worker.text().count("nor dead-lettered") == 1, worker.text()[-3000:]
+    assert worker.proc.poll() is None

@@ -22,7 +22,8 @@ from typing import Any
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from .deadletters import DeadLetter
-from .settings import TASK_NAME
+from .settings import QUEUE, TASK_NAME
+from .transport import unreadable_key
 
 log = logging.getLogger("xapi_worker")
 
@@ -117,9 +118,31 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             task_id=task_id,
         )
         if processor is None or not processor._write_dead_letter(letter):
-            log.error("message %r cannot be read (%s) nor dead-lettered: put back", task_id, reason)
-            message.reject(requeue=True)
+            self._unreadable(message, task_id, reason)
             return
         processor.metrics.flush()
         log.error("dead letter: message %r cannot be read: %s", task_id, reason)
+        message.ack()
+
+    def _unreadable(self, message: Any, task_id: str, reason: str) -> None:  # noqa: ANN401
+        """A message that could not be dead-lettered goes to ``xapi.unreadable`` (put back at
+        the head of the queue, it came again at once: a hot loop, a traceback each turn).
+        Should that move fail too (the broker gone), it stays unacknowledged: the channel's
+        close or the visibility timeout puts it back, once."""
+        set_aside = getattr(message.channel, "set_aside", None)
+        try:
+            if set_aside is None:
+                raise RuntimeError("not the worker's transport")
+            set_aside(message.delivery_tag, QUEUE)
+        except Exception:
+            log.exception(
+                "message %r cannot be read (%s) nor set aside: left unacked", task_id, reason
+            )
+            return
+        log.error(
+            "message %r cannot be read (%s) nor dead-lettered: moved to %s",
+            task_id,
+            reason,
+            unreadable_key(QUEUE),
+        )
         message.ack()

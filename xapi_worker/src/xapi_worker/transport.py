@@ -442,6 +442,15 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if failure is not None:
             raise failure
 
+    def set_aside(self, delivery_tag: str, queue: str) -> bool:
+        """Move a message this channel holds from unacked to ``<queue>.unreadable`` (its
+        record, as taken), in one script: for a message that can be neither read nor
+        dead-lettered, which would otherwise come back at once, again and again. False when
+        it was no longer in unacked."""
+        keys = [self.qos.unacked_key, self.qos.unacked_index_key, unreadable_key(queue)]
+        with self.conn_or_acquire() as client:
+            return bool(self._scripts_on(client).set_aside(keys=keys, args=[delivery_tag]))
+
     def _stamp(self, headers: dict[str, Any], now: float) -> None:
         """When the message was taken (every take: the visibility timeout counts from it),
         and, unless a worker signed its bookkeeping, that of a new message first seen now,
