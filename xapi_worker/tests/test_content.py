@@ -448,3 +448,33 @@ def test_a_message_that_cannot_be_dead_lettered_is_set_aside_once(
     assert json.loads(record)[0]["headers"]["id"] == task_id
     assert worker.text().count("nor dead-lettered") == 1, worker.text()[-3000:]
     assert worker.proc.poll() is None
+
+
+def test_a_producers_eta_or_expires_is_not_obeyed(redis_srv, ralph, make_config, start_worker):
+    """A producer's ``eta`` (year 2999) held its messages in the batch's prefetch slots: 0 of
+    5 valid statements stored in 40 s; an ``expires`` in the past dropped the statement. Only
+    a worker's retry (its ``eta`` signed with its bookkeeping) waits: a producer's ``eta`` and
+    any ``expires`` are dropped at the take, and every statement is delivered."""
+    r = redis_srv.client()
+    template = _message_template(redis_srv)
+    held = [video_statement("played", 1000 + n) for n in range(14)]
+    messages = []
+    for n, statement in enumerate(held):
+        body = f"[[{json.dumps(statement)}], {{}}, {EMBED}]"
+        when = (
+            {"eta": "2999-01-01T00:00:00+00:00"}
+            if n < 12
+            else {"expires": "2000-01-01T00:00:00+00:00"}
+        )
+        messages.append(_variant(template, body, **when)[1])
+    r.lpush("xapi", *messages)
+    good = [video_statement("played", n) for n in range(5)]
+    with pod_producer(redis_srv.url()) as delay:
+        for s in good:
+            delay(s)
+    worker = start_worker(make_config(ralph.url, XAPI_WORKER_BATCH_SIZE=5))
+    everything = [s["id"] for s in held + good]
+    assert wait_for(lambda: len(ralph.stored()) == len(everything), 40), worker.text()[-3000:]
+    assert sorted(ralph.stored_ids()) == sorted(everything)
+    assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
+    assert r.llen("xapi.dead_letters") == 0

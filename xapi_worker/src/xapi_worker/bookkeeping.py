@@ -35,6 +35,12 @@ MAC = "xapi_mac"
 #: when the message was last taken from the queue (epoch seconds, stamped by the transport
 #: at every take, whatever the message said): the visibility timeout counts from it
 TAKEN_AT = "xapi_taken_at"
+#: Celery's header: when a message is due (ISO 8601). A worker's retry carries one (its
+#: countdown); the transport keeps it only on a message whose bookkeeping a worker signed (a
+#: producer's far ``eta`` held the batch's prefetch slots: nothing else was delivered)
+ETA = "eta"
+#: Celery's header: when a message expires. The workers never set it; the transport drops it
+EXPIRES = "expires"
 #: the headers a batch reads of a request (worker._slim)
 OURS = (ATTEMPT, FIRST_SEEN, LONE_FAILURES, MAC, TAKEN_AT)
 

@@ -454,18 +454,23 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def _stamp(self, headers: dict[str, Any], now: float) -> None:
         """When the message was taken (every take: the visibility timeout counts from it),
         and, unless a worker signed its bookkeeping, that of a new message first seen now,
-        signed: a producer's ``xapi_*`` headers are not trusted (bookkeeping.py). Stamped in
+        signed: a producer's ``xapi_*`` headers are not trusted (bookkeeping.py), nor its
+        ``eta`` or ``expires`` (dropped: only a worker's signed retry waits). Stamped in
         the copy recorded in unacked, so a redelivery after a crash keeps its first take."""
         headers[bookkeeping.TAKEN_AT] = now
         key = self.header_key
         task_id = headers.get("id")
         if key is None:  # not the worker's app (no key given): the first take's time only
             headers.setdefault(FIRST_SEEN, iso(now))
-        elif not isinstance(task_id, str):
+            return
+        headers.pop(bookkeeping.EXPIRES, None)  # a producer's; the workers set none
+        if not isinstance(task_id, str):
             for name in (bookkeeping.ATTEMPT, bookkeeping.LONE_FAILURES, bookkeeping.MAC):
                 headers.pop(name, None)
+            headers.pop(bookkeeping.ETA, None)
             headers[FIRST_SEEN] = iso(now)
         elif not bookkeeping.is_signed(key, task_id, headers):
+            headers.pop(bookkeeping.ETA, None)  # only a worker's retry is held until due
             headers.update(bookkeeping.signed_headers(key, task_id, 1, iso(now), 0))
 
     # --- the worker's own writes, at maxmemory too (scripts.py) ------------------------------
