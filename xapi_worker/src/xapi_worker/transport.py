@@ -408,7 +408,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 raise
         if bad:
             log.error(
-                "not a kombu message, or compressed, on %s: moved to %s (%d)",
+                "not a kombu message on %s: moved to %s (%d; or compressed: never decompressed)",
                 queue,
                 unreadable_key(queue),
                 len(bad),
