@@ -4,9 +4,11 @@ content Pod's producer can queue ends stored or dead-lettered alone, never holdi
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -384,3 +386,95 @@ def test_the_largest_statement_is_counted_in_utf8_bytes():
     assert problem({"s": "a" * room}) is None
     assert problem({"s": "a" * (room + 1)}) == TOO_LARGE
     assert problem({"s": "\u00e9" * (room // 2 + 1)}) == TOO_LARGE  # 2 bytes a character
+
+
+def test_a_compressed_message_is_set_aside_unread_and_dead_letters_stay_bounded(
+    redis_srv, ralph, make_config, start_worker
+):
+    """Kombu decompressed a message with a ``compression`` header whole, and its dead letter
+    copied the whole body, written past maxmemory: 27 KB queued became a 134 MB dead letter.
+    Pod never compresses: such a message goes to ``xapi.unreadable`` as it was queued, and
+    a dead letter keeps the head of a body (with its length and digest), never all of it."""
+    r = redis_srv.client()
+    template = _message_template(redis_srv)
+    bomb = zlib.compress(b"\x01" * 20_000_000, 9)
+    _, compressed = _variant(template, bomb, compression="application/x-gzip")
+    big = json.dumps({"not": "a task", "pad": "x" * 1_000_000})
+    long_id = json.loads(_variant(template, big)[1])
+    long_id["headers"]["id"] = "t" * 10_000
+    large = json.dumps(long_id).encode()
+    r.lpush("xapi", compressed, large)
+    good = [video_statement("played", n) for n in range(3)]
+    with pod_producer(redis_srv.url()) as delay:
+        for s in good:
+            delay(s)
+    worker = start_worker(make_config(ralph.url, XAPI_WORKER_BATCH_SIZE=5))
+    assert wait_for(lambda: len(ralph.stored()) == len(good), 60), worker.text()[-3000:]
+    assert wait_for(lambda: len(_dead(r)) == 1, 30), worker.text()[-3000:]
+    assert r.lrange("xapi.unreadable", 0, -1) == [compressed]
+    [entry] = _dead(r)
+    body = entry["statement"]
+    assert len(body["message_body"]) == 4096
+    assert body["message_bytes"] == len(big)
+    assert body["message_sha256"] == hashlib.sha256(big.encode()).hexdigest()
+    assert len(entry["task_id"]) == 200
+    assert r.execute_command("MEMORY", "USAGE", "xapi.dead_letters") < 64_000
+    assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
+    assert worker.proc.poll() is None
+
+
+def test_a_message_that_cannot_be_dead_lettered_is_set_aside_once(
+    redis_srv, ralph, make_config, start_worker
+):
+    """When its dead letter could not be written, an unreadable message was put back at the
+    head of the queue: taken again at once, a hot loop (161 turns in 20 s, a traceback each).
+    It now goes to ``xapi.unreadable``, once; the valid statements around it are stored."""
+    r = redis_srv.client()
+    template = _message_template(redis_srv)
+    r.set("xapi.dead_letters", "not a list")  # every dead-letter write: WRONGTYPE
+    task_id, unreadable = _variant(template, '{"not": "a task"}')
+    good = [video_statement("played", n) for n in range(6)]
+    with pod_producer(redis_srv.url()) as delay:
+        for s in good[:3]:
+            delay(s)
+        r.lpush("xapi", unreadable)
+        for s in good[3:]:
+            delay(s)
+    worker = start_worker(make_config(ralph.url, XAPI_WORKER_BATCH_SIZE=5))
+    assert wait_for(lambda: len(ralph.stored()) == len(good), 60), worker.text()[-3000:]
+    assert wait_for(lambda: r.llen("xapi.unreadable") == 1, 30), worker.text()[-3000:]
+    assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
+    [record] = r.lrange("xapi.unreadable", 0, -1)
+    assert json.loads(record)[0]["headers"]["id"] == task_id
+    assert worker.text().count("nor dead-lettered") == 1, worker.text()[-3000:]
+    assert worker.proc.poll() is None
+
+
+def test_a_producers_eta_or_expires_is_not_obeyed(redis_srv, ralph, make_config, start_worker):
+    """A producer's ``eta`` (year 2999) held its messages in the batch's prefetch slots: 0 of
+    5 valid statements stored in 40 s; an ``expires`` in the past dropped the statement. Only
+    a worker's retry (its ``eta`` signed with its bookkeeping) waits: a producer's ``eta`` and
+    any ``expires`` are dropped at the take, and every statement is delivered."""
+    r = redis_srv.client()
+    template = _message_template(redis_srv)
+    held = [video_statement("played", 1000 + n) for n in range(14)]
+    messages = []
+    for n, statement in enumerate(held):
+        body = f"[[{json.dumps(statement)}], {{}}, {EMBED}]"
+        when = (
+            {"eta": "2999-01-01T00:00:00+00:00"}
+            if n < 12
+            else {"expires": "2000-01-01T00:00:00+00:00"}
+        )
+        messages.append(_variant(template, body, **when)[1])
+    r.lpush("xapi", *messages)
+    good = [video_statement("played", n) for n in range(5)]
+    with pod_producer(redis_srv.url()) as delay:
+        for s in good:
+            delay(s)
+    worker = start_worker(make_config(ralph.url, XAPI_WORKER_BATCH_SIZE=5))
+    everything = [s["id"] for s in held + good]
+    assert wait_for(lambda: len(ralph.stored()) == len(everything), 40), worker.text()[-3000:]
+    assert sorted(ralph.stored_ids()) == sorted(everything)
+    assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
+    assert r.llen("xapi.dead_letters") == 0

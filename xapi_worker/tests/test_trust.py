@@ -505,8 +505,8 @@ def test_a_split_counts_its_time_from_the_take_not_from_its_start(
         return None
 
     proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
-    # budget: 30 - 1 (retry max) - 0.2 (flush) - 2 x (1 + 8) = 10.8 s; a full split of the
-    # 16 rejected statements (31 POSTs of 0.5 s) would take 15.5 s
+    # budget: 30 - 0.2 (flush) - 2 x (1 + 8) = 11.8 s; a full split of the 16 rejected
+    # statements (31 POSTs of 0.5 s) would take 15.5 s
     config = make_config(
         proxy.url,
         XAPI_WORKER_BATCH_SIZE=16,
@@ -525,8 +525,50 @@ def test_a_split_counts_its_time_from_the_take_not_from_its_start(
             worker.text()[-3000:]
         )
         stopped = time.monotonic() - sent
-        # from the take: 10.8 s (+ the last POST); from the split's start, 7 s later: 18.3 s
+        # from the take: 11.8 s (+ the last POST); from the split's start, 7 s later: 19.3 s
         assert stopped < 15, (stopped, worker.text()[-3000:])
+    finally:
+        proxy.stop()
+
+
+def test_a_retried_batch_has_its_split_budget_less_its_countdown_only_once(
+    redis_srv, ralph, make_config, start_worker
+):
+    """The split's budget kept a retry delay aside, and its deadline counted from the take,
+    which for a retry includes its countdown: the delay counted twice, and a retried batch
+    had 3.8 s where 13.8 s were left. Counted from the take, the budget keeps no delay aside."""
+    bad = [video_statement("played", n) for n in range(40, 48)]
+    bad_ids = {s["id"] for s in bad}
+    first = threading.Event()
+
+    def respond(req):
+        ids = _posted_ids(req) if req.method == "POST" else set()
+        if ids and ids <= bad_ids and not first.is_set():
+            first.set()
+            return 503, {"Retry-After": "10"}, b"busy"
+        if ids and ids <= bad_ids:
+            time.sleep(0.5)
+            return 400, JSON, b'{"detail": "rejected"}'
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    # budget from the take: 30 - 0.2 (flush) - 2 x (1 + 2) = 23.8 s, 10 s of it waited for
+    # the countdown; the split of the 8 (15 POSTs of 0.5 s) takes 7.5 s. Before: 3.8 s left.
+    config = make_config(
+        proxy.url,
+        XAPI_WORKER_BATCH_SIZE=8,
+        XAPI_WORKER_READ_TIMEOUT=2,
+        XAPI_WORKER_RETRY_MAX_SECONDS=10,
+        XAPI_WORKER_VISIBILITY_TIMEOUT=30,
+    )
+    try:
+        worker = start_worker(config)
+        with pod_producer(redis_srv.url()) as delay:
+            for statement in bad:
+                delay(statement)
+        r = redis_srv.client()
+        assert wait_for(lambda: r.llen("xapi.dead_letters") == len(bad), 60), worker.text()[-3000:]
+        assert "split stopped" not in worker.text(), worker.text()[-3000:]
     finally:
         proxy.stop()
 

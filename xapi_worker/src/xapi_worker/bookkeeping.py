@@ -35,6 +35,12 @@ MAC = "xapi_mac"
 #: when the message was last taken from the queue (epoch seconds, stamped by the transport
 #: at every take, whatever the message said): the visibility timeout counts from it
 TAKEN_AT = "xapi_taken_at"
+#: Celery's header: when a message is due (ISO 8601). A worker's retry carries one (its
+#: countdown); the transport keeps it only on a message whose bookkeeping a worker signed (a
+#: producer's far ``eta`` held the batch's prefetch slots: nothing else was delivered)
+ETA = "eta"
+#: Celery's header: when a message expires. The workers never set it; the transport drops it
+EXPIRES = "expires"
 #: the headers a batch reads of a request (worker._slim)
 OURS = (ATTEMPT, FIRST_SEEN, LONE_FAILURES, MAC, TAKEN_AT)
 
@@ -44,6 +50,8 @@ COUNT_MAX = 1_000_000
 #: the oldest message) is no cheap test of a guessed password. Computed once per process.
 _ROUNDS = 100_000
 _SALT = b"xapi-worker bookkeeping headers v1"
+#: The first bytes of the signed text (a message signed by an older worker counts as new).
+_VERSION = b"xapi-worker bookkeeping v2\0"
 
 
 def derive_key(lrs_password: str, broker_url: str) -> bytes:
@@ -57,8 +65,13 @@ def derive_key(lrs_password: str, broker_url: str) -> bytes:
 
 
 def _message(task_id: str, attempt: object, first_seen: object, lone_failures: object) -> bytes:
-    text = "\n".join(str(v) for v in (task_id, attempt, first_seen, lone_failures))
-    return text.encode("utf-8", "surrogatepass")
+    """The signed text: each value preceded by its length in bytes (joined by a separator,
+    values that contain it could be read two ways: ``("t\n1", 2)`` and ``("t", "1\n2")``)."""
+    out = bytearray(_VERSION)
+    for value in (task_id, attempt, first_seen, lone_failures):
+        data = str(value).encode("utf-8", "surrogatepass")
+        out += len(data).to_bytes(8, "big") + data
+    return bytes(out)
 
 
 def sign(key: bytes, task_id: str, attempt: int, first_seen: str, lone_failures: int) -> str:

@@ -63,6 +63,8 @@ FIRST_SEEN = bookkeeping.FIRST_SEEN
 NODE_OPTION = "xapi_node"
 #: Transport option: the key of the bookkeeping headers' signature (hex), set by the app.
 HEADER_KEY_OPTION = "xapi_header_key"
+#: Message header naming a compression of the body (kombu's): such a message is set aside.
+COMPRESSION = "compression"
 INFLIGHT = ".inflight"  # <queue>.inflight: set of the in-flight lists of <queue>
 ALIVE = ".alive"
 SPOOL = ".spool"
@@ -369,7 +371,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         One MULTI/EXEC moves them all from the in-flight list to unacked: each is in one
         place or the other, never in neither. What is not a kombu message goes, in the same
         transaction, to ``<queue>.unreadable`` (kombu would drop it with a traceback), where
-        an operator sees it (`xapi-worker status`).
+        an operator sees it (`xapi-worker status`); so does a compressed one, unread: kombu
+        would decompress it whole (a few KB can expand to gigabytes), and Pod never
+        compresses.
         """
         now = time.time()
         good: list[tuple[str, dict[str, Any]]] = []
@@ -378,6 +382,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             try:
                 payload = loads(bytes_to_str(raw))
                 if isinstance(payload.get("headers"), dict):
+                    if payload["headers"].get(COMPRESSION) is not None:
+                        raise ValueError("compressed")
                     self._stamp(payload["headers"], now)
                 props = payload["properties"]
                 tag = str(props["delivery_tag"])
@@ -402,7 +408,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 raise
         if bad:
             log.error(
-                "not a kombu message on %s: moved to %s (%d)",
+                "not a kombu message on %s: moved to %s (%d; or compressed: never decompressed)",
                 queue,
                 unreadable_key(queue),
                 len(bad),
@@ -436,21 +442,35 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if failure is not None:
             raise failure
 
+    def set_aside(self, delivery_tag: str, queue: str) -> bool:
+        """Move a message this channel holds from unacked to ``<queue>.unreadable`` (its
+        record, as taken), in one script: for a message that can be neither read nor
+        dead-lettered, which would otherwise come back at once, again and again. False when
+        it was no longer in unacked."""
+        keys = [self.qos.unacked_key, self.qos.unacked_index_key, unreadable_key(queue)]
+        with self.conn_or_acquire() as client:
+            return bool(self._scripts_on(client).set_aside(keys=keys, args=[delivery_tag]))
+
     def _stamp(self, headers: dict[str, Any], now: float) -> None:
         """When the message was taken (every take: the visibility timeout counts from it),
         and, unless a worker signed its bookkeeping, that of a new message first seen now,
-        signed: a producer's ``xapi_*`` headers are not trusted (bookkeeping.py). Stamped in
+        signed: a producer's ``xapi_*`` headers are not trusted (bookkeeping.py), nor its
+        ``eta`` or ``expires`` (dropped: only a worker's signed retry waits). Stamped in
         the copy recorded in unacked, so a redelivery after a crash keeps its first take."""
         headers[bookkeeping.TAKEN_AT] = now
         key = self.header_key
         task_id = headers.get("id")
         if key is None:  # not the worker's app (no key given): the first take's time only
             headers.setdefault(FIRST_SEEN, iso(now))
-        elif not isinstance(task_id, str):
+            return
+        headers.pop(bookkeeping.EXPIRES, None)  # a producer's; the workers set none
+        if not isinstance(task_id, str):
             for name in (bookkeeping.ATTEMPT, bookkeeping.LONE_FAILURES, bookkeeping.MAC):
                 headers.pop(name, None)
+            headers.pop(bookkeeping.ETA, None)
             headers[FIRST_SEEN] = iso(now)
         elif not bookkeeping.is_signed(key, task_id, headers):
+            headers.pop(bookkeeping.ETA, None)  # only a worker's retry is held until due
             headers.update(bookkeeping.signed_headers(key, task_id, 1, iso(now), 0))
 
     # --- the worker's own writes, at maxmemory too (scripts.py) ------------------------------

@@ -281,16 +281,18 @@ class Processor:
             self._not_answering(results[0].answer)
         return self._settle(results, now)
 
-    def _split_budget(self) -> float:
+    def _split_budget(self, from_take: bool = True) -> float:
         """Seconds a batch's exchange (a split included) may last from the take of its
         messages: they come back to another consumer after the visibility timeout, of which
-        a retry delay, a flush and the last POST (which may start just before the deadline)
-        take their share."""
+        a flush and the last POST (which may start just before the deadline) take their
+        share. Counted from the take, the time a retry waited for its countdown is spent
+        already; counted from now (``from_take`` False: the take unknown), a retry delay
+        is kept aside too."""
         s = self.settings
         exchange = s.connect_timeout + s.read_timeout
-        budget = (
-            s.visibility_timeout - s.retry_max_seconds - s.flush_interval_ms / 1000 - 2 * exchange
-        )
+        budget = s.visibility_timeout - s.flush_interval_ms / 1000 - 2 * exchange
+        if not from_take:
+            budget -= s.retry_max_seconds
         return max(budget, exchange)
 
     def _deadline(self, taken_at: float | None) -> float:
@@ -298,7 +300,9 @@ class Processor:
         from when its messages were taken (the time they waited for their countdown, in the
         buffer and for the pool is spent already), not from now. The first POST is always
         sent (deliver())."""
-        waited = 0.0 if taken_at is None else max(0.0, time.time() - taken_at)
+        if taken_at is None:
+            return time.monotonic() + self._split_budget(from_take=False)
+        waited = max(0.0, time.time() - taken_at)
         return time.monotonic() + self._split_budget() - waited
 
     def _stored_recently(self) -> bool:
