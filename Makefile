@@ -66,10 +66,10 @@ demo: $(VENV)/.done image
 demo-down:
 	bash lab/down.sh
 
-# Stages longest first, TEST_JOBS (default 2) at a time (tools/run-tests.sh): the worker's
+# Stages longest first, TEST_JOBS (default 3) at a time (tools/run-tests.sh): the worker's
 # tests run while the first scenario builds the lab image (one build: the others wait for it
 # on its lock, then find it there).
-TEST_JOBS ?= 2
+TEST_JOBS ?= 3
 TEST_SCENARIOS = $(filter $(SCENARIOS),resilience default sysv multi)
 MOLECULE_STAGE = flock .ansible/image.lock bash lab/build-image.sh && molecule test -s
 test: $(VENV)/.done $(WORKER_VENV)/.done $(RALPH_VENV)/.done system-deps

@@ -5,7 +5,7 @@
 # The failed tests' lines are repeated just above the summary: CI keeps only the log's tail.
 # Usage: tools/run-tests.sh STAGE... where a stage is `name=command`.
 #
-# Up to TEST_JOBS stages (default 2) run at once, started in the order given: most of a
+# Up to TEST_JOBS stages (default 3 in the Makefile, 2 here) run at once, started in the order given: most of a
 # molecule scenario's time is spent waiting (systemd boots, apt, services settling, faults
 # held for their duration), so two at a time on a 2-core machine take about half as long as
 # one after the other (measured: README, "Set-up"). TEST_JOBS=1 runs them one by one. Each
