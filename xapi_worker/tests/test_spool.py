@@ -747,3 +747,64 @@ def test_damage_met_while_draining_sets_the_file_aside_and_spool_drain_delivers_
     state = wait_for_value(lambda: _status(config), lambda s: not s["spool_damaged_files"], 15)
     assert state["spool_damaged"] == 0 and state["spool_damaged_age_s"] is None
     assert len(set(ralph.stored_ids())) == 400 - unreadable
+
+
+def _index_without_its_rows(path: Path, gone: int) -> None:
+    """spool_due made to point at rows no longer in the table (the rows deleted while the
+    index was detached from it): quick_check passes such a file, every read through the
+    index says 'malformed'."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    sql = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'spool_due'").fetchone()[0]
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute(
+        "UPDATE sqlite_schema SET sql = replace(sql, 'ON spool', 'ON spool_depth'),"
+        " tbl_name = 'spool_depth' WHERE name = 'spool_due'"
+    )
+    conn.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("DELETE FROM spool WHERE id <= ?", (gone,))
+    conn.execute(
+        "UPDATE sqlite_schema SET sql = ?, tbl_name = 'spool' WHERE name = 'spool_due'", (sql,)
+    )
+    conn.close()
+
+
+def test_a_damaged_index_is_rebuilt_and_a_damage_met_again_sets_the_file_aside(tmp_path):
+    """A damaged index passed the marker's quick_check: each start removed the marker, the
+    first read through the index marked the file again and stopped the node, for ever, its
+    rows stuck. Now the open after a damage rebuilds the indexes (the rows are read again),
+    and a damage met again after such a clean check sets the file aside."""
+    now = time.time()
+    spool = Spool(tmp_path, "xapi@h")
+    spool.open()
+    spool.add(
+        [Entry({"id": f"s{i}"}, "t", 1, now, now) for i in range(50)],
+        now=now,
+    )
+    spool.close()
+    _index_without_its_rows(spool.path, 10)
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        spool.due(100, now=now + 1)
+    assert spool.check_pending()
+    spool.close()
+    spool = Spool(tmp_path, "xapi@h")
+    assert spool.open() == []  # sound: kept, its indexes rebuilt
+    assert not spool.check_pending()
+    assert [r.statement["id"] for r in spool.due(100, now=now + 1)] == [
+        f"s{i}" for i in range(10, 50)
+    ]
+    assert spool.stats().depth == 40
+    # A damage met again after a clean check: set aside, no second check, no loop.
+    spool.close()
+    _index_without_its_rows(spool.path, 20)
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        spool.due(100, now=now + 1)
+    spool.close()
+    spool = Spool(tmp_path, "xapi@h")
+    assert [p.name for p in spool.open() if not p.name.endswith(("-wal", "-shm"))] == [
+        p.name for p in spool.damaged_files()
+    ]
+    assert len(spool.damaged_files()) == 1 and spool.stats().depth == 0
+    assert not spool.check_pending()
+    assert not Path(f"{spool.path}.checked").exists()

@@ -57,8 +57,13 @@ SET_ASIDE = ".damaged-"
 SET_ASIDE_STAMP = "%Y%m%dT%H%M%SZ"
 SALVAGED = ".salvaged"
 #: ``<file>.check``: SQLite said the file was damaged while in use; the next open reads it
-#: whole (quick_check) and sets it aside if it is.
+#: whole (quick_check), sets it aside if it is, and else rebuilds its indexes (REINDEX: a
+#: damaged index, which quick_check does not compare with its table, is made again from it).
 CHECK_MARK = ".check"
+#: ``<file>.checked``: the open after a damage found the file sound and rebuilt its indexes.
+#: A damage met again after that is not checked a second time: the file is set aside (for
+#: ``spool drain``), so that no damage makes the node start and stop for ever.
+CHECKED_MARK = ".checked"
 #: Waiting for the other writer (pool process or drainer) before giving up, milliseconds.
 BUSY_TIMEOUT_MS = 10_000
 #: The spool's file format (``PRAGMA user_version``). 2 added ``lone_failures``; 3 the
@@ -320,8 +325,13 @@ class Spool:
             set_aside = self._set_aside(problem)
             self._connect()
         if whole:
-            with contextlib.suppress(FileNotFoundError):
-                self._check_mark.unlink()
+            if problem is None:
+                # Sound now: a damage met again is not checked again (CHECKED_MARK).
+                with contextlib.suppress(FileNotFoundError):
+                    self._check_mark.replace(self._checked_mark)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self._check_mark.unlink()
         if not self._max_bytes:
             self._max_bytes = auto_max_bytes(self.directory, self._used_bytes())
         return set_aside
@@ -431,15 +441,37 @@ class Spool:
         conn.execute("SELECT depth FROM spool_depth").fetchone()
         conn.execute(f"SELECT {_COLUMNS} FROM spool WHERE id = 0").fetchone()  # noqa: S608
         if whole:
+            if self._checked_mark.exists():
+                return (
+                    "SQLite met a damage again after the file was checked and its indexes rebuilt"
+                )
             result = [r[0] for r in conn.execute("PRAGMA quick_check")]
             if result != ["ok"]:
                 return "; ".join(str(r) for r in result[:3])
+            # quick_check does not compare an index with its table: an index pointing at
+            # rows no longer there passes it, and every read through it fails. The indexes
+            # are rebuilt from the table (a read of it, as quick_check's), and the depth
+            # counted again, in one transaction.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("REINDEX")
+                conn.execute("UPDATE spool_depth SET depth = (SELECT count(*) FROM spool)")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            log.warning("spool %s: checked whole after a damage: sound; indexes rebuilt", self.path)
         return None
 
     # --- damage met while running ----------------------------------------------------------------
     @property
     def _check_mark(self) -> Path:
         return Path(f"{self.path}{CHECK_MARK}")
+
+    @property
+    def _checked_mark(self) -> Path:
+        return Path(f"{self.path}{CHECKED_MARK}")
 
     def check_pending(self) -> bool:
         """SQLite said the file is damaged while it was in use: the node stops (the drainer),
@@ -479,6 +511,8 @@ class Spool:
                 target = Path(f"{self.path}.damaged-{stamp}{suffix}")
                 source.rename(target)
                 moved.append(target)
+        with contextlib.suppress(FileNotFoundError):
+            self._checked_mark.unlink()  # the new file was never checked
         log.error(
             "spool %s is damaged (%s): set aside as %s, kept; a new spool is started. Its "
             "readable statements are delivered by `xapi-worker spool drain` (see the "
