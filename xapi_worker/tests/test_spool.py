@@ -808,3 +808,54 @@ def test_a_damaged_index_is_rebuilt_and_a_damage_met_again_sets_the_file_aside(t
     assert len(spool.damaged_files()) == 1 and spool.stats().depth == 0
     assert not spool.check_pending()
     assert not Path(f"{spool.path}.checked").exists()
+
+
+def test_the_watchdog_is_fed_while_the_spool_is_migrated_at_start(tmp_path, monkeypatch):
+    """The migration from format 2 (a count and an index of every row) and the whole check
+    after a damage run in the worker's start, before Celery's loop feeds systemd's watchdog
+    (counted from the exec): 12 s for 1.2 GiB cold, minutes at the 10 GiB limit, and the
+    worker was killed at each start. Now the open feeds it from a thread. The open is made
+    to last here by a writer holding the file's lock (what a large file's migration costs)."""
+    import socket
+    import threading
+
+    directory = _spool_dir(tmp_path)
+    path = directory / node_file("old@host")
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(
+        """
+        CREATE TABLE spool (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, statement_id TEXT NOT NULL,
+            statement TEXT NOT NULL, task_id TEXT NOT NULL, attempts INTEGER NOT NULL,
+            first_seen REAL NOT NULL, spooled_at REAL NOT NULL, next_at REAL NOT NULL,
+            last_error TEXT NOT NULL DEFAULT '', lone_failures INTEGER NOT NULL DEFAULT 0);
+        CREATE INDEX spool_due ON spool (next_at, id);
+        INSERT INTO spool VALUES (1, 's1', '{"id":"s1"}', 't1', 3, 1.0, 2.0, 3.0, '', 0);
+        PRAGMA user_version = 2;
+        """
+    )
+    address = str(tmp_path / "notify")
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(address)
+    systemd.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setenv("WATCHDOG_USEC", "1500000")  # a ping every 0.5 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    conn.execute("BEGIN IMMEDIATE")  # the migration waits for it: the open lasts 2.5 s
+    release = threading.Timer(2.5, lambda: conn.execute("COMMIT"))
+    release.start()
+    try:
+        spool = Spool(directory, "old@host")
+        assert spool.open() == []
+    finally:
+        release.join()
+        conn.close()
+    pings = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            pings.append(systemd.recv(64))
+    systemd.close()
+    assert pings.count(b"WATCHDOG=1") >= 3, pings
+    assert spool.stats().depth == 1 and [r.statement for r in spool.rows()] == [{"id": "s1"}]
+    spool.close()

@@ -33,6 +33,7 @@ from typing import Any
 from urllib.request import pathname2url
 
 from .content import MAX_STATEMENT_BYTES, json_text, printable
+from .watchdog import kept_alive
 
 log = logging.getLogger("xapi_worker.spool")
 
@@ -307,7 +308,13 @@ class Spool:
         """Open (creating if need be) and check the spool; a damaged file is renamed, never
         deleted, and a new one started. Returns what was set aside now. Anything else than
         damage (a full disk, an I/O error, a lock held too long) raises :class:`SpoolError`:
-        a healthy spool must not be set aside for it."""
+        a healthy spool must not be set aside for it. The watchdog is fed meanwhile
+        (watchdog.kept_alive): a migration or a whole check takes minutes on a large spool,
+        before Celery's loop feeds it."""
+        with kept_alive(f"spool {self.path}: opening and checking"):
+            return self._open()
+
+    def _open(self) -> list[Path]:
         set_aside: list[Path] = []
         whole = self.check_pending()
         try:
@@ -409,6 +416,7 @@ class Spool:
         if self._format(conn) == SCHEMA_VERSION:
             return
         conn.execute("BEGIN IMMEDIATE")
+        began, migrated = 0.0, 0
         try:
             version = self._format(conn)
             if version == 0:
@@ -416,7 +424,13 @@ class Spool:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version in _MIGRATIONS:
-                log.warning("spool %s: format %d brought to %d", self.path, version, SCHEMA_VERSION)
+                log.warning(
+                    "spool %s: bringing format %d to %d (the rows are counted once)",
+                    self.path,
+                    version,
+                    SCHEMA_VERSION,
+                )
+                began, migrated = time.monotonic(), version
                 while version < SCHEMA_VERSION:
                     for statement in _statements(_MIGRATIONS[version]):
                         conn.execute(statement)
@@ -427,6 +441,14 @@ class Spool:
                 conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        if migrated:
+            log.warning(
+                "spool %s: format %d brought to %d in %.1f s",
+                self.path,
+                migrated,
+                SCHEMA_VERSION,
+                time.monotonic() - began,
+            )
 
     def _check(self, whole: bool = False) -> str | None:
         """What opening costs, whatever the spool's size: the header, the schema and the
