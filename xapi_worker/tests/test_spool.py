@@ -859,3 +859,23 @@ def test_the_watchdog_is_fed_while_the_spool_is_migrated_at_start(tmp_path, monk
     assert pings.count(b"WATCHDOG=1") >= 3, pings
     assert spool.stats().depth == 1 and [r.statement for r in spool.rows()] == [{"id": "s1"}]
     spool.close()
+
+
+def test_a_salvage_stopped_by_a_full_spool_says_the_rest_stays_in_the_set_aside_file(tmp_path):
+    """It said they "stay in the broker": they stay in the set-aside file."""
+    from xapi_worker.salvage import salvage
+
+    now = time.time()
+    source = Spool(tmp_path / "src", "xapi@h")
+    (tmp_path / "src").mkdir(mode=0o700)
+    source.open()
+    source.add([Entry({"id": f"s{i}", "pad": "x" * 10_000}, "t", 1, now, now) for i in range(600)])
+    source.close()
+    aside = tmp_path / "xapi@h.sqlite3.damaged-20260101T000000Z"
+    aside.write_bytes(source.path.read_bytes())
+    node = Spool(tmp_path, "xapi@h", max_bytes=2 * 1024**2, batch_size=1)
+    node.open()
+    result = salvage(aside, node)
+    assert "stay in the set-aside file" in result.error, result.line()
+    assert "broker" not in result.error
+    node.close()

@@ -588,9 +588,12 @@ class Spool:
                 raise
             conn.execute("COMMIT")
 
-    def add(self, entries: Sequence[Entry], now: float | None = None) -> None:
+    def add(
+        self, entries: Sequence[Entry], now: float | None = None, source: str = "the broker"
+    ) -> None:
         """Spool ``entries`` in one transaction, committed to disk on return; raise
-        :class:`SpoolError` (nothing written) when they cannot be."""
+        :class:`SpoolError` (nothing written) when they cannot be, saying that they stay in
+        ``source`` (where they come from)."""
         if not entries:
             return
         now = time.time() if now is None else now
@@ -617,13 +620,13 @@ class Spool:
             elif used + incoming > self.max_bytes:
                 raise SpoolFull(
                     f"spool {self.path} is full ({self.max_bytes // 1024**2} MiB): "
-                    f"{len(rows)} statements stay in the broker"
+                    f"{len(rows)} statements stay in {source}"
                 )
             else:
                 raise SpoolFull(
                     f"spool {self.path}: its disk is full (less than "
                     f"{DISK_RESERVE_BYTES // 1024**2} MiB free): {len(rows)} statements stay "
-                    "in the broker"
+                    f"in {source}"
                 )
             with self._transaction() as conn:
                 conn.executemany(
