@@ -747,3 +747,135 @@ def test_damage_met_while_draining_sets_the_file_aside_and_spool_drain_delivers_
     state = wait_for_value(lambda: _status(config), lambda s: not s["spool_damaged_files"], 15)
     assert state["spool_damaged"] == 0 and state["spool_damaged_age_s"] is None
     assert len(set(ralph.stored_ids())) == 400 - unreadable
+
+
+def _index_without_its_rows(path: Path, gone: int) -> None:
+    """spool_due made to point at rows no longer in the table (the rows deleted while the
+    index was detached from it): quick_check passes such a file, every read through the
+    index says 'malformed'."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    sql = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'spool_due'").fetchone()[0]
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute(
+        "UPDATE sqlite_schema SET sql = replace(sql, 'ON spool', 'ON spool_depth'),"
+        " tbl_name = 'spool_depth' WHERE name = 'spool_due'"
+    )
+    conn.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("DELETE FROM spool WHERE id <= ?", (gone,))
+    conn.execute(
+        "UPDATE sqlite_schema SET sql = ?, tbl_name = 'spool' WHERE name = 'spool_due'", (sql,)
+    )
+    conn.close()
+
+
+def test_a_damaged_index_is_rebuilt_and_a_damage_met_again_sets_the_file_aside(tmp_path):
+    """A damaged index passed the marker's quick_check: each start removed the marker, the
+    first read through the index marked the file again and stopped the node, for ever, its
+    rows stuck. Now the open after a damage rebuilds the indexes (the rows are read again),
+    and a damage met again after such a clean check sets the file aside."""
+    now = time.time()
+    spool = Spool(tmp_path, "xapi@h")
+    spool.open()
+    spool.add(
+        [Entry({"id": f"s{i}"}, "t", 1, now, now) for i in range(50)],
+        now=now,
+    )
+    spool.close()
+    _index_without_its_rows(spool.path, 10)
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        spool.due(100, now=now + 1)
+    assert spool.check_pending()
+    spool.close()
+    spool = Spool(tmp_path, "xapi@h")
+    assert spool.open() == []  # sound: kept, its indexes rebuilt
+    assert not spool.check_pending()
+    assert [r.statement["id"] for r in spool.due(100, now=now + 1)] == [
+        f"s{i}" for i in range(10, 50)
+    ]
+    assert spool.stats().depth == 40
+    # A damage met again after a clean check: set aside, no second check, no loop.
+    spool.close()
+    _index_without_its_rows(spool.path, 20)
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        spool.due(100, now=now + 1)
+    spool.close()
+    spool = Spool(tmp_path, "xapi@h")
+    assert [p.name for p in spool.open() if not p.name.endswith(("-wal", "-shm"))] == [
+        p.name for p in spool.damaged_files()
+    ]
+    assert len(spool.damaged_files()) == 1 and spool.stats().depth == 0
+    assert not spool.check_pending()
+    assert not Path(f"{spool.path}.checked").exists()
+
+
+def test_the_watchdog_is_fed_while_the_spool_is_migrated_at_start(tmp_path, monkeypatch):
+    """The migration from format 2 (a count and an index of every row) and the whole check
+    after a damage run in the worker's start, before Celery's loop feeds systemd's watchdog
+    (counted from the exec): 12 s for 1.2 GiB cold, minutes at the 10 GiB limit, and the
+    worker was killed at each start. Now the open feeds it from a thread. The open is made
+    to last here by a writer holding the file's lock (what a large file's migration costs)."""
+    import socket
+    import threading
+
+    directory = _spool_dir(tmp_path)
+    path = directory / node_file("old@host")
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(
+        """
+        CREATE TABLE spool (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, statement_id TEXT NOT NULL,
+            statement TEXT NOT NULL, task_id TEXT NOT NULL, attempts INTEGER NOT NULL,
+            first_seen REAL NOT NULL, spooled_at REAL NOT NULL, next_at REAL NOT NULL,
+            last_error TEXT NOT NULL DEFAULT '', lone_failures INTEGER NOT NULL DEFAULT 0);
+        CREATE INDEX spool_due ON spool (next_at, id);
+        INSERT INTO spool VALUES (1, 's1', '{"id":"s1"}', 't1', 3, 1.0, 2.0, 3.0, '', 0);
+        PRAGMA user_version = 2;
+        """
+    )
+    address = str(tmp_path / "notify")
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(address)
+    systemd.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setenv("WATCHDOG_USEC", "1500000")  # a ping every 0.5 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    conn.execute("BEGIN IMMEDIATE")  # the migration waits for it: the open lasts 2.5 s
+    release = threading.Timer(2.5, lambda: conn.execute("COMMIT"))
+    release.start()
+    try:
+        spool = Spool(directory, "old@host")
+        assert spool.open() == []
+    finally:
+        release.join()
+        conn.close()
+    pings = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            pings.append(systemd.recv(64))
+    systemd.close()
+    assert pings.count(b"WATCHDOG=1") >= 3, pings
+    assert spool.stats().depth == 1 and [r.statement for r in spool.rows()] == [{"id": "s1"}]
+    spool.close()
+
+
+def test_a_salvage_stopped_by_a_full_spool_says_the_rest_stays_in_the_set_aside_file(tmp_path):
+    """It said they "stay in the broker": they stay in the set-aside file."""
+    from xapi_worker.salvage import salvage
+
+    now = time.time()
+    source = Spool(tmp_path / "src", "xapi@h")
+    (tmp_path / "src").mkdir(mode=0o700)
+    source.open()
+    source.add([Entry({"id": f"s{i}", "pad": "x" * 10_000}, "t", 1, now, now) for i in range(600)])
+    source.close()
+    aside = tmp_path / "xapi@h.sqlite3.damaged-20260101T000000Z"
+    aside.write_bytes(source.path.read_bytes())
+    node = Spool(tmp_path, "xapi@h", max_bytes=2 * 1024**2, batch_size=1)
+    node.open()
+    result = salvage(aside, node)
+    assert "stay in the set-aside file" in result.error, result.line()
+    assert "broker" not in result.error
+    node.close()

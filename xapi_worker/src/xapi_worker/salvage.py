@@ -161,7 +161,7 @@ def salvage(path: Path, spool: Spool) -> Salvage:
     try:
         reader = _Reader(conn)
         for entries in reader.chunks():
-            spool.add(entries)
+            spool.add(entries, source="the set-aside file")
             result.moved += len(entries)
         result.unreadable = reader.unreadable
     except SpoolError as exc:

@@ -33,6 +33,7 @@ from typing import Any
 from urllib.request import pathname2url
 
 from .content import MAX_STATEMENT_BYTES, json_text, printable
+from .watchdog import kept_alive
 
 log = logging.getLogger("xapi_worker.spool")
 
@@ -57,8 +58,13 @@ SET_ASIDE = ".damaged-"
 SET_ASIDE_STAMP = "%Y%m%dT%H%M%SZ"
 SALVAGED = ".salvaged"
 #: ``<file>.check``: SQLite said the file was damaged while in use; the next open reads it
-#: whole (quick_check) and sets it aside if it is.
+#: whole (quick_check), sets it aside if it is, and else rebuilds its indexes (REINDEX: a
+#: damaged index, which quick_check does not compare with its table, is made again from it).
 CHECK_MARK = ".check"
+#: ``<file>.checked``: the open after a damage found the file sound and rebuilt its indexes.
+#: A damage met again after that is not checked a second time: the file is set aside (for
+#: ``spool drain``), so that no damage makes the node start and stop for ever.
+CHECKED_MARK = ".checked"
 #: Waiting for the other writer (pool process or drainer) before giving up, milliseconds.
 BUSY_TIMEOUT_MS = 10_000
 #: The spool's file format (``PRAGMA user_version``). 2 added ``lone_failures``; 3 the
@@ -302,7 +308,13 @@ class Spool:
         """Open (creating if need be) and check the spool; a damaged file is renamed, never
         deleted, and a new one started. Returns what was set aside now. Anything else than
         damage (a full disk, an I/O error, a lock held too long) raises :class:`SpoolError`:
-        a healthy spool must not be set aside for it."""
+        a healthy spool must not be set aside for it. The watchdog is fed meanwhile
+        (watchdog.kept_alive): a migration or a whole check takes minutes on a large spool,
+        before Celery's loop feeds it."""
+        with kept_alive(f"spool {self.path}: opening and checking"):
+            return self._open()
+
+    def _open(self) -> list[Path]:
         set_aside: list[Path] = []
         whole = self.check_pending()
         try:
@@ -320,8 +332,13 @@ class Spool:
             set_aside = self._set_aside(problem)
             self._connect()
         if whole:
-            with contextlib.suppress(FileNotFoundError):
-                self._check_mark.unlink()
+            if problem is None:
+                # Sound now: a damage met again is not checked again (CHECKED_MARK).
+                with contextlib.suppress(FileNotFoundError):
+                    self._check_mark.replace(self._checked_mark)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self._check_mark.unlink()
         if not self._max_bytes:
             self._max_bytes = auto_max_bytes(self.directory, self._used_bytes())
         return set_aside
@@ -399,6 +416,7 @@ class Spool:
         if self._format(conn) == SCHEMA_VERSION:
             return
         conn.execute("BEGIN IMMEDIATE")
+        began, migrated = 0.0, 0
         try:
             version = self._format(conn)
             if version == 0:
@@ -406,7 +424,13 @@ class Spool:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version in _MIGRATIONS:
-                log.warning("spool %s: format %d brought to %d", self.path, version, SCHEMA_VERSION)
+                log.warning(
+                    "spool %s: bringing format %d to %d (the rows are counted once)",
+                    self.path,
+                    version,
+                    SCHEMA_VERSION,
+                )
+                began, migrated = time.monotonic(), version
                 while version < SCHEMA_VERSION:
                     for statement in _statements(_MIGRATIONS[version]):
                         conn.execute(statement)
@@ -417,6 +441,14 @@ class Spool:
                 conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        if migrated:
+            log.warning(
+                "spool %s: format %d brought to %d in %.1f s",
+                self.path,
+                migrated,
+                SCHEMA_VERSION,
+                time.monotonic() - began,
+            )
 
     def _check(self, whole: bool = False) -> str | None:
         """What opening costs, whatever the spool's size: the header, the schema and the
@@ -431,15 +463,37 @@ class Spool:
         conn.execute("SELECT depth FROM spool_depth").fetchone()
         conn.execute(f"SELECT {_COLUMNS} FROM spool WHERE id = 0").fetchone()  # noqa: S608
         if whole:
+            if self._checked_mark.exists():
+                return (
+                    "SQLite met a damage again after the file was checked and its indexes rebuilt"
+                )
             result = [r[0] for r in conn.execute("PRAGMA quick_check")]
             if result != ["ok"]:
                 return "; ".join(str(r) for r in result[:3])
+            # quick_check does not compare an index with its table: an index pointing at
+            # rows no longer there passes it, and every read through it fails. The indexes
+            # are rebuilt from the table (a read of it, as quick_check's), and the depth
+            # counted again, in one transaction.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("REINDEX")
+                conn.execute("UPDATE spool_depth SET depth = (SELECT count(*) FROM spool)")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            log.warning("spool %s: checked whole after a damage: sound; indexes rebuilt", self.path)
         return None
 
     # --- damage met while running ----------------------------------------------------------------
     @property
     def _check_mark(self) -> Path:
         return Path(f"{self.path}{CHECK_MARK}")
+
+    @property
+    def _checked_mark(self) -> Path:
+        return Path(f"{self.path}{CHECKED_MARK}")
 
     def check_pending(self) -> bool:
         """SQLite said the file is damaged while it was in use: the node stops (the drainer),
@@ -479,6 +533,8 @@ class Spool:
                 target = Path(f"{self.path}.damaged-{stamp}{suffix}")
                 source.rename(target)
                 moved.append(target)
+        with contextlib.suppress(FileNotFoundError):
+            self._checked_mark.unlink()  # the new file was never checked
         log.error(
             "spool %s is damaged (%s): set aside as %s, kept; a new spool is started. Its "
             "readable statements are delivered by `xapi-worker spool drain` (see the "
@@ -532,9 +588,12 @@ class Spool:
                 raise
             conn.execute("COMMIT")
 
-    def add(self, entries: Sequence[Entry], now: float | None = None) -> None:
+    def add(
+        self, entries: Sequence[Entry], now: float | None = None, source: str = "the broker"
+    ) -> None:
         """Spool ``entries`` in one transaction, committed to disk on return; raise
-        :class:`SpoolError` (nothing written) when they cannot be."""
+        :class:`SpoolError` (nothing written) when they cannot be, saying that they stay in
+        ``source`` (where they come from)."""
         if not entries:
             return
         now = time.time() if now is None else now
@@ -561,13 +620,13 @@ class Spool:
             elif used + incoming > self.max_bytes:
                 raise SpoolFull(
                     f"spool {self.path} is full ({self.max_bytes // 1024**2} MiB): "
-                    f"{len(rows)} statements stay in the broker"
+                    f"{len(rows)} statements stay in {source}"
                 )
             else:
                 raise SpoolFull(
                     f"spool {self.path}: its disk is full (less than "
                     f"{DISK_RESERVE_BYTES // 1024**2} MiB free): {len(rows)} statements stay "
-                    "in the broker"
+                    f"in {source}"
                 )
             with self._transaction() as conn:
                 conn.executemany(
