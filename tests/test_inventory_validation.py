@@ -64,7 +64,7 @@ CASES = [
                 "xapi_broker_monitor_password": "a-good-monitor-password",
                 "xapi_ops_metrics_user": user,
             },
-            f"xapi_ops_metrics_user ({user}) a user name of its own, none of the reserved",
+            f'xapi_ops_metrics_user is "{user}": it must be an account of its own, none of the',
         )
         for user in ("root", "pod", "redis", "www-data", "xapi-worker", "nobody")
     ),
@@ -461,7 +461,7 @@ BROKEN_TOGETHER = [
         },
         [
             "xapi_ops_check_timeout is 0: it must be a positive whole number",
-            'xapi_ops_metrics_user is "root": it must be a system user name other than root',
+            'xapi_ops_metrics_user is "root": it must be an account of its own, none of the',
             'xapi_ops_metrics_file is "/tmp/x.txt": it must be an absolute path',
             "xapi_ops_check_thresholds.queue is [10, 5]: [warning, critical]",
             "xapi_ops_check_thresholds has bogus: its metrics are among",
