@@ -578,7 +578,7 @@ def test_spool_stale_and_damaged(tmp_path, redis_srv):
     ) in result.text
     assert "enc3" not in result.text
     values = prometheus(config)
-    assert values[("xapi_spool_damaged", (("broker", "frontal1"), ("node", "enc2")))] == 1
+    assert values[("xapi_spool_damaged", (("broker", "frontal1"), ("node", "enc2")))] == 5
     assert (
         values[("xapi_spool_oldest_age_seconds", (("broker", "frontal1"), ("node", "enc1")))] == 0
     )
