@@ -16,7 +16,7 @@ RALPH_VENV := .venv-ralph
 BENCH_VENV := .venv-bench
 SCENARIOS ?= default sysv multi resilience
 
-.PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean lock lock-check
+.PHONY: system-deps venvs help demo demo-down test lint worker-test molecule resilience bench image clean lock lock-check docs
 
 help:
 	@echo "make demo       bring the lab up, apply site.yml, deliver one statement"
@@ -66,13 +66,26 @@ demo: $(VENV)/.done image
 demo-down:
 	bash lab/down.sh
 
-test: $(VENV)/.done $(WORKER_VENV)/.done $(RALPH_VENV)/.done image
+# Stages longest first, TEST_JOBS (default 3) at a time (tools/run-tests.sh): the worker's
+# tests run while the first scenario builds the lab image (one build: the others wait for it
+# on its lock, then find it there).
+TEST_JOBS ?= 3
+TEST_SCENARIOS = $(filter $(SCENARIOS),resilience default sysv multi)
+MOLECULE_STAGE = flock .ansible/image.lock bash lab/build-image.sh && molecule test -s
+test: $(VENV)/.done $(WORKER_VENV)/.done $(RALPH_VENV)/.done system-deps
+	mkdir -p .ansible
 	bash lab/sweep-networks.sh
-	bash tools/run-tests.sh \
-	  "lint=$(MAKE) --no-print-directory lint" \
-	  "bundle-tests=pytest -q -p no:cacheprovider tests" \
+	TEST_JOBS=$(TEST_JOBS) bash tools/run-tests.sh \
+	  $(foreach s,$(firstword $(TEST_SCENARIOS)),"molecule-$(s)=$(MOLECULE_STAGE) $(s)") \
 	  "worker-tests=$(MAKE) --no-print-directory worker-test" \
-	  $(foreach s,$(SCENARIOS),"molecule-$(s)=molecule test -s $(s)")
+	  $(foreach s,$(wordlist 2,9,$(TEST_SCENARIOS)),"molecule-$(s)=$(MOLECULE_STAGE) $(s)") \
+	  "bundle-tests=pytest -q -p no:cacheprovider tests" \
+	  "lint=$(MAKE) --no-print-directory lint"
+
+# Each role README's table of variables, from its meta/argument_specs.yml (tools/role_docs.py;
+# tests/test_role_docs.py fails on a stale one).
+docs: $(VENV)/.done
+	python tools/role_docs.py
 
 lint: $(VENV)/.done
 	yamllint -s .

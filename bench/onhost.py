@@ -76,8 +76,8 @@ print(redis.Redis.from_url(s.XAPI_CELERY_BROKER_URL).llen("xapi"))
 """
 PURGE = """
 import redis
-from pod.custom import settings_local as s
-print(redis.Redis.from_url(s.XAPI_CELERY_BROKER_URL).delete("xapi"))
+from xapi_worker.settings import load_settings
+print(redis.Redis.from_url(load_settings().broker_url).delete("xapi"))
 """
 STORE = "/var/lib/ralph/statements/fs_lrs.jsonl"
 HISTORY = "/var/lib/ralph/history.json"
@@ -117,9 +117,13 @@ def queue_length(frontal: PodmanHost) -> int:
 
 def purge_queue(encodage: PodmanHost) -> None:
     """Drops what a run left queued (a time-boxed run of a slow configuration). On an
-    encoding host: its Pod settings name the worker's broker user; the frontal's name Pod's
-    producer, which may not delete the queue (roles/redis README)."""
-    on_pod(encodage, PURGE)
+    encoding host, as the worker's user with its settings (the worker's broker user); the
+    frontal's name Pod's producer, which may not delete the queue (roles/redis README)."""
+    encodage.check(
+        "cd /opt/xapi-worker && runuser -u xapi-worker -- env "
+        "XAPI_WORKER_CONFIG=/etc/celeryd-xapi/worker.env "
+        f"/opt/xapi-worker/bin/python -c '{PURGE}'"
+    )
 
 
 def reset_lrs(lrs: PodmanHost) -> None:
@@ -199,7 +203,7 @@ def worker_cpu(host: PodmanHost) -> dict[str, float]:
 
 def spool_depth(host: PodmanHost) -> int:
     """Statements in the spools of the host's nodes (read as the worker's user)."""
-    return int(host.check(f"runuser -u pod -- python3 -c '{SPOOL_DEPTH}'").strip() or 0)
+    return int(host.check(f"runuser -u xapi-worker -- python3 -c '{SPOOL_DEPTH}'").strip() or 0)
 
 
 def stop_lrs(lrs: PodmanHost) -> None:

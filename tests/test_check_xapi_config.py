@@ -24,17 +24,18 @@ PLUGIN = ROOT / "roles/xapi_ops/files/check_xapi"
 HOSTILE = string.printable.strip() + " $(touch /tmp/pwned) `id` \"'\\"
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    out = tmp_path_factory.mktemp("check-xapi")
-    (out / "hosts.yml").write_text(
-        "all:\n  vars:\n    ansible_python_interpreter: /usr/bin/python3\n  children:\n"
-        "    pod_frontal:\n      hosts:\n        front1:\n"
-        "          ansible_host: 192.0.2.11\n          ansible_connection: local\n"
-        "    xapi_broker:\n      hosts:\n        front1:\n"
-        "    pod_encodage:\n      hosts:\n        enc1:\n"
-        "          ansible_connection: local\n          xapi_encodage_worker_nodes: [a, b]\n"
-    )
+INVENTORY = (
+    "all:\n  vars:\n    ansible_python_interpreter: /usr/bin/python3\n  children:\n"
+    "    pod_frontal:\n      hosts:\n        front1:\n"
+    "          ansible_host: 192.0.2.11\n          ansible_connection: local\n"
+    "    xapi_broker:\n      hosts:\n        front1:\n"
+    "    pod_encodage:\n      hosts:\n        enc1:\n"
+    "          ansible_connection: local\n          xapi_encodage_worker_nodes: [a, b]\n"
+)
+
+
+def render(out: Path, inventory: str) -> dict[str, dict]:
+    (out / "hosts.yml").write_text(inventory)
     files = [
         ROOT / "roles/xapi/defaults/main.yml",
         ROOT / "roles/xapi_ops/defaults/main.yml",
@@ -55,6 +56,29 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         host: json.loads((out / f"{host}-check_xapi.json").read_text())
         for host in ("front1", "enc1")
     }
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    return render(tmp_path_factory.mktemp("check-xapi"), INVENTORY)
+
+
+def test_a_frontal_that_runs_the_worker_checks_its_instance_once(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The frontal in the group xapi_worker (issue 32): its own instance once, over loopback,
+    with the LRS; the plugin accepts the file (the same name twice it refuses)."""
+    inventory = INVENTORY + "    xapi_worker:\n      hosts:\n        front1:\n        enc1:\n"
+    front = render(tmp_path_factory.mktemp("worker-frontal"), inventory)["front1"]
+    assert [(b["name"], b["host"]) for b in front["brokers"]] == [("front1", "127.0.0.1")]
+    assert front["lrs"]["url"] == "https://lrs.example.org/xAPI/statements/"
+    path = tmp_path_factory.mktemp("worker-frontal-config") / "check_xapi.json"
+    path.write_text(json.dumps(front))
+    result = subprocess.run(
+        [sys.executable, str(PLUGIN), "--check-config", "-C", str(path)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hostile_passwords_come_back_exactly(rendered: dict[str, dict]) -> None:

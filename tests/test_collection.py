@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GALAXY = yaml.safe_load((ROOT / "galaxy.yml").read_text())
 ROLES = ["redis", "xapi", "xapi_encodage", "xapi_encodage_pod", "xapi_frontal", "xapi_ops"]
 #: The playbooks an operator runs by FQCN (README, "Install as a collection").
-PLAYBOOKS = ["site", "check", "status", "dead_letters", "monitoring"]
+PLAYBOOKS = ["site", "check", "status", "dead_letters", "forget", "monitoring"]
 #: Top-level entries and paths that must stay out (dev-only, lab, results, environments).
 NEVER = (
     "lab/",
@@ -42,6 +42,7 @@ NEVER = (
     "roles/ralph_lrs/",
     "playbooks/ralph_lrs.yml",
     "docs/benchmarks",
+    "docs/history.md",
     "Makefile",
     "ansible.cfg",
 )

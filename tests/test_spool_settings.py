@@ -182,11 +182,16 @@ def test_status_reports_the_spool(tmp_path: Path) -> None:
         "spool_bytes": 3 * 1048576,
         "spool_full": ["xapi@enc2"],
         "spool_damaged": 1,
+        "spool_damaged_files": ["xapi@enc1: xapi@enc1.sqlite3.damaged-20261207T101500Z"],
+        "spool_damaged_age_s": 3600.2,
     }
     table, full = render_status(tmp_path, status)
     assert "spool                1200 statements, 3.0 MiB, oldest 754 s" in table
     assert "spool full           FULL: xapi@enc2" in table
-    assert "spool files damaged  1 (set aside)" in table
+    assert (
+        "spool files damaged  1 (set aside, the oldest 3600 s ago: run xapi-worker spool drain "
+        "on its host)\n  set aside          xapi@enc1: xapi@enc1.sqlite3.damaged-20261207T101500Z"
+    ) in table
     # tasks/status.yml fails the play on this list.
     assert full == ["xapi@enc2"]
 

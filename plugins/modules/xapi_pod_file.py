@@ -11,7 +11,9 @@ checked on its descriptor (fstat: a regular file with one link, owned by root or
 directory's owner), and the new content goes to a file root creates in that directory
 (O_CREAT | O_EXCL | O_NOFOLLOW), given its owner and mode on the descriptor (fchown,
 fchmod), then renamed over the name. Nothing is ever done by path name once the directory is
-open.
+open. The tree's owner also chooses the file's size: root reads at most `max_bytes` of it
+(4 MiB by default, a hundred times a large settings_local.py), and refuses a bigger file,
+naming it, rather than reading it whole into memory.
 """
 
 from __future__ import annotations
@@ -49,14 +51,26 @@ options:
   group: {description: Group of the file written., type: str, required: true}
   mode: {description: Mode of the file written (octal string)., type: str, required: true}
   python: {description: Refuse a result that Python cannot compile., type: bool, default: false}
+  max_bytes:
+    description:
+      - The most of the existing file root reads (the tree's owner chooses its size). A
+        bigger file is refused, naming it, and left unchanged.
+    type: int
+    default: 4194304
 """
 
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# The most of an existing file read by default: 4 MiB (Pod's settings_local.py is a few kB).
+MAX_BYTES = 4 << 20
 
 
 class Refused(Exception):
     """The path is not what it says: nothing was written."""
+
+
+class TooLarge(Exception):
+    """The file is bigger than what root reads of it: nothing was written."""
 
 
 def open_directory(path: str) -> int:
@@ -82,10 +96,13 @@ def open_directory(path: str) -> int:
     return fd
 
 
-def read_existing(dir_fd: int, name: str, path: str) -> tuple[bytes | None, os.stat_result | None]:
+def read_existing(
+    dir_fd: int, name: str, path: str, max_bytes: int = MAX_BYTES
+) -> tuple[bytes | None, os.stat_result | None]:
     """The file's content and status, or (None, None) when there is none. Checked on what was
     opened: a regular file, one link (a hard link could be any file of the system), owned by
-    root or by the directory's owner."""
+    root or by the directory's owner, at most ``max_bytes`` long (its size on the descriptor,
+    and what is read: it may grow meanwhile)."""
     try:
         fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -104,9 +121,14 @@ def read_existing(dir_fd: int, name: str, path: str) -> tuple[bytes | None, os.s
             raise Refused(
                 f"{path} belongs to uid {st.st_uid}, neither root nor its directory's owner"
             )
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
+        if st.st_size > max_bytes:
+            raise TooLarge(f"{path} holds {st.st_size} bytes")
+        chunks, size = [], 0
+        while size <= max_bytes and (chunk := os.read(fd, min(1 << 16, max_bytes + 1 - size))):
             chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(f"{path} grew past that while it was read")
         return b"".join(chunks), st
     finally:
         os.close(fd)
@@ -191,7 +213,7 @@ def run(module: AnsibleModule) -> dict[str, Any]:
             return {"changed": present}
         raise
     try:
-        original, st = read_existing(dir_fd, name, path)
+        original, st = read_existing(dir_fd, name, path, p["max_bytes"])
         if p["marker"] is not None:
             if original is None and not present:
                 return {"changed": False}
@@ -239,6 +261,7 @@ def main() -> None:
             "group": {"type": "str", "required": True},
             "mode": {"type": "str", "required": True},
             "python": {"type": "bool", "default": False},
+            "max_bytes": {"type": "int", "default": MAX_BYTES},
         },
         mutually_exclusive=[["content", "marker"], ["content", "block"]],
         required_by={"block": ["marker"]},
@@ -251,6 +274,13 @@ def main() -> None:
             msg=f"Refused: {error}: {module.params['path']} is not a plain file on a plain path. "
             "Root will not write through a link, or a file it did not make, that the owner of "
             "the tree could have planted. Nothing was written."
+        )
+    except TooLarge as error:
+        module.fail_json(
+            msg=f"Refused: {error}, more than the {module.params['max_bytes']} bytes root reads "
+            f"of a file in another user's tree (max_bytes): {module.params['path']} was left "
+            "unchanged. Look at what it holds (the tree's owner may have filled it), and bring "
+            "it back to a size of its own."
         )
     except (OSError, KeyError) as error:
         module.fail_json(

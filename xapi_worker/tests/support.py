@@ -110,7 +110,14 @@ def ralph_env(auth_file: Path, data_dir: Path) -> dict[str, str]:
         RALPH_RUNSERVER_BACKEND="fs",
         RALPH_AUTH_FILE=str(auth_file),
         RALPH_BACKENDS__LRS__FS__DEFAULT_DIRECTORY_PATH=str(data_dir),
+        # Ralph's FS backend rewrites a history of every read and write: by default one file
+        # of the user's (~/.config/ralph/history.json), shared by every Ralph running at once
+        # (tests run side by side), which they corrupt (then every POST answers 500).
+        RALPH_HISTORY_FILE=str(data_dir.parent / f"{data_dir.name}-history.json"),
         PYTHONPATH=str(REPO / "roles" / "ralph_lrs" / "files"),
+        # Ralph appends every POST to a history file in its application directory (under
+        # XDG_CONFIG_HOME): one per test, not the user's, which concurrent runs corrupt.
+        XDG_CONFIG_HOME=str(data_dir.parent / "ralph-config"),
     )
     return env
 

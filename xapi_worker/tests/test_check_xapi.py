@@ -556,17 +556,29 @@ def test_spool_stale_and_damaged(tmp_path, redis_srv):
     r = redis_srv.client()
     now = time.time()
     set_node(r, "enc1", updated=now - 300)  # the worker stopped reporting, heartbeat alive
-    set_node(r, "enc2", damaged=1)
+    names = [f"enc2.sqlite3.damaged-2026120{n}T000000Z" for n in range(1, 6)]
+    # the set-aside files, named, counted and dated (a hostile name made plain)
+    set_node(
+        r,
+        "enc2",
+        damaged=5,
+        damaged_files=" ".join([*names[:4], "a\x1b[2Jb"]),
+        damaged_since=now - 3 * 86400,
+    )
     set_node(r, "enc3", alive=False, updated=now - 3000)  # a stopped node: old, not stale
     config = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)], "nodes_expected": 2})
     result = check(config)
     assert result.code == 1, result.line
     assert result.text.startswith("XAPI WARNING - spool state of node enc1 stale (updated 30")
     assert "while its heartbeat is alive)" in result.text
-    assert "damaged spool set aside on node enc2: see the worker's log" in result.text
+    assert (
+        "5 damaged spool files set aside on node enc2, the oldest 3.0 d ago "
+        f"({names[0]}, {names[1]}, {names[2]}, and 2 more): their statements wait; run "
+        "`xapi-worker spool drain` on its host"
+    ) in result.text
     assert "enc3" not in result.text
     values = prometheus(config)
-    assert values[("xapi_spool_damaged", (("broker", "frontal1"), ("node", "enc2")))] == 1
+    assert values[("xapi_spool_damaged", (("broker", "frontal1"), ("node", "enc2")))] == 5
     assert (
         values[("xapi_spool_oldest_age_seconds", (("broker", "frontal1"), ("node", "enc1")))] == 0
     )

@@ -102,3 +102,19 @@ def test_status_field_and_queue_length_agree(tmp_path, redis_srv, make_config):
     assert run_cli(config, "status", "--field", "queue").stdout.strip() == "2"
     assert run_cli(config, "queue-length").stdout.strip() == "2"
     assert json.loads(run_cli(config, "status").stdout)["queue"] == 2
+
+
+def test_a_spool_limit_under_four_of_the_largest_batches_stops_worker(tmp_path):
+    """The spool counts as full with less room than one batch of the largest statements: a
+    smaller limit than four such batches would be full before it held a few."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    config = _base(tmp_path, XAPI_WORKER_SPOOL_DIR=str(spool), XAPI_WORKER_SPOOL_MAX_MB="64")
+    result = _celery(config)
+    assert result.returncode == 3
+    assert (
+        "XAPI_WORKER_SPOOL_MAX_MB must be 0 (automatic) or at least 104 with "
+        "XAPI_WORKER_BATCH_SIZE=100" in result.stderr
+    )
+    smaller = _celery(config, {"XAPI_WORKER_BATCH_SIZE": "50", "XAPI_WORKER_SPOOL_MAX_MB": "40"})
+    assert smaller.returncode == 3 and "at least 52 with" in smaller.stderr

@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from xapi_worker.bookkeeping import COUNT_MAX as HEADER_COUNT_MAX
+from xapi_worker.bookkeeping import count as _int
 from xapi_worker.delivery import iso, parse_iso
 from xapi_worker.spool import Entry, Spool, SpoolError
-from xapi_worker.worker import HEADER_COUNT_MAX, _int
 
 
 @pytest.mark.parametrize("value", [10**30, str(10**30), 2**63])

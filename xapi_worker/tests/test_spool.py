@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -98,7 +99,13 @@ def test_full_spool_stops_taking_and_drops_nothing(
     tmp_path, redis_srv, ralph, make_config, start_worker
 ):
     spool_dir = _spool_dir(tmp_path)
-    config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_SPOOL_MAX_MB=2)
+    # 6 MiB: the smallest limit for batches of 5 (four batches of the largest statements)
+    config = make_config(
+        ralph.url,
+        XAPI_WORKER_SPOOL_DIR=spool_dir,
+        XAPI_WORKER_SPOOL_MAX_MB=6,
+        XAPI_WORKER_BATCH_SIZE=5,
+    )
     worker = start_worker(config, name="full")
     ralph.stop()
     statements = [video_statement("paused", n, with_id=True) for n in range(4000)]
@@ -143,8 +150,11 @@ def test_full_disk_stops_taking_and_drops_nothing(
             chunk = b"\0" * 1024**2
             for _ in range((free - 20 * 1024**2) // len(chunk)):
                 f.write(chunk)
-        config = make_config(
-            ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_SPOOL_MAX_MB=1024
+        config = make_config(  # batches of 10: the node stops below 16 + 2.6 MiB free
+            ralph.url,
+            XAPI_WORKER_SPOOL_DIR=spool_dir,
+            XAPI_WORKER_SPOOL_MAX_MB=1024,
+            XAPI_WORKER_BATCH_SIZE=10,
         )
         worker = start_worker(config, name="disk")
         node = worker_node("disk")
@@ -415,13 +425,13 @@ def test_one_rule_for_a_full_spool_or_disk_with_hysteresis(tmp_path, monkeypatch
     limit where it stopped."""
     from xapi_worker import spool as spool_module
 
-    spool = Spool(_spool_dir(tmp_path), "rule@h", max_bytes=1024**3)
+    spool = Spool(_spool_dir(tmp_path), "rule@h", max_bytes=1024**3, batch_size=10)
     spool.open()
     now = time.time()
-    batch = [Entry(video_statement("played", n), f"t{n}", 1, now, now) for n in range(100)]
+    batch = [Entry(video_statement("played", n), f"t{n}", 1, now, now) for n in range(10)]
     reserve = spool_module.DISK_RESERVE_BYTES
     taking = refused = 0
-    for above in range(0, 12 * 1024**2, 256 * 1024):  # free: the reserve, and that much more
+    for above in range(0, 16 * 1024**2, 256 * 1024):  # free: the reserve, and that much more
         monkeypatch.setattr(spool_module, "free_bytes", lambda _d, a=above: reserve + a)
         stats = spool.stats(counts=False)
         if stats.full:
@@ -432,8 +442,38 @@ def test_one_rule_for_a_full_spool_or_disk_with_hysteresis(tmp_path, monkeypatch
             continue
         taking += 1
         spool.add(batch)  # a node that takes: its batch is accepted
-        assert stats.roomy == (above >= 8 * 1024**2)
+        assert stats.roomy == (above >= stats.headroom + spool_module.RESUME_DISK_BYTES)
     assert refused and taking
+    spool.close()
+
+
+def test_the_headroom_counts_bytes_and_the_largest_batch(tmp_path):
+    """The headroom assumed batches of at most 1 MiB and add() counted characters: a batch
+    of statements in Greek (2 bytes a character) or with emoji (4) wrote up to four times
+    what was counted, past the spool's limit, and a batch of large statements was refused
+    by a node that took (taken, refused, put back). Now both count encoded bytes, and the
+    node stops taking with less room than one batch of the largest statements it takes."""
+    limit = 64 * 1024**2
+    spool = Spool(_spool_dir(tmp_path), "bytes@h", max_bytes=limit)
+    spool.batch_size = 10
+    spool.open()
+    now = time.time()
+    # just under the largest statement taken (content.MAX_STATEMENT_BYTES, 256 KiB) in
+    # UTF-8: 8 bytes, 3 characters a time
+    text = "\u03b1\u03b2\U0001f600" * (256 * 1024 // 8 - 300)
+    taken = 0
+    for n in range(200):
+        stats = spool.stats(counts=False)
+        if stats.full:
+            break
+        batch = [
+            Entry({**video_statement("played", n * 10 + i), "pad": text}, f"t{i}", 1, now, now)
+            for i in range(10)
+        ]
+        spool.add(batch)  # a node that takes is never refused its batch
+        taken += 1
+        assert spool.stats(counts=False).used_bytes <= limit
+    assert taken >= 3 and spool.stats(counts=False).full
     spool.close()
 
 
@@ -512,7 +552,8 @@ def test_a_full_disk_at_start_is_no_damage_the_node_stops_loudly(
                         f.write(b"\0" * size)
         with pod_producer(redis_srv.url()) as delay:
             delay(video_statement("played", 99))
-        config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir)
+        # batches of 5: a headroom of 1.3 MiB, which the 24 MiB filesystem has once freed
+        config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_BATCH_SIZE=5)
         worker = start_worker(config, name="full", wait_ready=False)
         assert wait_for(lambda: worker.proc.poll() is not None, 60), worker.text()[-3000:]
         assert worker.proc.returncode == 75, worker.text()[-3000:]
@@ -526,28 +567,315 @@ def test_a_full_disk_at_start_is_no_damage_the_node_stops_loudly(
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_an_idle_spool_is_not_scanned_again(tmp_path):
-    """The drainer counted the spool (count(*), min(first_seen): two full scans, 1.16 s on
-    a cold 394 MiB spool) every few seconds, idle or not. Now only once it changed: a write
-    of its own, or a commit of another connection (the pool process, the other thread)."""
+def _full_scans(plan_conn: sqlite3.Connection, traced: list[str]) -> list[str]:
+    """The traced statements whose plan reads the whole table ``spool`` (or one of its
+    indexes whole), and any integrity check (a read of every page)."""
+    found = []
+    for sql in traced:
+        text = sql.strip()
+        if re.match(r"PRAGMA\s+(quick|integrity)_check", text, re.IGNORECASE):
+            found.append(text)
+        if not re.match(r"(SELECT|UPDATE|DELETE|INSERT|WITH)\b", text, re.IGNORECASE):
+            continue
+        for row in plan_conn.execute("EXPLAIN QUERY PLAN " + text):
+            if re.match(r"SCAN spool\b(?!_)", row[3]):
+                found.append(f"{text[:120]} -> {row[3]}")
+    return found
+
+
+def test_no_scan_of_the_table_at_start_nor_idle_nor_while_it_changes(tmp_path, monkeypatch):
+    """Before Celery's loop started, the worker ran quick_check (every page read) and
+    count(*) on its spool (a cold open took 7.2 s at 394 MiB: minutes at the 10 GiB cap,
+    inside WatchdogSec=60); the drainer counted the spool again after every change, and
+    read the due rows in the order of the rows, a scan of the table every second while
+    nothing was due. Every statement the spool runs at open, idle and while it changes is
+    traced here (SQLite's statement trace), and none reads the table whole."""
     directory = _spool_dir(tmp_path)
+    node = "scan@h"
     now = time.time()
-    spool = Spool(directory, "idle@h")
-    spool.open()
-    spool.add([Entry(video_statement("played", n), f"t{n}", 1, now - n, now) for n in range(50)])
-    scans: list[str] = []
-    spool._connect().set_trace_callback(
-        lambda sql: scans.append(sql) if "count(" in sql.lower() else None
+    before = Spool(directory, node)
+    before.open()
+    for start in range(0, 2000, 500):  # parked for later: nothing due now
+        before.add(
+            [
+                Entry(video_statement("played", n), f"t{n}", 2, now - n, now + 600, "HTTP 503")
+                for n in range(start, start + 500)
+            ]
+        )
+    before.close()
+    plan_conn = sqlite3.connect(directory / node_file(node))
+    traced: list[str] = []
+    connect = sqlite3.connect
+
+    def traced_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(traced.append)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced_connect)
+    spool = Spool(directory, node)
+    assert spool.open() == []  # the worker's start
+    stats = spool.stats()
+    assert stats.depth == 2000 and stats.oldest == now - 1999
+    for _ in range(3):  # idle: nothing due
+        assert spool.due(100, now) == []
+        spool.stats(counts=False)
+        spool.stats()
+    spool.add(
+        [
+            Entry(video_statement("played", 5000 + n), f"n{n}", 1, now - 5000, now)
+            for n in range(100)
+        ]
     )
-    assert spool.stats().depth == 50
-    assert spool.stats().depth == 50 and spool.stats().oldest == now - 49
-    assert len(scans) == 1, scans  # idle: counted once
-    other = Spool(directory, "idle@h")  # another connection, as the pool process has
-    other.open()
-    other.add([Entry(video_statement("played", 99), "t99", 1, now - 100, now)])
-    other.close()
-    assert spool.stats().depth == 51 and spool.stats().oldest == now - 100
-    spool.delete([r.id for r in spool.rows(1)])  # a write of its own
-    assert spool.stats().depth == 50
-    assert len(scans) == 3, scans
+    due = spool.due(100, now)
+    assert len(due) == 100
+    ahead = spool.due(100, now, exclude=[r.id for r in due])
+    spool.reschedule([r.id for r in due[:10]], now + 60, "HTTP 503", lone_failures={due[0].id: 1})
+    spool.delete([r.id for r in due[10:]])
+    assert spool.stats().depth == 2010 and spool.stats().oldest == now - 5000
+    spool.wake(now, beyond=3600)
+    spool.reclaimable()
     spool.close()
+    assert ahead == [] or all(r.id not in {d.id for d in due} for r in ahead)
+    monkeypatch.undo()
+    assert traced, "nothing traced"
+    scans = _full_scans(plan_conn, traced)
+    plan_conn.close()
+    assert not scans, scans
+
+
+def test_a_spool_of_a_newer_format_is_refused_and_kept_as_it_is(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    """A downgrade: an older release met a spool of a newer format and set it aside as
+    damaged (a new empty spool in its place, its statements out of every drain). A newer
+    format is no damage: the node refuses to take (exit 75, as for a full disk), says why,
+    and leaves the file as it is."""
+    from xapi_worker.spool import SCHEMA_VERSION
+
+    spool_dir = _spool_dir(tmp_path)
+    node = worker_node("newer")
+    _spooled_before(spool_dir, node, [video_statement("played", n) for n in range(5)])
+    path = spool_dir / node_file(node)
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    kept = path.read_bytes()
+    with pod_producer(redis_srv.url()) as delay:
+        delay(video_statement("played", 99))
+    config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir)
+    worker = start_worker(config, name="newer", wait_ready=False)
+    assert wait_for(lambda: worker.proc.poll() is not None, 60), worker.text()[-3000:]
+    assert worker.proc.returncode == 75, worker.text()[-3000:]
+    assert f"newer than this worker's ({SCHEMA_VERSION})" in worker.text()
+    assert not list(spool_dir.glob("*.damaged-*")), list(spool_dir.iterdir())
+    assert path.read_bytes() == kept
+    assert redis_srv.client().llen("xapi") == 1  # nothing taken
+    listed = run_cli(config, "spool", "list")
+    assert listed.returncode != 0 and "newer than this worker's" in listed.stderr
+    assert path.read_bytes() == kept
+
+
+def _damage_a_page(path: Path) -> None:
+    """One leaf page of the table, in the middle of the file, overwritten (a bad sector)."""
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    leaves = [
+        r[0]
+        for r in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'spool' AND pagetype = 'leaf' ORDER BY pageno"
+        )
+    ]
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    with path.open("r+b") as f:
+        f.seek((leaves[len(leaves) // 2] - 1) * page_size)
+        f.write(os.urandom(page_size))
+
+
+def test_damage_met_while_draining_sets_the_file_aside_and_spool_drain_delivers_the_rest(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    """A spool damaged on disk: the worker stops when SQLite meets the damage, its next start
+    sets the file aside; the set-aside file is named, counted and dated by `status` and
+    check_xapi (it used to say only "see the worker's log"), and `spool drain` delivers its
+    readable rows, once (it used to see only the live spools), saying how many it could not
+    read."""
+    from test_check_xapi import broker_entry, check, write
+
+    spool_dir = _spool_dir(tmp_path)
+    node = worker_node("bad")
+    statements = [video_statement("played", n, with_id=True) for n in range(400)]
+    _spooled_before(spool_dir, node, statements)
+    _damage_a_page(spool_dir / node_file(node))
+    config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_BATCH_SIZE=20)
+    worker = start_worker(config, name="bad")
+    assert wait_for(lambda: worker.proc.poll() is not None, 60), worker.text()[-3000:]
+    assert "is damaged: this node stops" in worker.text(), worker.text()[-3000:]
+    delivered_before = set(ralph.stored_ids())
+    assert 0 < len(delivered_before) < 400
+    worker = start_worker(config, name="bad")  # the same log: its first run's ready line
+    assert wait_for(lambda: worker.text().count(" ready.") == 2, 30), worker.text()[-3000:]
+    assert "set aside as" in worker.text()
+    (aside,) = Spool(spool_dir, node).damaged_files()
+    state = wait_for_value(lambda: _status(config), lambda s: s["spool_damaged_files"], 15)
+    assert state["spool_damaged"] == 1
+    assert state["spool_damaged_files"] == [f"{node}: {aside.name}"]
+    assert 0 <= state["spool_damaged_age_s"] < 120
+    plugin = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)], "nodes_expected": 1})
+    result = check(plugin)
+    assert result.state == "WARNING", result.line
+    assert f"1 damaged spool files set aside on node {node}, the oldest " in result.text
+    assert aside.name in result.text and "xapi-worker spool drain" in result.text
+    drained = run_cli(config, "spool", "drain")
+    assert drained.returncode == 75, drained.stdout + drained.stderr  # some rows unreadable
+    match = re.search(
+        r"(\d+) statements put in the node's spool, (\d+) rows unreadable",
+        drained.stdout + drained.stderr,
+    )
+    assert match, drained.stdout + drained.stderr
+    moved, unreadable = int(match[1]), int(match[2])
+    # Rows delivered whose deletion met the damage are in the file still: sent again, stored once.
+    assert 0 < unreadable < 20 and moved + unreadable >= 400 - len(delivered_before)
+    assert wait_for(lambda: len(set(ralph.stored_ids())) == 400 - unreadable, 60)
+    stored = ralph.stored_ids()
+    assert len(stored) == len(set(stored)), "stored twice"
+    assert set(stored) <= {s["id"] for s in statements}
+    again = run_cli(config, "spool", "drain")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "put in the node's spool" not in again.stdout + again.stderr  # taken once
+    state = wait_for_value(lambda: _status(config), lambda s: not s["spool_damaged_files"], 15)
+    assert state["spool_damaged"] == 0 and state["spool_damaged_age_s"] is None
+    assert len(set(ralph.stored_ids())) == 400 - unreadable
+
+
+def _index_without_its_rows(path: Path, gone: int) -> None:
+    """spool_due made to point at rows no longer in the table (the rows deleted while the
+    index was detached from it): quick_check passes such a file, every read through the
+    index says 'malformed'."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    sql = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'spool_due'").fetchone()[0]
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute(
+        "UPDATE sqlite_schema SET sql = replace(sql, 'ON spool', 'ON spool_depth'),"
+        " tbl_name = 'spool_depth' WHERE name = 'spool_due'"
+    )
+    conn.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute("DELETE FROM spool WHERE id <= ?", (gone,))
+    conn.execute(
+        "UPDATE sqlite_schema SET sql = ?, tbl_name = 'spool' WHERE name = 'spool_due'", (sql,)
+    )
+    conn.close()
+
+
+def test_a_damaged_index_is_rebuilt_and_a_damage_met_again_sets_the_file_aside(tmp_path):
+    """A damaged index passed the marker's quick_check: each start removed the marker, the
+    first read through the index marked the file again and stopped the node, for ever, its
+    rows stuck. Now the open after a damage rebuilds the indexes (the rows are read again),
+    and a damage met again after such a clean check sets the file aside."""
+    now = time.time()
+    spool = Spool(tmp_path, "xapi@h")
+    spool.open()
+    spool.add(
+        [Entry({"id": f"s{i}"}, "t", 1, now, now) for i in range(50)],
+        now=now,
+    )
+    spool.close()
+    _index_without_its_rows(spool.path, 10)
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        spool.due(100, now=now + 1)
+    assert spool.check_pending()
+    spool.close()
+    spool = Spool(tmp_path, "xapi@h")
+    assert spool.open() == []  # sound: kept, its indexes rebuilt
+    assert not spool.check_pending()
+    assert [r.statement["id"] for r in spool.due(100, now=now + 1)] == [
+        f"s{i}" for i in range(10, 50)
+    ]
+    assert spool.stats().depth == 40
+    # A damage met again after a clean check: set aside, no second check, no loop.
+    spool.close()
+    _index_without_its_rows(spool.path, 20)
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        spool.due(100, now=now + 1)
+    spool.close()
+    spool = Spool(tmp_path, "xapi@h")
+    assert [p.name for p in spool.open() if not p.name.endswith(("-wal", "-shm"))] == [
+        p.name for p in spool.damaged_files()
+    ]
+    assert len(spool.damaged_files()) == 1 and spool.stats().depth == 0
+    assert not spool.check_pending()
+    assert not Path(f"{spool.path}.checked").exists()
+
+
+def test_the_watchdog_is_fed_while_the_spool_is_migrated_at_start(tmp_path, monkeypatch):
+    """The migration from format 2 (a count and an index of every row) and the whole check
+    after a damage run in the worker's start, before Celery's loop feeds systemd's watchdog
+    (counted from the exec): 12 s for 1.2 GiB cold, minutes at the 10 GiB limit, and the
+    worker was killed at each start. Now the open feeds it from a thread. The open is made
+    to last here by a writer holding the file's lock (what a large file's migration costs)."""
+    import socket
+    import threading
+
+    directory = _spool_dir(tmp_path)
+    path = directory / node_file("old@host")
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(
+        """
+        CREATE TABLE spool (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, statement_id TEXT NOT NULL,
+            statement TEXT NOT NULL, task_id TEXT NOT NULL, attempts INTEGER NOT NULL,
+            first_seen REAL NOT NULL, spooled_at REAL NOT NULL, next_at REAL NOT NULL,
+            last_error TEXT NOT NULL DEFAULT '', lone_failures INTEGER NOT NULL DEFAULT 0);
+        CREATE INDEX spool_due ON spool (next_at, id);
+        INSERT INTO spool VALUES (1, 's1', '{"id":"s1"}', 't1', 3, 1.0, 2.0, 3.0, '', 0);
+        PRAGMA user_version = 2;
+        """
+    )
+    address = str(tmp_path / "notify")
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(address)
+    systemd.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setenv("WATCHDOG_USEC", "1500000")  # a ping every 0.5 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    conn.execute("BEGIN IMMEDIATE")  # the migration waits for it: the open lasts 2.5 s
+    release = threading.Timer(2.5, lambda: conn.execute("COMMIT"))
+    release.start()
+    try:
+        spool = Spool(directory, "old@host")
+        assert spool.open() == []
+    finally:
+        release.join()
+        conn.close()
+    pings = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            pings.append(systemd.recv(64))
+    systemd.close()
+    assert pings.count(b"WATCHDOG=1") >= 3, pings
+    assert spool.stats().depth == 1 and [r.statement for r in spool.rows()] == [{"id": "s1"}]
+    spool.close()
+
+
+def test_a_salvage_stopped_by_a_full_spool_says_the_rest_stays_in_the_set_aside_file(tmp_path):
+    """It said they "stay in the broker": they stay in the set-aside file."""
+    from xapi_worker.salvage import salvage
+
+    now = time.time()
+    source = Spool(tmp_path / "src", "xapi@h")
+    (tmp_path / "src").mkdir(mode=0o700)
+    source.open()
+    source.add([Entry({"id": f"s{i}", "pad": "x" * 10_000}, "t", 1, now, now) for i in range(600)])
+    source.close()
+    aside = tmp_path / "xapi@h.sqlite3.damaged-20260101T000000Z"
+    aside.write_bytes(source.path.read_bytes())
+    node = Spool(tmp_path, "xapi@h", max_bytes=2 * 1024**2, batch_size=1)
+    node.open()
+    result = salvage(aside, node)
+    assert "stay in the set-aside file" in result.error, result.line()
+    assert "broker" not in result.error
+    node.close()

@@ -4,11 +4,15 @@ gives is needed (a maintenance page, a 500 for one statement)."""
 
 from __future__ import annotations
 
+import datetime
+import email.utils
+import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,10 +25,12 @@ from support import (
     pod_producer,
     wait_for,
 )
-from xapi_testsupport.statements import video_statement
+from xapi_testsupport.statements import invalid, video_statement
+from xapi_worker.bookkeeping import derive_key, signed_headers
 from xapi_worker.delivery import POISON_AFTER, Item, Verdict, deliver
 from xapi_worker.lrs import LRSClient
 from xapi_worker.settings import settings_from_mapping
+from xapi_worker.spool import Spool
 
 JSON = {"Content-Type": "application/json"}
 
@@ -330,34 +336,308 @@ def test_watchdog_is_fed_while_consuming_and_starves_on_a_hung_broker(
         sock.close()
 
 
-def test_maximum_age_counts_from_the_enqueue_time_the_message_carries(
+def _forward(port: int, req) -> tuple[int, dict[str, str], bytes]:
+    """Send ``req`` on to Ralph, as the proxy would; its answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {k: v for k, v in req.headers.items() if k.lower() != "host"}
+    conn.request(req.method, req.path, body=req.body or None, headers=headers)
+    resp = conn.getresponse()
+    answer = resp.status, {"Content-Type": resp.getheader("Content-Type") or ""}, resp.read()
+    conn.close()
+    return answer
+
+
+def _posted_ids(req) -> set[str]:
+    try:
+        return {s["id"] for s in json.loads(req.body)}
+    except (ValueError, TypeError, KeyError):
+        return set()
+
+
+def test_bookkeeping_headers_set_by_a_producer_are_not_trusted(
     redis_srv, ralph, make_config, start_worker
 ):
-    """The maximum age used to run from the worker's first attempt: a statement that had
-    waited in the queue for days got a fresh week. A producer's (or the first take's)
-    `xapi_first_seen` header is what counts now."""
+    """Any producer can set any header (Pod's frontal publishes with an ACL user that can):
+    a message arriving with `xapi_lone_failures=9` was dead-lettered as poison on its first
+    lone failure, one with an old `xapi_first_seen` as too old on its first failure. Only
+    what a worker signed counts (bookkeeping.py): a worker's own re-published message still
+    carries its first-seen time, and past the maximum age it is dead-lettered."""
     from celery import Celery
 
+    forged_poison = video_statement("played", 1)
+    forged_old = video_statement("played", 2)
+    signed_old = video_statement("played", 3)
+    good = [video_statement("played", n) for n in range(10, 14)]
+    # POSTs still to fail (a broken backend) of those holding each statement
+    failing = {forged_poison["id"]: 4, forged_old["id"]: 1}
+
     def respond(req):
-        return (503, JSON, b"{}") if req.method == "POST" else None
+        ids = _posted_ids(req) if req.method == "POST" else set()
+        hit = [i for i in ids if failing.get(i, 0) > 0]
+        if hit:
+            for i in hit:
+                failing[i] -= 1
+            return 503, JSON, b'{"detail": "backend down"}'
+        if signed_old["id"] in ids:
+            return 503, JSON, b'{"detail": "backend down"}'
+        return None
 
     proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
     app = Celery("producer", broker=redis_srv.url())
     app.conf.task_routes = {"pod.xapi.xapi_tasks.*": {"queue": "xapi"}}
+    old_time = "2026-11-01T08:00:00.000+00:00"
+    task = "pod.xapi.xapi_tasks.send_xapi_statement_task"
     try:
-        old = video_statement("played", 1)
         app.send_task(
-            "pod.xapi.xapi_tasks.send_xapi_statement_task",
-            args=[old],
-            headers={"xapi_first_seen": "2026-11-01T08:00:00.000+00:00"},
+            task,
+            args=[forged_poison],
+            headers={"xapi_attempt": 5, "xapi_lone_failures": POISON_AFTER - 1},
         )
+        key = derive_key(LRS_PASSWORD, redis_srv.url())
+        task_id = "signed-by-a-worker"
+        app.send_task(
+            task,
+            args=[signed_old],
+            task_id=task_id,
+            headers=signed_headers(key, task_id, 2, old_time, 0),
+        )
+        for statement in good:
+            app.send_task(task, args=[statement])
         worker = start_worker(make_config(proxy.url, XAPI_WORKER_MAX_AGE_DAYS=7))
         r = redis_srv.client()
+        expected = sorted(s["id"] for s in [forged_poison, *good])
+        assert wait_for(lambda: sorted(ralph.stored_ids()) == expected, 60), worker.text()
+        # alone in its batch, so that its first failure is a retry (not a split)
+        app.send_task(task, args=[forged_old], headers={"xapi_first_seen": old_time})
+        expected = sorted([*expected, forged_old["id"]])
+        assert wait_for(lambda: sorted(ralph.stored_ids()) == expected, 60), worker.text()
         assert wait_for(lambda: len(_dead(r)) == 1, 30), worker.text()
         (entry,) = _dead(r)
-        assert entry["statement"]["id"] == old["id"]
+        assert entry["statement"]["id"] == signed_old["id"]
         assert entry["first_seen"].startswith("2026-11-01T08:00:00")
         assert "max age exceeded" in entry["reason"] and "HTTP 503" in entry["reason"]
+        assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
     finally:
         app.close()
+        proxy.stop()
+
+
+def test_a_lone_post_that_timed_out_is_read_back_and_never_dead_lettered(
+    redis_srv, ralph, make_config, start_worker
+):
+    """A lone POST that timed out counted as a lone failure: a statement the LRS stored but
+    answered too late for (`stored_late`), or one it never stored while timing out
+    (`lost`), was dead-lettered after ten such exchanges. A timeout is "maybe stored": the
+    statement is read back by id (GET), delivered when the LRS holds it, else retried later,
+    never counted against it. Ralph filters the ids it holds before it writes (a re-sent
+    statement is answered 204): each is stored once."""
+    stored_late = video_statement("played", 1)
+    lost = video_statement("played", 2)
+    lost_posts = {"left": POISON_AFTER + 2}  # enough timeouts to make it poison before
+
+    def respond(req):
+        ids = _posted_ids(req) if req.method == "POST" else set()
+        if lost["id"] in ids and lost_posts["left"] > 0:
+            lost_posts["left"] -= 1
+            time.sleep(1.5)  # not stored, not answered in time
+            return 503, JSON, b"{}"
+        if stored_late["id"] in ids:
+            answer = _forward(ralph.port, req)
+            time.sleep(1.5)  # stored, answered after the worker's read timeout
+            return answer
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    stop = threading.Event()
+    others: list[dict] = []
+
+    def feed(delay) -> None:  # the LRS stores others all along
+        n = 100
+        while not stop.wait(0.5):
+            statement = video_statement("played", n)
+            delay(statement)
+            others.append(statement)
+            n += 1
+
+    try:
+        worker = start_worker(make_config(proxy.url, XAPI_WORKER_READ_TIMEOUT=1))
+        r = redis_srv.client()
+        with pod_producer(redis_srv.url()) as delay:
+            delay(stored_late)
+            delay(lost)
+            feeder = threading.Thread(target=feed, args=(delay,))
+            feeder.start()
+            try:
+                assert wait_for(lambda: lost_posts["left"] == 0, 90), worker.text()[-3000:]
+                assert wait_for(lambda: lost["id"] in ralph.stored_ids(), 30), worker.text()
+            finally:
+                stop.set()
+                feeder.join()
+        assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
+        assert _dead(r) == [], worker.text()[-3000:]
+        stored = ralph.stored_ids()
+        for statement in [stored_late, lost, *others]:
+            assert stored.count(statement["id"]) == 1, statement["id"]
+        assert "already stored with the same content" in worker.text()
+    finally:
+        proxy.stop()
+
+
+def test_a_split_counts_its_time_from_the_take_not_from_its_start(
+    redis_srv, ralph, make_config, start_worker
+):
+    """The split's deadline counted from when the batch reached the pool process: a batch
+    that had waited there (behind a slow one) could still split for the whole budget, and
+    its messages outlive the visibility timeout (another consumer then takes them). It
+    counts from when its messages were taken."""
+    blocker = video_statement("played", 1)
+    bad = [video_statement("played", n) for n in range(10, 26)]
+    bad_ids = {s["id"] for s in bad}
+
+    def respond(req):
+        ids = _posted_ids(req) if req.method == "POST" else set()
+        if blocker["id"] in ids:
+            time.sleep(7)  # holds the only pool process, answered within the read timeout
+            return None
+        if ids and ids <= bad_ids:
+            time.sleep(0.5)
+            return 400, JSON, b'{"detail": "rejected"}'
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    # budget: 30 - 0.2 (flush) - 2 x (1 + 8) = 11.8 s; a full split of the 16 rejected
+    # statements (31 POSTs of 0.5 s) would take 15.5 s
+    config = make_config(
+        proxy.url,
+        XAPI_WORKER_BATCH_SIZE=16,
+        XAPI_WORKER_READ_TIMEOUT=8,
+        XAPI_WORKER_VISIBILITY_TIMEOUT=30,
+    )
+    try:
+        worker = start_worker(config)
+        with pod_producer(redis_srv.url()) as delay:
+            delay(blocker)
+            assert wait_for(lambda: len(proxy.requests) >= 1, 20), worker.text()
+            sent = time.monotonic()
+            for statement in bad:
+                delay(statement)
+        assert wait_for(lambda: "split stopped: its time is up" in worker.text(), 40), (
+            worker.text()[-3000:]
+        )
+        stopped = time.monotonic() - sent
+        # from the take: 11.8 s (+ the last POST); from the split's start, 7 s later: 19.3 s
+        assert stopped < 15, (stopped, worker.text()[-3000:])
+    finally:
+        proxy.stop()
+
+
+def test_a_retried_batch_has_its_split_budget_less_its_countdown_only_once(
+    redis_srv, ralph, make_config, start_worker
+):
+    """The split's budget kept a retry delay aside, and its deadline counted from the take,
+    which for a retry includes its countdown: the delay counted twice, and a retried batch
+    had 3.8 s where 13.8 s were left. Counted from the take, the budget keeps no delay aside."""
+    bad = [video_statement("played", n) for n in range(40, 48)]
+    bad_ids = {s["id"] for s in bad}
+    first = threading.Event()
+
+    def respond(req):
+        ids = _posted_ids(req) if req.method == "POST" else set()
+        if ids and ids <= bad_ids and not first.is_set():
+            first.set()
+            return 503, {"Retry-After": "10"}, b"busy"
+        if ids and ids <= bad_ids:
+            time.sleep(0.5)
+            return 400, JSON, b'{"detail": "rejected"}'
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    # budget from the take: 30 - 0.2 (flush) - 2 x (1 + 2) = 23.8 s, 10 s of it waited for
+    # the countdown; the split of the 8 (15 POSTs of 0.5 s) takes 7.5 s. Before: 3.8 s left.
+    config = make_config(
+        proxy.url,
+        XAPI_WORKER_BATCH_SIZE=8,
+        XAPI_WORKER_READ_TIMEOUT=2,
+        XAPI_WORKER_RETRY_MAX_SECONDS=10,
+        XAPI_WORKER_VISIBILITY_TIMEOUT=30,
+    )
+    try:
+        worker = start_worker(config)
+        with pod_producer(redis_srv.url()) as delay:
+            for statement in bad:
+                delay(statement)
+        r = redis_srv.client()
+        assert wait_for(lambda: r.llen("xapi.dead_letters") == len(bad), 60), worker.text()[-3000:]
+        assert "split stopped" not in worker.text(), worker.text()[-3000:]
+    finally:
+        proxy.stop()
+
+
+def test_a_far_retry_after_then_a_broken_backend_through_the_spool_lose_nothing(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    """Issue #33's scenario, at the worker's level: the LRS asks for a wait far in the future
+    (a date 400 days ahead: held for the one-hour cap), so every statement is parked in the
+    spool; the worker restarts and wakes them, and drains them through a balancer whose
+    every other POST goes to a broken backend (503). Every valid statement is stored once,
+    none dead-lettered; every invalid one is dead-lettered with the LRS's refusal."""
+    far = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=400), usegmt=True
+    )
+    mode = {"far": True, "posts": 0}
+
+    def respond(req):
+        if req.method != "POST":
+            return None
+        if mode["far"]:
+            return 503, {**JSON, "Retry-After": far}, b'{"detail": "maintenance"}'
+        mode["posts"] += 1
+        if mode["posts"] % 2:
+            return 503, JSON, b'{"detail": "the broken backend"}'
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o700)
+    config = make_config(
+        proxy.url,
+        XAPI_WORKER_SPOOL_DIR=spool_dir,
+        XAPI_WORKER_SPOOL_AFTER=1,
+        XAPI_WORKER_BATCH_SIZE=20,
+    )
+    node = f"far@{socket.gethostname()}"
+    valid = [video_statement("played", n) for n in range(200)]
+    bad = [invalid(video_statement("played", 1000 + n), n) for n in range(4)]
+
+    def depth() -> int:
+        spool = Spool(spool_dir, node)
+        try:
+            return spool.stats().depth
+        finally:
+            spool.close()
+
+    try:
+        worker = start_worker(config, name="far")
+        with pod_producer(redis_srv.url()) as delay:
+            for n, statement in enumerate(valid):
+                delay(statement)
+                if n % 50 == 25:
+                    delay(bad[n // 50])
+        r = redis_srv.client()
+        total = len(valid) + len(bad)
+        assert wait_for(lambda: depth() == total, 60), worker.text()[-3000:]
+        assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
+        assert "Retry-After" in worker.text()
+        worker.stop()
+        mode["far"] = False
+        worker = start_worker(config, name="far")  # wakes the parked rows at start
+        wanted = sorted(s["id"] for s in valid)
+        assert wait_for(lambda: sorted(ralph.stored_ids()) == wanted, 120), worker.text()[-3000:]
+        assert wait_for(lambda: len(_dead(r)) == len(bad), 60), worker.text()[-3000:]
+        assert wait_for(lambda: depth() == 0, 30)
+        dead = _dead(r)
+        assert {d["statement"]["id"] for d in dead} == {s["id"] for s in bad}
+        assert all(400 <= d["status"] < 500 for d in dead), [d["reason"] for d in dead]
+        assert mode["posts"] > 10  # the broken backend answered its share
+    finally:
         proxy.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from xapi_worker.bookkeeping import ATTEMPT, derive_key, is_signed, sign, signed_headers
 from xapi_worker.delivery import (
     POISON_AFTER,
     Answer,
@@ -400,3 +401,14 @@ def test_a_split_stops_at_its_deadline():
     retried = [r for r in results if r.verdict is Verdict.RETRY]
     assert retried and all("time is up" in r.answer.what for r in retried)
     assert {r.verdict for r in results} <= {Verdict.RETRY, Verdict.DELIVERED}
+
+
+def test_the_bookkeeping_signature_reads_one_way_only():
+    """The values were joined by a newline: ("t\\n1", 2) and ("t", "1\\n2") had one MAC, so
+    a signature made for one set of headers held for another. Each value now has its length."""
+    key = derive_key("lrs", "redis://u:p@h/0")
+    assert sign(key, "t\n1", 2, "2026-01-01", 0) != sign(key, "t", "1\n2", "2026-01-01", 0)  # type: ignore[arg-type]
+    headers = signed_headers(key, "t\n1", 2, "2026-01-01", 0)
+    forged = {**headers, ATTEMPT: "1\n2"}
+    assert is_signed(key, "t\n1", headers)
+    assert not is_signed(key, "t", forged)

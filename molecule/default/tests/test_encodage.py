@@ -14,6 +14,7 @@ import time
 import pytest
 from xapi_testsupport.pod_on_host import POD_DIR, VENV, as_pod, delivered, produce
 from xapi_testsupport.polling import wait_until
+from xapi_testsupport.worker_on_host import WORKER, as_worker
 
 SETTINGS = f"{POD_DIR}/pod/custom/settings_local.py"
 DEFAULTS = "/etc/default/celeryd-xapi"
@@ -51,9 +52,10 @@ def wait_ready(host, unit: str = NODE_UNIT, timeout: float = 30) -> None:
 
 
 def secrets_of(host) -> list[str]:
-    text = host.file(SETTINGS).content_string
-    pwd = re.search(r'^XAPI_LRS_PWD = "(.*)"$', text, re.M).group(1)
-    broker = re.search(r'^XAPI_CELERY_BROKER_URL = "(.*)"$', text, re.M).group(1)
+    """The LRS and broker passwords, from the bundled worker's settings (read as root)."""
+    text = host.file(WORKER_ENV).content_string
+    pwd = re.search(r'^XAPI_LRS_PWD="(.*)"$', text, re.M).group(1)
+    broker = re.search(r'^XAPI_CELERY_BROKER_URL="(.*)"$', text, re.M).group(1)
     broker_pwd = re.match(r"rediss?://[^:/@]*:([^@]*)@", broker).group(1)
     return [pwd, broker_pwd]
 
@@ -108,23 +110,22 @@ def test_pods_venv_keeps_a_working_kombu(encodage):
 # --- Settings --------------------------------------------------------------------------------
 
 
-def test_settings_local_block_readable_by_pod_only(encodage, frontal):
+def test_no_xapi_secret_in_pods_settings_with_the_bundled_worker(encodage):
+    """Security review 2 (round two): the bundled worker never reads settings_local.py, which
+    pod reads: no xAPI block there (earlier releases wrote one, with both passwords)."""
     settings = encodage.file(SETTINGS)
-    assert (settings.user, settings.group, settings.mode) == ("root", "pod", 0o640)
-    assert as_pod(encodage, f"echo >> {SETTINGS}").rc != 0
-    text = settings.content_string
-    assert "# BEGIN xAPI settings managed by Ansible" in text
-    assert "USE_XAPI = True" in text
-    for name in ("XAPI_LRS_URL", "XAPI_LRS_LOGIN", "XAPI_LRS_PWD", "XAPI_CELERY_BROKER_URL"):
-        assert re.search(rf"^{name} = \".+\"$", text, re.M), name
-    assert as_pod(encodage, f"/usr/bin/python3 -m py_compile {SETTINGS}").rc == 0
-    assert encodage.run(f"runuser -u nobody -- cat {SETTINGS}").rc != 0
+    if settings.exists:
+        text = settings.content_string
+        assert "xAPI settings managed by Ansible" not in text
+        assert not re.search(r"^XAPI_(LRS_PWD|LRS_LOGIN|CELERY_BROKER_URL)\b", text, re.M)
+        for secret in secrets_of(encodage):
+            assert secret not in text
 
 
 def test_broker_is_the_frontal_with_authentication(encodage, frontal):
     """Seed defect 8: not the Docker name `redis`, but the frontal, with a password."""
     url = re.search(
-        r'^XAPI_CELERY_BROKER_URL = "(.*)"$', encodage.file(SETTINGS).content_string, re.M
+        r'^XAPI_CELERY_BROKER_URL="(.*)"$', encodage.file(WORKER_ENV).content_string, re.M
     ).group(1)
     match = re.match(r"rediss?://([^:@/]+):([^@]+)@([^:/]+):(\d+)/6", url)
     assert match, "broker URL with user, password, host, port and db 6"
@@ -137,11 +138,12 @@ def test_broker_is_the_frontal_with_authentication(encodage, frontal):
     }
 
 
-def test_worker_settings_file_for_pod_only(encodage):
+def test_worker_settings_file_for_the_workers_user_only(encodage):
     folder, env = encodage.file("/etc/celeryd-xapi"), encodage.file(WORKER_ENV)
-    assert (folder.user, folder.group, folder.mode) == ("root", "pod", 0o750)
-    assert (env.user, env.group, env.mode) == ("root", "pod", 0o640)
-    assert as_pod(encodage, f"test -r {WORKER_ENV}").rc == 0
+    assert (folder.user, folder.group, folder.mode) == ("root", WORKER, 0o750)
+    assert (env.user, env.group, env.mode) == ("root", WORKER, 0o640)
+    assert as_worker(encodage, f"test -r {WORKER_ENV}").rc == 0
+    assert as_pod(encodage, f"cat {WORKER_ENV}").rc != 0
     assert encodage.run(f"runuser -u nobody -- cat {WORKER_ENV}").rc != 0
 
 
@@ -184,21 +186,22 @@ def test_units_enabled_sandboxed_and_supervised(encodage):
     assert props["ActiveState"] == "active"
     assert props["Type"] == "exec"
     assert props["Restart"] == "always"
-    assert props["User"] == "pod"
+    assert props["User"] == WORKER
     assert props["NoNewPrivileges"] == "yes"
     assert props["ProtectSystem"] == "strict"
-    assert props["ProtectHome"] == "read-only"
+    assert props["ProtectHome"] == "yes"
     assert props["PrivateTmp"] == "yes"
-    assert props["WorkingDirectory"] == POD_DIR
+    assert props["WorkingDirectory"] == WORKER_VENV
     assert env_files[0].startswith(DEFAULTS)
     assert env_files[1].startswith("/etc/celeryd-xapi/broker-xapi.env")
     assert not encodage.file("/etc/init.d/celeryd-xapi").exists
 
 
-def test_worker_runs_as_pod_on_queue_xapi(encodage):
+def test_worker_runs_as_its_own_user_on_queue_xapi(encodage):
     pid = main_pid(encodage)
     assert pid > 0
-    assert encodage.check_output(f"ps -o user= -p {pid}").strip() == "pod"
+    assert encodage.check_output(f"ps -o user= -p {pid}").strip() == WORKER
+    assert encodage.check_output(f"readlink /proc/{pid}/cwd").strip() == WORKER_VENV
     cmdline = encodage.file(f"/proc/{pid}/cmdline").content_string.replace("\0", " ")
     assert "-A xapi_worker.app worker" in cmdline
     assert "-Q xapi" in cmdline
@@ -208,35 +211,35 @@ def test_worker_runs_as_pod_on_queue_xapi(encodage):
 
 def test_documented_checks_answer(encodage):
     """Seed defect 3: the seed's check lacks `worker`; the README gives working checks."""
-    check = as_pod(
+    check = as_worker(
         encodage, f"env XAPI_WORKER_CONFIG={WORKER_ENV} {WORKER_VENV}/bin/xapi-worker check"
     )
     assert check.rc == 0, check.stdout + check.stderr
-    ping = as_pod(
+    ping = as_worker(
         encodage,
         f"env XAPI_WORKER_CONFIG={WORKER_ENV} "
         f"{WORKER_VENV}/bin/celery -A xapi_worker.app inspect ping -t 10",
-        cwd=POD_DIR,
+        cwd=WORKER_VENV,
     )
     assert ping.rc == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
 
 
-def test_statement_delivered_end_to_end(encodage):
+def test_statement_delivered_end_to_end(encodage, frontal):
     """Pod's own producer -> Redis on the frontal -> worker -> LRS, read back by id."""
     wait_ready(encodage)
-    statement_id = produce(encodage)
-    assert delivered(encodage, statement_id), statement_id
+    statement_id = produce(frontal)
+    assert delivered(frontal, statement_id), statement_id
 
 
-def test_worker_back_within_seconds_after_kill_9(encodage):
+def test_worker_back_within_seconds_after_kill_9(encodage, frontal):
     wait_ready(encodage)
     old = main_pid(encodage)
     encodage.run(f"kill -9 {old}")
     elapsed = wait_active(encodage, NODE_UNIT, old)
     assert elapsed < 10, elapsed
     wait_ready(encodage)
-    statement_id = produce(encodage)
-    assert delivered(encodage, statement_id), statement_id
+    statement_id = produce(frontal)
+    assert delivered(frontal, statement_id), statement_id
 
 
 def test_systemctl_restart_celeryd_xapi_restarts_every_node(encodage):
@@ -245,7 +248,7 @@ def test_systemctl_restart_celeryd_xapi_restarts_every_node(encodage):
     wait_active(encodage, NODE_UNIT, old)
 
 
-def test_nodes_follow_the_inventory_both_ways(encodage, playbook):
+def test_nodes_follow_the_inventory_both_ways(encodage, frontal, playbook):
     """A node added to xapi_encodage_worker_nodes is started; one removed from it is stopped
     and disabled (found in celeryd-xapi.service.wants), the others left running."""
     added = playbook("xapi_encodage.yml", "-e", '{"xapi_encodage_worker_nodes": ["xapi", "xapi2"]}')
@@ -263,8 +266,8 @@ def test_nodes_follow_the_inventory_both_ways(encodage, playbook):
     )
     assert wait_until(lambda: encodage.run(f"systemctl is-active {NODE_UNIT}").rc == 0, 60)
     wait_ready(encodage)
-    statement_id = produce(encodage)
-    assert delivered(encodage, statement_id), statement_id
+    statement_id = produce(frontal)
+    assert delivered(frontal, statement_id), statement_id
 
 
 def test_no_secret_in_the_worker_log(encodage):

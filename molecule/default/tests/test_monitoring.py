@@ -79,12 +79,12 @@ def test_the_check_is_installed_for_the_monitoring_group_only(frontal, encodage)
 def test_healthy(frontal, encodage) -> None:
     # Dead letters the earlier tests left on purpose would make it a WARNING.
     purge = encodage.run(
-        f"runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} "
+        f"runuser -u xapi-worker -- env XAPI_WORKER_CONFIG={WORKER_ENV} "
         "/opt/xapi-worker/bin/xapi-worker dead-letters purge --yes"
     )
     assert purge.rc == 0, purge.stdout + purge.stderr
     statement_id = produce(frontal)
-    assert delivered(encodage, statement_id)
+    assert delivered(frontal, statement_id)
     for host in (frontal, encodage):
         code, line = check(host)
         assert code == 0 and line.startswith("XAPI OK - queue 0"), line
@@ -161,7 +161,7 @@ def test_workers_stopped_while_statements_arrive(frontal, encodage) -> None:
     finally:
         encodage.check_output("systemctl start celeryd-xapi")
         encodage.run(f"rm -f {path}")
-    assert all(delivered(encodage, i) for i in ids)
+    assert all(delivered(frontal, i) for i in ids)
     assert wait_until(lambda: check(encodage)[0] in (0, 1), 60)  # dead letters may remain
 
 
@@ -195,7 +195,7 @@ def test_spool_filling_while_the_lrs_is_stopped(frontal, encodage, lrs) -> None:
         lrs.check_output("systemctl start ralph-lrs")
         frontal.run(f"rm -f {path}")
     assert wait_until(lambda: perfdata(check(frontal)[1]).get("spool_depth") == 0, 180)
-    assert all(delivered(encodage, i) for i in ids)
+    assert all(delivered(frontal, i) for i in ids)
 
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:
@@ -259,7 +259,7 @@ def test_metrics_count_what_was_delivered(frontal, encodage) -> None:
     before = settled_metrics(frontal, broker)
     assert before[("xapi_broker_up", broker)] == 1
     ids = [produce(frontal) for _ in range(5)]
-    assert all(delivered(encodage, i) for i in ids)
+    assert all(delivered(frontal, i) for i in ids)
     after = settled_metrics(frontal, broker)
     key = ("xapi_statements_delivered_total", broker)
     warnings = encodage.run("journalctl -o cat -u 'celeryd-xapi@*' | grep -i 'metrics' | tail -5")

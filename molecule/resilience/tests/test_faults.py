@@ -26,7 +26,6 @@ from typing import Any
 
 from hosts import (
     FILES,
-    POD_DIR,
     WORK,
     WORKER_ENV,
     acl_log,
@@ -310,7 +309,7 @@ def test_no_acl_denial_through_the_faults() -> None:
     tests, which provoke refusals on purpose, come after this module."""
     ping = sh(
         "encodage",
-        f"cd {POD_DIR} && runuser -u pod -- env XAPI_WORKER_CONFIG={WORKER_ENV} "
+        f"cd /opt/xapi-worker && runuser -u xapi-worker -- env XAPI_WORKER_CONFIG={WORKER_ENV} "
         "/opt/xapi-worker/bin/celery -A xapi_worker.app inspect ping -t 10",
         check=False,
     )

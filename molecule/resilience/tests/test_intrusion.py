@@ -244,9 +244,12 @@ def test_no_password_in_world_readable_files(host: str) -> None:
 
 def test_no_worker_process_runs_as_root() -> None:
     listing = sh("encodage", "ps -eo user:20,args").stdout.splitlines()
-    workers = [line for line in listing if "celery" in line and "worker" in line]
-    assert workers, "no worker process found"
-    assert all(line.split()[0] == "pod" for line in workers), workers
+    workers = [line.split(None, 1) for line in listing if "celery" in line and "worker" in line]
+    assert all(user != "root" for user, _ in workers), workers
+    # The bundled worker runs as its own user (roles/xapi_encodage: xapi_encodage_worker_user);
+    # Pod's own encoding worker, beside it, stays Pod's (pod).
+    xapi = {user for user, args in workers if "xapi_worker.app" in args}
+    assert xapi == {"xapi-worker"}, workers
 
 
 # Live exposure of xapi-metrics.service as it ran as root, measured on the lab's frontal
@@ -332,3 +335,15 @@ def test_a_listener_on_pod_redis_port_gets_no_password(playbook, mode: str, run:
         assert output.index("PLAY [Monitoring check") < output.index("PLAY [Move the statements")
         encodage_recap = re.escape(container("encodage")) + r"\s+:.*failed=0"
         assert re.search(encodage_recap, output), output[-2000:]
+
+
+def test_the_xapi_instance_in_pod_redis_place_gets_nothing(playbook) -> None:
+    """A redis-server run by `redis` is not yet Pod's Redis: the xAPI instance is one too (in
+    redis-server@xapi.service). Pointed at it as Pod's Redis, the move used to log in there
+    without a password and end rc 0; now it sends it nothing and fails, naming the service it
+    expected and the variable (the review of what landed for issue 34)."""
+    result = playbook("redis-migrate.yml", "-e", '{"redis_migrate_from_port": 6380}')
+    output = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr).split())
+    assert result.returncode != 0, output[-3000:]
+    assert "not the service redis-server.service" in output, output[-3000:]
+    assert "(redis_migrate_from_unit)" in output, output[-3000:]

@@ -12,7 +12,8 @@ import string
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from xapi_testsupport.pod_on_host import as_pod_command, as_pod_python, inventory_vars
+from xapi_testsupport.pod_on_host import as_pod_python, inventory_vars
+from xapi_testsupport.worker_on_host import as_worker_command
 
 PRINTABLE = set(string.printable) - set(string.whitespace) | {" "}
 ACL_FILE = "/etc/redis/redis-xapi.acl"
@@ -86,7 +87,7 @@ def test_pod_task_module_reads_them_back(enc2, passwords):
 
 def test_bundled_worker_reads_them_back(enc1, passwords):
     out = enc1.check_output(
-        as_pod_command(
+        as_worker_command(
             "env XAPI_WORKER_CONFIG=/etc/celeryd-xapi/worker.env "
             f"/opt/xapi-worker/bin/python -c {shlex.quote(WORKER_SETTINGS)}"
         )

@@ -33,6 +33,11 @@ NODES = ("xapi1", "xapi2")
 APP = {"sysv-enc1": "xapi_worker.app", "sysv-enc2": "pod.xapi.xapi_tasks"}
 # The venv each one runs from: the bundled worker's own, Pod's for Pod's task module.
 RUN_VENV = {"sysv-enc1": "/opt/xapi-worker", "sysv-enc2": VENV}
+# The user each one runs as: the bundled worker's own, Pod's for Pod's task module.
+RUN_USER = {"sysv-enc1": "xapi-worker", "sysv-enc2": "pod"}
+# Their logs and pid files (roles/xapi_encodage: xapi_encodage_sysv_log_dir, _pid_dir).
+LOG_DIR = "/var/log/celeryd-xapi"
+PID_DIR = "/run/celeryd-xapi"
 # What each app logs for a statement it delivered.
 DELIVERED_LOG = {
     "sysv-enc1": r"delivered batch: \d+ statements, HTTP 20",
@@ -46,21 +51,22 @@ def name_of(host) -> str:
 
 def worker_pids(host) -> list[int]:
     """The xAPI workers' processes (not Pod's encoding worker, `--app=pod.main`, on sysv-enc2)."""
-    found = host.run("pgrep -u pod -f -- '--app=(xapi_worker[.]app|pod[.]xapi[.]xapi_tasks) '")
+    user = RUN_USER[name_of(host)]
+    found = host.run(f"pgrep -u {user} -f -- '--app=(xapi_worker[.]app|pod[.]xapi[.]xapi_tasks) '")
     return [int(pid) for pid in found.stdout.split()]
 
 
 def node_pids(host) -> dict[str, int]:
     pids = {}
     for node in NODES:
-        pidfile = host.file(f"/run/celery/{node}.pid")
+        pidfile = host.file(f"{PID_DIR}/{node}.pid")
         if pidfile.exists:
             pids[node] = int(pidfile.content_string.strip())
     return pids
 
 
 def delivered_count(host) -> int:
-    logs = host.run("cat /var/log/celery/xapi1.log /var/log/celery/xapi2.log").stdout
+    logs = host.run(f"cat {LOG_DIR}/xapi1.log {LOG_DIR}/xapi2.log").stdout
     return len(re.findall(DELIVERED_LOG[name_of(host)], logs))
 
 
@@ -70,8 +76,8 @@ def wait_nodes_ready(host, timeout: float = 60) -> None:
         ready = [
             node
             for node in NODES
-            if host.run(f"grep -q ' ready\\.' /var/log/celery/{node}.log").rc == 0
-            and host.run(f"kill -0 $(cat /run/celery/{node}.pid)").rc == 0
+            if host.run(f"grep -q ' ready\\.' {LOG_DIR}/{node}.log").rc == 0
+            and host.run(f"kill -0 $(cat {PID_DIR}/{node}.pid)").rc == 0
         ]
         if len(ready) == len(NODES):
             return
@@ -84,29 +90,32 @@ def wait_nodes_ready(host, timeout: float = 60) -> None:
 
 def test_node_logs_rotate_and_the_nodes_keep_writing(enc):
     """/etc/logrotate.d/celeryd-xapi names the xAPI nodes' logs only (Pod's encoding worker
-    logs in the same directory) and rotates them as pod, in place (copytruncate)."""
+    logs elsewhere) and rotates them as the workers' user, in place (copytruncate)."""
     wait_nodes_ready(enc)
     config = enc.file("/etc/logrotate.d/celeryd-xapi")
     assert config.user == "root" and config.mode == 0o644
     named = re.findall(r"^(/\S+)$", config.content_string, re.M)
-    assert named == [f"/var/log/celery/{node}.log" for node in NODES]
-    assert re.search(r"^\s*su pod pod$", config.content_string, re.M)
-    before = {node: enc.file(f"/var/log/celery/{node}.log").size for node in NODES}
+    assert named == [f"{LOG_DIR}/{node}.log" for node in NODES]
+    user = RUN_USER[name_of(enc)]
+    assert re.search(rf"^\s*su {user} {user}$", config.content_string, re.M)
+    logs = enc.file(LOG_DIR)
+    assert (logs.user, logs.group, logs.mode) == (user, user, 0o750)
+    before = {node: enc.file(f"{LOG_DIR}/{node}.log").size for node in NODES}
     assert all(before.values())
     pids = node_pids(enc)
     forced = enc.run("logrotate --force /etc/logrotate.d/celeryd-xapi")
     assert forced.rc == 0, forced.stderr
     for node in NODES:
-        rotated = enc.file(f"/var/log/celery/{node}.log.1")
-        assert rotated.exists and rotated.user == "pod" and rotated.size >= before[node]
-        assert enc.file(f"/var/log/celery/{node}.log").size < before[node]
+        rotated = enc.file(f"{LOG_DIR}/{node}.log.1")
+        assert rotated.exists and rotated.user == user and rotated.size >= before[node]
+        assert enc.file(f"{LOG_DIR}/{node}.log").size < before[node]
     # In place: the nodes were neither restarted nor signalled, and still run.
     assert node_pids(enc) == pids
     for pid in pids.values():
         assert enc.run(f"kill -0 {pid}").rc == 0
     # The later tests read the nodes' start in their logs: put the rotated part back.
     for node in NODES:
-        log = f"/var/log/celery/{node}.log"
+        log = f"{LOG_DIR}/{node}.log"
         enc.check_output(
             f"cat {log}.1 {log} > {log}.whole && cat {log}.whole > {log} && rm {log}.1 {log}.whole"
         )
@@ -145,21 +154,28 @@ def test_defaults_file(enc):
     assert f'CELERY_BIN="{RUN_VENV[name_of(enc)]}/bin/celery"' in text
     assert f'CELERY_APP="{APP[name_of(enc)]}"' in text
     assert 'CELERYD_NODES="xapi1 xapi2"' in text
-    # sysv-enc1 had no Pod: the role made pod without a login shell, so su needs one; sysv-enc2
-    # is a Pod remote-encoding host whose pod user (Pod's docs: a shell) is kept as it is.
+    # sysv-enc1 had no Pod: the role made pod without a login shell; its bundled worker runs
+    # as its own user, which has none either, so su needs one. sysv-enc2 is a Pod
+    # remote-encoding host whose pod user (Pod's docs: a shell) runs Pod's task module.
     fresh = name_of(enc) == "sysv-enc1"
     assert enc.user("pod").shell == ("/usr/sbin/nologin" if fresh else "/bin/bash")
     assert ('CELERYD_SU_ARGS="-s /bin/sh"' in text) == fresh
+    user = RUN_USER[name_of(enc)]
+    assert f'CELERYD_USER="{user}"' in text
+    assert f'CELERYD_CHDIR="{"/opt/xapi-worker" if fresh else POD_DIR}"' in text
+    assert f'CELERYD_PID_FILE="{PID_DIR}/%n.pid"' in text
+    # stopwait's log file: without it celery makes /var/log/celery as the workers' user.
+    assert f'DAEMON_OPTS="--logfile={LOG_DIR}/%n%I.log"' in text
     exported = 'export XAPI_WORKER_CONFIG="/etc/celeryd-xapi/worker.env"' in text
     assert exported == (name_of(enc) == "sysv-enc1")
 
 
-def test_two_nodes_run_as_pod_on_queue_xapi(enc):
+def test_two_nodes_run_as_the_workers_user_on_queue_xapi(enc):
     wait_nodes_ready(enc)
     pids = node_pids(enc)
     assert sorted(pids) == list(NODES)
     for node, pid in pids.items():
-        assert enc.check_output(f"ps -o user= -p {pid}").strip() == "pod"
+        assert enc.check_output(f"ps -o user= -p {pid}").strip() == RUN_USER[name_of(enc)]
         cmdline = enc.file(f"/proc/{pid}/cmdline").content_string.replace("\0", " ")
         assert f"-n {node}@{name_of(enc)}" in cmdline
         assert "-Q xapi" in cmdline
@@ -226,7 +242,9 @@ def molecule_inventory() -> str:
     return found
 
 
-def run_role(limit: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def run_role(
+    limit: str, *extra: str, playbook: str = "xapi_encodage.yml"
+) -> subprocess.CompletedProcess[str]:
     # The project's ansible.cfg (roles path, YAML output); the inventory is molecule's.
     # Plain output to parse: molecule's verifier environment forces colours.
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
@@ -236,7 +254,7 @@ def run_role(limit: str, *extra: str) -> subprocess.CompletedProcess[str]:
             "ansible-playbook",
             "-i",
             molecule_inventory(),
-            str(ROOT / "playbooks/xapi_encodage.yml"),
+            str(ROOT / "playbooks" / playbook),
             "--limit",
             limit,
             *extra,
@@ -284,13 +302,16 @@ def test_local_changes_of_pod_are_kept(enc2):
 
 def test_statements_left_in_pod_redis_moved_exactly_once(frontal, enc2):
     """The seed-style site of prepare.yml had 20 statements in db 6 of Pod's Redis, one of them
-    in Celery's `unacked` hash: every one is in the LRS after site.yml, nothing of xAPI is
-    left in Pod's Redis, and nothing waits to be delivered again in the instance."""
+    in Celery's `unacked` hash beside an entry planted there by pod that is no message: every
+    statement is in the LRS after site.yml, nothing of xAPI is left in Pod's Redis but the
+    planted entry, as it was (an entry that could not be read stopped the move, on every
+    run), and nothing waits to be delivered again in the instance."""
     ids = frontal.file("/var/lib/xapi-lab/seed-statements.txt").content_string.split()
     assert len(ids) == 20
     missing = [i for i in ids if not delivered(frontal, i, timeout=60)]
     assert missing == []
-    assert frontal.check_output("redis-cli -n 6 DBSIZE") == "0"
+    assert frontal.check_output("redis-cli -n 6 DBSIZE") == "1"
+    assert frontal.check_output("redis-cli -n 6 HGETALL unacked") == "planted-by-pod\nnot a message"
     # The instance holds the token of the one move, and nothing queued or unacknowledged.
     # Read with an encoding host's settings (the worker's user): the frontal's name Pod's
     # producer, which may not read xapi.migrated or unacked (roles/redis README).

@@ -29,7 +29,7 @@ from .settings import (
     load_settings,
     mask_url,
 )
-from .spool import Spool, node_file
+from .spool import Spool, SpoolError, node_file
 
 
 class Exit(enum.IntEnum):
@@ -45,6 +45,10 @@ class Exit(enum.IntEnum):
     LRS_AUTH = 7
     LRS_REJECTED = 8
     LRS_TLS = 9
+    #: As the worker's own start (EX_TEMPFAIL): a spool that cannot be opened (a full disk,
+    #: an I/O error, a newer format), or a set-aside file left unread.
+    SPOOL_UNAVAILABLE = 75
+    INCOMPLETE = 10
 
 
 EXIT_MEANINGS = {
@@ -58,6 +62,8 @@ EXIT_MEANINGS = {
     Exit.LRS_AUTH: "LRS credentials refused",
     Exit.LRS_REJECTED: "LRS rejected the request",
     Exit.LRS_TLS: "LRS TLS verification failed",
+    Exit.SPOOL_UNAVAILABLE: "a spool cannot be opened, or a set-aside one not read",
+    Exit.INCOMPLETE: "forget: statements still in a worker's hands (run it again)",
 }
 
 
@@ -208,6 +214,48 @@ def cmd_dead_purge(settings: Settings, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    """Remove one learner's statements from this broker and this host's spools
+    (forget.py); prints how many were removed where, as JSON, never who."""
+    from .forget import Forgetter, Learner, LearnerError
+
+    agent: dict[str, Any] = {}
+    try:
+        given = [a for a in (args.mbox, args.account, args.name) if a is not None]
+        if args.stdin and given:
+            raise LearnerError("--stdin takes the learner alone: no --mbox, --account, --name")
+        if args.stdin:
+            agent = json.loads(sys.stdin.read())
+        else:
+            if args.mbox is not None:
+                agent["mbox"] = args.mbox
+            if args.account is not None:
+                agent["account"] = {"homePage": args.account[0], "name": args.account[1]}
+            if args.name is not None:
+                agent["name"] = args.name
+        learner = Learner.of(agent)
+    except (ValueError, LearnerError) as exc:
+        # The reason names the field; a JSON error may quote the input: not printed.
+        why = str(exc) if isinstance(exc, LearnerError) else "stdin is not one JSON object"
+        print(f"forget: {why}", file=sys.stderr)
+        return Exit.USAGE
+    if args.wait < 0:
+        print("--wait takes a number of seconds >= 0", file=sys.stderr)
+        return Exit.USAGE
+    with _broker(settings) as access:
+        report = Forgetter(settings, access.client, learner, wait_seconds=args.wait).run()
+    print(json.dumps(report.as_dict()))
+    if not report.complete:
+        print(
+            f"forget: {report.in_hands} statements of this learner were still in a worker's "
+            f"hands after {args.wait:g} s (a retry's countdown, an LRS not answering): run "
+            "forget again later",
+            file=sys.stderr,
+        )
+        return Exit.INCOMPLETE
+    return Exit.OK
+
+
 def _spools(settings: Settings, node: str | None) -> list[Spool]:
     if not settings.spool_enabled:
         raise Failure(Exit.CONFIG, "the spool is off: XAPI_WORKER_SPOOL_DIR is not set")
@@ -218,7 +266,23 @@ def _spools(settings: Settings, node: str | None) -> list[Spool]:
             raise Failure(Exit.USAGE, f"no spool of node {node} in {directory}")
     else:
         names = sorted(p.name for p in directory.glob("*.sqlite3"))
-    return [Spool(directory, name.removesuffix(".sqlite3")) for name in names]
+    limit = settings.spool_max_mb * 1024**2
+    return [
+        Spool(directory, name.removesuffix(".sqlite3"), limit, settings.batch_size)
+        for name in names
+    ]
+
+
+@contextlib.contextmanager
+def _opened(spool: Spool) -> Iterator[Spool]:
+    """A spool for a command: one that cannot be opened (a newer format, a full disk)
+    becomes its Failure; closed on the way out."""
+    try:
+        yield spool
+    except SpoolError as exc:
+        raise Failure(Exit.SPOOL_UNAVAILABLE, str(exc)) from None
+    finally:
+        spool.close()
 
 
 def cmd_spool_list(settings: Settings, args: argparse.Namespace) -> int:
@@ -226,53 +290,69 @@ def cmd_spool_list(settings: Settings, args: argparse.Namespace) -> int:
     --statements: the bodies carry learners' identities)."""
     now = time.time()
     for spool in _spools(settings, args.node):
-        for n, row in enumerate(spool.rows(args.limit or -1)):
-            entry: dict[str, Any] = {
-                "node_file": spool.path.name,
-                "statement_id": row.statement.get("id"),
-                "attempts": row.attempts,
-                "age_s": round(now - row.first_seen, 1),
-                "next_attempt_in_s": round(max(0.0, row.next_at - now), 1),
-                "last_error": row.last_error,
-            }
-            if args.statements:
-                entry["statement"] = row.statement
-            print(json_text(entry, compact=False))
-            if args.limit and n + 1 >= args.limit:
-                break
-        spool.close()
+        with _opened(spool):
+            for n, row in enumerate(spool.rows(args.limit or -1)):
+                entry: dict[str, Any] = {
+                    "node_file": spool.path.name,
+                    "statement_id": row.statement.get("id"),
+                    "attempts": row.attempts,
+                    "age_s": round(now - row.first_seen, 1),
+                    "next_attempt_in_s": round(max(0.0, row.next_at - now), 1),
+                    "last_error": row.last_error,
+                }
+                if args.statements:
+                    entry["statement"] = row.statement
+                print(json_text(entry, compact=False))
+                if args.limit and n + 1 >= args.limit:
+                    break
     return Exit.OK
 
 
 def cmd_spool_drain(settings: Settings, args: argparse.Namespace) -> int:
-    """Deliver every spooled statement now, in the foreground, oldest first; stops at the
-    first batch the LRS does not take (exit 6)."""
+    """Deliver every spooled statement now, in the foreground, oldest first, with the
+    readable rows of the files set aside as damaged (salvage.py); stops at the first batch
+    the LRS does not take (exit 6). A set-aside file that could not be read whole is said,
+    and the exit status is then 75."""
     from .drain import DrainProcessor  # Celery only for the commands that deliver
+    from .salvage import salvage
     from .worker import make_celery
 
     app = make_celery(settings, name="xapi_worker_drain")
     total = 0
+    left: list[str] = []
     try:
         for spool in _spools(settings, args.node):
-            processor = DrainProcessor(app, settings, spool)
-            while True:
-                rows = spool.rows(settings.batch_size)
-                if not rows:
-                    break
+            with _opened(spool):
+                spool.open()
+                for path in spool.damaged_files():
+                    result = salvage(path, spool)
+                    print(result.line(), file=sys.stderr if result.error else sys.stdout)
+                    if result.error or result.unreadable:
+                        left.append(path.name)
+                processor = DrainProcessor(app, settings, spool)
                 spool.wake()
-                settled, kept = processor.drain(rows)
-                total += settled
-                if kept:
-                    print(
-                        f"drained {total} statements; {spool.path.name}: the LRS did not take "
-                        f"{kept} (see the worker's log or `xapi-worker check`)",
-                        file=sys.stderr,
-                    )
-                    return Exit.LRS_UNREACHABLE
-            spool.close()
+                while True:
+                    rows = spool.rows(settings.batch_size)
+                    if not rows:
+                        break
+                    settled, kept = processor.drain(rows)
+                    total += settled
+                    if kept:
+                        print(
+                            f"drained {total} statements; {spool.path.name}: the LRS did not "
+                            f"take {kept} (see the worker's log or `xapi-worker check`)",
+                            file=sys.stderr,
+                        )
+                        return Exit.LRS_UNREACHABLE
     finally:
         app.close()
     print(f"drained {total} statements")
+    if left:
+        print(
+            f"not read whole: {', '.join(left)} (see the lines above; kept for inspection)",
+            file=sys.stderr,
+        )
+        return Exit.SPOOL_UNAVAILABLE
     return Exit.OK
 
 
@@ -314,6 +394,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than", type=float, metavar="DAYS", help="delete those written DAYS days ago"
     )
     pur.set_defaults(func=cmd_dead_purge)
+    fgt = sub.add_parser(
+        "forget",
+        help="remove a learner's statements from the broker and this host's spools",
+        description="Remove the statements of one learner (any agent of a statement: mbox, "
+        "account or name) from the queue, the in-flight lists, unacked, this host's spools, "
+        "the dead letters and xapi.unreadable; prints how many were removed where. Not "
+        "reached: the LRS, backups, Pod's own Redis. Options on the command line are seen "
+        "by other users of the host (ps): prefer --stdin.",
+    )
+    fgt.add_argument(
+        "--stdin",
+        action="store_true",
+        help='the learner as a JSON object on stdin: {"mbox": ...}, {"account": {"homePage": '
+        '..., "name": ...}}, {"name": ...}, or several of these keys',
+    )
+    fgt.add_argument("--mbox", help="mailto:address (or the address)")
+    fgt.add_argument("--account", nargs=2, metavar=("HOMEPAGE", "NAME"), help="an account")
+    fgt.add_argument("--name", help="the agent's name (Pod: the user name, or its hash)")
+    fgt.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait, in all, for the workers to settle the learner's statements "
+        f"they hold (default 120); then exit {int(Exit.INCOMPLETE)}",
+    )
+    fgt.set_defaults(func=cmd_forget)
     spool = sub.add_parser("spool", help="list or drain the node spools of this host")
     ssub = spool.add_subparsers(dest="action", required=True)
     slst = ssub.add_parser("list", help="one JSON line per spooled statement, oldest first")

@@ -33,22 +33,31 @@ LONE_SURROGATE = (
 )
 NOT_A_NUMBER = "not valid JSON: a number is NaN or infinite"
 TOO_DEEP = "not encodable: nested too deep"
+#: The largest statement the worker takes: its JSON text, in UTF-8. Pod's statements are 1
+#: to 3 kB (a long session's played-segments, a few more); a browser can send anything.
+#: Larger, it is dead-lettered alone without a POST. This bounds what one batch can write
+#: to the spool (spool.batch_bytes), the spool's headroom.
+MAX_STATEMENT_BYTES = 256 * 1024
+TOO_LARGE = f"too large: its JSON text is longer than {MAX_STATEMENT_BYTES} bytes in UTF-8"
 
 
 def problem(value: Any) -> str | None:  # noqa: ANN401 (any JSON value)
-    """Why ``value`` cannot be sent as a JSON text in UTF-8 (None: it can). Checked
+    """Why ``value`` cannot be sent as a JSON text in UTF-8, or is larger than the worker
+    takes (:data:`MAX_STATEMENT_BYTES`) (None: it can). Checked
     :data:`DEPTH_MARGIN` levels deeper than the value is: the POST encodes it from deeper in
     the call stack, where Python's recursion limit comes sooner."""
     for _ in range(DEPTH_MARGIN):
         value = [value]
     try:
-        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        size = len(json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8"))
     except UnicodeEncodeError:
         return LONE_SURROGATE
     except RecursionError:
         return TOO_DEEP
     except (TypeError, ValueError):
         return NOT_A_NUMBER
+    if size - 2 * DEPTH_MARGIN > MAX_STATEMENT_BYTES:
+        return TOO_LARGE
     return None
 
 

@@ -15,6 +15,7 @@ import redis
 
 from .content import json_text
 from .delivery import iso, parse_iso
+from .retention import unreadable_oldest
 from .scripts import push, set_value
 from .settings import LAST_DELIVERY_KEY, QUEUE, Settings
 from .transport import INFLIGHT, registry_key, unreadable_key
@@ -22,6 +23,8 @@ from .transport import SPOOL as SPOOL_SUFFIX
 
 log = logging.getLogger("xapi_worker")
 
+#: Dead letters read at once by purge_older.
+PURGE_CHUNK = 500
 #: Timeouts of the connection that records the last delivery: a slow or gone broker must not
 #: hold a delivered batch for long (the acknowledgements then wait for it anyway).
 NOTE_TIMEOUT = 1.0
@@ -58,7 +61,17 @@ class DeadLetter:
 
 
 #: What a node publishes of its spool (drain.py), read back by status.
-SPOOL_FIELDS = ("depth", "oldest", "bytes", "max_bytes", "full", "damaged", "updated")
+SPOOL_FIELDS = (
+    "depth",
+    "oldest",
+    "bytes",
+    "max_bytes",
+    "full",
+    "damaged",
+    "damaged_files",
+    "damaged_since",
+    "updated",
+)
 
 STATUS_FIELDS = (
     "queue",
@@ -137,15 +150,29 @@ class RedisAccess:
         self.client.lrem(self.key, 1, raw)  # type: ignore[arg-type]
 
     def purge_older(self, days: float, now: float | None = None) -> int:
-        """Remove the dead letters written more than ``days`` ago (their ``time``); an entry
-        without a readable time is kept. Returns how many were removed."""
+        """Remove the dead letters written more than ``days`` ago (their ``time``), oldest
+        first (the list's head: each is appended), a chunk at a time, stopping at the first
+        one written since: the list is never read whole. An entry without a readable time
+        is kept (and read past). Returns how many were removed."""
         limit = (time.time() if now is None else now) - days * 86400
         removed = 0
-        for raw, entry in list(self.entries()):
-            written = parse_iso(entry.get("time")) if isinstance(entry, dict) else None
-            if written is not None and written < limit:
-                removed += int(self.client.lrem(self.key, 1, raw))  # type: ignore[arg-type]
-        return removed
+        start = 0  # entries kept at the head (no readable time)
+        while True:
+            raws: list[bytes] = self.client.lrange(self.key, start, start + PURGE_CHUNK - 1)  # type: ignore[assignment]
+            if not raws:
+                return removed
+            for raw in raws:
+                try:
+                    entry = json.loads(raw)
+                except (ValueError, RecursionError):
+                    entry = None
+                written = parse_iso(entry.get("time")) if isinstance(entry, dict) else None
+                if written is None:
+                    start += 1
+                elif written < limit:
+                    removed += int(self.client.lrem(self.key, 1, raw))  # type: ignore[arg-type]
+                else:
+                    return removed
 
     def purge(self) -> int:
         pipe = self.client.pipeline()
@@ -188,9 +215,15 @@ class RedisAccess:
             # taken by a node, not yet recorded in unacked: returned when the node restarts
             "in_flight": sum(int(n) for n in in_flight),
             "unreadable": int(unreadable),
+            # the oldest one's age, once dated for the retention rule (retention.py)
+            "unreadable_oldest_age_s": _age(unreadable_oldest(client, unreadable_key(QUEUE))),
         }
         state.update(spool_summary(spools))
         return state
+
+
+def _age(since: float | None) -> float | None:
+    return None if since is None else round(time.time() - since, 1)
 
 
 def spool_summary(spools: list[tuple[str, dict[str, str]]]) -> dict[str, Any]:
@@ -199,10 +232,18 @@ def spool_summary(spools: list[tuple[str, dict[str, str]]]) -> dict[str, Any]:
     now = time.time()
     oldest = [float(h["oldest"]) for _, h in spools if h.get("oldest")]
     prefix = len(QUEUE + INFLIGHT + ".")
+    set_aside = [float(h["damaged_since"]) for _, h in spools if h.get("damaged_since")]
     return {
         "spool": sum(int(h.get("depth") or 0) for _, h in spools),
         "spool_oldest_age_s": round(now - min(oldest), 1) if oldest else None,
         "spool_bytes": sum(int(h.get("bytes") or 0) for _, h in spools),
         "spool_full": sorted(key[prefix:] for key, h in spools if h.get("full") == "1"),
         "spool_damaged": sum(int(h.get("damaged") or 0) for _, h in spools),
+        # set aside as damaged, not drained yet: `xapi-worker spool drain` on their host
+        "spool_damaged_files": sorted(
+            f"{key[prefix:]}: {name}"
+            for key, h in spools
+            for name in (h.get("damaged_files") or "").split()
+        ),
+        "spool_damaged_age_s": round(now - min(set_aside), 1) if set_aside else None,
     }

@@ -224,6 +224,12 @@ def _settle_conflict(item: Item, answer: Answer, fetch: Fetch | None) -> Result:
             Verdict.RETRY,
             replace(answer, unverified=f"HTTP 409, and reading the stored one gave {what}"),
         )
+    return _compared(item, answer, stored)
+
+
+def _compared(item: Item, answer: Answer, stored: dict[str, Any]) -> Result:
+    """The statement the LRS holds under ``item``'s id against ``item``'s: the same content
+    is ours, delivered earlier; a different one is a conflict, dead-lettered."""
     if comparable(stored) == comparable(item.statement):
         return Result(item, Verdict.DUPLICATE, answer)
     conflict = {
@@ -246,12 +252,18 @@ def _splittable(answer: Answer) -> bool:
     return answer.status >= 500
 
 
+def maybe_stored(answer: Answer) -> bool:
+    """A POST whose statements the LRS may have stored all the same: sent and not answered
+    in time, or a gateway's 504 (its upstream did not answer in time). Such a statement is
+    read back (GET by id) before it is sent again, and the failure is no evidence against
+    it."""
+    return not answer.unverified and (answer.timed_out or answer.status == 504)
+
+
 def unsendable(items: Sequence[Item]) -> tuple[list[Item], list[Result]]:
     """The items whose statement can travel as JSON in UTF-8, and a dead-letter Result for
-    each other one (a lone surrogate, NaN, nesting too deep: content.py). One check of the
-    whole batch in the common case, one per statement only when it fails."""
-    if problem([i.statement for i in items]) is None:
-        return list(items), []
+    each other one (a lone surrogate, NaN, nesting too deep, too large: content.py). One
+    check per statement (its size is its own), about the cost of one of the whole batch."""
     sendable: list[Item] = []
     dead: list[Result] = []
     for item in items:
@@ -263,10 +275,11 @@ def unsendable(items: Sequence[Item]) -> tuple[list[Item], list[Result]]:
     return sendable, dead
 
 
-#: A statement is dead-lettered as the LRS's poison once it has failed alone (HTTP 5xx, twice
-#: in a row, or a timeout) in this many separate exchanges in each of which the LRS stored
-#: other statements. A flaky LRS (a balancer with one broken backend, random 502s) fails a
-#: valid statement so often with odds of about 1 in 4 per exchange: 1 in 10^6 for ten.
+#: A statement is dead-lettered as the LRS's poison once it has failed alone (HTTP 5xx twice
+#: in a row; never a timeout or a 504, after which it may be stored) in this many separate
+#: exchanges in each of which the LRS stored other statements. A flaky LRS (a balancer with
+#: one broken backend, random 502s) fails a valid statement so often with odds of about 1
+#: in 4 per exchange: 1 in 10^6 for ten.
 POISON_AFTER = 10
 
 
@@ -274,7 +287,8 @@ POISON_AFTER = 10
 class _Walk:
     delivered: int = 0
     posts: int = 0
-    #: lone failures of this exchange, and whether each was sent alone a second time
+    #: lone failures of this exchange, and whether each was sent alone a second time (one
+    #: whose last answer was a timeout or a 504 counts nothing against it: maybe_stored)
     lone_failures: list[tuple[Result, bool]] = field(default_factory=list)
     halted: Answer | None = None
 
@@ -299,12 +313,18 @@ def deliver(
       5xx or a timeout is split the same way, so one poison statement does not hold its
       batch-mates. A 5xx or a timeout is no evidence against a statement by itself (a
       balancer with one broken backend, an LRS restarting): a statement that fails alone
-      with a 5xx is sent alone once more; failing again (or timing out) while the LRS
-      stores others, in this exchange or just before it (``stored_before``: the caller saw
-      it store some recently; a callable is asked only when a statement fails alone),
+      with a 5xx is sent alone once more; failing again while the LRS stores others, in
+      this exchange or just before it (``stored_before``: the caller saw it store some
+      recently; a callable is asked only when a statement fails alone),
       counts one lone failure (``Item.lone_failures``, carried from one exchange to the
       next), and only ``poison_after`` of them make it a dead letter. Three lone failures
       with nothing stored mean the LRS itself is failing: the walk stops.
+    - A lone POST that timed out (or a gateway's 504, :func:`maybe_stored`) may have been
+      stored: the statement is read back by id (``fetch``), and is delivered when the LRS
+      holds it (dead-lettered as a conflict when it holds another statement under that id);
+      else it is retried later (not sent again at once, which could race the first write
+      on an LRS that checks ids then writes), and it counts no lone failure: a timeout alone
+      is never evidence against a statement.
     - Any other failure (auth, config, connection) stops the walk: every statement not yet
       settled gets that answer with Verdict.RETRY.
     - A statement that cannot be sent as JSON in UTF-8 (:func:`unsendable`) is dead-lettered
@@ -339,6 +359,20 @@ def deliver(
             return _settle_conflict(item, answer, fetch)
         return Result(item, Verdict.DEAD, answer, reason=f"rejected by the LRS ({answer.what})")
 
+    def look_up(lone: Result) -> bool:
+        """After a lone POST that may have been stored: read the statement back by id;
+        True when the LRS holds it (delivered, or a conflict), False when not known."""
+        if fetch is None:
+            return False
+        _read, stored = fetch(lone.item.statement_id)
+        if stored is None:
+            return False
+        settled = _compared(lone.item, lone.answer, stored)
+        lone.verdict, lone.reason, lone.conflict = settled.verdict, settled.reason, settled.conflict
+        if settled.verdict is Verdict.DUPLICATE:
+            walk.delivered += 1  # the LRS stores (this one): evidence for the others' count
+        return True
+
     def second_look(lone: Result) -> bool:
         """Send a statement that failed alone with a 5xx alone once more; True when this
         settled it (or stopped the walk), False when it failed the same way again."""
@@ -346,6 +380,9 @@ def deliver(
         kind = answer.kind
         if kind is Kind.OK:
             lone.verdict, lone.answer = Verdict.DELIVERED, answer
+        elif maybe_stored(answer):
+            lone.answer = answer
+            return look_up(lone)
         elif kind is Kind.REJECTED:
             settled = settle_rejected(lone.item, answer)
             lone.verdict, lone.answer = settled.verdict, settled.answer
@@ -384,7 +421,11 @@ def deliver(
             lone = Result(batch[0], Verdict.RETRY, answer)
             results.append(lone)
             looked = False
-            if answer.status is not None and storing():
+            if maybe_stored(answer):
+                if look_up(lone):
+                    return
+                looked = True  # not sent again at once: it may be being stored
+            elif answer.status is not None and storing():
                 if second_look(lone):
                     return
                 looked = True
@@ -399,14 +440,18 @@ def deliver(
         visit(list(items), False)
     if walk.lone_failures and storing():
         # The LRS stores others, in this very exchange or just before it: a statement that
-        # failed alone (a 5xx twice in a row, or a timeout) counts one lone failure; enough
-        # of them, in as many exchanges, make it the culprit.
+        # failed alone (a 5xx twice in a row) counts one lone failure; enough of them, in as
+        # many exchanges, make it the culprit.
         for lone, looked in walk.lone_failures:
             if walk.halted is not None or lone.verdict is not Verdict.RETRY:
                 continue
+            if maybe_stored(lone.answer):
+                continue  # no evidence against it: it may even be stored
             if not looked and deadline is not None and clock() >= deadline:
                 continue  # no time for a second look: kept, not counted
             if not looked and lone.answer.status is not None and second_look(lone):
+                continue
+            if maybe_stored(lone.answer):
                 continue
             lone.item.lone_failures += 1
             if lone.item.lone_failures >= poison_after:

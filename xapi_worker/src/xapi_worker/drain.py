@@ -4,9 +4,9 @@ the LRS, oldest first, in batches, while live statements keep flowing through th
 Each turn it also:
 
 - publishes the spool's state to the broker (hash ``xapi.inflight.<node>.spool``: depth,
-  oldest, bytes, max_bytes, full, damaged, updated), which ``xapi-worker status``,
-  ``playbooks/status.yml`` and ``check_xapi`` read: the spool itself is readable by the
-  worker's user only;
+  oldest, bytes, max_bytes, full, damaged, damaged_files, damaged_since, updated), which
+  ``xapi-worker status``, ``playbooks/status.yml`` and ``check_xapi`` read: the spool
+  itself is readable by the worker's user only;
 - stops the node taking from the broker while the spool is full (transport.TAKING), or its
   disk is (less than a batch's worth above spool.DISK_RESERVE_BYTES free), and starts it
   again once a tenth of the spool, and 8 MiB above that reserve, are free (one rule, with
@@ -27,6 +27,8 @@ ids, the LRS stores them once (the same window as a crash just before a deletion
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -36,10 +38,11 @@ from celery import Celery
 
 from . import events
 from .delivery import Answer, Item, Result, Verdict, merge_duplicates
+from .retention import Retention
 from .scripts import set_fields
 from .settings import QUEUE, Settings
 from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, Stats
-from .transport import TAKING, spool_state_key
+from .transport import TAKING, spool_state_key, unreadable_key
 from .worker import Processor
 
 log = logging.getLogger("xapi_worker.spool")
@@ -119,14 +122,20 @@ class Drainer:
         self.settings = settings
         self.node = node
         # A Spool of its own: an SQLite connection serves the thread that made it.
-        self.spool = Spool(spool.directory, node, spool.max_bytes) if spool is not None else None
+        self.spool = (
+            Spool(spool.directory, node, spool.max_bytes, spool.batch_size)
+            if spool is not None
+            else None
+        )
         if self.spool is not None:
             self.processor: Processor = DrainProcessor(app, settings, self.spool)
         else:
             self.processor = Processor(app, settings)
         # The bookkeeping thread's own Spool: its connection is made, used and closed there.
         self._ahead_spool = (
-            Spool(spool.directory, node, spool.max_bytes) if spool is not None else None
+            Spool(spool.directory, node, spool.max_bytes, spool.batch_size)
+            if spool is not None
+            else None
         )
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xapi-spool-ahead")
         self._next: Future[list[Row]] | None = None  # the batch after the one at the LRS
@@ -137,6 +146,7 @@ class Drainer:
         self._next_purge = 0.0
         self._full_logged = -1e9
         self._woken = False
+        self._stopping = False
         self.paused = False
 
     def start(self) -> None:
@@ -183,6 +193,9 @@ class Drainer:
             self.purge_expired()
         if self.spool is None:
             return STATE_EVERY
+        if self.spool.check_pending():
+            self._stop_for_check()
+            return STATE_EVERY
         if not self._woken:
             self._woken = True
             self.wake_parked()
@@ -219,6 +232,21 @@ class Drainer:
             self._read_ahead()
             self._settle_now()
         return 0.0 if settled else IDLE_WAIT
+
+    def _stop_for_check(self) -> None:
+        """SQLite said the spool is damaged (spool.Spool.check_pending): this node takes
+        nothing more and stops (warm shutdown: what it holds goes back to the broker); its
+        next start (systemd's Restart=) reads the file whole and sets it aside if it is."""
+        TAKING.clear()
+        self.paused = True
+        if not self._stopping:
+            self._stopping = True
+            log.critical(
+                "spool %s is damaged: this node stops; at its next start the file is checked "
+                "and set aside, and `xapi-worker spool drain` delivers what it still holds",
+                self.spool.path if self.spool else "-",
+            )
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def wake_parked(self) -> None:
         """At start: rows parked beyond the longest retry delay (an LRS's Retry-After, up to
@@ -265,9 +293,12 @@ class Drainer:
                 self._full_logged = now
                 why = (
                     f"its disk has {stats.free_bytes // 1024**2} MiB free, under the "
-                    f"{DISK_RESERVE_BYTES // 1024**2} MiB it leaves"
+                    f"{DISK_RESERVE_BYTES // 1024**2} MiB it leaves plus room for one batch "
+                    f"of the largest statements ({stats.headroom / 1024**2:.1f} MiB)"
                     if stats.disk_full
-                    else f"{stats.used_bytes // 1024**2} of {stats.max_bytes // 1024**2} MiB"
+                    else f"{stats.used_bytes // 1024**2} of {stats.max_bytes // 1024**2} MiB, "
+                    f"less than one batch of the largest statements "
+                    f"({stats.headroom / 1024**2:.1f} MiB) from its limit"
                 )
                 log.error(
                     "spool %s FULL (%d statements, %s): this node takes nothing from the "
@@ -300,6 +331,9 @@ class Drainer:
             "max_bytes": str(stats.max_bytes),
             "full": "1" if stats.full else "0",
             "damaged": str(stats.damaged),
+            # names (no spaces: spool.node_file) and when the oldest was set aside
+            "damaged_files": " ".join(stats.damaged_files),
+            "damaged_since": "" if stats.damaged_since is None else repr(stats.damaged_since),
             "updated": repr(time.time()),
         }
         try:
@@ -309,6 +343,13 @@ class Drainer:
 
     def purge_expired(self) -> None:
         days = self.settings.dead_letter_retention_days
+        # The same rule for what is set aside (retention.py): damaged spool files, and
+        # xapi.unreadable (dated on the first pass, so that it can expire).
+        spool_file = self.spool.path if self.spool is not None else None
+        try:
+            Retention(self.processor.dead.client, unreadable_key(QUEUE), spool_file).run(days)
+        except Exception:
+            log.warning("retention of what is set aside not applied this time", exc_info=True)
         if not days:
             return
         try:

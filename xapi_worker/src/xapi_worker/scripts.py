@@ -100,6 +100,20 @@ return 1
 """
 )
 
+# KEYS[1] unacked, KEYS[2] unacked_index, KEYS[3] the unreadable list; ARGV[1] a tag. Moves
+# that message's record from unacked to the end of the unreadable list (a message that could
+# not be dead-lettered); returns 0 when it is no longer in unacked.
+SET_ASIDE = (
+    _HEADER
+    + """
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if not record then return 0 end
+redis.call('RPUSH', KEYS[3], record)
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+)
 
 # KEYS[1] unacked_index, KEYS[2] unacked; ARGV the delivery tags acknowledged. (Inside
 # MULTI, Redis refuses even these removals at maxmemory.)
@@ -146,6 +160,7 @@ class Scripts:
         self.push = client.register_script(PUSH)
         self.restore = client.register_script(RESTORE)
         self.ack = client.register_script(ACK)
+        self.set_aside = client.register_script(SET_ASIDE)
         self.add_member = client.register_script(ADD_MEMBER)
 
 

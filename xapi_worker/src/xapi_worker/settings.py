@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .content import MAX_STATEMENT_BYTES
+from .spool import min_max_bytes
+
 CONFIG_ENV = "XAPI_WORKER_CONFIG"
 QUEUE = "xapi"
 #: Epoch seconds (a float, as a string) of the last batch the LRS accepted, set by the worker
@@ -249,6 +252,15 @@ def settings_from_mapping(values: Mapping[str, str]) -> Settings:
     if settings.retry_base_seconds > settings.retry_max_seconds:
         raise SettingsError(
             "XAPI_WORKER_RETRY_BASE_SECONDS must not exceed XAPI_WORKER_RETRY_MAX_SECONDS"
+        )
+    # A spool counts as full with less room than one batch of the largest statements: a
+    # limit must hold a few such batches (spool.min_max_bytes).
+    smallest = -(-min_max_bytes(settings.batch_size) // 1024**2)
+    if 0 < settings.spool_max_mb < smallest:
+        raise SettingsError(
+            f"XAPI_WORKER_SPOOL_MAX_MB must be 0 (automatic) or at least {smallest} with "
+            f"XAPI_WORKER_BATCH_SIZE={settings.batch_size} (four batches of the largest "
+            f"statements, {MAX_STATEMENT_BYTES // 1024} KiB): it is {settings.spool_max_mb}"
         )
     return settings
 

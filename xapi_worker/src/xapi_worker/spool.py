@@ -18,6 +18,7 @@ only (0700, the role's), and the files are created 0600 whatever the umask.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import json
 import logging
@@ -29,35 +30,54 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.request import pathname2url
 
-from .content import json_text, printable
+from .content import MAX_STATEMENT_BYTES, json_text, printable
+from .watchdog import kept_alive
 
 log = logging.getLogger("xapi_worker.spool")
 
 #: The documented maximum of an automatic size limit, and its share of the free disk.
 AUTO_MAX_BYTES = 10 * 1024**3
 AUTO_SHARE = 0.25
-#: Below this much room (under its limit, or above the disk's reserve) the spool counts as
-#: full and the node stops taking: a batch's worth, roughly, which add() still accepts.
-HEADROOM_BYTES = 1024**2
-#: A full spool takes again below this share of its limit, and with this much room above the
-#: disk's reserve: far enough from where it stopped that it does not stop again at once.
+#: What one spooled row may take beyond its statement's JSON text (UTF-8): its other
+#: columns (ids, the last error, cut at 500 characters), SQLite's record and cell headers,
+#: its two index entries, and the unused end of its last overflow page (a page).
+ROW_OVERHEAD_BYTES = 8 * 1024
+#: A full spool takes again below this share of its limit, and with this much room above
+#: where it stopped on its disk: far enough that it does not stop again at once.
 RESUME_SHARE = 0.9
 RESUME_DISK_BYTES = 8 * 1024**2
 #: Free space the spool leaves on its filesystem: below it the spool counts as full, whatever
 #: its own size, so a disk filled by something else (an encoding's ffmpeg) stops the node
 #: taking instead of failing every write. SQLite needs room for the WAL and a checkpoint.
 DISK_RESERVE_BYTES = 16 * 1024**2
+#: A damaged spool is renamed ``<file>.damaged-<time, UTC>``; once ``spool drain`` has
+#: delivered its readable rows, ``<that name>.salvaged``.
+SET_ASIDE = ".damaged-"
+SET_ASIDE_STAMP = "%Y%m%dT%H%M%SZ"
+SALVAGED = ".salvaged"
+#: ``<file>.check``: SQLite said the file was damaged while in use; the next open reads it
+#: whole (quick_check), sets it aside if it is, and else rebuilds its indexes (REINDEX: a
+#: damaged index, which quick_check does not compare with its table, is made again from it).
+CHECK_MARK = ".check"
+#: ``<file>.checked``: the open after a damage found the file sound and rebuilt its indexes.
+#: A damage met again after that is not checked a second time: the file is set aside (for
+#: ``spool drain``), so that no damage makes the node start and stop for ever.
+CHECKED_MARK = ".checked"
 #: Waiting for the other writer (pool process or drainer) before giving up, milliseconds.
 BUSY_TIMEOUT_MS = 10_000
-SCHEMA_VERSION = 2
+#: The spool's file format (``PRAGMA user_version``). 2 added ``lone_failures``; 3 the
+#: depth kept by triggers and the index of ``first_seen`` (no scan of the table to count
+#: it). Older formats are migrated at open; a newer one is refused (:class:`SpoolNewer`).
+SCHEMA_VERSION = 3
 AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 #: The drainer, idle, compacts the spool once it could give back more than this.
 SHRINK_ABOVE_BYTES = 512 * 1024
 WAL_LIMIT_BYTES = 4 * 1024**2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS spool (
+_TABLE = """
+CREATE TABLE spool (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     statement_id TEXT NOT NULL,
     statement TEXT NOT NULL,
@@ -69,15 +89,33 @@ CREATE TABLE IF NOT EXISTS spool (
     last_error TEXT NOT NULL DEFAULT '',
     lone_failures INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS spool_due ON spool (next_at, id);
+CREATE INDEX spool_due ON spool (next_at, id);
 """
 
+#: Format 3: the depth in a one-row table that triggers keep (any writer, any DELETE),
+#: and the oldest first_seen read from an index: both without a scan of the table.
+_COUNTED = """
+CREATE INDEX spool_first_seen ON spool (first_seen);
+CREATE TABLE spool_depth (depth INTEGER NOT NULL);
+INSERT INTO spool_depth SELECT count(*) FROM spool;
+CREATE TRIGGER spool_added AFTER INSERT ON spool
+    BEGIN UPDATE spool_depth SET depth = depth + 1; END;
+CREATE TRIGGER spool_removed AFTER DELETE ON spool
+    BEGIN UPDATE spool_depth SET depth = depth - 1; END;
+"""
+
+#: A new file (format 0) is given this, of format SCHEMA_VERSION.
+_NEW = _TABLE + _COUNTED
+#: What brings a file of the format of the key to the next one, in place (its rows kept).
+#: From 2 to 3 the rows are counted once (a scan, once in a file's life).
+_MIGRATIONS: dict[int, str] = {
+    1: "ALTER TABLE spool ADD COLUMN lone_failures INTEGER NOT NULL DEFAULT 0;",
+    2: _COUNTED,
+}
 
 _COLUMNS = (
     "id, statement, task_id, attempts, first_seen, spooled_at, next_at, last_error, lone_failures"
 )
-#: Version 1 (before lone_failures) to 2, in place.
-_MIGRATE_1 = "ALTER TABLE spool ADD COLUMN lone_failures INTEGER NOT NULL DEFAULT 0"
 
 
 class SpoolError(Exception):
@@ -87,6 +125,12 @@ class SpoolError(Exception):
 
 class SpoolFull(SpoolError):
     pass
+
+
+class SpoolNewer(SpoolError):
+    """The file is of a newer format than this worker's (a release installed, then an
+    older one again): no damage, and not for this worker to read or change. Kept as it is;
+    the node takes nothing until a release that knows the format runs."""
 
 
 @dataclass(frozen=True)
@@ -119,14 +163,19 @@ class Row:
 
 @dataclass(frozen=True)
 class Stats:
+    """A spool's size and room, and the one rule of a full spool (with :func:`room`, which
+    :meth:`Spool.add` obeys)."""
+
     depth: int
     oldest: float | None  # first_seen of the oldest spooled statement
     used_bytes: int
     max_bytes: int
     damaged: int
     free_bytes: int  # free space of the spool's filesystem
+    damaged_files: tuple[str, ...] = ()  # set aside, not drained yet (names, oldest first)
+    damaged_since: float | None = None  # when the oldest of them was set aside
+    headroom: int = 0  # the most one batch can write: batch_bytes() of the node's batch size
 
-    # The one rule of a full spool, with add()'s refusal (room()) and its hysteresis.
     @property
     def room(self) -> int:
         return room(self.used_bytes, self.max_bytes, self.free_bytes)
@@ -134,20 +183,20 @@ class Stats:
     @property
     def disk_full(self) -> bool:
         """The disk, not the spool's limit, is what is short of room."""
-        return self.free_bytes - DISK_RESERVE_BYTES < headroom(self.max_bytes)
+        return self.free_bytes - DISK_RESERVE_BYTES < self.headroom
 
     @property
     def full(self) -> bool:
-        """The node stops taking: less room than a batch's worth, which add() would still
-        take, so a node that takes never meets add()'s refusal with a batch that size."""
-        return self.room < headroom(self.max_bytes)
+        """The node stops taking: less room than the most one batch can write, which add()
+        would still take, so a node that takes never meets add()'s refusal with a batch."""
+        return self.room < self.headroom
 
     @property
     def roomy(self) -> bool:
         """A full spool takes again (hysteresis: well away from where it stopped)."""
         return (
             self.used_bytes < self.max_bytes * RESUME_SHARE
-            and self.free_bytes - DISK_RESERVE_BYTES >= RESUME_DISK_BYTES
+            and self.free_bytes - DISK_RESERVE_BYTES >= self.headroom + RESUME_DISK_BYTES
             and not self.full
         )
 
@@ -166,9 +215,28 @@ def damage(exc: sqlite3.DatabaseError) -> bool:
     return int(code) & 0xFF in DAMAGE_CODES
 
 
-def headroom(max_bytes: int) -> int:
-    """Room kept free: a spool this close to its limit counts as full (about a batch)."""
-    return min(HEADROOM_BYTES, max_bytes // 8)
+def row_bytes(statement_text: str, *others: str) -> int:
+    """What a row takes in the spool, at most: its texts' UTF-8 bytes (not characters: a
+    statement in Greek or with emoji takes up to 4 bytes a character), and the overhead."""
+    return (
+        len(statement_text.encode("utf-8"))
+        + sum(len(o.encode("utf-8")) for o in others)
+        + ROW_OVERHEAD_BYTES
+    )
+
+
+def batch_bytes(batch_size: int) -> int:
+    """The most one batch can write to the spool: ``batch_size`` statements of the largest
+    size the worker takes (content.MAX_STATEMENT_BYTES; a larger one is dead-lettered
+    without reaching the spool), each with its row's overhead. A spool with less room than
+    this counts as full (Stats.full)."""
+    return batch_size * (MAX_STATEMENT_BYTES + ROW_OVERHEAD_BYTES)
+
+
+def min_max_bytes(batch_size: int) -> int:
+    """The smallest size limit a spool may be given: room for four batches of the largest
+    statements (a smaller one would count as full before it held a few)."""
+    return 4 * batch_bytes(batch_size)
 
 
 def room(used_bytes: int, max_bytes: int, free: int) -> int:
@@ -176,6 +244,28 @@ def room(used_bytes: int, max_bytes: int, free: int) -> int:
     (:data:`DISK_RESERVE_BYTES`). add() refuses more; Stats.full stops the node taking
     before."""
     return min(max_bytes - used_bytes, free - DISK_RESERVE_BYTES)
+
+
+def set_aside_at(path: Path) -> float | None:
+    """When a file was set aside (epoch seconds), from the time in its name."""
+    stamp = path.name.rpartition(SET_ASIDE)[2][: len("YYYYmmddTHHMMSSZ")]
+    try:
+        return calendar.timegm(time.strptime(stamp, SET_ASIDE_STAMP))
+    except ValueError:
+        return None
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a schema script, one by one (a trigger's body holds semicolons:
+    SQLite says where a statement ends)."""
+    out: list[str] = []
+    current = ""
+    for line in script.strip().splitlines():
+        current += line + "\n"
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    return out
 
 
 def node_file(node: str) -> str:
@@ -200,15 +290,15 @@ class Spool:
     """A node's spool file. Open it with :meth:`open` (which checks it) in the process that
     uses it; the connection is rebuilt after a fork."""
 
-    def __init__(self, directory: str | Path, node: str, max_bytes: int = 0) -> None:
+    def __init__(
+        self, directory: str | Path, node: str, max_bytes: int = 0, batch_size: int = 100
+    ) -> None:
         self.directory = Path(directory)
         self.path = self.directory / node_file(node)
         self._max_bytes = max_bytes  # 0: automatic, computed at open
+        self.batch_size = batch_size  # the node's XAPI_WORKER_BATCH_SIZE: the headroom's unit
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
-        # _counts()'s cache: ((pid, data_version), depth, oldest); _wrote: a write since
-        self._counted: tuple[tuple[int, int], int, float | None] | None = None
-        self._wrote = False
 
     def __repr__(self) -> str:
         return f"Spool({str(self.path)!r})"
@@ -218,11 +308,18 @@ class Spool:
         """Open (creating if need be) and check the spool; a damaged file is renamed, never
         deleted, and a new one started. Returns what was set aside now. Anything else than
         damage (a full disk, an I/O error, a lock held too long) raises :class:`SpoolError`:
-        a healthy spool must not be set aside for it."""
+        a healthy spool must not be set aside for it. The watchdog is fed meanwhile
+        (watchdog.kept_alive): a migration or a whole check takes minutes on a large spool,
+        before Celery's loop feeds it."""
+        with kept_alive(f"spool {self.path}: opening and checking"):
+            return self._open()
+
+    def _open(self) -> list[Path]:
         set_aside: list[Path] = []
+        whole = self.check_pending()
         try:
             self._connect()
-            problem = self._check()
+            problem = self._check(whole)
         except sqlite3.DatabaseError as exc:
             if not damage(exc):
                 self.close()
@@ -234,6 +331,14 @@ class Spool:
             self.close()
             set_aside = self._set_aside(problem)
             self._connect()
+        if whole:
+            if problem is None:
+                # Sound now: a damage met again is not checked again (CHECKED_MARK).
+                with contextlib.suppress(FileNotFoundError):
+                    self._check_mark.replace(self._checked_mark)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self._check_mark.unlink()
         if not self._max_bytes:
             self._max_bytes = auto_max_bytes(self.directory, self._used_bytes())
         return set_aside
@@ -243,48 +348,184 @@ class Spool:
             return self._conn
         # A connection made before a fork belongs to the parent: never used here.
         self._conn = None
+        self._refuse_newer()
         old = os.umask(0o077)
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         finally:
             os.umask(old)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        # Before the WAL mode, which writes the new file's header: auto_vacuum can be set on
-        # a file without tables only (after, only a VACUUM changes it: compact()). A spool
-        # whose deleted rows' pages go back to the filesystem (incremental_vacuum).
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("PRAGMA journal_mode = WAL")
-        # FULL: a commit is on disk (WAL fsync-ed) before the message is acknowledged.
-        conn.execute("PRAGMA synchronous = FULL")
-        # After a checkpoint, the WAL file is cut back to this size (bytes).
-        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
-        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif conn.execute("PRAGMA user_version").fetchone()[0] == 1:
-            # A spool of the previous version: one column more, its rows kept.
-            conn.execute("BEGIN IMMEDIATE")
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
-                conn.execute(_MIGRATE_1)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Before the WAL mode, which writes the new file's header: auto_vacuum can be set
+            # on a file without tables only (after, only a VACUUM changes it: compact()). A
+            # spool whose deleted rows' pages go back to the filesystem (incremental_vacuum).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is on disk (WAL fsync-ed) before the message is acknowledged.
+            conn.execute("PRAGMA synchronous = FULL")
+            # After a checkpoint, the WAL file is cut back to this size (bytes).
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
+            self._migrate(conn)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            raise
         self._conn = conn
         self._pid = os.getpid()
         return conn
 
-    def _check(self) -> str | None:
+    def _format(self, conn: sqlite3.Connection) -> int:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise SpoolNewer(
+                f"spool {self.path} is of format {version}, newer than this worker's "
+                f"({SCHEMA_VERSION}): it was written by a newer release of xapi-worker. It is "
+                "kept as it is, and this node takes nothing until a release that reads it "
+                "runs again (or the file is moved away)"
+            )
+        return version
+
+    def _refuse_newer(self) -> None:
+        """Before anything is written to an existing file: one of a newer format is refused
+        (:class:`SpoolNewer`), read through a read-only connection so that it is left as it
+        is. Any other error here is left for the read-write open to judge (damage or not)."""
+        try:
+            if self.path.stat().st_size == 0:
+                return
+        except OSError:
+            return
+        try:
+            peek = sqlite3.connect(
+                f"file:{pathname2url(str(self.path))}?mode=ro",
+                uri=True,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+            )
+        except sqlite3.Error:
+            return
+        try:
+            self._format(peek)
+        except sqlite3.Error:
+            return
+        finally:
+            peek.close()
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """A new file gets the schema; a file of an older format is brought to this one in
+        place, its rows kept, in one transaction (another process may be doing the same:
+        the version is read again once the lock is held)."""
+        if self._format(conn) == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        began, migrated = 0.0, 0
+        try:
+            version = self._format(conn)
+            if version == 0:
+                for statement in _statements(_NEW):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version in _MIGRATIONS:
+                log.warning(
+                    "spool %s: bringing format %d to %d (the rows are counted once)",
+                    self.path,
+                    version,
+                    SCHEMA_VERSION,
+                )
+                began, migrated = time.monotonic(), version
+                while version < SCHEMA_VERSION:
+                    for statement in _statements(_MIGRATIONS[version]):
+                        conn.execute(statement)
+                    version += 1
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        if migrated:
+            log.warning(
+                "spool %s: format %d brought to %d in %.1f s",
+                self.path,
+                migrated,
+                SCHEMA_VERSION,
+                time.monotonic() - began,
+            )
+
+    def _check(self, whole: bool = False) -> str | None:
+        """What opening costs, whatever the spool's size: the header, the schema and the
+        format, no scan of the table (SQLite's quick_check reads every page: minutes at the
+        size limit, before the worker could serve). A damaged page is met when it is read,
+        and marks the file (:meth:`check_pending`): ``whole``, the open after, reads every
+        page (quick_check) and sets a damaged file aside."""
         conn = self._connect()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        version = self._format(conn)
         if version != SCHEMA_VERSION:
             return f"unknown spool format {version}"
-        result = [r[0] for r in conn.execute("PRAGMA quick_check")]
-        if result != ["ok"]:
-            return "; ".join(str(r) for r in result[:3])
-        conn.execute("SELECT count(*) FROM spool").fetchone()
+        conn.execute("SELECT depth FROM spool_depth").fetchone()
+        conn.execute(f"SELECT {_COLUMNS} FROM spool WHERE id = 0").fetchone()  # noqa: S608
+        if whole:
+            if self._checked_mark.exists():
+                return (
+                    "SQLite met a damage again after the file was checked and its indexes rebuilt"
+                )
+            result = [r[0] for r in conn.execute("PRAGMA quick_check")]
+            if result != ["ok"]:
+                return "; ".join(str(r) for r in result[:3])
+            # quick_check does not compare an index with its table: an index pointing at
+            # rows no longer there passes it, and every read through it fails. The indexes
+            # are rebuilt from the table (a read of it, as quick_check's), and the depth
+            # counted again, in one transaction.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("REINDEX")
+                conn.execute("UPDATE spool_depth SET depth = (SELECT count(*) FROM spool)")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            log.warning("spool %s: checked whole after a damage: sound; indexes rebuilt", self.path)
         return None
 
+    # --- damage met while running ----------------------------------------------------------------
+    @property
+    def _check_mark(self) -> Path:
+        return Path(f"{self.path}{CHECK_MARK}")
+
+    @property
+    def _checked_mark(self) -> Path:
+        return Path(f"{self.path}{CHECKED_MARK}")
+
+    def check_pending(self) -> bool:
+        """SQLite said the file is damaged while it was in use: the node stops (the drainer),
+        and the next open reads it whole and sets it aside if it is."""
+        return self._check_mark.exists()
+
+    @contextlib.contextmanager
+    def _watch(self) -> Iterator[None]:
+        """Around a use of the file: an error saying it is damaged marks it for the whole
+        check of the next open."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if damage(exc) and not self.check_pending():
+                old = os.umask(0o077)
+                try:
+                    self._check_mark.touch()
+                except OSError:
+                    log.exception("cannot mark spool %s for a check", self.path)
+                finally:
+                    os.umask(old)
+                log.critical(
+                    "spool %s: SQLite says the file is damaged (%s: %s): the node stops; its "
+                    "next start reads it whole and sets it aside if it is",
+                    self.path,
+                    type(exc).__name__,
+                    exc,
+                )
+            raise
+
     def _set_aside(self, problem: str) -> list[Path]:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        stamp = time.strftime(SET_ASIDE_STAMP, time.gmtime())
         moved: list[Path] = []
         for suffix in ("", "-wal", "-shm"):
             source = Path(f"{self.path}{suffix}")
@@ -292,9 +533,11 @@ class Spool:
                 target = Path(f"{self.path}.damaged-{stamp}{suffix}")
                 source.rename(target)
                 moved.append(target)
+        with contextlib.suppress(FileNotFoundError):
+            self._checked_mark.unlink()  # the new file was never checked
         log.error(
-            "spool %s is damaged (%s): set aside as %s, kept for inspection; a new spool is "
-            "started. Its statements are not delivered until it is repaired (see the "
+            "spool %s is damaged (%s): set aside as %s, kept; a new spool is started. Its "
+            "readable statements are delivered by `xapi-worker spool drain` (see the "
             "operator guide, 'The spool')",
             self.path,
             problem[:200],
@@ -303,10 +546,12 @@ class Spool:
         return moved
 
     def damaged_files(self) -> list[Path]:
+        """This node's set-aside files not drained yet (``<file>.damaged-<time>``), oldest
+        first; their ``-wal`` and ``-shm`` files beside them are left out."""
         return sorted(
             p
-            for p in self.directory.glob(f"{self.path.name}.damaged-*")
-            if not p.name.endswith(("-wal", "-shm"))
+            for p in self.directory.glob(f"{self.path.name}{SET_ASIDE}*")
+            if not p.name.endswith(("-wal", "-shm", SALVAGED))
         )
 
     def close(self) -> None:
@@ -333,19 +578,22 @@ class Spool:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         conn = self._connect()
-        self._wrote = True
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._watch():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
-    def add(self, entries: Sequence[Entry], now: float | None = None) -> None:
+    def add(
+        self, entries: Sequence[Entry], now: float | None = None, source: str = "the broker"
+    ) -> None:
         """Spool ``entries`` in one transaction, committed to disk on return; raise
-        :class:`SpoolError` (nothing written) when they cannot be."""
+        :class:`SpoolError` (nothing written) when they cannot be, saying that they stay in
+        ``source`` (where they come from)."""
         if not entries:
             return
         now = time.time() if now is None else now
@@ -363,7 +611,7 @@ class Spool:
             )
             for e in entries
         ]
-        incoming = sum(len(r[1]) + len(r[2]) + 200 for r in rows)
+        incoming = sum(row_bytes(r[1], r[0], r[2], r[7]) for r in rows)
         try:
             # The hard limit; the drainer stops the node taking before it (Stats.full).
             used, free = self._used_bytes(), free_bytes(self.directory)
@@ -372,13 +620,13 @@ class Spool:
             elif used + incoming > self.max_bytes:
                 raise SpoolFull(
                     f"spool {self.path} is full ({self.max_bytes // 1024**2} MiB): "
-                    f"{len(rows)} statements stay in the broker"
+                    f"{len(rows)} statements stay in {source}"
                 )
             else:
                 raise SpoolFull(
                     f"spool {self.path}: its disk is full (less than "
                     f"{DISK_RESERVE_BYTES // 1024**2} MiB free): {len(rows)} statements stay "
-                    "in the broker"
+                    f"in {source}"
                 )
             with self._transaction() as conn:
                 conn.executemany(
@@ -397,6 +645,22 @@ class Spool:
             return
         with self._transaction() as conn:
             conn.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
+
+    def erase(self, ids: Sequence[int]) -> int:
+        """Delete these rows for good (a learner's erasure, forget.py): their content is
+        overwritten in the file (``secure_delete``) and the WAL's older copies of their pages
+        are checkpointed away when no reader holds them. Returns how many were deleted."""
+        if not ids:
+            return 0
+        conn = self._connect()
+        conn.execute("PRAGMA secure_delete = ON")
+        with self._transaction() as conn:
+            deleted = sum(
+                conn.execute("DELETE FROM spool WHERE id = ?", (i,)).rowcount for i in ids
+            )
+        # Best effort: a reader of another process may hold older frames for a while.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted
 
     def reschedule(
         self,
@@ -435,7 +699,7 @@ class Spool:
             # Each step of this statement frees one page, and the sqlite3 module's execute()
             # steps it once: executescript() runs it to its end.
             conn.executescript("PRAGMA incremental_vacuum;")
-        elif conn.execute("SELECT 1 FROM spool LIMIT 1").fetchone() is None:
+        elif conn.execute("SELECT depth FROM spool_depth").fetchone()[0] == 0:
             # A spool made while auto_vacuum stayed off (set after the WAL mode): rebuilt
             # with it on, once, while it is empty (a VACUUM of an empty file is quick).
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -455,15 +719,20 @@ class Spool:
 
     # --- reads -----------------------------------------------------------------------------------
     def due(self, limit: int, now: float | None = None, exclude: Sequence[int] = ()) -> list[Row]:
-        """The oldest statements whose next attempt is due, at most ``limit``, but for the
-        rows ``exclude`` lists (a batch still at the LRS)."""
+        """The statements whose next attempt is due, at most ``limit``, but for the rows
+        ``exclude`` lists (a batch still at the LRS): those due first, oldest first among
+        equals (after a wake every row is due at the same time: oldest first). In the order
+        of the index spool_due, so a read costs a few pages whatever the spool's size (in
+        the order of the rows, SQLite scanned the table for the due ones: every second on
+        an idle spool whose rows were due later)."""
         now = time.time() if now is None else now
         if not exclude:
-            return self._rows("WHERE next_at <= ? ORDER BY id LIMIT ?", (now, limit))
+            return self._rows("WHERE next_at <= ? ORDER BY next_at, id LIMIT ?", (now, limit))
         # One bound parameter, a JSON array, whatever the batch size (SQLite bounds the
         # number of parameters of a statement).
         return self._rows(
-            "WHERE next_at <= ? AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+            "WHERE next_at <= ? AND id NOT IN (SELECT value FROM json_each(?))"
+            " ORDER BY next_at, id LIMIT ?",
             (now, json.dumps(list(exclude)), limit),
         )
 
@@ -473,7 +742,9 @@ class Spool:
     def _rows(self, where: str, params: tuple[Any, ...]) -> list[Row]:
         # ``where`` is one of this module's constants; every value is a bound parameter.
         query = f"SELECT {_COLUMNS} FROM spool {where}"  # noqa: S608
-        cursor = self._connect().execute(query, params)
+        conn = self._connect()
+        with self._watch():
+            fetched = conn.execute(query, params).fetchall()
         return [
             Row(
                 id=r[0],
@@ -486,36 +757,35 @@ class Spool:
                 last_error=r[7],
                 lone_failures=r[8],
             )
-            for r in cursor
+            for r in fetched
         ]
 
     def _counts(self) -> tuple[int, float | None]:
-        """Depth and oldest first_seen: two scans of the table, done again only once the
-        spool has changed (a write of this object's, or a commit of another connection's:
-        SQLite's data_version). An idle spool is not scanned every time it is published."""
+        """Depth and oldest first_seen, without a scan of the table: the depth the triggers
+        keep, the oldest from its index (a few pages, whatever the spool's size)."""
         conn = self._connect()
-        version = (os.getpid(), conn.execute("PRAGMA data_version").fetchone()[0])
-        if self._counted is not None and not self._wrote and self._counted[0] == version:
-            return self._counted[1], self._counted[2]
-        self._wrote = False
-        row = conn.execute("SELECT count(*), min(first_seen) FROM spool").fetchone()
-        self._counted = (version, int(row[0]), None if row[1] is None else float(row[1]))
-        return self._counted[1], self._counted[2]
+        with self._watch():
+            depth = conn.execute("SELECT depth FROM spool_depth").fetchone()[0]
+            oldest = conn.execute("SELECT min(first_seen) FROM spool").fetchone()[0]
+        return int(depth), None if oldest is None else float(oldest)
 
     def stats(self, counts: bool = True) -> Stats:
         """Depth, oldest, size, room. ``counts=False``: size and room only (``depth`` -1,
-        ``oldest`` None, ``damaged`` 0), without the two scans of the table that depth and
-        oldest cost (about 5 ms at 20,000 statements), for the drainer's check between two
-        batches."""
-        depth, oldest, damaged = -1, None, 0
+        ``oldest`` None, ``damaged`` 0), for the drainer's check between two batches
+        (without the look at the directory for set-aside files)."""
+        depth, oldest, damaged = -1, None, []
         if counts:
             depth, oldest = self._counts()
-            damaged = len(self.damaged_files())
+            damaged = self.damaged_files()
+        times = [t for t in map(set_aside_at, damaged) if t is not None]
         return Stats(
             depth=depth,
             oldest=None if oldest is None else float(oldest),
             used_bytes=self._used_bytes(),
             max_bytes=self.max_bytes,
-            damaged=damaged,
+            damaged=len(damaged),
             free_bytes=free_bytes(self.directory),
+            damaged_files=tuple(p.name for p in damaged),
+            damaged_since=min(times, default=None),
+            headroom=batch_bytes(self.batch_size),
         )

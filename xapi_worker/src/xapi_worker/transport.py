@@ -47,19 +47,24 @@ from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from . import watchdog
+from . import bookkeeping, watchdog
 from .delivery import iso
 from .scripts import Scripts, is_oom, move_all, push
 
 log = logging.getLogger("xapi_worker.transport")
 
 ALIAS = "xapi-redis"
-#: Message header: when the message was first taken from the queue (ISO 8601, UTC), unless a
-#: producer or an earlier attempt set it. The worker's maximum age counts from it.
-FIRST_SEEN = "xapi_first_seen"
+#: Message header: when the message was first taken from the queue (ISO 8601, UTC), unless
+#: an earlier attempt of a worker set it (signed: bookkeeping.py). The maximum age counts
+#: from it.
+FIRST_SEEN = bookkeeping.FIRST_SEEN
 #: Transport option (``broker_transport_options``) naming the worker node; set by the app at
 #: ``celeryd_init``, before the worker connects.
 NODE_OPTION = "xapi_node"
+#: Transport option: the key of the bookkeeping headers' signature (hex), set by the app.
+HEADER_KEY_OPTION = "xapi_header_key"
+#: Message header naming a compression of the body (kombu's): such a message is set aside.
+COMPRESSION = "compression"
 INFLIGHT = ".inflight"  # <queue>.inflight: set of the in-flight lists of <queue>
 ALIVE = ".alive"
 SPOOL = ".spool"
@@ -225,14 +230,21 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = QoS
     # Only the plain queue is read (BLMOVE takes one source); see the module docstring.
     priority_steps: ClassVar[list[int]] = [0]
-    from_transport_options = (*kombu_redis.Channel.from_transport_options, NODE_OPTION)
+    from_transport_options = (
+        *kombu_redis.Channel.from_transport_options,
+        NODE_OPTION,
+        HEADER_KEY_OPTION,
+    )
     xapi_node: str | None = None
+    xapi_header_key: str | None = None  # hex; bookkeeping.derive_key
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:
             raise ValueError("xapi_worker.transport does not support global_keyprefix")
         self.node = self.xapi_node or f"{socket.gethostname()}.{os.getpid()}"
+        #: the key of the bookkeeping headers' signature (None: not the worker's app)
+        self.header_key = bytes.fromhex(self.xapi_header_key) if self.xapi_header_key else None
         self._started: set[str] = set()
         self._next_beat = 0.0
         self._polling: tuple[str, str | None] | None = None
@@ -359,7 +371,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         One MULTI/EXEC moves them all from the in-flight list to unacked: each is in one
         place or the other, never in neither. What is not a kombu message goes, in the same
         transaction, to ``<queue>.unreadable`` (kombu would drop it with a traceback), where
-        an operator sees it (`xapi-worker status`).
+        an operator sees it (`xapi-worker status`); so does a compressed one, unread: kombu
+        would decompress it whole (a few KB can expand to gigabytes), and Pod never
+        compresses.
         """
         now = time.time()
         good: list[tuple[str, dict[str, Any]]] = []
@@ -368,7 +382,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             try:
                 payload = loads(bytes_to_str(raw))
                 if isinstance(payload.get("headers"), dict):
-                    payload["headers"].setdefault(FIRST_SEEN, iso(now))
+                    if payload["headers"].get(COMPRESSION) is not None:
+                        raise ValueError("compressed")
+                    self._stamp(payload["headers"], now)
                 props = payload["properties"]
                 tag = str(props["delivery_tag"])
                 info = props["delivery_info"]
@@ -392,7 +408,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 raise
         if bad:
             log.error(
-                "not a kombu message on %s: moved to %s (%d)",
+                "not a kombu message on %s: moved to %s (%d; or compressed: never decompressed)",
                 queue,
                 unreadable_key(queue),
                 len(bad),
@@ -425,6 +441,37 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 self.qos._remove_from_indices(tag).execute()
         if failure is not None:
             raise failure
+
+    def set_aside(self, delivery_tag: str, queue: str) -> bool:
+        """Move a message this channel holds from unacked to ``<queue>.unreadable`` (its
+        record, as taken), in one script: for a message that can be neither read nor
+        dead-lettered, which would otherwise come back at once, again and again. False when
+        it was no longer in unacked."""
+        keys = [self.qos.unacked_key, self.qos.unacked_index_key, unreadable_key(queue)]
+        with self.conn_or_acquire() as client:
+            return bool(self._scripts_on(client).set_aside(keys=keys, args=[delivery_tag]))
+
+    def _stamp(self, headers: dict[str, Any], now: float) -> None:
+        """When the message was taken (every take: the visibility timeout counts from it),
+        and, unless a worker signed its bookkeeping, that of a new message first seen now,
+        signed: a producer's ``xapi_*`` headers are not trusted (bookkeeping.py), nor its
+        ``eta`` or ``expires`` (dropped: only a worker's signed retry waits). Stamped in
+        the copy recorded in unacked, so a redelivery after a crash keeps its first take."""
+        headers[bookkeeping.TAKEN_AT] = now
+        key = self.header_key
+        task_id = headers.get("id")
+        if key is None:  # not the worker's app (no key given): the first take's time only
+            headers.setdefault(FIRST_SEEN, iso(now))
+            return
+        headers.pop(bookkeeping.EXPIRES, None)  # a producer's; the workers set none
+        if not isinstance(task_id, str):
+            for name in (bookkeeping.ATTEMPT, bookkeeping.LONE_FAILURES, bookkeeping.MAC):
+                headers.pop(name, None)
+            headers.pop(bookkeeping.ETA, None)
+            headers[FIRST_SEEN] = iso(now)
+        elif not bookkeeping.is_signed(key, task_id, headers):
+            headers.pop(bookkeeping.ETA, None)  # only a worker's retry is held until due
+            headers.update(bookkeeping.signed_headers(key, task_id, 1, iso(now), 0))
 
     # --- the worker's own writes, at maxmemory too (scripts.py) ------------------------------
     # Kombu sends these in a MULTI, one command per priority list. Redis refuses any MULTI at

@@ -13,15 +13,22 @@ of it, which is why no library is used for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 log = logging.getLogger("xapi_worker.watchdog")
 
 #: A broker poll (BLMOVE with a 1 s timeout) unanswered for this long means a stuck consumer.
 STUCK_AFTER = 30.0
+#: The longest a piece of the start (:func:`kept_alive`) keeps the watchdog fed: the spool's
+#: whole check after a damage, or its migration, at its 10 GiB limit on a slow disk take
+#: minutes; a disk that hangs longer gets the worker restarted.
+KEEP_ALIVE_MAX = 1800.0
 
 
 def interval(environ: dict[str, str] | None = None) -> float | None:
@@ -73,4 +80,44 @@ def feeder(waits: Callable[[], Iterable[float]]) -> Callable[[], None]:
     return feed
 
 
-__all__ = ["STUCK_AFTER", "feeder", "interval", "notify"]
+@contextlib.contextmanager
+def kept_alive(what: str, longest: float = KEEP_ALIVE_MAX) -> Iterator[None]:
+    """Around work of the worker's start that runs before Celery's loop feeds the watchdog
+    (the spool's migration, its whole check after a damage: minutes on a large spool; the
+    unit's watchdog counts from the exec): ``WATCHDOG=1`` from a thread every
+    :func:`interval`, for at most ``longest`` seconds, and a line in the log each minute.
+    Without a watchdog (a command, a test), nothing."""
+    every = interval()
+    if every is None:
+        yield
+        return
+    done = threading.Event()
+    began = time.monotonic()
+
+    def ping() -> None:
+        said = 0.0
+        while not done.wait(every):
+            elapsed = time.monotonic() - began
+            if elapsed > longest:
+                log.error(
+                    "%s: still running after %.0f s: watchdog not fed any more, systemd will "
+                    "restart this worker",
+                    what,
+                    elapsed,
+                )
+                return
+            notify("WATCHDOG=1")
+            if elapsed - said >= 60:
+                said = elapsed
+                log.warning("%s: still running after %.0f s", what, elapsed)
+
+    thread = threading.Thread(target=ping, name="xapi-watchdog-start", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+__all__ = ["KEEP_ALIVE_MAX", "STUCK_AFTER", "feeder", "interval", "kept_alive", "notify"]

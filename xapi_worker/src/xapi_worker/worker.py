@@ -15,6 +15,7 @@ import logging
 import pickle
 import socket
 import time
+import uuid
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -25,7 +26,7 @@ from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
-from . import events
+from . import bookkeeping, events
 from .content import TOO_DEEP, printable, problem
 from .deadletters import DeadLetter, RedisAccess
 from .delivery import (
@@ -47,14 +48,10 @@ from .metrics import DEAD_LETTERED, DELIVERED, RETRIED, SPOOLED, Metrics
 from .settings import LAST_DELIVERY_KEY, QUEUE, TASK_NAME, Settings, mask_url
 from .spool import Entry, Spool, SpoolError, SpoolFull
 from .transport import ALIAS as TRANSPORT
-from .transport import FIRST_SEEN as H_FIRST_SEEN
-from .transport import NODE_OPTION
+from .transport import HEADER_KEY_OPTION, NODE_OPTION
 
 log = logging.getLogger("xapi_worker")
 
-H_ATTEMPT = "xapi_attempt"
-#: exchanges in which the statement failed alone while the LRS stored others (delivery.py)
-H_LONE_FAILURES = "xapi_lone_failures"
 #: Exit status of a worker whose spool cannot be opened (not damaged: a full disk, an I/O
 #: error): EX_TEMPFAIL of sysexits.h, for systemd to start it again.
 SPOOL_UNAVAILABLE_EXIT = 75
@@ -90,9 +87,17 @@ def make_celery(settings: Settings, name: str = "xapi_worker") -> Celery:
             # (BLMOVE, 1 s) is read only once readable, so it is not cut short.
             "socket_timeout": BROKER_SOCKET_TIMEOUT,
             "socket_connect_timeout": BROKER_SOCKET_TIMEOUT,
+            # The key of the bookkeeping headers' signature (bookkeeping.py): the transport
+            # signs a message's first take, the batch trusts only signed headers.
+            HEADER_KEY_OPTION: bookkeeping.derive_key(
+                settings.lrs_password, settings.broker_url
+            ).hex(),
         },
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A message the consumer cannot read is dead-lettered, never acknowledged into
+        # nothing (consumer.py).
+        worker_consumer="xapi_worker.consumer:Consumer",
         worker_send_task_events=False,
         task_send_sent_event=False,
         enable_utc=True,
@@ -128,18 +133,19 @@ def _statement_of(req: SimpleRequest) -> dict[str, Any] | None:
     return None
 
 
-#: The largest count a header may carry: any message can arrive with any header (the
-#: producer's ACL user writes them), and SQLite's INTEGER holds 64 bits.
-HEADER_COUNT_MAX = 1_000_000
+def header_key(app: Celery) -> bytes:
+    """The key of the bookkeeping headers' signature, derived once by make_celery."""
+    options = app.conf.broker_transport_options or {}
+    return bytes.fromhex(str(options.get(HEADER_KEY_OPTION) or ""))
 
 
-def _int(value: object, default: int, minimum: int = 1) -> int:
-    if value is None:
-        return default
-    try:
-        return min(HEADER_COUNT_MAX, max(minimum, int(str(value))))
-    except (TypeError, ValueError):
-        return default
+def _bookkeeping(
+    key: bytes, task_id: str, headers: dict[str, Any], now: float
+) -> tuple[int, float, int]:
+    """Attempt, first seen (epoch seconds) and lone failures of a message, as a worker signed
+    them in its headers; those of a new message (1, ``now``, 0) when no worker did."""
+    book = bookkeeping.trusted(key, task_id, headers)
+    return book.attempt, parse_iso(book.first_seen) or now, book.lone_failures
 
 
 class Processor:
@@ -151,6 +157,7 @@ class Processor:
         self.lrs = LRSClient(settings)
         self.dead = RedisAccess(settings)
         self.metrics = Metrics(settings)
+        self.key = header_key(app)
         self._held_until = 0.0  # monotonic: no POST before (an LRS's long Retry-After)
         self._stored_at = -1e9  # monotonic: the last batch the LRS stored statements of
         self._batch = 0  # statements of the batch being processed (for the events)
@@ -209,15 +216,18 @@ class Processor:
         now = time.time()
         requeue: list[str] = []
         items: list[Item] = []
+        taken: list[float] = []
         for req in requests:
             task_id = str(req.id)
             statement = _statement_of(req)
             headers = req.request_dict or {}
-            attempt = _int(headers.get(H_ATTEMPT), 1)
-            lone_failures = _int(headers.get(H_LONE_FAILURES), 0, minimum=0)
-            # Queued at: stamped by the first take from the broker (transport.py), kept by
-            # every retry; the worker's clock at the first attempt only for older messages.
-            first_seen = parse_iso(headers.get(H_FIRST_SEEN)) or now
+            # Attempt, lone failures and first seen (stamped by the first take from the
+            # broker, transport.py, kept by every retry) only as a worker signed them: any
+            # producer can set any header (bookkeeping.py).
+            attempt, first_seen, lone_failures = _bookkeeping(self.key, task_id, headers, now)
+            when = bookkeeping.taken_at(headers)
+            if when is not None:
+                taken.append(when)
             if statement is None:
                 log.warning("dead letter: task %s carries no statement dict", task_id)
                 letter = DeadLetter(
@@ -232,11 +242,14 @@ class Processor:
                 continue
             ensure_statement_id(statement, task_id)
             items.append(Item(task_id, statement, attempt, first_seen, lone_failures))
-        requeue.extend(self.run(merge_duplicates(items), now))
+        taken_at = min(taken) if taken else None
+        requeue.extend(self.run(merge_duplicates(items), now, taken_at=taken_at))
         return {"requeue": requeue}
 
-    def run(self, leaders: list[Item], now: float) -> list[str]:
-        """Deliver ``leaders`` (or hold them) and settle each; returns the keys not settled."""
+    def run(self, leaders: list[Item], now: float, taken_at: float | None = None) -> list[str]:
+        """Deliver ``leaders`` (or hold them) and settle each; returns the keys not settled.
+        ``taken_at``: when the earliest of their messages was taken from the broker (epoch
+        seconds), from which the broker's visibility timeout counts; None: now."""
         held = self._held_until - time.monotonic()
         if leaders and held > 0:
             # The LRS asked (Retry-After) not to be called before then, or keeps failing
@@ -253,7 +266,7 @@ class Processor:
                 fetch=self.lrs.get_statement,
                 isolate_after=self.settings.isolate_after,
                 stored_before=self._stored_recently,
-                deadline=time.monotonic() + self._split_budget(),
+                deadline=self._deadline(taken_at),
             )
         except Exception as exc:  # a bug of ours: keep the statements, try again later
             log.exception("internal error while delivering a batch")
@@ -268,16 +281,29 @@ class Processor:
             self._not_answering(results[0].answer)
         return self._settle(results, now)
 
-    def _split_budget(self) -> float:
-        """Seconds a batch's exchange (a split included) may last: its messages come back to
-        another consumer after the visibility timeout, of which a retry delay, a flush and
-        the last POST (which may start just before the deadline) take their share."""
+    def _split_budget(self, from_take: bool = True) -> float:
+        """Seconds a batch's exchange (a split included) may last from the take of its
+        messages: they come back to another consumer after the visibility timeout, of which
+        a flush and the last POST (which may start just before the deadline) take their
+        share. Counted from the take, the time a retry waited for its countdown is spent
+        already; counted from now (``from_take`` False: the take unknown), a retry delay
+        is kept aside too."""
         s = self.settings
         exchange = s.connect_timeout + s.read_timeout
-        budget = (
-            s.visibility_timeout - s.retry_max_seconds - s.flush_interval_ms / 1000 - 2 * exchange
-        )
+        budget = s.visibility_timeout - s.flush_interval_ms / 1000 - 2 * exchange
+        if not from_take:
+            budget -= s.retry_max_seconds
         return max(budget, exchange)
+
+    def _deadline(self, taken_at: float | None) -> float:
+        """The monotonic time after which no POST of this batch starts: the budget counts
+        from when its messages were taken (the time they waited for their countdown, in the
+        buffer and for the pool is spent already), not from now. The first POST is always
+        sent (deliver())."""
+        if taken_at is None:
+            return time.monotonic() + self._split_budget(from_take=False)
+        waited = max(0.0, time.time() - taken_at)
+        return time.monotonic() + self._split_budget() - waited
 
     def _stored_recently(self) -> bool:
         """The LRS stored statements in the last STORED_RECENTLY_SECONDS: a batch of this
@@ -335,8 +361,9 @@ class Processor:
                 self.metrics.count(DELIVERED)
             elif res.verdict is Verdict.DUPLICATE:
                 log.info(
-                    "statement %s already stored with the same content (HTTP 409): delivered",
+                    "statement %s already stored with the same content (%s): delivered",
                     printable(res.item.statement_id),
+                    res.answer.what,
                 )
                 self.metrics.count(DELIVERED)
                 events.emit(
@@ -456,16 +483,21 @@ class Processor:
                 if not self._dead_letter(item, reason, Result(item, Verdict.DEAD, answer)):
                     requeue.extend(self._keys(item))
                 continue
+            task_id = str(uuid.uuid4())
             try:
                 self.app.send_task(
                     TASK_NAME,
                     args=[item.statement],
                     countdown=delay,
-                    headers={
-                        H_ATTEMPT: item.attempt + step,
-                        H_FIRST_SEEN: iso(item.first_seen),
-                        H_LONE_FAILURES: item.lone_failures,
-                    },
+                    task_id=task_id,
+                    # signed: the next worker trusts these counts (bookkeeping.py)
+                    headers=bookkeeping.signed_headers(
+                        self.key,
+                        task_id,
+                        item.attempt + step,
+                        iso(item.first_seen),
+                        item.lone_failures,
+                    ),
                 )
             except Exception:
                 log.exception("cannot re-publish task %s: put back", item.key)
@@ -584,7 +616,7 @@ def _slim(request: Request) -> SimpleRequest:
     whole statement a second time."""
     args, kwargs, _embed = request._payload
     headers = request.request_dict or {}
-    ours = {k: headers[k] for k in (H_ATTEMPT, H_FIRST_SEEN, H_LONE_FAILURES) if k in headers}
+    ours = {k: headers[k] for k in bookkeeping.OURS if k in headers}
     return SimpleRequest(
         request.id, request.name, args, kwargs, None, request.hostname, True, None, None, ours
     )
@@ -652,12 +684,15 @@ class XapiBatches(Batches):  # type: ignore[misc]
             return False
         if self.processor is None:
             return False
+        attempt, first_seen, _ = _bookkeeping(
+            header_key(self.app), str(request.id), request.request_dict or {}, time.time()
+        )
         letter = DeadLetter(
             statement=candidate if isinstance(candidate, dict) else {"value": candidate},
             reason=why,
             task_id=str(request.id),
-            attempts=_int((request.request_dict or {}).get(H_ATTEMPT), 1),
-            first_seen=parse_iso((request.request_dict or {}).get(H_FIRST_SEEN)),
+            attempts=attempt,
+            first_seen=first_seen,
         )
         written = self.processor._write_dead_letter(letter)
         self.processor.metrics.flush()
@@ -732,9 +767,8 @@ def _run_the_spool(app: Celery, processor: Processor) -> None:
             return
         node = str(sender)
         if processor.settings.spool_enabled:
-            spool = Spool(
-                processor.settings.spool_dir, node, processor.settings.spool_max_mb * 1024**2
-            )
+            s = processor.settings
+            spool = Spool(s.spool_dir, node, s.spool_max_mb * 1024**2, s.batch_size)
             try:
                 spool.open()
             except Exception as exc:

@@ -1,0 +1,108 @@
+"""The spool's move to the worker's user (roles/xapi_encodage/tasks/migrate_user.yml), run
+for real on this machine against a spool in a temporary directory: every entry is looked at
+on every run, whatever the directory's owner (a run interrupted after the directory changed
+hands finishes on the next), and an entry the worker would not own alone (a hard link, a
+foreign file) stops the run, named, before any change.
+
+Stand-ins: the worker's user is the test's (root), Pod's user `nobody`; no worker unit
+exists here, so nothing is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROLE = ROOT / "roles/xapi_encodage"
+POD = "nobody"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+
+
+def migrate(spool: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    me = pwd.getpwuid(os.geteuid())
+    playbook = tmp_path / "migrate.yml"
+    playbook.write_text(
+        json.dumps(
+            [
+                {
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "vars_files": [str(ROLE / "vars/main.yml")],
+                    "tasks": [
+                        {"ansible.builtin.import_tasks": str(ROLE / "tasks/migrate_user.yml")}
+                    ],
+                    "vars": {
+                        "xapi_encodage_spool_enabled": True,
+                        "xapi_encodage_worker_app": "xapi_worker",
+                        "xapi_encodage_spool_dir": str(spool),
+                        "xapi_encodage_worker_user": me.pw_name,
+                        "xapi_encodage_worker_group": me.pw_name,
+                        "xapi_encodage_pod_user": POD,
+                    },
+                }
+            ]
+        )
+    )
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+        ANSIBLE_NOCOLOR="1",
+    )
+    return subprocess.run(
+        ["ansible-playbook", "-i", "localhost,", "-c", "local", str(playbook)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+
+
+def pods_file(path: Path) -> Path:
+    path.write_text("rows")
+    pod = pwd.getpwnam(POD)
+    os.chown(path, pod.pw_uid, pod.pw_gid)
+    return path
+
+
+def test_an_interrupted_move_finishes_on_the_next_run(tmp_path: Path) -> None:
+    """The directory already the worker's, a file still Pod's: the file is moved over."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    node = pods_file(spool / "xapi.sqlite3")
+    run = migrate(spool, tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert node.stat().st_uid == os.geteuid()
+
+
+def test_a_hard_link_stops_the_run_named(tmp_path: Path) -> None:
+    """A file of Pod's with a second link: the run fails, naming it, and changes nothing."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    pod = pwd.getpwnam(POD)
+    os.chown(spool, pod.pw_uid, pod.pw_gid)
+    node = pods_file(spool / "xapi.sqlite3")
+    os.link(node, tmp_path / "elsewhere")
+    run = migrate(spool, tmp_path)
+    assert run.returncode != 0
+    assert f"{node} (regular file, 2 links, owner {POD})" in run.stdout
+    assert spool.stat().st_uid == pod.pw_uid
+    assert node.stat().st_uid == pod.pw_uid
+
+
+def test_a_foreign_file_stops_the_run_even_once_moved(tmp_path: Path) -> None:
+    """The directory the worker's, a file of a third user in it: refused."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    stray = spool / "xapi.sqlite3"
+    stray.write_text("rows")
+    os.chown(stray, 12345, 12345)
+    run = migrate(spool, tmp_path)
+    assert run.returncode != 0
+    assert f"{stray} (regular file, 1 links, owner" in run.stdout

@@ -1,0 +1,160 @@
+"""Where the worker runs (issue 32, item 4): the hosts of the group `xapi_worker`, or the
+encoding hosts when the inventory has no such group.
+
+`ansible-playbook --list-hosts` of every playbook that reaches the worker: an inventory of
+earlier releases (only `pod_encodage`: the lab's, the production example) gives the hosts it
+gave before; one with an `xapi_worker` group runs the worker, its status, its dead letters
+and its monitoring check there. molecule/default converges the lab's inventory end to end,
+molecule/multi one with a worker host outside `pod_encodage`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+
+
+@functools.cache
+def plays(inventory: Path, playbook: str) -> list[tuple[str, list[str]]]:
+    """(play name, sorted hosts) of each play, as --list-hosts prints them."""
+    result = subprocess.run(
+        ["ansible-playbook", "-i", str(inventory), "--list-hosts", str(ROOT / playbook)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    found: list[tuple[str, list[str]]] = []
+    for line in result.stdout.splitlines():
+        header = re.match(r"\s*play #\d+ \(.*?\): (.*?)\tTAGS:", line)
+        if header:
+            found.append((header.group(1), []))
+        elif found and re.match(r"\s{6}\S+$", line):
+            found[-1][1].append(line.strip())
+    return [(name, sorted(hosts)) for name, hosts in found]
+
+
+def hosts_of(inventory: Path, playbook: str, play: str) -> list[str]:
+    return next(hosts for name, hosts in plays(inventory, playbook) if name.startswith(play))
+
+
+# site.yml imports playbooks/xapi_encodage.yml: its play is the one listed there.
+WORKER_PLAYS = [
+    ("site.yml", "The xAPI worker on its hosts"),
+    ("playbooks/status.yml", "Status of the xAPI pipeline"),
+]
+
+
+def test_the_lab_inventory_runs_every_play_where_it_did() -> None:
+    """The lab's inventory has no xapi_worker group: each play of site.yml on the hosts it
+    had before the group existed."""
+    assert [hosts for _, hosts in plays(ROOT / "inventories/lab", "site.yml")] == [
+        ["encodage", "frontal", "lrs"],  # facts and release check
+        ["frontal"],  # broker
+        ["frontal"],  # unmanaged broker's preflight
+        [],  # encoding hosts left out of xapi_worker: none without the group
+        ["encodage"],  # the worker
+        ["frontal"],  # frontal
+        ["encodage", "frontal"],  # monitoring
+        ["frontal"],  # move from Pod's Redis (last: playbooks/site.yml)
+    ]
+
+
+@pytest.mark.parametrize(("playbook", "play"), WORKER_PLAYS)
+def test_without_the_group_the_worker_runs_on_the_encoding_hosts(playbook: str, play: str) -> None:
+    production = ROOT / "inventories/production"
+    assert hosts_of(production, playbook, play) == [
+        "pod-enc1.univ.example.fr",
+        "pod-enc2.univ.example.fr",
+    ]
+
+
+def test_without_the_group_operations_stay_on_the_encoding_hosts() -> None:
+    production = ROOT / "inventories/production"
+    assert hosts_of(production, "playbooks/dead-letters.yml", "Dead letters") == [
+        "pod-enc1.univ.example.fr"
+    ]
+
+
+def worker_inventory(directory: Path, group: str) -> Path:
+    inventory = directory / "hosts.yml"
+    inventory.write_text(
+        "all:\n  children:\n"
+        "    pod_frontal:\n      hosts:\n        frontal:\n"
+        "    xapi_broker:\n      hosts:\n        frontal:\n"
+        "    pod_encodage:\n      hosts:\n        enc1:\n        enc2:\n"
+        f"    xapi_worker:\n{group}"
+    )
+    return inventory
+
+
+@pytest.fixture(scope="module")
+def with_group(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dedicated worker host and the frontal; the encoding hosts no longer run the worker."""
+    return worker_inventory(
+        tmp_path_factory.mktemp("group"), "      hosts:\n        frontal:\n        small:\n"
+    )
+
+
+@pytest.mark.parametrize(("playbook", "play"), WORKER_PLAYS)
+def test_the_worker_group_names_the_worker_hosts(
+    with_group: Path, playbook: str, play: str
+) -> None:
+    assert hosts_of(with_group, playbook, play) == ["frontal", "small"]
+
+
+def test_the_worker_groups_operations_and_monitoring(with_group: Path) -> None:
+    assert hosts_of(with_group, "playbooks/dead-letters.yml", "Dead letters") == ["frontal"]
+    assert hosts_of(with_group, "playbooks/monitoring.yml", "Monitoring") == ["frontal", "small"]
+
+
+def test_an_empty_worker_group_means_the_encoding_hosts(tmp_path: Path) -> None:
+    inventory = worker_inventory(tmp_path, "      hosts: {}\n")
+    assert hosts_of(inventory, "site.yml", "The xAPI worker") == ["enc1", "enc2"]
+
+
+def test_encoding_hosts_out_of_the_group_are_checked_first(with_group: Path) -> None:
+    """Review H2: an encoding host left out of xapi_worker is looked at for the worker of
+    earlier releases (roles/xapi, tasks/retired_worker.yml) before the worker's play, and in
+    site.yml's first play, before any change."""
+    assert hosts_of(with_group, "site.yml", "The encoding hosts left out") == ["enc1", "enc2"]
+    names = [name for name, _ in plays(with_group, "site.yml")]
+    assert names.index("The encoding hosts left out of xapi_worker") < names.index(
+        "The xAPI worker on its hosts"
+    )
+    first = (ROOT / "playbooks/site.yml").read_text().split("\n- name: Broker")[0]
+    assert "tasks_from: retired_worker.yml" in first
+
+
+def test_without_the_group_no_encoding_host_is_checked() -> None:
+    production = ROOT / "inventories/production"
+    assert hosts_of(production, "site.yml", "The encoding hosts left out") == []
+
+
+@pytest.mark.parametrize("tag", ["settings", "service", "packages"])
+def test_the_workers_user_is_created_under_each_tag(tag: str) -> None:
+    """Review M1: `--tags settings` (the spool's move, the settings) or `--tags service`
+    (the init script's stop) must not reach a task needing the worker's user without
+    creating it first."""
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            *("-i", str(ROOT / "inventories/lab"), "--list-tasks", "--tags", tag),
+            str(ROOT / "playbooks/xapi_encodage.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Create the worker's user" in result.stdout

@@ -1,0 +1,145 @@
+"""The worker's own bookkeeping of a message (attempt, first seen, lone failures), carried in
+message headers, and why only the workers can write it.
+
+Any client of the broker that may publish to the queue can set any header: Pod's frontal
+publishes with the producer's ACL user (roles/redis), whose credentials are the exposed
+host's. A message arriving with ``xapi_lone_failures=9`` or an old ``xapi_first_seen`` must
+not be dead-lettered on its first failure or as too old. So the headers count only when they
+carry ``xapi_mac``, an HMAC-SHA256 of the task id and the three values, keyed by a secret
+derived from what the workers alone hold: the LRS password and the workers' broker password
+(the frontal has neither: roles/xapi_frontal, roles/redis). The workers sign every message
+they re-publish; a message whose headers are unsigned or do not match is a new message:
+attempt 1, no lone failure, first seen when a worker first took it (stamped by the transport,
+and signed then, so that a redelivery after a crash keeps that time).
+
+Changing either password changes the key: messages signed before count as new ones (their
+maximum age counts again from their next take). Stdlib only: the transport, the pool
+processes and the tests import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+#: Message headers of the worker's bookkeeping (Pod's own task ignores them).
+ATTEMPT = "xapi_attempt"
+FIRST_SEEN = "xapi_first_seen"
+#: exchanges in which the statement failed alone while the LRS stored others (delivery.py)
+LONE_FAILURES = "xapi_lone_failures"
+#: the signature of the three, by a worker (hex HMAC-SHA256)
+MAC = "xapi_mac"
+#: when the message was last taken from the queue (epoch seconds, stamped by the transport
+#: at every take, whatever the message said): the visibility timeout counts from it
+TAKEN_AT = "xapi_taken_at"
+#: Celery's header: when a message is due (ISO 8601). A worker's retry carries one (its
+#: countdown); the transport keeps it only on a message whose bookkeeping a worker signed (a
+#: producer's far ``eta`` held the batch's prefetch slots: nothing else was delivered)
+ETA = "eta"
+#: Celery's header: when a message expires. The workers never set it; the transport drops it
+EXPIRES = "expires"
+#: the headers a batch reads of a request (worker._slim)
+OURS = (ATTEMPT, FIRST_SEEN, LONE_FAILURES, MAC, TAKEN_AT)
+
+#: The largest count a header may carry (SQLite's INTEGER holds 64 bits).
+COUNT_MAX = 1_000_000
+#: PBKDF2 rounds of the key: a MAC seen by a reader of the queue (the monitoring user reads
+#: the oldest message) is no cheap test of a guessed password. Computed once per process.
+_ROUNDS = 100_000
+_SALT = b"xapi-worker bookkeeping headers v1"
+#: The first bytes of the signed text (a message signed by an older worker counts as new).
+_VERSION = b"xapi-worker bookkeeping v2\0"
+
+
+def derive_key(lrs_password: str, broker_url: str) -> bytes:
+    """The signing key: from the LRS password and the password of the workers' broker URL."""
+    try:
+        broker_password = unquote(urlsplit(broker_url).password or "")
+    except ValueError:
+        broker_password = ""
+    secret = b"\0".join(s.encode("utf-8", "surrogatepass") for s in (lrs_password, broker_password))
+    return hashlib.pbkdf2_hmac("sha256", secret, _SALT, _ROUNDS)
+
+
+def _message(task_id: str, attempt: object, first_seen: object, lone_failures: object) -> bytes:
+    """The signed text: each value preceded by its length in bytes (joined by a separator,
+    values that contain it could be read two ways: ``("t\n1", 2)`` and ``("t", "1\n2")``)."""
+    out = bytearray(_VERSION)
+    for value in (task_id, attempt, first_seen, lone_failures):
+        data = str(value).encode("utf-8", "surrogatepass")
+        out += len(data).to_bytes(8, "big") + data
+    return bytes(out)
+
+
+def sign(key: bytes, task_id: str, attempt: int, first_seen: str, lone_failures: int) -> str:
+    return hmac.new(
+        key, _message(task_id, attempt, first_seen, lone_failures), hashlib.sha256
+    ).hexdigest()
+
+
+def signed_headers(
+    key: bytes, task_id: str, attempt: int, first_seen: str, lone_failures: int
+) -> dict[str, object]:
+    """The headers of a message a worker publishes (or stamps at its first take)."""
+    return {
+        ATTEMPT: attempt,
+        FIRST_SEEN: first_seen,
+        LONE_FAILURES: lone_failures,
+        MAC: sign(key, task_id, attempt, first_seen, lone_failures),
+    }
+
+
+def is_signed(key: bytes, task_id: object, headers: Mapping[str, object]) -> bool:
+    """True when ``headers`` carry the three values as a worker signed them for ``task_id``."""
+    mac = headers.get(MAC)
+    if not isinstance(mac, str) or not isinstance(task_id, str):
+        return False
+    expected = sign(
+        key,
+        task_id,
+        headers.get(ATTEMPT),  # type: ignore[arg-type]
+        headers.get(FIRST_SEEN),  # type: ignore[arg-type]
+        headers.get(LONE_FAILURES),  # type: ignore[arg-type]
+    )
+    return hmac.compare_digest(mac, expected)
+
+
+def count(value: object, default: int, minimum: int = 1) -> int:
+    if value is None:
+        return default
+    try:
+        return min(COUNT_MAX, max(minimum, int(str(value))))
+    except (TypeError, ValueError):
+        return default
+
+
+@dataclass(frozen=True)
+class Bookkeeping:
+    """What a batch trusts of a message's headers."""
+
+    attempt: int = 1
+    first_seen: object = None  # the header's value (ISO 8601) when signed, else None
+    lone_failures: int = 0
+
+
+def trusted(key: bytes, task_id: object, headers: Mapping[str, object]) -> Bookkeeping:
+    """The bookkeeping of a message: its headers when a worker signed them, else a new
+    message's (attempt 1, no lone failure, first seen unknown: the caller's now)."""
+    if not is_signed(key, task_id, headers):
+        return Bookkeeping()
+    return Bookkeeping(
+        attempt=count(headers.get(ATTEMPT), 1),
+        first_seen=headers.get(FIRST_SEEN),
+        lone_failures=count(headers.get(LONE_FAILURES), 0, minimum=0),
+    )
+
+
+def taken_at(headers: Mapping[str, object]) -> float | None:
+    """When the transport last took the message (epoch seconds), if it says."""
+    value = headers.get(TAKEN_AT)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
