@@ -37,13 +37,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from celery import Celery
 
 from . import events
+from .batch import Processor
 from .delivery import Answer, Item, Result, Verdict, merge_duplicates
 from .retention import Retention
 from .scripts import set_fields
 from .settings import QUEUE, Settings
 from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, Stats
 from .transport import TAKING, spool_state_key, unreadable_key
-from .worker import Processor
 
 log = logging.getLogger("xapi_worker.spool")
 
