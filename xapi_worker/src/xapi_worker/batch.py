@@ -10,15 +10,14 @@ from __future__ import annotations
 import logging
 import socket
 import time
-import uuid
 from collections.abc import Collection
+from functools import partial
 from typing import Any
 
 from celery import Celery
 from celery_batches import SimpleRequest
 
 from . import bookkeeping, events
-from .content import printable
 from .deadletters import DeadLetter, RedisAccess
 from .delivery import (
     Answer,
@@ -28,16 +27,16 @@ from .delivery import (
     Verdict,
     deliver,
     ensure_statement_id,
-    iso,
     merge_duplicates,
     parse_iso,
-    retry_delay,
     unsendable,
 )
 from .lrs import LRSClient
-from .metrics import DEAD_LETTERED, DELIVERED, RETRIED, SPOOLED, Metrics
-from .settings import LAST_DELIVERY_KEY, TASK_NAME, Settings, mask_url
-from .spool import Entry, Spool, SpoolError, SpoolFull
+from .metrics import Metrics
+from .retries import Republish, ToSpool
+from .settings import LAST_DELIVERY_KEY, Settings, mask_url
+from .settle import Retries, Settler, write_dead_letter
+from .spool import Spool
 from .transport import HEADER_KEY_OPTION, NODE_OPTION
 
 log = logging.getLogger("xapi_worker")
@@ -64,7 +63,13 @@ def header_key(app: Celery) -> bytes:
     return bytes.fromhex(str(options.get(HEADER_KEY_OPTION) or ""))
 
 
-def _bookkeeping(
+def node_name(app: Celery) -> str:
+    """The worker's node name (``-n xapi@%h``), given to the transport at start-up."""
+    options = app.conf.broker_transport_options or {}
+    return str(options.get(NODE_OPTION) or socket.gethostname())
+
+
+def read_bookkeeping(
     key: bytes, task_id: str, headers: dict[str, Any], now: float
 ) -> tuple[int, float, int]:
     """Attempt, first seen (epoch seconds) and lone failures of a message, as a worker signed
@@ -74,9 +79,17 @@ def _bookkeeping(
 
 
 class Processor:
-    """Settles one batch of requests; returns the ids of the requests to put back."""
+    """Runs one batch: reads its requests, delivers (or holds) its statements and settles
+    each (settle.Settler, retries going where ``retries`` keeps them: by default the queue,
+    or the spool once :meth:`use_spool` gave it); returns the keys to put back."""
 
-    def __init__(self, app: Celery, settings: Settings) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        settings: Settings,
+        spool: Spool | None = None,
+        retries: Retries | None = None,
+    ) -> None:
         self.app = app
         self.settings = settings
         self.lrs = LRSClient(settings)
@@ -87,19 +100,41 @@ class Processor:
         self._stored_at = -1e9  # monotonic: the last batch the LRS stored statements of
         self._batch = 0  # statements of the batch being processed (for the events)
         # The node's durable spool (None: off), opened and checked by the worker's main
-        # process at start (open_spool), before the pool processes are forked.
-        self.spool: Spool | None = None
+        # process at start (use_spool), before the pool processes are forked.
+        self.spool = spool
         self._failing = 0  # batches in a row the LRS took nothing of (spool on)
-        self._spool_warned = -1e9  # monotonic
+        self.settler = Settler(
+            settings,
+            self.metrics,
+            self.dead,
+            partial(node_name, app),
+            retries or self._live_retries(),
+            self._hold_for,
+        )
 
     def __repr__(self) -> str:
         return f"Processor({mask_url(self.settings.lrs_url)!r})"
 
+    def use_spool(self, spool: Spool) -> None:
+        """The node's spool, opened and checked by the worker's main process at start,
+        before the pool processes are forked: live retries go there from now on."""
+        self.spool = spool
+        self.settler.retries = self._live_retries()
+
+    def _live_retries(self) -> Retries:
+        """Where a live batch's retries go: the spool when it is on, the queue otherwise."""
+        node = partial(node_name, self.app)
+        if self.spool is not None:
+            return ToSpool(self.spool, self.settings, self.metrics, node)
+        return Republish(self.app, self.settings, self.key, self.metrics, node)
+
+    def write_dead_letter(self, letter: DeadLetter) -> bool:
+        """Write the dead letter of a message that cannot be delivered (settle.py)."""
+        return write_dead_letter(self.dead, self.metrics, letter, self.node)
+
     @property
     def node(self) -> str:
-        """The worker's node name (``-n xapi@%h``), given to the transport at start-up."""
-        options = self.app.conf.broker_transport_options or {}
-        return str(options.get(NODE_OPTION) or socket.gethostname())
+        return node_name(self.app)
 
     # --- logging of each HTTP exchange -------------------------------------------------------
     def _on_sent(self, count: int, answer: Answer) -> None:
@@ -149,7 +184,7 @@ class Processor:
             # Attempt, lone failures and first seen (stamped by the first take from the
             # broker, transport.py, kept by every retry) only as a worker signed them: any
             # producer can set any header (bookkeeping.py).
-            attempt, first_seen, lone_failures = _bookkeeping(self.key, task_id, headers, now)
+            attempt, first_seen, lone_failures = read_bookkeeping(self.key, task_id, headers, now)
             when = bookkeeping.taken_at(headers)
             if when is not None:
                 taken.append(when)
@@ -162,7 +197,7 @@ class Processor:
                     attempts=attempt,
                     first_seen=first_seen,
                 )
-                if not self._write_dead_letter(letter):
+                if not self.write_dead_letter(letter):
                     requeue.append(task_id)
                 continue
             ensure_statement_id(statement, task_id)
@@ -182,7 +217,7 @@ class Processor:
             answer = Answer(status=None, error=f"held: no POST to the LRS for {held:.0f} s more")
             sendable, results = unsendable(leaders)
             results.extend(Result(i, Verdict.RETRY, answer) for i in sendable)
-            return self._settle(results, now, hold=held)
+            return self.settler.settle(results, now, hold=held, batch=self._batch)
         try:
             results = deliver(
                 leaders,
@@ -204,7 +239,7 @@ class Processor:
             self._answering()
         elif results and all(r.verdict is Verdict.RETRY for r in results):
             self._not_answering(results[0].answer)
-        return self._settle(results, now)
+        return self.settler.settle(results, now, batch=self._batch)
 
     def _split_budget(self, from_take: bool = True) -> float:
         """Seconds a batch's exchange (a split included) may last from the take of its
@@ -243,6 +278,10 @@ class Processor:
             log.debug("%s not read", LAST_DELIVERY_KEY, exc_info=True)
             return False
 
+    def _hold_for(self, seconds: float) -> None:
+        """No POST to the LRS for ``seconds`` (its Retry-After)."""
+        self._held_until = time.monotonic() + seconds
+
     # --- the LRS failing: live batches to the spool without a POST ------------------------------
     def _not_answering(self, answer: Answer) -> None:
         """Past XAPI_WORKER_SPOOL_AFTER failing batches in a row, the LRS is not called for
@@ -277,258 +316,3 @@ class Processor:
             return
         if woken:
             log.info("LRS answers again: %d spooled statements are due now", woken)
-
-    def _settle(self, results: list[Result], now: float, hold: float = 0.0) -> list[str]:
-        requeue: list[str] = []
-        retry_groups: dict[tuple[object, ...], list[Result]] = {}
-        for res in results:
-            if res.verdict is Verdict.DELIVERED:
-                self.metrics.count(DELIVERED)
-            elif res.verdict is Verdict.DUPLICATE:
-                log.info(
-                    "statement %s already stored with the same content (%s): delivered",
-                    printable(res.item.statement_id),
-                    res.answer.what,
-                )
-                self.metrics.count(DELIVERED)
-                events.emit(
-                    "delivered",
-                    count=1,
-                    lrs_status=res.answer.status,
-                    latency_ms=round(res.answer.latency_ms),
-                    node=self.node,
-                    batch=self._batch,
-                    already_stored=True,
-                    statement_id=res.item.statement_id,
-                )
-            elif res.verdict is Verdict.DEAD:
-                if not self._dead_letter(res.item, res.reason or res.answer.what, res):
-                    requeue.extend(self._keys(res.item))
-            elif res.verdict is Verdict.RETRY:
-                retry_groups.setdefault(res.answer.group_key, []).append(res)
-        for group in retry_groups.values():
-            requeue.extend(self._retry([r.item for r in group], group[0].answer, now, hold))
-        return requeue
-
-    @staticmethod
-    def _keys(item: Item) -> list[str]:
-        return [item.key] + [f.key for f in item.followers]
-
-    def _write_dead_letter(self, letter: DeadLetter) -> bool:
-        try:
-            self.dead.add(letter)
-        except Exception:
-            log.exception("cannot write dead letter for task %s: put back", letter.task_id)
-            return False
-        self.metrics.count(DEAD_LETTERED)
-        statement_id = letter.statement.get("id")
-        events.emit(
-            "dead_letter",
-            logging.WARNING,
-            statement_id=statement_id if isinstance(statement_id, str) else None,
-            task_id=letter.task_id,
-            reason=letter.reason[:300],
-            lrs_status=letter.status,
-            attempts=letter.attempts,
-            node=self.node,
-        )
-        return True
-
-    def _dead_letter(self, item: Item, reason: str, res: Result) -> bool:
-        answer = res.answer
-        letter = DeadLetter(
-            statement=item.statement,
-            reason=reason,
-            status=answer.status,
-            response=answer.excerpt or answer.error,
-            task_id=item.key,
-            attempts=item.attempt,
-            first_seen=item.first_seen,
-            conflict=res.conflict,
-        )
-        if not self._write_dead_letter(letter):
-            return False
-        log.warning(
-            "dead letter: statement %s (task %s, attempt %d): %s: %s",
-            printable(item.statement_id),
-            item.key,
-            item.attempt,
-            reason,
-            (answer.excerpt or answer.error)[:200].replace("\n", " "),
-        )
-        return True
-
-    def _retry(self, group: list[Item], answer: Answer, now: float, hold: float) -> list[str]:
-        s = self.settings
-        kind = answer.kind
-        what = answer.what
-        if kind is Kind.AUTH:
-            log.error(
-                "LRS %s refused the credentials (HTTP %s): check XAPI_LRS_LOGIN/XAPI_LRS_PWD; "
-                "%d statements kept for a later attempt",
-                mask_url(s.lrs_url),
-                answer.status,
-                len(group),
-            )
-        elif kind is Kind.CONFIG:
-            log.error(
-                "LRS answered HTTP %s for %s: the request itself is refused (check "
-                "XAPI_LRS_URL, a proxy, the LRS version): %d statements kept for a later attempt",
-                answer.status,
-                mask_url(s.lrs_url),
-                len(group),
-            )
-        if answer.retry_after is not None and answer.retry_after > s.retry_max_seconds:
-            # Honoured in full: the retries come back within the visibility timeout (one
-            # maximum delay) and are held here, unsent, until the LRS's time has come.
-            self._held_until = time.monotonic() + answer.retry_after
-            log.warning(
-                "LRS asked to wait %.0f s (Retry-After): nothing is sent before then",
-                answer.retry_after,
-            )
-        bounded = kind not in (Kind.AUTH, Kind.CONFIG)
-        max_age = s.max_age_days * 86400
-        if self.spool is not None:
-            return self._to_spool(group, answer, now, hold, bounded, max_age)
-        requeue: list[str] = []
-        republished = 0
-        # A held batch was not sent: its attempt number stays, so does its backoff.
-        step = 0 if hold > 0 else 1
-        attempt = max(i.attempt for i in group)
-        if hold > 0:
-            delay = round(min(hold, s.retry_max_seconds), 3)
-        else:
-            # One delay for the whole group, so the statements come back together.
-            delay = retry_delay(
-                attempt, s.retry_base_seconds, s.retry_max_seconds, answer.retry_after
-            )
-        for item in group:
-            if bounded and now - item.first_seen > max_age:
-                reason = f"max age exceeded ({s.max_age_days:g} days), last error: {what}"
-                if not self._dead_letter(item, reason, Result(item, Verdict.DEAD, answer)):
-                    requeue.extend(self._keys(item))
-                continue
-            task_id = str(uuid.uuid4())
-            try:
-                self.app.send_task(
-                    TASK_NAME,
-                    args=[item.statement],
-                    countdown=delay,
-                    task_id=task_id,
-                    # signed: the next worker trusts these counts (bookkeeping.py)
-                    headers=bookkeeping.signed_headers(
-                        self.key,
-                        task_id,
-                        item.attempt + step,
-                        iso(item.first_seen),
-                        item.lone_failures,
-                    ),
-                )
-            except Exception:
-                log.exception("cannot re-publish task %s: put back", item.key)
-                requeue.extend(self._keys(item))
-                continue
-            republished += 1
-        self.metrics.count(RETRIED, republished)
-        if republished:
-            events.emit(
-                "retry",
-                logging.WARNING,
-                count=republished,
-                reason=what,
-                lrs_status=answer.status,
-                delay_s=delay,
-                attempt=attempt + step,
-                held=hold > 0,
-                node=self.node,
-            )
-        if republished and hold <= 0:
-            log.warning(
-                "retry: %d statements re-published for attempt %d in %.1f s: %s",
-                republished,
-                attempt + 1,
-                delay,
-                what,
-            )
-        return requeue
-
-    def _delay(self, attempt: int, answer: Answer) -> float:
-        """The wait before a spooled statement's next attempt: the live backoff, and an
-        LRS's Retry-After honoured in full, however long (the spool is not bound by the
-        visibility timeout as a countdown message is)."""
-        s = self.settings
-        delay = retry_delay(attempt, s.retry_base_seconds, s.retry_max_seconds, answer.retry_after)
-        if answer.retry_after is not None:
-            delay = max(delay, answer.retry_after)
-        return delay
-
-    def _to_spool(
-        self,
-        group: list[Item],
-        answer: Answer,
-        now: float,
-        hold: float,
-        bounded: bool,
-        max_age: float,
-    ) -> list[str]:
-        """Retries live in the spool: the statements are committed to disk, then their
-        messages are acknowledged. A spool that cannot take them (full, disk full) leaves
-        the messages in the broker."""
-        s = self.settings
-        assert self.spool is not None
-        requeue: list[str] = []
-        step = 0 if hold > 0 else 1
-        attempt = max(i.attempt for i in group)
-        delay = hold if hold > 0 else self._delay(attempt, answer)
-        entries: list[Entry] = []
-        spooled: list[Item] = []
-        for item in group:
-            if bounded and now - item.first_seen > max_age:
-                reason = f"max age exceeded ({s.max_age_days:g} days), last error: {answer.what}"
-                if not self._dead_letter(item, reason, Result(item, Verdict.DEAD, answer)):
-                    requeue.extend(self._keys(item))
-                continue
-            entries.append(
-                Entry(
-                    statement=item.statement,
-                    task_id=item.key,
-                    attempts=item.attempt + step,
-                    first_seen=item.first_seen,
-                    next_at=now + delay,
-                    last_error=answer.what,
-                    lone_failures=item.lone_failures,
-                )
-            )
-            spooled.append(item)
-        try:
-            self.spool.add(entries)
-        except SpoolError as exc:
-            now_m = time.monotonic()
-            if now_m - self._spool_warned >= 60 or not isinstance(exc, SpoolFull):
-                self._spool_warned = now_m
-                log.error("%s: their messages are put back on the broker", exc)
-            for item in spooled:
-                requeue.extend(self._keys(item))
-            return requeue
-        if entries:
-            self.metrics.count(SPOOLED, len(entries))
-            events.emit(
-                "spooled",
-                logging.WARNING,
-                count=len(entries),
-                reason=answer.what,
-                lrs_status=answer.status,
-                delay_s=round(delay, 3),
-                attempt=attempt + step,
-                held=hold > 0,
-                node=self.node,
-            )
-            if hold <= 0:
-                log.warning(
-                    "spooled %d statements for attempt %d in %.1f s: %s",
-                    len(entries),
-                    attempt + step,
-                    delay,
-                    answer.what,
-                )
-        return requeue

@@ -1,5 +1,7 @@
 """The Celery side: the app factory, the batch task that replaces
-``pod.xapi.xapi_tasks.send_xapi_statement_task``, and what happens to each statement.
+``pod.xapi.xapi_tasks.send_xapi_statement_task``, and the signal handlers that open the
+node's spool and run its drainer (drain.py). A batch is run by ``batch.Processor``; what
+happens to each statement is settle.py's.
 
 Acknowledgement: the batch task runs in a pool process; the worker's main process holds every
 message of the batch unacknowledged and, when the pool returns, acknowledges the messages whose
@@ -25,7 +27,7 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
 from . import bookkeeping
-from .batch import Processor, _bookkeeping, header_key
+from .batch import Processor, header_key, read_bookkeeping
 from .content import TOO_DEEP, problem
 from .deadletters import DeadLetter
 from .drain import Drainer
@@ -178,7 +180,7 @@ class XapiBatches(Batches):  # type: ignore[misc]
             return False
         if self.processor is None:
             return False
-        attempt, first_seen, _ = _bookkeeping(
+        attempt, first_seen, _ = read_bookkeeping(
             header_key(self.app), str(request.id), request.request_dict or {}, time.time()
         )
         letter = DeadLetter(
@@ -188,7 +190,7 @@ class XapiBatches(Batches):  # type: ignore[misc]
             attempts=attempt,
             first_seen=first_seen,
         )
-        written = self.processor._write_dead_letter(letter)
+        written = self.processor.write_dead_letter(letter)
         self.processor.metrics.flush()
         if written:
             log.warning("dead letter: task %s: %s", request.id, why)
@@ -281,7 +283,7 @@ def _run_the_spool(app: Celery, processor: Processor) -> None:
                 spool.max_bytes // 1024**2,
             )
             spool.close()  # reopened by each process that uses it
-            processor.spool = spool
+            processor.use_spool(spool)
         state["drainer"] = Drainer(app, processor.settings, processor.spool, node)
 
     def on_ready(sender: object = None, **_: object) -> None:
