@@ -18,10 +18,10 @@ written; a failure reschedules it with the same backoff as a live retry.
 
 While a batch is at the LRS, a second thread ("ahead") does the spool's bookkeeping: it
 deletes the previous batch's settled rows and reads the next batch, work that the LRS's
-time then hides (docs/benchmarks.md, "The drainer's second thread": 9 % faster than one
-thread on the medians of four paired runs). The POSTs stay one at a time and oldest first. A crash
-between a batch's 200 and its deletion sends that batch again: the statements keep their
-ids, the LRS stores them once (the same window as a crash just before a deletion).
+time then hides (how much: docs/benchmarks.md, "The drainer's second thread"). The POSTs
+stay one at a time and oldest first. A crash between a batch's 200 and its deletion sends
+that batch again: the statements keep their ids, the LRS stores them once (the same window
+as a crash just before a deletion).
 """
 
 from __future__ import annotations
