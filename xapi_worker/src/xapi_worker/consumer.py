@@ -117,7 +117,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             reason=reason,
             task_id=task_id,
         )
-        if processor is None or not processor._write_dead_letter(letter):
+        if processor is None or not processor.write_dead_letter(letter):
             self._unreadable(message, task_id, reason)
             return
         processor.metrics.flush()

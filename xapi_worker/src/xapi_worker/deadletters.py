@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import redis
 
 from .content import json_text
 from .delivery import iso, parse_iso
+from .redisclient import ForkSafeRedis
 from .retention import unreadable_oldest
 from .scripts import push, set_value
 from .settings import LAST_DELIVERY_KEY, QUEUE, Settings
@@ -90,34 +90,20 @@ class RedisAccess:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._client: redis.Redis | None = None
-        self._pid = 0
-        self._quick: redis.Redis | None = None
-        self._quick_pid = 0
+        self._client = ForkSafeRedis(settings.broker_url, 10, connect_timeout=5)
+        self._quick = ForkSafeRedis(settings.broker_url, NOTE_TIMEOUT)
 
     def __repr__(self) -> str:
         return f"RedisAccess({self._settings.broker_url_masked!r})"
 
     @property
     def client(self) -> redis.Redis:
-        if self._client is None or self._pid != os.getpid():
-            self._client = redis.Redis.from_url(
-                self._settings.broker_url, socket_timeout=10, socket_connect_timeout=5
-            )
-            self._pid = os.getpid()
-        return self._client
+        return self._client.get()
 
     @property
     def quick_client(self) -> redis.Redis:
         """A client of its own with short timeouts, for best-effort writes."""
-        if self._quick is None or self._quick_pid != os.getpid():
-            self._quick = redis.Redis.from_url(
-                self._settings.broker_url,
-                socket_timeout=NOTE_TIMEOUT,
-                socket_connect_timeout=NOTE_TIMEOUT,
-            )
-            self._quick_pid = os.getpid()
-        return self._quick
+        return self._quick.get()
 
     def note_delivery(self, when: float | None = None) -> None:
         """SET ``xapi.last_delivery`` to ``when`` (epoch seconds, default now): once per batch

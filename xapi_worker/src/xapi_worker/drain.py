@@ -18,10 +18,10 @@ written; a failure reschedules it with the same backoff as a live retry.
 
 While a batch is at the LRS, a second thread ("ahead") does the spool's bookkeeping: it
 deletes the previous batch's settled rows and reads the next batch, work that the LRS's
-time then hides (docs/benchmarks.md, "The drainer's second thread": 9 % faster than one
-thread on the medians of four paired runs). The POSTs stay one at a time and oldest first. A crash
-between a batch's 200 and its deletion sends that batch again: the statements keep their
-ids, the LRS stores them once (the same window as a crash just before a deletion).
+time then hides (how much: docs/benchmarks.md, "The drainer's second thread"). The POSTs
+stay one at a time and oldest first. A crash between a batch's 200 and its deletion sends
+that batch again: the statements keep their ids, the LRS stores them once (the same window
+as a crash just before a deletion).
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from celery import Celery
 
 from . import events
-from .delivery import Answer, Item, Result, Verdict, merge_duplicates
+from .batch import Processor
+from .delivery import Item, merge_duplicates
 from .retention import Retention
+from .retries import Reschedule
 from .scripts import set_fields
 from .settings import QUEUE, Settings
 from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, Stats
 from .transport import TAKING, spool_state_key, unreadable_key
-from .worker import Processor
 
 log = logging.getLogger("xapi_worker.spool")
 
@@ -54,48 +55,17 @@ IDLE_WAIT = 1.0  # seconds between two looks at an empty or not yet due spool
 
 class DrainProcessor(Processor):
     """The live Processor's rules, applied to spooled rows: a retry reschedules the row
-    instead of spooling it again."""
+    (retries.Reschedule) instead of spooling it again."""
 
     def __init__(self, app: Celery, settings: Settings, spool: Spool) -> None:
-        super().__init__(app, settings)
-        self.spool = spool
-        self.rescheduled: set[str] = set()
-
-    def _to_spool(
-        self,
-        group: list[Item],
-        answer: Answer,
-        now: float,
-        hold: float,
-        bounded: bool,
-        max_age: float,
-    ) -> list[str]:
-        s = self.settings
-        assert self.spool is not None
-        keep: list[str] = []
-        later: list[str] = []
-        for item in group:
-            if bounded and now - item.first_seen > max_age:
-                reason = f"max age exceeded ({s.max_age_days:g} days), last error: {answer.what}"
-                res = Result(item, Verdict.DEAD, answer)
-                if not self._dead_letter(item, reason, res):
-                    keep.extend(self._keys(item))
-                continue
-            later.extend(self._keys(item))
-        if later:
-            attempt = max(i.attempt for i in group)
-            delay = hold if hold > 0 else self._delay(attempt, answer)
-            step = 0 if hold > 0 else 1
-            lone = {int(k): i.lone_failures for i in group for k in self._keys(i)}
-            self.spool.reschedule([int(k) for k in later], now + delay, answer.what, step, lone)
-            self.rescheduled.update(later)
-        return keep
+        self.reschedule = Reschedule(spool, settings)
+        super().__init__(app, settings, spool, self.reschedule)
 
     def deliver(self, rows: Sequence[Row]) -> list[int]:
         """One batch of the spool to the LRS; returns the ids of the rows it settled (the
         LRS holds them, or their dead letter is written), which the caller deletes. The
         others are rescheduled or left as they were."""
-        self.rescheduled = set()
+        self.reschedule.rescheduled = set()
         items = [
             Item(str(r.id), r.statement, r.attempts, r.first_seen, r.lone_failures) for r in rows
         ]
@@ -104,7 +74,7 @@ class DrainProcessor(Processor):
             keep = set(self.run(merge_duplicates(items), time.time()))
         finally:
             self.metrics.flush()
-        return [r.id for r in rows if str(r.id) not in keep | self.rescheduled]
+        return [r.id for r in rows if str(r.id) not in keep | self.reschedule.rescheduled]
 
     def drain(self, rows: Sequence[Row]) -> tuple[int, int]:
         """One batch of the spool, its settled rows deleted: returns (settled, still

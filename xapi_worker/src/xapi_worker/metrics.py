@@ -28,13 +28,13 @@ Fields (``<le>`` the bucket bounds below, cumulative as Prometheus histograms ar
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 import redis
 
+from .redisclient import ForkSafeRedis
 from .settings import Settings
 
 log = logging.getLogger("xapi_worker.metrics")
@@ -75,8 +75,7 @@ class Metrics:
     def __init__(self, settings: Settings, key: str = KEY) -> None:
         self._settings = settings
         self.key = key
-        self._client: redis.Redis | None = None
-        self._pid = 0
+        self._client: ForkSafeRedis | None = None  # made on first use
         self._ints: dict[str, int] = {}
         self._floats: dict[str, float] = {}
         self._next_try = 0.0  # monotonic
@@ -87,14 +86,9 @@ class Metrics:
 
     @property
     def client(self) -> redis.Redis:
-        if self._client is None or self._pid != os.getpid():
-            self._client = redis.Redis.from_url(
-                self._settings.broker_url,
-                socket_timeout=SOCKET_TIMEOUT,
-                socket_connect_timeout=SOCKET_TIMEOUT,
-            )
-            self._pid = os.getpid()
-        return self._client
+        if self._client is None:
+            self._client = ForkSafeRedis(self._settings.broker_url, SOCKET_TIMEOUT)
+        return self._client.get()
 
     @property
     def pending(self) -> dict[str, float]:
