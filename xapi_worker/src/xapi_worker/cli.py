@@ -20,10 +20,9 @@ from . import __version__
 from .content import json_text
 from .deadletters import STATUS_FIELDS, RedisAccess
 from .lrs import LRSClient, excerpt
+from .names import QUEUE, XAPI_VERSION
 from .settings import (
-    QUEUE,
     TASK_NAME,
-    XAPI_VERSION,
     Settings,
     SettingsError,
     load_settings,

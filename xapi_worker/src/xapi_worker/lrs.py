@@ -13,7 +13,8 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from .delivery import Answer, parse_retry_after
-from .settings import XAPI_VERSION, Settings, mask_url
+from .names import XAPI_VERSION
+from .settings import Settings, mask_url
 
 EXCERPT_CHARS = 500
 

@@ -44,8 +44,10 @@ from .delivery import (
     unsendable,
 )
 from .lrs import LRSClient
-from .metrics import DEAD_LETTERED, DELIVERED, RETRIED, SPOOLED, Metrics
-from .settings import LAST_DELIVERY_KEY, QUEUE, TASK_NAME, Settings, mask_url
+from .metrics import Metrics
+from .names import DEAD_LETTERED, DELIVERED, QUEUE, RETRIED, SPOOLED
+from .names import LAST_DELIVERY as LAST_DELIVERY_KEY
+from .settings import TASK_NAME, Settings, mask_url
 from .spool import Entry, Spool, SpoolError, SpoolFull
 from .transport import ALIAS as TRANSPORT
 from .transport import HEADER_KEY_OPTION, NODE_OPTION
