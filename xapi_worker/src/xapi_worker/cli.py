@@ -26,9 +26,9 @@ from .settings import (
     Settings,
     SettingsError,
     load_settings,
-    mask_url,
 )
 from .spool import Spool, SpoolError, node_file
+from .urls import mask_url
 
 
 class Exit(enum.IntEnum):

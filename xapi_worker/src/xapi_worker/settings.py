@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .content import MAX_STATEMENT_BYTES
 from .names import DEAD_LETTERS
 from .spool import min_max_bytes
+from .urls import mask_url
 
 CONFIG_ENV = "XAPI_WORKER_CONFIG"
 TASK_NAME = "pod.xapi.xapi_tasks.send_xapi_statement_task"
@@ -30,20 +31,6 @@ _ESCAPE_RE = re.compile(r'\\(["\\])')
 
 class SettingsError(ValueError):
     """A setting is missing or malformed. The message names the setting, never its value."""
-
-
-def mask_url(url: str) -> str:
-    """Return ``url`` with the password of its userinfo part (if any) replaced by ``****``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None and "@" not in parts.netloc:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0] if userinfo else ""
-    netloc = f"{user}:****@{hostport}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def parse_config_text(text: str, source: str = "config file") -> dict[str, str]:

@@ -47,10 +47,11 @@ from .lrs import LRSClient
 from .metrics import Metrics
 from .names import DEAD_LETTERED, DELIVERED, QUEUE, RETRIED, SPOOLED
 from .names import LAST_DELIVERY as LAST_DELIVERY_KEY
-from .settings import TASK_NAME, Settings, mask_url
+from .settings import TASK_NAME, Settings
 from .spool import Entry, Spool, SpoolError, SpoolFull
 from .transport import ALIAS as TRANSPORT
 from .transport import HEADER_KEY_OPTION, NODE_OPTION
+from .urls import mask_url
 
 log = logging.getLogger("xapi_worker")
 
