@@ -25,7 +25,11 @@ class ReplyError(Exception):
 
 
 class ProtocolError(Exception):
-    """Not a RESP2 answer, or the connection closed mid-reply."""
+    """Not a RESP2 answer, or the connection closed mid-reply (``closed``)."""
+
+    def __init__(self, message: str, closed: bool = False) -> None:
+        super().__init__(message)
+        self.closed = closed
 
 
 Reply = None | int | bytes | str | list["Reply"]
@@ -82,7 +86,10 @@ class Connection:
     def _line(self) -> bytes:
         line = self._file.readline(MAX_BULK)
         if not line.endswith(b"\r\n"):
-            raise ProtocolError("connection closed or reply line too long")
+            closed = len(line) < MAX_BULK
+            raise ProtocolError(
+                "connection closed by the server" if closed else "reply line too long", closed
+            )
         return line[:-2]
 
     def _read(self) -> Reply:
@@ -105,7 +112,7 @@ class Connection:
                 raise ProtocolError("bulk reply too large")
             data = self._file.read(number + 2)
             if len(data) != number + 2 or not data.endswith(b"\r\n"):
-                raise ProtocolError("connection closed mid-reply")
+                raise ProtocolError("connection closed mid-reply", closed=len(data) < number + 2)
             return data[:-2]
         if kind == b"*":
             if number < 0:
