@@ -70,14 +70,20 @@ def test_the_scan_finds_a_spelled_key(tmp_path: Path) -> None:
     assert spelled_names(module, tmp_path) == ["probe.py:2: 'xapi.dead_letters'"]
 
 
-def acl_patterns(variable_suffix: str) -> list[str]:
-    """The key patterns of the broker role's list ``*_<variable_suffix>`` (without any
-    ``%R~``/``%W~`` prefix): a plain reading of a YAML list of scalars."""
+#: The broker role's ACL key lists: the workers' and the monitoring user's, by their names
+#: after the rename of roles/redis (#35-2) and before it.
+WORKER_ACL = ("xapi_broker_worker_acl_keys", "redis_xapi_acl_keys")
+MONITOR_ACL = ("xapi_broker_monitor_acl_keys", "redis_xapi_monitor_acl_keys")
+
+
+def acl_patterns(variables: tuple[str, ...]) -> list[str]:
+    """The key patterns of the first of ``variables`` the broker role's defaults hold
+    (without any ``%R~``/``%W~`` prefix): a plain reading of a YAML list of scalars."""
     defaults = next(p for p in BROKER_DEFAULTS if p.is_file())
     patterns: list[str] = []
     inside = False
     for line in defaults.read_text().splitlines():
-        if re.match(rf"^[a-z_]*{variable_suffix}:\s*$", line):
+        if re.match(rf"^({'|'.join(variables)}):\s*$", line):
             inside = True
             continue
         if inside:
@@ -88,7 +94,7 @@ def acl_patterns(variable_suffix: str) -> list[str]:
                 continue
             pattern = item.group(1).strip("\"'")
             patterns.append(re.sub(r"^%[RW]+~", "", pattern))
-    assert patterns, f"no list *{variable_suffix} in {defaults}"
+    assert patterns, f"none of {variables} in {defaults}"
     return patterns
 
 
@@ -99,9 +105,9 @@ def covered(key: str, patterns: list[str]) -> bool:
 
 @pytest.mark.parametrize("key", names.KEYS)
 def test_the_workers_acl_covers_every_key(key: str) -> None:
-    assert covered(key, acl_patterns("xapi_acl_keys")), key
+    assert covered(key, acl_patterns(WORKER_ACL)), key
 
 
 @pytest.mark.parametrize("key", check_broker.KEYS_READ)
 def test_the_monitoring_acl_covers_what_check_xapi_reads(key: str) -> None:
-    assert covered(key, acl_patterns("xapi_monitor_acl_keys")), key
+    assert covered(key, acl_patterns(MONITOR_ACL)), key
