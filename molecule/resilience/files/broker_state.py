@@ -39,7 +39,7 @@ if sys.argv[1:2] == ["wait-unacked"]:
     sys.exit(0)
 
 # The worker's transport: the nodes' in-flight lists, and beside each the hash where that node
-# publishes its spool's state (xapi_worker transport.spool_state_key).
+# publishes its spool's state (xapi_worker names.spool_state_key).
 inflight_lists = sorted(k.decode() for k in client.smembers("xapi.inflight"))
 
 

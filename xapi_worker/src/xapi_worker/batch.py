@@ -33,11 +33,13 @@ from .delivery import (
 )
 from .lrs import LRSClient
 from .metrics import Metrics
+from .names import LAST_DELIVERY as LAST_DELIVERY_KEY
 from .retries import Republish, ToSpool
-from .settings import LAST_DELIVERY_KEY, Settings, mask_url
+from .settings import Settings
 from .settle import Retries, Settler, write_dead_letter
 from .spool import Spool
 from .transport import HEADER_KEY_OPTION, NODE_OPTION
+from .urls import mask_url
 
 log = logging.getLogger("xapi_worker")
 

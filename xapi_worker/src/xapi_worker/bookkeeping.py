@@ -25,22 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-#: Message headers of the worker's bookkeeping (Pod's own task ignores them).
-ATTEMPT = "xapi_attempt"
-FIRST_SEEN = "xapi_first_seen"
-#: exchanges in which the statement failed alone while the LRS stored others (delivery.py)
-LONE_FAILURES = "xapi_lone_failures"
-#: the signature of the three, by a worker (hex HMAC-SHA256)
-MAC = "xapi_mac"
-#: when the message was last taken from the queue (epoch seconds, stamped by the transport
-#: at every take, whatever the message said): the visibility timeout counts from it
-TAKEN_AT = "xapi_taken_at"
-#: Celery's header: when a message is due (ISO 8601). A worker's retry carries one (its
-#: countdown); the transport keeps it only on a message whose bookkeeping a worker signed (a
-#: producer's far ``eta`` held the batch's prefetch slots: nothing else was delivered)
-ETA = "eta"
-#: Celery's header: when a message expires. The workers never set it; the transport drops it
-EXPIRES = "expires"
+from .names import ATTEMPT, FIRST_SEEN, LONE_FAILURES, MAC, TAKEN_AT
+
 #: the headers a batch reads of a request (worker._slim)
 OURS = (ATTEMPT, FIRST_SEEN, LONE_FAILURES, MAC, TAKEN_AT)
 

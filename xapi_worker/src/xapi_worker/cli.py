@@ -20,16 +20,15 @@ from . import __version__
 from .content import json_text
 from .deadletters import STATUS_FIELDS, RedisAccess
 from .lrs import LRSClient, excerpt
+from .names import QUEUE, XAPI_VERSION
 from .settings import (
-    QUEUE,
     TASK_NAME,
-    XAPI_VERSION,
     Settings,
     SettingsError,
     load_settings,
-    mask_url,
 )
 from .spool import Spool, SpoolError, node_file
+from .urls import mask_url
 
 
 class Exit(enum.IntEnum):

@@ -22,8 +22,8 @@ from typing import Any
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from .deadletters import DeadLetter
-from .settings import QUEUE, TASK_NAME
-from .transport import unreadable_key
+from .names import QUEUE, unreadable_key
+from .settings import TASK_NAME
 
 log = logging.getLogger("xapi_worker")
 

@@ -14,12 +14,13 @@ import redis
 
 from .content import json_text
 from .delivery import iso, parse_iso
+from .names import INFLIGHT, QUEUE, SPOOL_FIELDS, UNACKED, registry_key, unreadable_key
+from .names import LAST_DELIVERY as LAST_DELIVERY_KEY
+from .names import SPOOL as SPOOL_SUFFIX
 from .redisclient import ForkSafeRedis
 from .retention import unreadable_oldest
 from .scripts import push, set_value
-from .settings import LAST_DELIVERY_KEY, QUEUE, Settings
-from .transport import INFLIGHT, registry_key, unreadable_key
-from .transport import SPOOL as SPOOL_SUFFIX
+from .settings import Settings
 
 log = logging.getLogger("xapi_worker")
 
@@ -59,19 +60,6 @@ class DeadLetter:
             entry["conflict"] = self.conflict
         return entry
 
-
-#: What a node publishes of its spool (drain.py), read back by status.
-SPOOL_FIELDS = (
-    "depth",
-    "oldest",
-    "bytes",
-    "max_bytes",
-    "full",
-    "damaged",
-    "damaged_files",
-    "damaged_since",
-    "updated",
-)
 
 STATUS_FIELDS = (
     "queue",
@@ -174,7 +162,7 @@ class RedisAccess:
         pipe = client.pipeline()
         pipe.llen(QUEUE)
         pipe.llen(self.key)
-        pipe.hlen("unacked")
+        pipe.hlen(UNACKED)
         pipe.llen(unreadable_key(QUEUE))
         for key in lists:
             pipe.llen(key)

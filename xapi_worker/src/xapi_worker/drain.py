@@ -36,15 +36,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from celery import Celery
 
-from . import events
+from . import events, names
 from .batch import Processor
 from .delivery import Item, merge_duplicates
+from .names import QUEUE, spool_state_key, unreadable_key
 from .retention import Retention
 from .retries import Reschedule
 from .scripts import set_fields
-from .settings import QUEUE, Settings
+from .settings import Settings
 from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, Stats
-from .transport import TAKING, spool_state_key, unreadable_key
+from .transport import TAKING
 
 log = logging.getLogger("xapi_worker.spool")
 
@@ -295,16 +296,18 @@ class Drainer:
     def publish(self, stats: Stats) -> None:
         """The spool's state, for status and monitoring. Best effort."""
         values = {
-            "depth": str(stats.depth),
-            "oldest": "" if stats.oldest is None else repr(stats.oldest),
-            "bytes": str(stats.used_bytes),
-            "max_bytes": str(stats.max_bytes),
-            "full": "1" if stats.full else "0",
-            "damaged": str(stats.damaged),
+            names.SPOOL_DEPTH: str(stats.depth),
+            names.SPOOL_OLDEST: "" if stats.oldest is None else repr(stats.oldest),
+            names.SPOOL_BYTES: str(stats.used_bytes),
+            names.SPOOL_MAX_BYTES: str(stats.max_bytes),
+            names.SPOOL_FULL: "1" if stats.full else "0",
+            names.SPOOL_DAMAGED: str(stats.damaged),
             # names (no spaces: spool.node_file) and when the oldest was set aside
-            "damaged_files": " ".join(stats.damaged_files),
-            "damaged_since": "" if stats.damaged_since is None else repr(stats.damaged_since),
-            "updated": repr(time.time()),
+            names.SPOOL_DAMAGED_FILES: " ".join(stats.damaged_files),
+            names.SPOOL_DAMAGED_SINCE: (
+                "" if stats.damaged_since is None else repr(stats.damaged_since)
+            ),
+            names.SPOOL_UPDATED: repr(time.time()),
         }
         try:
             set_fields(self.processor.dead.quick_client, spool_state_key(QUEUE, self.node), values)

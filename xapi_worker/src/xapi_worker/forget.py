@@ -43,17 +43,13 @@ from typing import Any
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+from .names import QUEUE, UNACKED, UNACKED_INDEX, registry_key, unreadable_key
 from .retention import unwrap
-from .settings import QUEUE, Settings
+from .settings import Settings
 from .spool import Spool
-from .transport import registry_key, unreadable_key
 
 log = logging.getLogger("xapi_worker.forget")
 
-#: Kombu's hash of unacknowledged messages (delivery tag -> [payload, exchange, routing key])
-#: and its index (a sorted set: delivery tag by the time it was recorded).
-UNACKED = "unacked"
-UNACKED_INDEX = "unacked_index"
 #: Elements read per LRANGE, records per HGET pipeline, rows per spool read.
 CHUNK = 500
 #: Passes at most: a pass is made again only once what the one before found of the

@@ -7,13 +7,15 @@ import json
 import os
 import time
 from typing import Any
-from urllib.parse import quote, quote_plus, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, quote_plus, urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from .delivery import Answer, parse_retry_after
-from .settings import XAPI_VERSION, Settings, mask_url
+from .names import XAPI_VERSION
+from .settings import Settings
+from .urls import mask_url, statements_query_url
 
 EXCERPT_CHARS = 500
 
@@ -42,12 +44,6 @@ def _ids(response: requests.Response) -> tuple[str, ...] | None:
     if isinstance(body, list) and all(isinstance(i, str) for i in body):
         return tuple(body)
     return None
-
-
-def statements_query_url(lrs_url: str, query: str) -> str:
-    parts = urlsplit(lrs_url)
-    joined = f"{parts.query}&{query}" if parts.query else query
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, joined, parts.fragment))
 
 
 class LRSClient:

@@ -25,7 +25,8 @@ from celery import Celery
 
 from . import bookkeeping, events
 from .delivery import Answer, iso, retry_delay
-from .metrics import RETRIED, SPOOLED, Metrics
+from .metrics import Metrics
+from .names import RETRIED, SPOOLED
 from .settings import TASK_NAME, Settings
 from .settle import Retry, keys
 from .spool import Entry, Spool, SpoolError, SpoolFull

@@ -23,8 +23,10 @@ from . import events
 from .content import printable
 from .deadletters import DeadLetter, RedisAccess
 from .delivery import Answer, Item, Kind, Result, Verdict
-from .metrics import DEAD_LETTERED, DELIVERED, Metrics
-from .settings import Settings, mask_url
+from .metrics import Metrics
+from .names import DEAD_LETTERED, DELIVERED
+from .settings import Settings
+from .urls import mask_url
 
 log = logging.getLogger("xapi_worker")
 

@@ -47,8 +47,9 @@ from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from . import bookkeeping, watchdog
+from . import bookkeeping, names, watchdog
 from .delivery import iso
+from .names import ALIVE, inflight_key, registry_key, unreadable_key
 from .scripts import Scripts, is_oom, move_all, push
 
 log = logging.getLogger("xapi_worker.transport")
@@ -65,9 +66,6 @@ NODE_OPTION = "xapi_node"
 HEADER_KEY_OPTION = "xapi_header_key"
 #: Message header naming a compression of the body (kombu's): such a message is set aside.
 COMPRESSION = "compression"
-INFLIGHT = ".inflight"  # <queue>.inflight: set of the in-flight lists of <queue>
-ALIVE = ".alive"
-SPOOL = ".spool"
 #: How often a consuming node refreshes its heartbeat key, at most (seconds).
 HEARTBEAT_EVERY = 10.0
 #: Kombu's priority lists that producers may have used (see the module docstring).
@@ -88,23 +86,6 @@ GATHER_SECONDS = 0.1
 #: full, drain.py): the node keeps its heartbeat and its messages, and polls no more.
 TAKING = threading.Event()
 TAKING.set()
-
-
-def registry_key(queue: str) -> str:
-    return queue + INFLIGHT
-
-
-def inflight_key(queue: str, node: str) -> str:
-    return f"{queue}{INFLIGHT}.{node}"
-
-
-def spool_state_key(queue: str, node: str) -> str:
-    """The hash where a node publishes its spool's state (drain.py; read by check_xapi)."""
-    return inflight_key(queue, node) + SPOOL
-
-
-def unreadable_key(queue: str) -> str:
-    return queue + ".unreadable"
 
 
 def return_inflight(client: redis.Redis, key: str, queue: str) -> int:
@@ -463,14 +444,14 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if key is None:  # not the worker's app (no key given): the first take's time only
             headers.setdefault(FIRST_SEEN, iso(now))
             return
-        headers.pop(bookkeeping.EXPIRES, None)  # a producer's; the workers set none
+        headers.pop(names.EXPIRES, None)  # a producer's; the workers set none
         if not isinstance(task_id, str):
             for name in (bookkeeping.ATTEMPT, bookkeeping.LONE_FAILURES, bookkeeping.MAC):
                 headers.pop(name, None)
-            headers.pop(bookkeeping.ETA, None)
+            headers.pop(names.ETA, None)
             headers[FIRST_SEEN] = iso(now)
         elif not bookkeeping.is_signed(key, task_id, headers):
-            headers.pop(bookkeeping.ETA, None)  # only a worker's retry is held until due
+            headers.pop(names.ETA, None)  # only a worker's retry is held until due
             headers.update(bookkeeping.signed_headers(key, task_id, 1, iso(now), 0))
 
     # --- the worker's own writes, at maxmemory too (scripts.py) ------------------------------
@@ -646,7 +627,4 @@ __all__ = [
     "NODE_OPTION",
     "TAKING",
     "Transport",
-    "inflight_key",
-    "registry_key",
-    "spool_state_key",
 ]

@@ -31,7 +31,8 @@ from .batch import Processor, header_key, read_bookkeeping
 from .content import TOO_DEEP, problem
 from .deadletters import DeadLetter
 from .drain import Drainer
-from .settings import QUEUE, TASK_NAME, Settings
+from .names import QUEUE
+from .settings import TASK_NAME, Settings
 from .spool import Spool
 from .transport import ALIAS as TRANSPORT
 from .transport import HEADER_KEY_OPTION, NODE_OPTION
