@@ -143,3 +143,19 @@ def test_a_link_in_place_of_the_directory_is_refused(base: Path) -> None:
     flat = refused(run, "xapi_encodage_sysv_pid_dir")
     assert "it exists and is a symbolic link" in flat, flat[-3000:]
     assert owner(target) == "root" and target.stat().st_mode & 0o7777 == 0o700
+
+
+def test_the_example_inventory_shows_the_roles_own_directories() -> None:
+    """The production example showed Pod's encoding worker's /var/log/celery and /run/celery
+    (Pod's user's, refused now) as the values of the sysv directories."""
+    import yaml
+
+    defaults = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
+    example = ROOT / "inventories/production/group_vars/pod_encodage.yml"
+    shown = {}
+    for line in example.read_text().splitlines():
+        if line.startswith("# xapi_encodage_sysv_") and ":" in line:
+            name, _, rest = line[2:].partition(":")
+            shown[name] = rest.split("  #")[0].strip()
+    for name in ("xapi_encodage_sysv_log_dir", "xapi_encodage_sysv_pid_dir"):
+        assert shown.get(name) == defaults[name], (name, shown.get(name))
