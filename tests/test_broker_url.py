@@ -63,7 +63,9 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, st
 def test_the_worker_and_pods_task_module_get_the_same_url(
     rendered: dict[str, dict[str, str]],
 ) -> None:
-    assert env_url(rendered["front1"]["worker.env"]) == rendered["front1"]["xapi_broker_url"].strip()
+    assert (
+        env_url(rendered["front1"]["worker.env"]) == rendered["front1"]["xapi_broker_url"].strip()
+    )
     assert env_url(rendered["enc1"]["worker.env"]) == rendered["enc1"]["xapi_broker_url"].strip()
     # The broker host's worker reaches its own instance over loopback, the other its address.
     assert "@127.0.0.1:6380/6" in env_url(rendered["front1"]["worker.env"])

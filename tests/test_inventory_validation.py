@@ -654,9 +654,20 @@ def test_a_worker_user_with_uid_0_is_refused(inventory: Path, tmp_path: Path) ->
     name = f"xapi-w0-{os.getpid()}"
     subprocess.run(
         [
-            "useradd", "--non-unique", "--uid", "0", "--gid", "nogroup", "--no-create-home",
-            "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
-            "--comment", "xAPI worker (Esup-Pod xAPI bundle)", name,
+            "useradd",
+            "--non-unique",
+            "--uid",
+            "0",
+            "--gid",
+            "nogroup",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "xAPI worker (Esup-Pod xAPI bundle)",
+            name,
         ],
         check=True,
     )
@@ -681,9 +692,17 @@ def test_the_roles_own_worker_account_is_accepted(inventory: Path, tmp_path: Pat
     name = f"xapi-w-{os.getpid()}"
     subprocess.run(
         [
-            "useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
-            "/nonexistent", "--shell", "/usr/sbin/nologin",
-            "--comment", "xAPI worker (Esup-Pod xAPI bundle)", name,
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "xAPI worker (Esup-Pod xAPI bundle)",
+            name,
         ],
         check=True,
     )

@@ -27,7 +27,9 @@ def reader(tmp_path: Path, enc_vars: str) -> list[str]:
         "    pod_frontal:\n      hosts:\n        front1:\n"
         f"    pod_encodage:\n      hosts:\n        enc1:\n{enc_vars}"
     )
-    (tmp_path / "reader.j2").write_text("{{ xapi_probe_reader_user }} {{ xapi_probe_reader_python }}\n")
+    (tmp_path / "reader.j2").write_text(
+        "{{ xapi_probe_reader_user }} {{ xapi_probe_reader_python }}\n"
+    )
     files = [ROOT / "roles/xapi/defaults/main.yml", ROOT / "roles/xapi/vars/main.yml"]
     result = playbooks.render(
         tmp_path, {str(tmp_path / "reader.j2"): "reader"}, files, {}, str(tmp_path / "hosts.yml")
@@ -41,7 +43,8 @@ def reader(tmp_path: Path, enc_vars: str) -> list[str]:
     [
         ("", ["xapi-worker", "/opt/xapi-worker/bin/python"]),
         (
-            "          xapi_encodage_worker_venv: /srv/xw\n          xapi_encodage_worker_user: xw\n",
+            "          xapi_encodage_worker_venv: /srv/xw\n"
+            "          xapi_encodage_worker_user: xw\n",
             ["xw", "/srv/xw/bin/python"],
         ),
         (
