@@ -168,17 +168,24 @@ def main() -> None:
     path = params["path"]
     try:
         from_uid = pwd.getpwnam(params["from_user"]).pw_uid
-        uid = pwd.getpwnam(params["owner"]).pw_uid
-        gid = grp.getgrnam(params["group"]).gr_gid
         mode = int(params["mode"], 8)
     except (KeyError, ValueError) as error:
         module.fail_json(msg=f"xapi_spool_move: {error}")
+    try:
+        uid = pwd.getpwnam(params["owner"]).pw_uid
+        gid = grp.getgrnam(params["group"]).gr_gid
+    except KeyError as error:
+        # In --check, the run would make the new owner first (it does not exist yet), and
+        # the directory would be given to it by the task before this one.
+        if not module.check_mode:
+            module.fail_json(msg=f"xapi_spool_move: {error}")
+        uid = gid = -1
     try:
         dir_fd = open_directory(path)
     except Refused as error:
         module.fail_json(msg=f"Refused: {error}. Nothing was moved.")
     try:
-        if os.fstat(dir_fd).st_uid != uid:
+        if not module.check_mode and os.fstat(dir_fd).st_uid != uid:
             module.fail_json(msg=f"Refused: {path} is not {params['owner']}'s. Nothing was moved.")
         try:
             entries = entries_to_move(dir_fd, from_uid)
