@@ -281,8 +281,25 @@ CASES = [
     ),
     # The worker's own user and group (issue 34's review, M3): the role's own or none yet,
     # refused before any change. games: an existing account the role did not make, whose
-    # primary group is games; nobody, standing in for Pod's user, has the primary group
-    # nogroup.
+    # primary group is games (Pod's user in the worker's group: a test of its own below).
+    *(
+        (
+            "xapi_encodage.yml",
+            {"xapi_encodage_worker_user": user},
+            f'xapi_encodage_worker_user is "{user}": it must be an account of its own',
+        )
+        for user in ("www-data", "redis", "nobody", "xapi-metrics")
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/var/log/celery"},
+        'xapi_encodage_sysv_log_dir is "/var/log/celery": that is',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_pid_dir": "/run/celery/"},
+        'xapi_encodage_sysv_pid_dir is "/run/celery/": that is',
+    ),
     (
         "xapi_encodage.yml",
         {"xapi_encodage_worker_user": "games"},
@@ -292,11 +309,6 @@ CASES = [
         "xapi_encodage.yml",
         {"xapi_encodage_worker_group": "games"},
         'xapi_encodage_worker_group is "games": an existing group',
-    ),
-    (
-        "xapi_encodage.yml",
-        {"xapi_encodage_worker_group": "nogroup", "xapi_encodage_pod_user": "nobody"},
-        "Pod's user (nobody) is a member of that group",
     ),
     # Variables renamed when Pod's part became roles/xapi_encodage_pod: refused by that role
     # (reached once the worker's read-only steps pass: no IP allow list to resolve here).
@@ -713,3 +725,20 @@ def test_the_roles_own_worker_account_is_accepted(inventory: Path, tmp_path: Pat
         subprocess.run(["userdel", name], check=True)
     assert "Check that the worker's user and group are the role's own" in output, output[-2000:]
     assert "ok: [localhost]" in output.split("Check that the worker's user and group")[1][:400]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system group)")
+def test_a_worker_group_pods_user_is_in_is_refused(inventory: Path, tmp_path: Path) -> None:
+    """A system group with no other tie than Pod's user listed as a member (nobody stands in
+    for Pod's user): the group reads the worker's settings, refused before any change."""
+    name = f"xapi-g-{os.getpid()}"
+    subprocess.run(["groupadd", "--system", "--users", "nobody", name], check=True)
+    try:
+        values = {**GOOD, "xapi_encodage_worker_group": name, "xapi_encodage_pod_user": "nobody"}
+        returncode, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+    finally:
+        subprocess.run(["groupdel", name], check=True)
+    flat = " ".join(output.replace("''", "'").split())
+    assert returncode != 0, output[-2000:]
+    assert f'xapi_encodage_worker_group is "{name}": Pod\'s user (nobody) is a member' in flat
+    assert "changed=0" in output, output[-2000:]
