@@ -84,7 +84,7 @@ def test_check_mode_passes_on_a_host_of_the_earlier_layout(base: Path) -> None:
                     ],
                     "tasks": [
                         {"ansible.builtin.import_tasks": str(ROLE / f"tasks/{name}.yml")}
-                        for name in ("user", "migrate_user", "settings")
+                        for name in ("spool_checks", "user", "migrate_user", "settings")
                     ],
                 }
             ]

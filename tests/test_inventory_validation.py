@@ -300,6 +300,23 @@ CASES = [
         {"xapi_encodage_sysv_pid_dir": "/run/celery/"},
         'xapi_encodage_sysv_pid_dir is "/run/celery/": that is',
     ),
+    # Existing directories of the site (outside review, M4): an empty root directory as the
+    # spool, /etc as the settings' directory, the init script's defaults as the settings.
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_dir": "/usr/local/sbin"},
+        "or a directory of neither xapi-worker nor pod",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_config": "/etc/worker.env"},
+        'xapi_encodage_worker_config is "/etc/worker.env": on',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_config": "/etc/default/celeryd-xapi"},
+        'xapi_encodage_worker_config is "/etc/default/celeryd-xapi": on',
+    ),
     (
         "xapi_encodage.yml",
         {"xapi_encodage_worker_user": "games"},
