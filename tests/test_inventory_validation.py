@@ -279,6 +279,54 @@ CASES = [
         {"xapi_ca_bundle_path": "/etc/ssl/x.pem\nexport LD_PRELOAD=/tmp/x.so"},
         "Refused: xapi_ca_bundle_path",
     ),
+    # The worker's own user and group (issue 34's review, M3): the role's own or none yet,
+    # refused before any change. games: an existing account the role did not make, whose
+    # primary group is games (Pod's user in the worker's group: a test of its own below).
+    *(
+        (
+            "xapi_encodage.yml",
+            {"xapi_encodage_worker_user": user},
+            f'xapi_encodage_worker_user is "{user}": it must be an account of its own',
+        )
+        for user in ("www-data", "redis", "nobody", "xapi-metrics")
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/var/log/celery"},
+        'xapi_encodage_sysv_log_dir is "/var/log/celery": that is',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_pid_dir": "/run/celery/"},
+        'xapi_encodage_sysv_pid_dir is "/run/celery/": that is',
+    ),
+    # Existing directories of the site (outside review, M4): an empty root directory as the
+    # spool, /etc as the settings' directory, the init script's defaults as the settings.
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_dir": "/usr/local/sbin"},
+        "or a directory of neither xapi-worker nor pod",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_config": "/etc/worker.env"},
+        'xapi_encodage_worker_config is "/etc/worker.env": on',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_config": "/etc/default/celeryd-xapi"},
+        'xapi_encodage_worker_config is "/etc/default/celeryd-xapi": on',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_user": "games"},
+        'xapi_encodage_worker_user is "games": an existing account',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_group": "games"},
+        'xapi_encodage_worker_group is "games": an existing group',
+    ),
     # Variables renamed when Pod's part became roles/xapi_encodage_pod: refused by that role
     # (reached once the worker's read-only steps pass: no IP allow list to resolve here).
     (
@@ -625,3 +673,89 @@ def test_the_roles_own_metrics_account_is_accepted(
     assert "Check that an existing metrics user is the role's own" in output, output[-2000:]
     assert "names an existing account" not in output, output[-2000:]
     assert returncode == 0, output[-2000:]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system account)")
+def test_a_worker_user_with_uid_0_is_refused(inventory: Path, tmp_path: Path) -> None:
+    """An account that looks like the role's own in every field but has uid 0 (a second name
+    for root) is refused before any change, naming the variable and the value (issue 34's
+    review, M3: the worker's user was checked by name only)."""
+    name = f"xapi-w0-{os.getpid()}"
+    subprocess.run(
+        [
+            "useradd",
+            "--non-unique",
+            "--uid",
+            "0",
+            "--gid",
+            "nogroup",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "xAPI worker (Esup-Pod xAPI bundle)",
+            name,
+        ],
+        check=True,
+    )
+    try:
+        values = {**GOOD, "xapi_encodage_worker_user": name}
+        returncode, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+    finally:
+        # userdel refuses a uid in use (root's): the entry is removed from the files.
+        for table in ("/etc/passwd", "/etc/shadow"):
+            lines = Path(table).read_text().splitlines(keepends=True)
+            Path(table).write_text("".join(x for x in lines if not x.startswith(name + ":")))
+    flat = " ".join(output.split())
+    assert returncode != 0, output[-2000:]
+    assert f'xapi_encodage_worker_user is "{name}": that account has uid 0' in flat, flat[-3000:]
+    assert "changed=0" in output, output[-2000:]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system account)")
+def test_the_roles_own_worker_account_is_accepted(inventory: Path, tmp_path: Path) -> None:
+    """The account and group as tasks/user.yml makes them pass the check that refuses every
+    other existing account (the run goes on past it)."""
+    name = f"xapi-w-{os.getpid()}"
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "xAPI worker (Esup-Pod xAPI bundle)",
+            name,
+        ],
+        check=True,
+    )
+    try:
+        values = {**GOOD, "xapi_encodage_worker_user": name}
+        _, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+    finally:
+        subprocess.run(["userdel", name], check=True)
+    assert "Check that the worker's user and group are the role's own" in output, output[-2000:]
+    assert "ok: [localhost]" in output.split("Check that the worker's user and group")[1][:400]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system group)")
+def test_a_worker_group_pods_user_is_in_is_refused(inventory: Path, tmp_path: Path) -> None:
+    """A system group with no other tie than Pod's user listed as a member (nobody stands in
+    for Pod's user): the group reads the worker's settings, refused before any change."""
+    name = f"xapi-g-{os.getpid()}"
+    subprocess.run(["groupadd", "--system", "--users", "nobody", name], check=True)
+    try:
+        values = {**GOOD, "xapi_encodage_worker_group": name, "xapi_encodage_pod_user": "nobody"}
+        returncode, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+    finally:
+        subprocess.run(["groupdel", name], check=True)
+    flat = " ".join(output.replace("''", "'").split())
+    assert returncode != 0, output[-2000:]
+    assert f'xapi_encodage_worker_group is "{name}": Pod\'s user (nobody) is a member' in flat
+    assert "changed=0" in output, output[-2000:]
