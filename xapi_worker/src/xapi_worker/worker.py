@@ -788,7 +788,8 @@ def _run_the_spool(app: Celery, processor: Processor) -> None:
                 spool.stats().depth,
                 spool.max_bytes // 1024**2,
             )
-            spool.close()  # reopened by each process that uses it
+            # reopened by each process that uses it; its lock held for the node's life
+            spool.close(keep_lock=True)
             processor.spool = spool
         state["drainer"] = Drainer(app, processor.settings, processor.spool, node)
 

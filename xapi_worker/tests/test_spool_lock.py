@@ -1,0 +1,157 @@
+"""A node's spool is opened, checked and set aside only by the process that holds it (review
+of the worker, M1 and L1): a second opener (``xapi-worker spool drain``, a restarting node)
+is refused while a worker holds the file; a set-aside never overwrites another; a kill -9
+between its renames loses no row."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from support import run_cli, wait_for
+from xapi_testsupport.statements import video_statement
+from xapi_worker.salvage import salvage
+from xapi_worker.spool import CHECK_MARK, CHECKED_MARK, Entry, Spool, SpoolHeld
+
+
+def _entries(first: int, count: int) -> list[Entry]:
+    now = time.time()
+    return [
+        Entry(video_statement("played", n), f"t{n}", 1, now, now)
+        for n in range(first, first + count)
+    ]
+
+
+def _count(path: Path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM spool").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _mark_damage_met_again(spool: Spool) -> None:
+    Path(f"{spool.path}{CHECK_MARK}").touch()
+    Path(f"{spool.path}{CHECKED_MARK}").touch()
+
+
+def test_a_second_opener_cannot_set_aside_the_file_a_worker_still_writes(tmp_path):
+    """`spool drain` (or a restarting node) opened the live file of a node still writing it
+    (its warm shutdown), set it aside and salvaged it to `.salvaged`: the rows the worker
+    committed afterwards (their messages acknowledged) went only to that file, which nothing
+    drains. Now the second opener is refused while the first holds the spool."""
+    worker = Spool(tmp_path, "n")
+    worker.open()
+    worker.add(_entries(0, 3))
+    _mark_damage_met_again(worker)
+    other = Spool(tmp_path, "n")
+    with pytest.raises(SpoolHeld):
+        other.open()
+    worker.add(_entries(10, 5))
+    assert worker.damaged_files() == []
+    assert _count(worker.path) == 8
+    worker.close()
+    other.open()  # the worker gone: the next opener does the set-aside
+    [aside] = other.damaged_files()
+    assert _count(aside) == 8
+    result = salvage(aside, other)
+    assert result.moved == 8 and not result.error
+    assert other.stats().depth == 8
+    other.close()
+
+
+def test_two_set_asides_within_one_second_keep_both_files(tmp_path, monkeypatch):
+    """Set-aside names were by the second and `rename` replaced an existing one: two
+    set-asides within one second unlinked the first file (7 rows gone)."""
+    real_gmtime, second = time.gmtime, time.time()
+    monkeypatch.setattr(time, "gmtime", lambda *when: real_gmtime(*(when or (second,))))
+    first = Spool(tmp_path, "n")
+    first.open()
+    first.add(_entries(0, 7))
+    first.close()
+    for _ in range(2):
+        spool = Spool(tmp_path, "n")
+        _mark_damage_met_again(spool)
+        spool.open()
+        spool.close()
+    aside = Spool(tmp_path, "n").damaged_files()
+    assert len(aside) == 2
+    assert sorted(_count(p) for p in aside) == [0, 7]
+
+
+def _set_aside_killed_at_the_second_move(directory: Path) -> None:
+    """In a child: 50 rows committed to the WAL (another connection keeps it from being
+    checkpointed), a damage met again, and the set-aside killed (-9) at its second move of
+    a file."""
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 9, status
+        return
+    try:
+        spool = Spool(directory, "n")
+        spool.open()
+        keeper = sqlite3.connect(spool.path)  # the WAL stays: it is not the last connection
+        keeper.execute("SELECT count(*) FROM spool").fetchone()
+        spool.add(_entries(0, 50))
+        spool.close()
+        assert Path(f"{spool.path}-wal").stat().st_size > 0
+        _mark_damage_met_again(spool)
+        moves = {"n": 0}
+        real_link, real_rename = os.link, os.rename
+
+        def killed_at_second(real):  # noqa: ANN001, ANN202
+            def move(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                moves["n"] += 1
+                if moves["n"] == 2:
+                    os._exit(9)
+                return real(*args, **kwargs)
+
+            return move
+
+        os.link, os.rename = killed_at_second(real_link), killed_at_second(real_rename)
+        Spool(directory, "n").open()
+    finally:
+        os._exit(1)
+
+
+def test_a_kill_between_the_renames_of_a_set_aside_loses_no_row(tmp_path):
+    """The set-aside renamed the file first, then its `-wal`: killed in between, the next
+    open started a new file beside the old WAL, which SQLite dropped, and the set-aside file
+    lacked every row still in it (50 here: salvage found no table). Now the moves are
+    journaled, the WAL first, and the next open finishes them."""
+    _set_aside_killed_at_the_second_move(tmp_path)
+    spool = Spool(tmp_path, "n")
+    spool.open()
+    target = Spool(tmp_path, "x")
+    target.open()
+    moved = sum(salvage(p, target).moved for p in spool.damaged_files())
+    assert moved == 50
+    assert target.stats().depth == 50
+    spool.close()
+    target.close()
+
+
+def test_spool_drain_refuses_a_spool_its_running_node_holds(
+    tmp_path, redis_srv, ralph, make_config, start_worker
+):
+    """`xapi-worker spool drain` opened, checked (and, damage marked, set aside) the file a
+    running node writes. Now it is refused (exit 75) while the node runs, the file left as
+    it is, and works once the node stopped."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o700)
+    config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=str(spool_dir))
+    worker = start_worker(config, name="held")
+    [live] = [p for p in spool_dir.glob("*.sqlite3")]
+    inode = live.stat().st_ino
+    done = run_cli(config, "spool", "drain")
+    assert done.returncode == 75, done.stdout + done.stderr
+    assert "held by another process" in done.stderr
+    assert live.stat().st_ino == inode
+    worker.stop()
+    assert wait_for(lambda: worker.proc.poll() is not None, 30)
+    done = run_cli(config, "spool", "drain")
+    assert done.returncode == 0, done.stdout + done.stderr
