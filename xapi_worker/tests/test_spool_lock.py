@@ -103,8 +103,8 @@ def _set_aside_killed_at_the_second_move(directory: Path) -> None:
         moves = {"n": 0}
         real_link, real_rename = os.link, os.rename
 
-        def killed_at_second(real):  # noqa: ANN001, ANN202
-            def move(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def killed_at_second(real):
+            def move(*args, **kwargs):
                 moves["n"] += 1
                 if moves["n"] == 2:
                     os._exit(9)
