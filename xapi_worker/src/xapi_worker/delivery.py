@@ -196,8 +196,35 @@ def merge_duplicates(items: Sequence[Item]) -> list[Item]:
 LRS_SET_PROPERTIES = frozenset({"authority", "stored", "timestamp", "version"})
 
 
+def same_id(stored: object, sent: str) -> bool:
+    """True when ``stored`` (an id the LRS gave back) names the statement id ``sent``: two
+    UUIDs compared as UUIDs (an LRS stores and returns them in lower case, a browser may
+    send upper case: Ralph does), anything else as it is."""
+    if not isinstance(stored, str):
+        return False
+    if stored == sent:
+        return True
+    return stored.lower() == sent.lower() and _is_uuid(sent)
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _id_key(value: object) -> object:
+    return value.lower() if isinstance(value, str) and _is_uuid(value) else value
+
+
 def comparable(statement: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in statement.items() if k not in LRS_SET_PROPERTIES}
+    """What two statements are compared on: not what an LRS sets, nor the case of an id."""
+    out = {k: v for k, v in statement.items() if k not in LRS_SET_PROPERTIES}
+    if "id" in out:
+        out["id"] = _id_key(out["id"])
+    return out
 
 
 def digest(statement: dict[str, Any]) -> str:
