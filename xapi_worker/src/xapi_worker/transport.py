@@ -150,7 +150,33 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         if self.channel.connection is None:  # closed since the take: see ack()
             log.info("rejection of %s dropped: its channel is closed", delivery_tag)
             return
+        if not requeue and self._set_aside_rejected(delivery_tag):
+            VirtualQoS.ack(self, delivery_tag)  # the prefetch slot is free
+            return
         super().reject(delivery_tag, requeue)
+
+    def _set_aside_rejected(self, delivery_tag: str) -> bool:
+        """A rejection without requeue drops the message (kombu's way): celery-batches does
+        it to a request whose ``eta`` it cannot convert, Celery to a task raising
+        ``Reject``. No message is acknowledged into nothing: it goes, as it was taken, to
+        ``<queue>.unreadable`` (False when it is no longer in unacked)."""
+        message = self._delivered.get(delivery_tag)
+        info = getattr(message, "delivery_info", None) or {}
+        queue = str(info.get("routing_key") or "")
+        if queue not in self.channel._acked_queues:
+            return False
+        try:
+            moved = self.channel.set_aside(delivery_tag, queue)
+        except self.channel.connection_errors:
+            log.exception("message %s rejected and not set aside: left in unacked", delivery_tag)
+            return True  # back after the visibility timeout: not dropped
+        if moved:
+            log.error(
+                "message %s rejected without requeue: moved to %s, not dropped",
+                delivery_tag,
+                unreadable_key(queue),
+            )
+        return moved
 
     def flush_acks(self) -> None:
         """Remove the acknowledged messages from unacked, in one pipeline.
