@@ -1,7 +1,7 @@
 """A node's spool is opened, checked and set aside only by the process that holds it (review
 of the worker, M1 and L1): a second opener (``xapi-worker spool drain``, a restarting node)
 is refused while a worker holds the file; a set-aside never overwrites another; a kill -9
-between its renames loses no row."""
+between its renames loses no row, and one killed mid-salvage takes no row twice."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import run_cli, wait_for
 from xapi_testsupport.statements import video_statement
 from xapi_worker.salvage import salvage
@@ -155,3 +157,61 @@ def test_spool_drain_refuses_a_spool_its_running_node_holds(
     assert wait_for(lambda: worker.proc.poll() is not None, 30)
     done = run_cli(config, "spool", "drain")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _set_aside_file(directory: Path, rows: int) -> Path:
+    source = Spool(directory, "src")
+    source.open()
+    for first in range(0, rows, 400):
+        source.add(_entries(first, min(400, rows - first)))
+    source.close()
+    target = directory / "n.sqlite3.damaged-20260101T000000Z"
+    (directory / "src.sqlite3").rename(target)
+    return target
+
+
+def _salvage_killed_after(directory: Path, path: Path, commits: int) -> None:
+    """In a child: salvage ``path`` into node n's spool, killed (-9) right after its
+    ``commits``-th chunk is committed."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        spool = Spool(directory, "n")
+        spool.open()
+        real_add, done = spool.add, {"n": 0}
+
+        def add(*args, **kwargs):
+            real_add(*args, **kwargs)
+            done["n"] += 1
+            if done["n"] >= commits:
+                os._exit(9)
+
+        spool.add = add  # type: ignore[method-assign]
+        salvage(path, spool)
+    finally:
+        os._exit(1)
+
+
+@settings(max_examples=8, deadline=None, database=None)
+@given(rows=st.integers(1, 1600), commits=st.integers(1, 4))
+def test_a_salvage_killed_between_chunks_and_run_again_takes_each_row_once(
+    tmp_path_factory, rows, commits
+):
+    """`spool drain` killed mid-salvage (chunks committed one by one, the file renamed at
+    the end) salvaged the file again from its first row: every row of the committed chunks
+    twice in the spool (review of the worker, L4). Their progress is now committed with
+    them: the second salvage takes the rest, each row once."""
+    directory = tmp_path_factory.mktemp("salvage")
+    path = _set_aside_file(directory, rows)
+    _salvage_killed_after(directory, path, commits)
+    spool = Spool(directory, "n")
+    spool.open()
+    for aside in spool.damaged_files():
+        result = salvage(aside, spool)
+        assert not result.error, result.line()
+    ids = [r.statement["id"] for r in spool.rows(-1)]
+    assert len(ids) == rows and len(set(ids)) == rows
+    assert spool.damaged_files() == []
+    spool.close()

@@ -129,6 +129,13 @@ _COLUMNS = (
 )
 
 
+#: The salvages' progress (salvage.py): by set-aside file, the last of its row ids now in this
+#: spool. Made by the first salvage; a release without it leaves the table alone.
+_SALVAGED_TABLE = (
+    "CREATE TABLE IF NOT EXISTS salvaged (source TEXT PRIMARY KEY, last_id INTEGER NOT NULL)"
+)
+
+
 class SpoolError(Exception):
     """The spool cannot take these statements now (full, disk full, I/O error): the caller
     keeps them where they are (the messages go back to the broker)."""
@@ -702,11 +709,17 @@ class Spool:
             conn.execute("COMMIT")
 
     def add(
-        self, entries: Sequence[Entry], now: float | None = None, source: str = "the broker"
+        self,
+        entries: Sequence[Entry],
+        now: float | None = None,
+        source: str = "the broker",
+        progress: tuple[str, int] | None = None,
     ) -> None:
         """Spool ``entries`` in one transaction, committed to disk on return; raise
         :class:`SpoolError` (nothing written) when they cannot be, saying that they stay in
-        ``source`` (where they come from)."""
+        ``source`` (where they come from). ``progress`` (a set-aside file's name, the last
+        of its row ids these entries come from) is recorded in the same transaction
+        (:meth:`salvaged_up_to`): a salvage killed and run again takes no row twice."""
         if not entries:
             return
         now = time.time() if now is None else now
@@ -747,11 +760,33 @@ class Spool:
                     " spooled_at, next_at, last_error, lone_failures) VALUES (?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
+                if progress is not None:
+                    conn.execute(_SALVAGED_TABLE)
+                    conn.execute(
+                        "INSERT INTO salvaged (source, last_id) VALUES (?, ?) ON CONFLICT "
+                        "(source) DO UPDATE SET last_id = excluded.last_id",
+                        progress,
+                    )
         except SpoolError:
             raise
         except (sqlite3.Error, OverflowError, ValueError) as exc:
             # disk full, I/O error, locked for too long; a value SQLite cannot hold
             raise SpoolError(f"spool {self.path}: {type(exc).__name__}: {exc}") from exc
+
+    def salvaged_up_to(self, source: str) -> int:
+        """The last row id of the set-aside file ``source`` (its name) whose rows are in this
+        spool already (0: none)."""
+        conn = self._connect()
+        with self._watch():
+            try:
+                row = conn.execute(
+                    "SELECT last_id FROM salvaged WHERE source = ?", (source,)
+                ).fetchone()
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc):
+                    raise
+                return 0
+        return int(row[0]) if row else 0
 
     def delete(self, ids: Sequence[int]) -> None:
         if not ids:
