@@ -27,7 +27,7 @@ from support import (
 )
 from xapi_testsupport.statements import invalid, video_statement
 from xapi_worker.bookkeeping import derive_key, signed_headers
-from xapi_worker.delivery import POISON_AFTER, Item, Verdict, deliver
+from xapi_worker.delivery import POISON_AFTER, Item, Result, Verdict, deliver
 from xapi_worker.lrs import LRSClient
 from xapi_worker.settings import settings_from_mapping
 from xapi_worker.spool import Spool
@@ -425,15 +425,17 @@ def test_bookkeeping_headers_set_by_a_producer_are_not_trusted(
 def test_a_lone_post_that_timed_out_is_read_back_and_never_dead_lettered(
     redis_srv, ralph, make_config, start_worker
 ):
-    """A lone POST that timed out counted as a lone failure: a statement the LRS stored but
-    answered too late for (`stored_late`), or one it never stored while timing out
-    (`lost`), was dead-lettered after ten such exchanges. A timeout is "maybe stored": the
-    statement is read back by id (GET), delivered when the LRS holds it, else retried later,
-    never counted against it. Ralph filters the ids it holds before it writes (a re-sent
-    statement is answered 204): each is stored once."""
+    """A lone POST that timed out counted as a lone failure without a look: a statement the
+    LRS stored but answered too late for (`stored_late`) was dead-lettered after ten such
+    exchanges. A timeout is "maybe stored": the statement is read back by id (GET),
+    delivered when the LRS holds it, else retried later; only a read-back saying it is not
+    held counts against it (`lost`: fewer times than make a poison). Ralph filters the ids
+    it holds before it writes (a re-sent statement is answered 204): each is stored once."""
     stored_late = video_statement("played", 1)
     lost = video_statement("played", 2)
-    lost_posts = {"left": POISON_AFTER + 2}  # enough timeouts to make it poison before
+    # timeouts proven absent in fewer exchanges than make a poison (one more would:
+    # test_a_statement_that_times_out_alone_again_and_again_is_poison_after_the_rule)
+    lost_posts = {"left": POISON_AFTER - 1}
 
     def respond(req):
         ids = _posted_ids(req) if req.method == "POST" else set()
@@ -641,3 +643,66 @@ def test_a_far_retry_after_then_a_broken_backend_through_the_spool_lose_nothing(
         assert mode["posts"] > 10  # the broken backend answered its share
     finally:
         proxy.stop()
+
+
+def test_a_statement_that_times_out_alone_again_and_again_is_poison_after_the_rule(ralph):
+    """A statement that makes the LRS time out (here: its gateway answers 504, the same
+    "maybe stored" path as a read timeout, without a clock in the test) was never poison,
+    only aged out: retried for the maximum age (7 days), each retry dragging its batch
+    through a read timeout and a split (review of the worker, L3). Now a lone timeout after
+    which the LRS, asked by id, says it does not hold the statement counts one lone failure,
+    as a 5xx twice does: dead-lettered after POISON_AFTER such exchanges while the LRS
+    stores others, never on one; a statement stored, and answered too late, is delivered."""
+    slow = video_statement("paused", 777)
+    late = video_statement("paused", 778)
+    late_posts = {"left": 3}
+
+    def lrs(req):
+        ids = _posted_ids(req) if req.method == "POST" else set()
+        if slow["id"] in ids:  # its upstream timed out: not stored
+            return 504, {"Content-Type": "text/html"}, b"<html>504 Gateway Time-out</html>"
+        if late["id"] in ids and late_posts["left"] > 0:
+            late_posts["left"] -= 1
+            _forward(ralph.port, req)  # stored, the gateway gave up waiting
+            return 504, {"Content-Type": "text/html"}, b"<html>504 Gateway Time-out</html>"
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=lrs).start()
+    settings = settings_from_mapping(
+        {
+            "XAPI_LRS_URL": proxy.url,
+            "XAPI_LRS_LOGIN": LRS_USER,
+            "XAPI_LRS_PWD": LRS_PASSWORD,
+            "XAPI_CELERY_BROKER_URL": "redis://127.0.0.1:1/6",
+        }
+    )
+    lrs_client = LRSClient(settings)
+    good: list[dict] = []
+    pending = [Item("slow", slow, attempt=3), Item("late", late, attempt=3)]
+    dead: list[Result] = []
+    rounds = 0
+    try:
+        while pending and rounds < POISON_AFTER + 5:
+            rounds += 1
+            fresh = [video_statement("played", 1000 + len(good) + n) for n in range(2)]
+            good.extend(fresh)
+            batch = pending + [Item(s["id"], s, attempt=3) for s in fresh]
+            results = deliver(batch, lrs_client.post_statements, fetch=lrs_client.get_statement)
+            pending = []
+            for res in results:
+                if res.verdict is Verdict.DEAD:
+                    dead.append(res)
+                elif res.verdict is Verdict.RETRY:
+                    res.item.attempt += 1
+                    pending.append(res.item)
+            if rounds == 1:
+                assert not dead
+                assert [i.lone_failures for i in pending if i.key == "slow"] == [1]
+    finally:
+        proxy.stop()
+    assert [r.item.key for r in dead] == ["slow"], [(r.item.key, r.reason) for r in dead]
+    assert rounds == POISON_AFTER
+    assert "does not hold it" in dead[0].reason, dead[0].reason
+    assert not pending
+    stored = ralph.stored_ids()
+    assert sorted(stored) == sorted(s["id"] for s in [late, *good])  # each once

@@ -390,7 +390,7 @@ class Spool:
                 ) from exc
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:
-            self.close()
+            self.close(keep_lock=True)  # the connection only: the set-aside is ours
             set_aside += self._set_aside(problem)
             self._connect()
         if whole:
