@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import run_cli, wait_for
+from support import run_cli
 from xapi_testsupport.statements import video_statement
 from xapi_worker.salvage import salvage
 from xapi_worker.spool import CHECK_MARK, CHECKED_MARK, Entry, Spool, SpoolHeld
@@ -44,25 +44,29 @@ def test_a_second_opener_cannot_set_aside_the_file_a_worker_still_writes(tmp_pat
     """`spool drain` (or a restarting node) opened the live file of a node still writing it
     (its warm shutdown), set it aside and salvaged it to `.salvaged`: the rows the worker
     committed afterwards (their messages acknowledged) went only to that file, which nothing
-    drains. Now the second opener is refused while the first holds the spool."""
+    drains. Now only the holder of the spool's lock checks or sets aside: a second opener
+    reads and writes the file as it is, or, a node, is refused."""
     worker = Spool(tmp_path, "n")
-    worker.open()
+    worker.open(exclusive=True)
     worker.add(_entries(0, 3))
     _mark_damage_met_again(worker)
     other = Spool(tmp_path, "n")
+    assert other.open() == []  # `spool drain`: the file as it is
     with pytest.raises(SpoolHeld):
-        other.open()
+        Spool(tmp_path, "n").open(exclusive=True)  # a second node
     worker.add(_entries(10, 5))
     assert worker.damaged_files() == []
-    assert _count(worker.path) == 8
-    worker.close()
-    other.open()  # the worker gone: the next opener does the set-aside
-    [aside] = other.damaged_files()
-    assert _count(aside) == 8
-    result = salvage(aside, other)
-    assert result.moved == 8 and not result.error
     assert other.stats().depth == 8
     other.close()
+    worker.close()
+    again = Spool(tmp_path, "n")
+    again.open(exclusive=True)  # the worker gone: the next opener does the set-aside
+    [aside] = again.damaged_files()
+    assert _count(aside) == 8
+    result = salvage(aside, again)
+    assert result.moved == 8 and not result.error
+    assert again.stats().depth == 8
+    again.close()
 
 
 def test_two_set_asides_within_one_second_keep_both_files(tmp_path, monkeypatch):
@@ -137,26 +141,29 @@ def test_a_kill_between_the_renames_of_a_set_aside_loses_no_row(tmp_path):
     target.close()
 
 
-def test_spool_drain_refuses_a_spool_its_running_node_holds(
-    tmp_path, redis_srv, ralph, make_config, start_worker
+def test_spool_drain_leaves_the_file_its_running_node_holds(
+    tmp_path, redis_srv, ralph, make_config
 ):
-    """`xapi-worker spool drain` opened, checked (and, damage marked, set aside) the file a
-    running node writes. Now it is refused (exit 75) while the node runs, the file left as
-    it is, and works once the node stopped."""
+    """`xapi-worker spool drain` checked (damage marked: set aside and salvaged) the file a
+    running node writes. Now, the node holding the spool, it delivers the rows beside the
+    node and leaves the file as it is: the node's own to check."""
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir(mode=0o700)
     config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=str(spool_dir))
-    worker = start_worker(config, name="held")
-    [live] = [p for p in spool_dir.glob("*.sqlite3")]
-    inode = live.stat().st_ino
-    done = run_cli(config, "spool", "drain")
-    assert done.returncode == 75, done.stdout + done.stderr
-    assert "held by another process" in done.stderr
-    assert live.stat().st_ino == inode
-    worker.stop()
-    assert wait_for(lambda: worker.proc.poll() is not None, 30)
+    node = Spool(spool_dir, "held@host")  # as the node's main process holds it
+    node.open(exclusive=True)
+    statements = [video_statement("played", n) for n in range(30)]
+    now = time.time()
+    node.add([Entry(s, f"t{n}", 2, now, now) for n, s in enumerate(statements)])
+    _mark_damage_met_again(node)
+    inode = node.path.stat().st_ino
     done = run_cli(config, "spool", "drain")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert node.path.stat().st_ino == inode
+    assert node.damaged_files() == []
+    assert sorted(ralph.stored_ids()) == sorted(s["id"] for s in statements)
+    assert node.stats().depth == 0
+    node.close()
 
 
 def _set_aside_file(directory: Path, rows: int) -> Path:

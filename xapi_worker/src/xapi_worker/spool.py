@@ -68,9 +68,11 @@ CHECK_MARK = ".check"
 CHECKED_MARK = ".checked"
 #: ``<file>.lock``: held (``flock``, exclusive) by the process that opened the spool, for as
 #: long as it runs (the worker's main process, inherited by its pool processes; ``spool
-#: drain``): a second opener is refused (:class:`SpoolHeld`) instead of checking, setting
-#: aside or salvaging a file a live worker still writes. The kernel drops the lock with the
-#: last process holding it: a killed worker leaves no stale lock.
+#: drain`` while the node is stopped): only its holder checks the file or sets it aside, never
+#: a second opener (``spool drain`` while the node runs: it then salvages set-aside files
+#: into the spool and delivers its rows beside the node), which would set aside a file a live
+#: worker still writes. The kernel drops the lock with the last process holding it: a killed
+#: worker leaves no stale lock.
 LOCK = ".lock"
 #: ``<file>.setting-aside``: the set-aside in progress (its target's name, written and
 #: fsync-ed before the first rename, removed after the last): an open finds it after a kill
@@ -336,14 +338,27 @@ class Spool:
         return f"Spool({str(self.path)!r})"
 
     # --- opening, checking, setting aside ------------------------------------------------------
-    def open(self) -> list[Path]:
+    def open(self, exclusive: bool = False) -> list[Path]:
         """Open (creating if need be) and check the spool; a damaged file is renamed, never
-        deleted, and a new one started. Returns what was set aside now. Anything else than
+        deleted, and a new one started. Returns what was set aside now. Only the holder of
+        the spool's lock (:data:`LOCK`, taken here) checks or sets aside: when another
+        process holds it (its node runs), the file is opened as it is, unchecked, or, with
+        ``exclusive`` (the node itself), :class:`SpoolHeld` is raised. Anything else than
         damage (a full disk, an I/O error, a lock held too long) raises :class:`SpoolError`:
         a healthy spool must not be set aside for it. The watchdog is fed meanwhile
         (watchdog.kept_alive): a migration or a whole check takes minutes on a large spool,
         before Celery's loop feeds it."""
-        self.hold()
+        try:
+            self.hold()
+        except SpoolHeld:
+            if exclusive:
+                raise
+            # Its node runs: the file is its node's to check and set aside, never ours (a
+            # row it commits after would go to a file nothing drains). Rows are read and
+            # written through SQLite's own locking, as the node's processes do.
+            log.info("spool %s: its node holds it: opened without a check", self.path)
+            self._connect()
+            return []
         with kept_alive(f"spool {self.path}: opening and checking"):
             return self._open()
 
@@ -371,8 +386,7 @@ class Spool:
             os.close(fd)
             raise SpoolHeld(
                 f"spool {self.path} is held by another process (its node running, or a "
-                "`spool drain`): stop the node first (systemctl stop celeryd-xapi@...), then "
-                "run the command again"
+                "`spool drain`); it starts again once that one has stopped"
             ) from exc
         self._lock_fd = fd
 
