@@ -4,6 +4,7 @@ gives is needed (a maintenance page, a 500 for one statement)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import http.client
@@ -26,11 +27,12 @@ from support import (
     wait_for,
 )
 from xapi_testsupport.statements import invalid, video_statement
-from xapi_worker.bookkeeping import derive_key, signed_headers
+from xapi_worker.bookkeeping import MAC, derive_key, unsigned_headers
 from xapi_worker.delivery import POISON_AFTER, Item, Result, Verdict, deliver
 from xapi_worker.lrs import LRSClient
 from xapi_worker.settings import settings_from_mapping
 from xapi_worker.spool import Spool
+from xapi_worker.transport import ALIAS, HEADER_KEY_OPTION
 
 JSON = {"Content-Type": "application/json"}
 
@@ -354,6 +356,22 @@ def _posted_ids(req) -> set[str]:
         return set()
 
 
+@contextlib.contextmanager
+def _signing_producer(url: str):
+    """An app that publishes as a worker re-publishes: on the worker's transport, with the
+    key of the bookkeeping's signature (the transport signs, over the eta and the body)."""
+    from celery import Celery
+
+    app = Celery("signer", broker=url)
+    app.conf.task_routes = {"pod.xapi.xapi_tasks.*": {"queue": "xapi"}}
+    app.conf.broker_transport = ALIAS
+    app.conf.broker_transport_options = {HEADER_KEY_OPTION: derive_key(LRS_PASSWORD, url).hex()}
+    try:
+        yield app
+    finally:
+        app.close()
+
+
 def test_bookkeeping_headers_set_by_a_producer_are_not_trusted(
     redis_srv, ralph, make_config, start_worker
 ):
@@ -393,14 +411,11 @@ def test_bookkeeping_headers_set_by_a_producer_are_not_trusted(
             args=[forged_poison],
             headers={"xapi_attempt": 5, "xapi_lone_failures": POISON_AFTER - 1},
         )
-        key = derive_key(LRS_PASSWORD, redis_srv.url())
         task_id = "signed-by-a-worker"
-        app.send_task(
-            task,
-            args=[signed_old],
-            task_id=task_id,
-            headers=signed_headers(key, task_id, 2, old_time, 0),
-        )
+        with _signing_producer(redis_srv.url()) as signer:
+            signer.send_task(
+                task, args=[signed_old], task_id=task_id, headers=unsigned_headers(2, old_time, 0)
+            )
         for statement in good:
             app.send_task(task, args=[statement])
         worker = start_worker(make_config(proxy.url, XAPI_WORKER_MAX_AGE_DAYS=7))
@@ -706,3 +721,50 @@ def test_a_statement_that_times_out_alone_again_and_again_is_poison_after_the_ru
     assert not pending
     stored = ralph.stored_ids()
     assert sorted(stored) == sorted(s["id"] for s in [late, *good])  # each once
+
+
+def test_a_signed_header_set_put_on_other_messages_holds_nothing(
+    redis_srv, ralph, make_config, start_worker
+):
+    """The signature of a worker's retry covered its task id and counts, not its ``eta`` nor
+    its body: whoever read one signed retry (the monitoring user reads the queue,
+    `xapi.unreadable` keeps whole records) and holds the producer's password could queue
+    copies of its headers on other messages with a far ``eta``, kept as a worker's: they
+    held every prefetch slot (review of the worker, L8). The signature now covers the
+    ``eta`` and the body's digest: the copies are new messages, delivered at once."""
+    from test_headers import _envelope
+
+    r = redis_srv.client()
+    proxy = Proxy(upstream_port=ralph.port, force_status=503).start()
+    first = start_worker(
+        make_config(proxy.url, XAPI_WORKER_RETRY_BASE_SECONDS=5, XAPI_WORKER_RETRY_MAX_SECONDS=5),
+        name="first",
+    )
+    with pod_producer(redis_srv.url()) as delay:
+        delay(video_statement("played", 1))
+
+    def signed_retry():  # queued, or already taken back (held until its eta)
+        records = [json.loads(raw) for raw in r.lrange("xapi", 0, -1)]
+        records += [json.loads(raw)[0] for raw in r.hvals("unacked")]
+        for message in records:
+            if MAC in message["headers"] and message["headers"].get("eta"):
+                return message
+        return None
+
+    assert wait_for(lambda: signed_retry() is not None, 30), first.text()[-3000:]
+    retry = signed_retry()
+    first.kill()
+    r.delete("xapi", "unacked", "unacked_index")  # the original: not what is measured
+    proxy.stop()
+    headers = dict(retry["headers"], eta="2999-01-01T00:00:00+00:00")
+    copies = [video_statement("played", 100 + n) for n in range(8)]
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    r.lpush("xapi", *[_envelope([[s], {}, embed], headers) for s in copies])
+    worker = start_worker(make_config(ralph.url, XAPI_WORKER_BATCH_SIZE=2), name="second")
+    good = [video_statement("played", n) for n in range(10, 13)]
+    with pod_producer(redis_srv.url()) as delay:
+        for statement in good:
+            delay(statement)
+    want = {s["id"] for s in good + copies}
+    assert wait_for(lambda: want <= set(ralph.stored_ids()), 40), worker.text()[-3000:]
+    assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)

@@ -410,7 +410,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 if isinstance(payload.get("headers"), dict):
                     if payload["headers"].get(COMPRESSION) is not None:
                         raise ValueError("compressed")
-                    self._stamp(payload["headers"], now)
+                    self._stamp(payload["headers"], now, payload.get("body", ""))
                 props = payload["properties"]
                 tag = str(props["delivery_tag"])
                 info = props["delivery_info"]
@@ -477,18 +477,22 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         with self.conn_or_acquire() as client:
             return bool(self._scripts_on(client).set_aside(keys=keys, args=[delivery_tag]))
 
-    def _stamp(self, headers: dict[str, Any], now: float) -> None:
+    def _stamp(self, headers: dict[str, Any], now: float, body: object) -> None:
         """When the message was taken (every take: the visibility timeout counts from it),
-        and, unless a worker signed its bookkeeping, that of a new message first seen now,
-        signed: a producer's ``xapi_*`` headers are not trusted (bookkeeping.py), nor its
-        ``eta`` or ``expires`` (dropped: only a worker's signed retry waits). Stamped in
-        the copy recorded in unacked, so a redelivery after a crash keeps its first take."""
+        the digest of its body (every take, whatever the message said), and, unless a worker
+        signed its bookkeeping for this body and this ``eta``, that of a new message first
+        seen now, signed: a producer's ``xapi_*`` headers are not trusted (bookkeeping.py),
+        nor its ``eta`` or ``expires`` (dropped: only a worker's signed retry waits), nor a
+        signed header set put on another message. Stamped in the copy recorded in unacked,
+        so a redelivery after a crash keeps its first take."""
         headers[bookkeeping.TAKEN_AT] = now
         key = self.header_key
         task_id = headers.get("id")
         if key is None:  # not the worker's app (no key given): the first take's time only
             headers.setdefault(FIRST_SEEN, iso(now))
             return
+        digest = bookkeeping.body_digest(body)
+        headers[bookkeeping.BODY_SHA256] = digest
         headers.pop(bookkeeping.EXPIRES, None)  # a producer's; the workers set none
         if not isinstance(task_id, str):
             for name in (bookkeeping.ATTEMPT, bookkeeping.LONE_FAILURES, bookkeeping.MAC):
@@ -497,7 +501,27 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             headers[FIRST_SEEN] = iso(now)
         elif not bookkeeping.is_signed(key, task_id, headers):
             headers.pop(bookkeeping.ETA, None)  # only a worker's retry is held until due
-            headers.update(bookkeeping.signed_headers(key, task_id, 1, iso(now), 0))
+            headers.update(bookkeeping.signed_headers(key, task_id, 1, iso(now), 0, None, digest))
+
+    def _sign_retry(self, message: dict[str, Any]) -> None:
+        """A worker's retry (its bookkeeping in the headers, unsigned: worker.py) is signed
+        as it is queued, over its ``eta`` and its body as they travel."""
+        headers = message.get("headers")
+        key = self.header_key
+        if key is None or not isinstance(headers, dict) or bookkeeping.ATTEMPT not in headers:
+            return
+        task_id = headers.get("id")
+        if not isinstance(task_id, str) or bookkeeping.MAC in headers:
+            return
+        headers[bookkeeping.MAC] = bookkeeping.sign(
+            key,
+            task_id,
+            headers.get(bookkeeping.ATTEMPT),
+            headers.get(bookkeeping.FIRST_SEEN),
+            headers.get(bookkeeping.LONE_FAILURES),
+            headers.get(bookkeeping.ETA),
+            bookkeeping.body_digest(message.get("body", "")),
+        )
 
     # --- the worker's own writes, at maxmemory too (scripts.py) ------------------------------
     # Kombu sends these in a MULTI, one command per priority list. Redis refuses any MULTI at
@@ -539,6 +563,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         """Publish (the worker's retries, remote-control replies): kombu's LPUSH, as a
         script. Producers on the frontal use kombu's own transport and are refused at
         maxmemory; the worker republishes what it acknowledges, and so grows nothing."""
+        self._sign_retry(message)
         priority = self._get_message_priority(message, reverse=False)
         with self.conn_or_acquire() as client:
             push(client, self._q_for_pri(queue, priority), [dumps(message)])
