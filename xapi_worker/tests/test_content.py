@@ -343,8 +343,8 @@ def test_a_message_the_consumer_cannot_read_is_dead_lettered_with_its_reason(
         unreadable[task_id] = (NESTED_TOO_DEEP, TOO_DEEP)
         messages.append(raw)
     for body, headers, reason in (
-        ("42", {}, "invalid task message: TypeError"),
-        ('{"not": "a task"}', {}, "invalid task message"),
+        ("42", {}, "not a Celery protocol 2 task message: the body is not"),
+        ('{"not": "a task"}', {}, "not a Celery protocol 2 task message: protocol 1 or hybrid"),
         (f"[[{json.dumps(statement)}], {{}}, {EMBED}]", {"task": "pod.other"}, "not this"),
         ("[[1], {}, {}]", {"task": None}, "not this"),
     ):

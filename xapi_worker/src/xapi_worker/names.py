@@ -101,6 +101,9 @@ TAKEN_AT = "xapi_taken_at"
 ETA = "eta"
 #: Celery's header: when a message expires. The workers never set it; the transport drops it
 EXPIRES = "expires"
+#: the SHA-256 of a message's body as it travels, stamped by the transport at every take
+#: whatever the message said: the signature of the bookkeeping headers covers it
+BODY_SHA256 = "xapi_body_sha256"
 #: The xAPI version every request to the LRS names, and its header.
 XAPI_VERSION = "1.0.3"
 XAPI_VERSION_HEADER = "X-Experience-API-Version"

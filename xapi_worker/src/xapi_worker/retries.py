@@ -78,13 +78,10 @@ class Republish:
                     args=[item.statement],
                     countdown=delay,
                     task_id=task_id,
-                    # signed: the next worker trusts these counts (bookkeeping.py)
-                    headers=bookkeeping.signed_headers(
-                        self.key,
-                        task_id,
-                        item.attempt + step,
-                        iso(item.first_seen),
-                        item.lone_failures,
+                    # signed by the transport as it is queued, over its eta and body: the
+                    # next worker trusts these counts (bookkeeping.py)
+                    headers=bookkeeping.unsigned_headers(
+                        item.attempt + step, iso(item.first_seen), item.lone_failures
                     ),
                 )
             except Exception:

@@ -2,7 +2,8 @@
 each file the worker set aside (``<node>.sqlite3.damaged-<time>``, spool.py) that SQLite can
 still read, puts them in the node's spool, where they are delivered like any other (each
 statement keeps its id, so the LRS stores it once), and renames the file
-``<name>.salvaged`` so that they are not taken twice.
+``<name>.salvaged`` so that they are not taken twice. Killed in between, a salvage run again
+takes none of the rows already in the spool (their progress is committed with them).
 
 The set-aside file is only read (a read-only connection): a damaged file is not written to.
 Rows are read in id order a chunk at a time; a chunk SQLite cannot read is read again row by
@@ -113,8 +114,9 @@ class _Reader:
             lone_failures=int(lone or 0),  # type: ignore[call-overload]
         )
 
-    def chunks(self) -> Iterator[list[Entry]]:
-        after = 0
+    def chunks(self, after: int = 0) -> Iterator[tuple[list[Entry], int]]:
+        """The readable rows whose id is above ``after``, a chunk at a time, each with the
+        last id it covers."""
         query = f"SELECT {self.select} FROM spool WHERE id > ? ORDER BY id LIMIT ?"  # noqa: S608
         while True:
             now = time.time()
@@ -127,7 +129,7 @@ class _Reader:
             if not rows:
                 return
             after = max(after, int(rows[-1][0]))  # type: ignore[call-overload]
-            yield [e for e in (self._entry(r, now) for r in rows) if e is not None]
+            yield [e for e in (self._entry(r, now) for r in rows) if e is not None], after
 
     def _row_by_row(self, after: int) -> tuple[list[tuple[object, ...]], int]:
         """Past a damage: ids one by one, up to the first readable chunk's worth of rows.
@@ -160,8 +162,9 @@ def salvage(path: Path, spool: Spool) -> Salvage:
         return result
     try:
         reader = _Reader(conn)
-        for entries in reader.chunks():
-            spool.add(entries, source="the set-aside file")
+        # A salvage killed earlier: the rows it committed are not taken again.
+        for entries, last in reader.chunks(spool.salvaged_up_to(path.name)):
+            spool.add(entries, source="the set-aside file", progress=(path.name, last))
             result.moved += len(entries)
         result.unreadable = reader.unreadable
     except SpoolError as exc:
@@ -173,7 +176,7 @@ def salvage(path: Path, spool: Spool) -> Salvage:
     finally:
         conn.close()
     target = Path(f"{path}{SALVAGED}")
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("-wal", "-shm", ""):  # the file last: its WAL never left behind it
         source = Path(f"{path}{suffix}")
         if source.exists():
             source.rename(f"{target}{suffix}")

@@ -265,7 +265,7 @@ def _run_the_spool(app: Celery, processor: Processor) -> None:
             s = processor.settings
             spool = Spool(s.spool_dir, node, s.spool_max_mb * 1024**2, s.batch_size)
             try:
-                spool.open()
+                spool.open(exclusive=True)  # the node's own: no other holder
             except Exception as exc:
                 # A full disk, an I/O error: the spool is not damaged, and this node must not
                 # run without it (no retries kept, no drain): it stops, loudly, and systemd
@@ -283,7 +283,8 @@ def _run_the_spool(app: Celery, processor: Processor) -> None:
                 spool.stats().depth,
                 spool.max_bytes // 1024**2,
             )
-            spool.close()  # reopened by each process that uses it
+            # reopened by each process that uses it; its lock held for the node's life
+            spool.close(keep_lock=True)
             processor.use_spool(spool)
         state["drainer"] = Drainer(app, processor.settings, processor.spool, node)
 
