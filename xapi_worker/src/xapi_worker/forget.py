@@ -7,8 +7,11 @@ Where a statement can wait, on the broker of the worker's settings and on this h
 - the in-flight lists of the worker nodes (``xapi.inflight.<node>``: taken, not yet
   recorded) and kombu's ``unacked`` hash (recorded, in a worker's hands or waiting for a
   retry's countdown), with its index ``unacked_index``;
-- the spools of this host's nodes (``XAPI_WORKER_SPOOL_DIR``);
-- the dead letters (``XAPI_WORKER_DEAD_LETTER_KEY``) and ``xapi.unreadable``.
+- the spools of this host's nodes (``XAPI_WORKER_SPOOL_DIR``), and the dead letters they
+  keep (deadstore.py);
+- the dead letters of the broker's list (``XAPI_WORKER_DEAD_LETTER_KEY``), with the
+  nodes' claim lists of it (``<in-flight list>.dead_letters``: elements on their way to a
+  node's disk), and ``xapi.unreadable``.
 
 Safe while the workers run. Nothing is rewritten wholesale: each element is removed by its
 exact value (``LREM``), a record of ``unacked`` only if it is still the one read (one
@@ -43,10 +46,11 @@ from typing import Any
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+from .deadstore import DiskDeadLetters, disk_dead_letters
 from .retention import unwrap
 from .settings import QUEUE, Settings
 from .spool import Spool
-from .transport import registry_key, unreadable_key
+from .transport import DEAD_CLAIM, registry_key, unreadable_key
 
 log = logging.getLogger("xapi_worker.forget")
 
@@ -319,10 +323,13 @@ class Forgetter:
         count, held = self._unacked(take_held)
         removed["unacked"] += count
         if self.settings.spool_enabled:
-            count, files, damaged = self._spools()
+            count, dead, files, damaged = self._spools()
             removed["spool"] += count
+            removed["dead_letters"] += dead
             report.spool_files, report.spool_damaged_files = files, damaged
         removed["dead_letters"] += self._lists_remove(self.settings.dead_letter_key)
+        for key in self._inflight_lists():
+            removed["dead_letters"] += self._lists_remove(key + DEAD_CLAIM)
         removed["unreadable"] += self._lists_remove(unreadable_key(QUEUE))
         return held
 
@@ -415,16 +422,19 @@ class Forgetter:
         return removed, held
 
     # --- this host's spools -------------------------------------------------------------------
-    def _spools(self) -> tuple[int, int, int]:
+    def _spools(self) -> tuple[int, int, int, int]:
+        """Statements removed from this host's spools, dead letters removed from them, spool
+        files, damaged files set aside."""
         directory = Path(self.settings.spool_dir)
         if not directory.is_dir():
-            return 0, 0, 0
-        removed = files = damaged = 0
+            return 0, 0, 0, 0
+        removed = dead = files = damaged = 0
         for path in sorted(directory.glob("*.sqlite3")):
             files += 1
             spool = Spool(directory, path.name.removesuffix(".sqlite3"))
             try:
                 removed += self._spool_remove(spool)
+                dead += self._dead_remove(disk_dead_letters(spool, self.settings))
             finally:
                 spool.close()
         damaged = sum(
@@ -432,7 +442,7 @@ class Forgetter:
             for p in directory.glob("*.sqlite3.damaged-*")
             if not p.name.endswith(("-wal", "-shm"))
         )
-        return removed, files, damaged
+        return removed, dead, files, damaged
 
     def _spool_remove(self, spool: Spool) -> int:
         """The learner's rows, found a chunk at a time without holding the write lock (the
@@ -451,3 +461,23 @@ class Forgetter:
             ids.extend(r.id for r in rows if self.learner.matches(r.statement))
             after = rows[-1].id
         return spool.erase(ids)
+
+    def _dead_remove(self, store: DiskDeadLetters) -> int:
+        """The learner's dead letters on this host's disk, found a chunk at a time, then
+        erased by id (their content overwritten in the file, as the spool's rows)."""
+        ids: list[int] = []
+        after = 0
+        while True:
+            try:
+                rows = store.rows(CHUNK, after=after)
+            except sqlite3.DatabaseError as exc:
+                log.error(
+                    "dead letters of %s not read (%s): they are not reached", store.spool.path, exc
+                )
+                return 0
+            if not rows:
+                break
+            # As an element of the broker's list (the same bytes, for one moved from there).
+            ids.extend(row_id for row_id, raw in rows if belongs(self.learner, raw))
+            after = rows[-1][0]
+        return store.delete(ids, secure=True)

@@ -68,6 +68,9 @@ COMPRESSION = "compression"
 INFLIGHT = ".inflight"  # <queue>.inflight: set of the in-flight lists of <queue>
 ALIVE = ".alive"
 SPOOL = ".spool"
+#: <in-flight list>.dead_letters: elements of the broker's dead letters a node has claimed
+#: to move them to its disk (deadstore.move_legacy); empty but for a moment.
+DEAD_CLAIM = ".dead_letters"
 #: How often a consuming node refreshes its heartbeat key, at most (seconds).
 HEARTBEAT_EVERY = 10.0
 #: Kombu's priority lists that producers may have used (see the module docstring).
@@ -101,6 +104,11 @@ def inflight_key(queue: str, node: str) -> str:
 def spool_state_key(queue: str, node: str) -> str:
     """The hash where a node publishes its spool's state (drain.py; read by check_xapi)."""
     return inflight_key(queue, node) + SPOOL
+
+
+def dead_claim_key(queue: str, node: str) -> str:
+    """The list through which a node moves the broker's dead letters to its disk."""
+    return inflight_key(queue, node) + DEAD_CLAIM
 
 
 def unreadable_key(queue: str) -> str:

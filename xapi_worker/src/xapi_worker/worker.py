@@ -29,6 +29,7 @@ from celery_batches.trace import apply_batches_task
 from . import bookkeeping, events
 from .content import TOO_DEEP, printable, problem
 from .deadletters import DeadLetter, RedisAccess
+from .deadstore import DiskDeadLetters, disk_dead_letters
 from .delivery import (
     Answer,
     Item,
@@ -166,6 +167,8 @@ class Processor:
         self.spool: Spool | None = None
         self._failing = 0  # batches in a row the LRS took nothing of (spool on)
         self._spool_warned = -1e9  # monotonic
+        self._disk_dead: DiskDeadLetters | None = None
+        self._dead_warned = -1e9  # monotonic
 
     def __repr__(self) -> str:
         return f"Processor({mask_url(self.settings.lrs_url)!r})"
@@ -389,9 +392,31 @@ class Processor:
     def _keys(item: Item) -> list[str]:
         return [item.key] + [f.key for f in item.followers]
 
+    @property
+    def dead_letters(self) -> DiskDeadLetters | None:
+        """Where this node writes its dead letters: its spool file (deadstore.py); None
+        without a spool (the broker's list, deadletters.RedisAccess)."""
+        if self.spool is None:
+            return None
+        if self._disk_dead is None or self._disk_dead.spool is not self.spool:
+            self._disk_dead = disk_dead_letters(self.spool, self.settings)
+        return self._disk_dead
+
     def _write_dead_letter(self, letter: DeadLetter) -> bool:
+        store = self.dead_letters
         try:
-            self.dead.add(letter)
+            if store is not None:
+                store.add([letter.entry()])
+            else:
+                self.dead.add(letter)
+        except SpoolFull as exc:
+            # The node's dead letters (or its spool file) are full: kept where it is; the
+            # drainer stops the node taking (drain.py) until they have room.
+            now_m = time.monotonic()
+            if now_m - self._dead_warned >= 60:
+                self._dead_warned = now_m
+                log.critical("%s: task %s put back", exc, letter.task_id)
+            return False
         except Exception:
             log.exception("cannot write dead letter for task %s: put back", letter.task_id)
             return False
