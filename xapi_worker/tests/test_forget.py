@@ -15,6 +15,7 @@ from typing import Any
 
 from support import VENV_BIN, Proxy, pod_producer, wait_for, worker_env
 from xapi_testsupport.statements import agent, statement, video_statement
+from xapi_worker.deadstore import DiskDeadLetters
 from xapi_worker.forget import Learner, LearnerError, decode
 from xapi_worker.spool import Entry, Spool, node_file
 
@@ -112,6 +113,7 @@ def _places(client: Any, spool_dir: Path, node: str) -> dict[str, list[Any]]:
     spool = Spool(spool_dir, node)
     try:
         rows = [(r.id, r.statement) for r in spool.rows()]
+        dead_on_disk = [raw for _, raw in DiskDeadLetters(spool, 1 << 30).rows()]
     finally:
         spool.close()
     return {
@@ -121,6 +123,8 @@ def _places(client: Any, spool_dir: Path, node: str) -> dict[str, list[Any]]:
         "unacked_index": sorted(client.zrange("unacked_index", 0, -1)),
         "spool": rows,
         "dead_letters": client.lrange("xapi.dead_letters", 0, -1),
+        "dead_letters_on_disk": dead_on_disk,
+        "dead_letters_claimed": client.lrange(f"xapi.inflight.{node}.dead_letters", 0, -1),
         "unreadable": client.lrange("xapi.unreadable", 0, -1),
     }
 
@@ -174,7 +178,17 @@ def test_forget_removes_the_learner_from_every_place_and_nothing_else(
     spooled = [_of(ALICE, 20), _of({"mbox_sha1sum": sha1}, 21), mentored, _of(BOB, 22)]
     spooled.append(_of(BOB, 23))
     spool.add([Entry(s, f"t{n}", 2, now, now, "HTTP 503") for n, s in enumerate(spooled)])
+    # the node's dead letters on its disk, and on their way there (claimed from the list)
+    DiskDeadLetters(spool, 1 << 30).add(
+        [
+            {"statement": _of(ALICE, 40), "reason": "rejected by the LRS (HTTP 400)"},
+            {"statement": _of(BOB, 41), "reason": "rejected by the LRS (HTTP 400)"},
+        ]
+    )
     spool.close()
+    for n, who in ((42, ALICE), (43, BOB)):
+        letter = {"statement": _of(who, n), "reason": "rejected by the LRS (HTTP 400)"}
+        client.rpush(f"xapi.inflight.{node}.dead_letters", json.dumps(letter))
     # dead letters: two of Alice's (one a malformed task), one of Bob's; unreadable: one each
     for letter in (
         {"statement": _of(ALICE, 30), "reason": "rejected by the LRS (HTTP 400)"},
@@ -193,10 +207,10 @@ def test_forget_removes_the_learner_from_every_place_and_nothing_else(
         "in_flight": 1,
         "unacked": 1,
         "spool": 3,
-        "dead_letters": 2,
+        "dead_letters": 4,  # two in the broker's list, one on the disk, one claimed
         "unreadable": 1,
     }, report
-    assert report["total"] == 12 and report["passes"] == 1 and report["in_workers_hands"] == 0
+    assert report["total"] == 14 and report["passes"] == 1 and report["in_workers_hands"] == 0
     assert report["spool_files"] == 1
     assert "alice" not in (json.dumps(report) + err).lower()
     after = _places(client, spool_dir, node)
