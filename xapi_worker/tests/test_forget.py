@@ -305,3 +305,47 @@ def _spool_depth(directory: Path, node: str) -> int:
         return spool.stats().depth
     finally:
         spool.close()
+
+
+def _alice_queued(client: Any) -> int:
+    """Alice's statements in the queue and unacked (the worker's hands), by id."""
+    found = set()
+    for raw in client.lrange("xapi", 0, -1) + list(client.hvals("unacked")):
+        value = decode(raw)
+        if isinstance(value, list) and len(value) == 2 and _alice_in(value[1]):
+            args = value[1][0] if isinstance(value[1], list) and value[1] else []
+            if args and isinstance(args[0], dict):
+                found.add(args[0].get("id"))
+    return len(found)
+
+
+def test_forget_never_says_complete_while_a_worker_holds_the_learners_statements(
+    redis_srv, ralph, make_config, start_worker
+):
+    """The LRS failing, the spool off: each of Alice's statements is a retry a worker holds
+    for its countdown. The last pass used to remove those records under the worker and report
+    the run complete (exit 0, in_workers_hands 0); the worker then re-published them, and they
+    reached the LRS once it came back (review H2). Now a held record is never counted as
+    removed: the run says it is incomplete (exit 10), or none of Alice's comes back."""
+    proxy = Proxy(
+        upstream_port=ralph.port,
+        respond=lambda _r: (503, {"Content-Type": "application/json"}, b"{}"),
+    ).start()
+    try:
+        config = make_config(proxy.url, XAPI_WORKER_BATCH_SIZE=5)
+        worker = start_worker(config, name="held")
+        client = redis_srv.client()
+        with pod_producer(redis_srv.url()) as delay:
+            for n in range(5):
+                delay(_of(ALICE, n))
+                delay(_of(BOB, 100 + n))
+        assert wait_for(lambda: "retry" in worker.text(), 30), worker.text()[-2000:]
+        code, report, err = _forget(config, ALICE_ON_STDIN, "--wait", "60")
+        time.sleep(5)  # the worker settles what it held: retries back on the queue
+        left = _alice_queued(client)
+        assert code in (0, 10), err
+        assert code == 10 or left == 0, (code, report, left)
+        if code == 10:
+            assert report["in_workers_hands"] > 0, report
+    finally:
+        proxy.stop()

@@ -300,27 +300,34 @@ class Forgetter:
         once its statement is at the LRS, in the spool, in the dead letters or back on the
         queue), then makes another pass, which meets it there. After ``wait_seconds`` in
         all (or MAX_PASSES passes), what is still held is removed from unacked and counted
-        as ``in_hands``: run forget again later."""
+        as ``in_hands``: the run is incomplete (the worker still has those messages, and
+        settles them: a retry comes back on the queue), run forget again later. No pass,
+        the last one included, takes a record a worker holds as removed (that reported
+        a complete run while the worker re-published the learner's statements)."""
         report = Report(spool_enabled=self.settings.spool_enabled)
         give_up_at = self._clock() + self.wait_seconds
         for n in range(MAX_PASSES):
             report.passes = n + 1
             last = n == MAX_PASSES - 1
-            held = self._pass(report, take_held=last)
+            held = self._pass(report)
             if not held:
                 break
             if not self._wait_settled(held, give_up_at) or last:
-                report.in_hands = self._remove_held(held, report)
+                # Each of them is in a worker's hands, or was moved on by it (a retry
+                # re-published) since it was read: not reached, whatever the removal of its
+                # record (which counts in removed when it was still there) says.
+                self._remove_held(held, report)
+                report.in_hands = len(held)
                 break
         return report
 
-    def _pass(self, report: Report, take_held: bool) -> dict[bytes, tuple[bytes, float]]:
+    def _pass(self, report: Report) -> dict[bytes, tuple[bytes, float]]:
         removed = report.removed
         for key in self._queues():
             removed["queue"] += self._lists_remove(key)
         for key in self._inflight_lists():
             removed["in_flight"] += self._lists_remove(key)
-        count, held = self._unacked(take_held)
+        count, held = self._unacked()
         removed["unacked"] += count
         if self.settings.spool_enabled:
             count, dead, files, damaged = self._spools()
@@ -393,13 +400,12 @@ class Forgetter:
             # further on can only make some be read again, never skipped).
             start += len(chunk) - removed
 
-    def _unacked(self, take_held: bool) -> tuple[int, dict[bytes, tuple[bytes, float]]]:
+    def _unacked(self) -> tuple[int, dict[bytes, tuple[bytes, float]]]:
         """Remove the learner's records from unacked that no worker holds (recorded more
         than the visibility timeout ago: their worker is gone); return how many, and those
-        a worker holds, by tag (their record and its time), left in place unless
-        ``take_held``. The tags are read at once (unacked holds what the workers prefetched:
-        a few thousand at most), so the acknowledgements made meanwhile move none; the
-        records a chunk at a time."""
+        a worker holds, by tag (their record and its time), left in place. The tags are read
+        at once (unacked holds what the workers prefetched: a few thousand at most), so the
+        acknowledgements made meanwhile move none; the records a chunk at a time."""
         removed = 0
         held: dict[bytes, tuple[bytes, float]] = {}
         fresh_after = self._clock() - self.settings.visibility_timeout
@@ -415,7 +421,7 @@ class Forgetter:
             for (tag, score), record in zip(chunk, records, strict=True):
                 if record is None or not belongs(self.learner, record):
                     continue
-                if score > fresh_after and not take_held:
+                if score > fresh_after:
                     held[tag] = (record, score)
                 elif self._remove_record(keys=[UNACKED, UNACKED_INDEX], args=[tag, record]):
                     removed += 1
