@@ -462,12 +462,17 @@ def test_list_replay_purge_cover_the_disk_and_the_brokers_list(
         assert [e["kept_in"] for e in other_node] == [LEGACY]
         of_cli = run_cli(config, "dead-letters", "list", "--node", "cli").stdout
         assert len(_json_lines(of_cli)) == 6
-        # replay: back on the queue, removed from wherever they were; delivered
+        # replay: back on the queue, removed from wherever they were; delivered. The dead
+        # letter of a message the worker could not read holds no statement: skipped, kept
+        # (it was sent to the LRS as one, and dead-lettered again under another reason)
+        unreadable = {"statement": {"message_body": "{[", "message_bytes": 2}, "reason": "x"}
+        r.rpush(LEGACY, json.dumps(unreadable))
         proxy.force_status = None
         replay = run_cli(config, "dead-letters", "replay")
         assert replay.returncode == 0, replay.stderr
-        assert "replayed 6" in replay.stdout
-        assert disk_dead_letters(spool_dir) == [] and r.llen(LEGACY) == 0
+        assert "replayed 6 dead letters onto queue xapi; skipped 1" in replay.stdout
+        assert disk_dead_letters(spool_dir) == []
+        assert [json.loads(x) for x in r.lrange(LEGACY, 0, -1)] == [unreadable]
         worker = start_worker(config, name="cli")
         assert wait_for(lambda: len(ralph.stored()) == 6, 30), worker.text()
         # purge: --yes, both places
@@ -481,7 +486,7 @@ def test_list_replay_purge_cover_the_disk_and_the_brokers_list(
         spool.close()
         assert run_cli(config, "dead-letters", "purge").returncode == 2
         purged = run_cli(config, "dead-letters", "purge", "--yes")
-        assert purged.returncode == 0 and "purged 2" in purged.stdout, purged.stderr
+        assert purged.returncode == 0 and "purged 3" in purged.stdout, purged.stderr
         assert disk_dead_letters(spool_dir) == [] and r.llen(LEGACY) == 0
     finally:
         proxy.stop()

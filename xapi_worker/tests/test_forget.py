@@ -349,3 +349,19 @@ def test_forget_never_says_complete_while_a_worker_holds_the_learners_statements
             assert report["in_workers_hands"] > 0, report
     finally:
         proxy.stop()
+
+
+def test_the_dead_letter_of_an_unreadable_message_of_the_learner_is_matched():
+    """A message the worker could not read is dead-lettered with the head of its body as
+    text (consumer.py): the learner's agent is in that text, which forget never looked into
+    (review M4)."""
+    from xapi_worker.consumer import body_summary
+    from xapi_worker.forget import belongs
+
+    class Message:
+        body = json.dumps([[_of(ALICE, 1)], {}, {"nested": [[[[1]]]]}]).encode() + b"\xff"
+
+    letter = {"statement": body_summary(Message()), "reason": "not decodable: ..."}
+    alice = Learner.of({"mbox": "alice.martin@example.org"})
+    assert belongs(alice, json.dumps(letter).encode())
+    assert not belongs(Learner.of({"mbox": "bob.durand@example.org"}), json.dumps(letter))

@@ -18,6 +18,7 @@ import redis
 import requests
 
 from . import __version__
+from .consumer import BODY
 from .content import json_text
 from .deadletters import STATUS_FIELDS, RedisAccess
 from .deadstore import DiskDeadLetters, disk_dead_letters
@@ -223,7 +224,9 @@ def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
         try:
             for remove, entry in _dead_entries(settings, args, access):
                 statement = entry.get("statement")
-                if not isinstance(statement, dict) or "unparsable" in entry:
+                # Not a statement: the head of a message the worker could not read
+                # (consumer.py), which the LRS would refuse under another reason.
+                if not isinstance(statement, dict) or "unparsable" in entry or BODY in statement:
                     skipped += 1
                     continue
                 app.send_task(TASK_NAME, args=[statement])

@@ -31,6 +31,9 @@ log = logging.getLogger("xapi_worker")
 
 #: Dead letters read at once by purge_older.
 PURGE_CHUNK = 500
+#: A dead letter dated further ahead than this (a node whose clock is wrong) is read past
+#: by purge_older, as one without a readable time: it does not hold back the rest.
+CLOCK_SKEW_SECONDS = 3600.0
 #: Timeouts of the connection that records the last delivery: a slow or gone broker must not
 #: hold a delivered batch for long (the acknowledgements then wait for it anyway).
 NOTE_TIMEOUT = 1.0
@@ -166,9 +169,11 @@ class RedisAccess:
     def purge_older(self, days: float, now: float | None = None) -> int:
         """Remove the dead letters written more than ``days`` ago (their ``time``), oldest
         first (the list's head: each is appended), a chunk at a time, stopping at the first
-        one written since: the list is never read whole. An entry without a readable time
-        is kept (and read past). Returns how many were removed."""
-        limit = (time.time() if now is None else now) - days * 86400
+        one written since: the list is never read whole. An entry without a readable time,
+        or dated in the future (a node's clock ahead: it would hold back every later one), is
+        kept and read past. Returns how many were removed."""
+        now = time.time() if now is None else now
+        limit = now - days * 86400
         removed = 0
         start = 0  # entries kept at the head (no readable time)
         while True:
@@ -181,7 +186,7 @@ class RedisAccess:
                 except (ValueError, RecursionError):
                     entry = None
                 written = parse_iso(entry.get("time")) if isinstance(entry, dict) else None
-                if written is None:
+                if written is None or written > now + CLOCK_SKEW_SECONDS:
                     start += 1
                 elif written < limit:
                     removed += int(self.client.lrem(self.key, 1, raw))  # type: ignore[arg-type]

@@ -46,6 +46,7 @@ from typing import Any
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+from .consumer import BODY
 from .deadstore import DiskDeadLetters, disk_dead_letters
 from .retention import unwrap
 from .settings import QUEUE, Settings
@@ -241,7 +242,13 @@ def belongs(learner: Learner, raw: bytes | str) -> bool:
     if value is None:
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         return learner.in_text(text)
-    return learner.matches(value)
+    if learner.matches(value):
+        return True
+    # The dead letter of a message the worker could not read keeps the head of its body as
+    # text (consumer.py): the learner's agent is in that text, not in the JSON around it.
+    statement = value.get("statement") if isinstance(value, Mapping) else None
+    body = statement.get(BODY) if isinstance(statement, Mapping) else None
+    return isinstance(body, str) and (belongs(learner, body) or learner.in_text(body))
 
 
 @dataclass

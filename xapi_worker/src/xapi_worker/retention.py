@@ -49,7 +49,9 @@ log = logging.getLogger("xapi_worker.retention")
 #: The field of a wrapped element of ``xapi.unreadable``: when the worker first met it.
 UNREADABLE_SINCE = "xapi_unreadable_since"
 #: The time in a damaged spool file's name (spool.py's ``_set_aside``).
-DAMAGED_STAMP = re.compile(r"\.damaged-(\d{8}T\d{6}Z)(?:-wal|-shm)?$")
+#: A salvaged one (``<name>.salvaged``, salvage.py) expires by the same time: it holds every
+#: statement the file held.
+DAMAGED_STAMP = re.compile(r"\.damaged-(\d{8}T\d{6}Z)(?:\.salvaged)?(?:-wal|-shm)?$")
 #: Elements of ``xapi.unreadable`` read per LRANGE.
 CHUNK = 500
 
