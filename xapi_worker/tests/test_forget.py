@@ -365,3 +365,33 @@ def test_the_dead_letter_of_an_unreadable_message_of_the_learner_is_matched():
     alice = Learner.of({"mbox": "alice.martin@example.org"})
     assert belongs(alice, json.dumps(letter).encode())
     assert not belongs(Learner.of({"mbox": "bob.durand@example.org"}), json.dumps(letter))
+
+
+def test_forget_is_incomplete_when_a_spool_file_was_not_read(tmp_path, redis_srv, make_config):
+    """A spool file forget cannot read (here of a newer format; damaged or locked alike) may
+    hold the learner's statements: the run used to say it was complete (exit 0; a newer
+    format even stopped it before the dead letters), and a file set aside as damaged, which
+    `spool drain` would put back, was only counted (review M2). Now forget goes on with the
+    other places and exits 10, saying which files it could not read."""
+    import sqlite3
+
+    spool_dir = _spool_dir(tmp_path)
+    config = make_config("http://127.0.0.1:9/xAPI/statements/", XAPI_WORKER_SPOOL_DIR=spool_dir)
+    newer = sqlite3.connect(spool_dir / "newer@host.sqlite3")
+    newer.execute("CREATE TABLE spool (id INTEGER PRIMARY KEY)")
+    newer.execute("PRAGMA user_version = 99")
+    newer.commit()
+    newer.close()
+    client = redis_srv.client()
+    letter = {"statement": _of(ALICE, 1), "reason": "rejected by the LRS (HTTP 400)"}
+    client.rpush("xapi.dead_letters", json.dumps(letter))
+
+    code, report, err = _forget(config, ALICE_ON_STDIN, "--wait", "1")
+
+    assert code == 10, (code, report, err)
+    assert report["spool_files_not_read"] == 1 and report["removed"]["dead_letters"] == 1
+    assert "could not be read" in err and "alice" not in err.lower()
+    (spool_dir / "newer@host.sqlite3").unlink()
+    (spool_dir / "gone@host.sqlite3.damaged-20260101T000000Z").write_bytes(b"x")
+    code, report, err = _forget(config, ALICE_ON_STDIN, "--wait", "1")
+    assert code == 10 and report["spool_damaged_files_not_read"] == 1, (code, report, err)

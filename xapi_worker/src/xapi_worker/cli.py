@@ -66,7 +66,7 @@ EXIT_MEANINGS = {
     Exit.LRS_REJECTED: "LRS rejected the request",
     Exit.LRS_TLS: "LRS TLS verification failed",
     Exit.SPOOL_UNAVAILABLE: "a spool cannot be opened, or a set-aside one not read",
-    Exit.INCOMPLETE: "forget: statements still in a worker's hands (run it again)",
+    Exit.INCOMPLETE: "forget incomplete: statements in a worker's hands, or spool files not read",
 }
 
 
@@ -304,13 +304,23 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     with _broker(settings) as access:
         report = Forgetter(settings, access.client, learner, wait_seconds=args.wait).run()
     print(json.dumps(report.as_dict()))
-    if not report.complete:
+    if report.in_hands:
         print(
             f"forget: {report.in_hands} statements of this learner were still in a worker's "
             f"hands after {args.wait:g} s (a retry's countdown, an LRS not answering): run "
             "forget again later",
             file=sys.stderr,
         )
+    if report.spool_files_not_read or report.spool_damaged_files:
+        print(
+            f"forget: {report.spool_files_not_read} spool files of this host could not be read "
+            f"(see the log above) and {report.spool_damaged_files} were set aside as damaged: "
+            "they may hold this learner's statements. Run forget again once the node has "
+            "started again; a set-aside file is read by no one but `spool drain`, which puts "
+            "its statements back in the node's spool: run forget again right after it",
+            file=sys.stderr,
+        )
+    if not report.complete:
         return Exit.INCOMPLETE
     return Exit.OK
 

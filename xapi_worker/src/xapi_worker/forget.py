@@ -50,7 +50,7 @@ from .consumer import BODY
 from .deadstore import DiskDeadLetters, disk_dead_letters
 from .retention import unwrap
 from .settings import QUEUE, Settings
-from .spool import Spool
+from .spool import Spool, SpoolError
 from .transport import DEAD_CLAIM, registry_key, unreadable_key
 
 log = logging.getLogger("xapi_worker.forget")
@@ -263,11 +263,15 @@ class Report:
     spool_files: int = 0
     #: set-aside damaged spool files: not opened, may hold the learner's statements
     spool_damaged_files: int = 0
+    #: spool files of this host it could not read (damaged, locked, of a newer format)
+    spool_files_not_read: int = 0
     spool_enabled: bool = True
 
     @property
     def complete(self) -> bool:
-        return not self.in_hands
+        """Nothing of the learner's may be left: none in a worker's hands, no spool file
+        (live or set aside as damaged) that may hold some and was not read."""
+        return not (self.in_hands or self.spool_files_not_read or self.spool_damaged_files)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -277,6 +281,7 @@ class Report:
             "in_workers_hands": self.in_hands,
             "spool_files": self.spool_files if self.spool_enabled else None,
             "spool_damaged_files_not_read": self.spool_damaged_files,
+            "spool_files_not_read": self.spool_files_not_read,
         }
 
 
@@ -337,10 +342,11 @@ class Forgetter:
         count, held = self._unacked()
         removed["unacked"] += count
         if self.settings.spool_enabled:
-            count, dead, files, damaged = self._spools()
+            count, dead, files, damaged, not_read = self._spools()
             removed["spool"] += count
             removed["dead_letters"] += dead
             report.spool_files, report.spool_damaged_files = files, damaged
+            report.spool_files_not_read = not_read
         removed["dead_letters"] += self._lists_remove(self.settings.dead_letter_key)
         for key in self._inflight_lists():
             removed["dead_letters"] += self._lists_remove(key + DEAD_CLAIM)
@@ -435,19 +441,27 @@ class Forgetter:
         return removed, held
 
     # --- this host's spools -------------------------------------------------------------------
-    def _spools(self) -> tuple[int, int, int, int]:
+    def _spools(self) -> tuple[int, int, int, int, int]:
         """Statements removed from this host's spools, dead letters removed from them, spool
-        files, damaged files set aside."""
+        files, damaged files set aside, spool files that could not be read (the run is then
+        incomplete: they may hold the learner's statements)."""
         directory = Path(self.settings.spool_dir)
         if not directory.is_dir():
-            return 0, 0, 0, 0
-        removed = dead = files = damaged = 0
+            return 0, 0, 0, 0, 0
+        removed = dead = files = damaged = not_read = 0
         for path in sorted(directory.glob("*.sqlite3")):
             files += 1
             spool = Spool(directory, path.name.removesuffix(".sqlite3"))
             try:
                 removed += self._spool_remove(spool)
                 dead += self._dead_remove(disk_dead_letters(spool, self.settings))
+            except (sqlite3.Error, SpoolError) as exc:
+                not_read += 1
+                log.error(
+                    "spool %s not read (%s): the statements it holds are not reached",
+                    spool.path,
+                    type(exc).__name__,
+                )
             finally:
                 spool.close()
         damaged = sum(
@@ -455,7 +469,7 @@ class Forgetter:
             for p in directory.glob("*.sqlite3.damaged-*")
             if not p.name.endswith(("-wal", "-shm"))
         )
-        return removed, dead, files, damaged
+        return removed, dead, files, damaged, not_read
 
     def _spool_remove(self, spool: Spool) -> int:
         """The learner's rows, found a chunk at a time without holding the write lock (the
@@ -464,11 +478,7 @@ class Forgetter:
         ids: list[int] = []
         after = 0
         while True:
-            try:
-                rows = spool.rows(CHUNK, after=after)
-            except sqlite3.DatabaseError as exc:
-                log.error("spool %s not read (%s): its statements are not reached", spool.path, exc)
-                return 0
+            rows = spool.rows(CHUNK, after=after)  # an error: the file is not read (_spools)
             if not rows:
                 break
             ids.extend(r.id for r in rows if self.learner.matches(r.statement))
@@ -481,13 +491,7 @@ class Forgetter:
         ids: list[int] = []
         after = 0
         while True:
-            try:
-                rows = store.rows(CHUNK, after=after)
-            except sqlite3.DatabaseError as exc:
-                log.error(
-                    "dead letters of %s not read (%s): they are not reached", store.spool.path, exc
-                )
-                return 0
+            rows = store.rows(CHUNK, after=after)  # an error: the file is not read (_spools)
             if not rows:
                 break
             # As an element of the broker's list (the same bytes, for one moved from there).
