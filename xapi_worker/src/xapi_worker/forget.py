@@ -396,6 +396,21 @@ class Forgetter:
         return sorted(m.decode() for m in members)
 
     def _lists_remove(self, key: str) -> int:
+        """Remove the learner's elements of list ``key`` (:meth:`_read_remove`). The worker's
+        own passes may remove elements near the head meanwhile (the hourly purge of the dead
+        letters, the dating of ``xapi.unreadable``), which shifts the rest left past where
+        this one reads: when the list lost more than this removed, it is read again (at most
+        MAX_PASSES times)."""
+        total = 0
+        for _ in range(MAX_PASSES):
+            before = int(self.client.llen(key))  # type: ignore[arg-type]
+            removed = self._read_remove(key)
+            total += removed
+            if before - int(self.client.llen(key)) <= removed:  # type: ignore[arg-type]
+                break
+        return total
+
+    def _read_remove(self, key: str) -> int:
         """Remove the learner's elements of list ``key``, read a chunk at a time from its left
         end, where producers push: a push moves the elements read to higher indices, so none
         is skipped (they may be read twice); consumers take from the right end, which moves
