@@ -556,6 +556,31 @@ def test_spool_filling_then_full_two_nodes(tmp_path, redis_srv):
     assert prometheus(config)[("xapi_statements_spooled_total", (broker,))] == 57
 
 
+def test_dead_letters_on_the_nodes_disks_are_counted_with_the_brokers_list(tmp_path, redis_srv):
+    """A node with a spool keeps its dead letters on its disk and reports them in its state
+    (deadstore.py): they count with the broker's list, which a node without a spool (or of
+    an older release) still writes; a node whose dead letters are full stops taking (full)."""
+    r = redis_srv.client()
+    now = time.time()
+    set_node(r, "enc1", dead_letters=7, dead_new=2, dead_oldest=now - 5000, dead_full=0)
+    set_node(r, "enc2", dead_letters=3, dead_new=0, dead_oldest=now - 90000, dead_full=0)
+    long_ago = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 172800))
+    recent = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 60))
+    for when in (long_ago, recent):
+        r.rpush("xapi.dead_letters", json.dumps({"statement": {}, "reason": "x", "time": when}))
+    config = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)], "nodes_expected": 2})
+    result = check(config)
+    assert result.code == 1, result.line
+    perf = result.perf()
+    assert perf["dead_letters"][0] == 7 + 3 + 2
+    assert perf["dead_new"][0] == 2 + 0 + 1
+    assert "12 dead letters (3 new)" in result.text
+    # dead letters full: the node's state says full, CRITICAL as a full spool
+    r.hset("xapi.inflight.enc2.spool", mapping={"full": "1", "dead_full": "1"})
+    full = check(config)
+    assert full.code == 2 and "spool of node enc2 full" in full.text, full.line
+
+
 def test_spool_stale_and_damaged(tmp_path, redis_srv):
     r = redis_srv.client()
     now = time.time()

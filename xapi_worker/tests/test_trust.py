@@ -23,6 +23,7 @@ from support import (
     LRS_USER,
     Proxy,
     RedisServer,
+    disk_dead_letters,
     pod_producer,
     wait_for,
 )
@@ -37,8 +38,10 @@ from xapi_worker.transport import ALIAS, HEADER_KEY_OPTION
 JSON = {"Content-Type": "application/json"}
 
 
-def _dead(r) -> list[dict]:
-    return [json.loads(raw) for raw in r.lrange("xapi.dead_letters", 0, -1)]
+def _dead(r, spool_dir=None) -> list[dict]:
+    """The dead letters in the broker's list and, with the spool on, on the disk."""
+    kept = [json.loads(raw) for raw in r.lrange("xapi.dead_letters", 0, -1)]
+    return kept + (disk_dead_letters(spool_dir) if spool_dir is not None else [])
 
 
 def test_a_maintenance_page_answering_200_is_not_a_delivery(
@@ -650,9 +653,9 @@ def test_a_far_retry_after_then_a_broken_backend_through_the_spool_lose_nothing(
         worker = start_worker(config, name="far")  # wakes the parked rows at start
         wanted = sorted(s["id"] for s in valid)
         assert wait_for(lambda: sorted(ralph.stored_ids()) == wanted, 120), worker.text()[-3000:]
-        assert wait_for(lambda: len(_dead(r)) == len(bad), 60), worker.text()[-3000:]
+        assert wait_for(lambda: len(_dead(r, spool_dir)) == len(bad), 60), worker.text()[-3000:]
         assert wait_for(lambda: depth() == 0, 30)
-        dead = _dead(r)
+        dead = _dead(r, spool_dir)
         assert {d["statement"]["id"] for d in dead} == {s["id"] for s in bad}
         assert all(400 <= d["status"] < 500 for d in dead), [d["reason"] for d in dead]
         assert mode["posts"] > 10  # the broken backend answered its share

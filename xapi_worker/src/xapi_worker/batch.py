@@ -19,6 +19,7 @@ from celery_batches import SimpleRequest
 
 from . import bookkeeping, events
 from .deadletters import DeadLetter, RedisAccess
+from .deadstore import DiskDeadLetters, disk_dead_letters
 from .delivery import (
     Answer,
     Item,
@@ -105,6 +106,7 @@ class Processor:
         # process at start (use_spool), before the pool processes are forked.
         self.spool = spool
         self._failing = 0  # batches in a row the LRS took nothing of (spool on)
+        self._disk_dead: DiskDeadLetters | None = None
         self.settler = Settler(
             settings,
             self.metrics,
@@ -112,6 +114,7 @@ class Processor:
             partial(node_name, app),
             retries or self._live_retries(),
             self._hold_for,
+            lambda: self.dead_letters,
         )
 
     def __repr__(self) -> str:
@@ -130,9 +133,19 @@ class Processor:
             return ToSpool(self.spool, self.settings, self.metrics, node)
         return Republish(self.app, self.settings, self.key, self.metrics, node)
 
+    @property
+    def dead_letters(self) -> DiskDeadLetters | None:
+        """Where this node writes its dead letters: its spool file (deadstore.py); None
+        without a spool (the broker's list, deadletters.RedisAccess)."""
+        if self.spool is None:
+            return None
+        if self._disk_dead is None or self._disk_dead.spool is not self.spool:
+            self._disk_dead = disk_dead_letters(self.spool, self.settings)
+        return self._disk_dead
+
     def write_dead_letter(self, letter: DeadLetter) -> bool:
         """Write the dead letter of a message that cannot be delivered (settle.py)."""
-        return write_dead_letter(self.dead, self.metrics, letter, self.node)
+        return write_dead_letter(self.dead, self.metrics, letter, self.node, self.dead_letters)
 
     @property
     def node(self) -> str:

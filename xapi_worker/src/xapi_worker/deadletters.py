@@ -1,5 +1,11 @@
-"""Dead letters: a Redis list (``XAPI_WORKER_DEAD_LETTER_KEY``, default ``xapi.dead_letters``)
-in the broker's database, one JSON object per statement the LRS refused for good."""
+"""Dead letters: one JSON object per statement the worker gives up on (:class:`DeadLetter`).
+
+A node with a spool keeps them on its host's disk, in its spool file (deadstore.py). The
+broker's list (``XAPI_WORKER_DEAD_LETTER_KEY``, default ``xapi.dead_letters``), where they
+were kept before, is still where a node without a spool writes them; the nodes with a spool
+move what it holds to their disk (deadstore.move_legacy), and ``xapi-worker dead-letters``
+reads both. :class:`RedisAccess` is the broker's side: that list, the last delivery, the
+status."""
 
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ log = logging.getLogger("xapi_worker")
 
 #: Dead letters read at once by purge_older.
 PURGE_CHUNK = 500
+#: A dead letter dated further ahead than this (a node whose clock is wrong) is read past
+#: by purge_older, as one without a readable time: it does not hold back the rest.
+CLOCK_SKEW_SECONDS = 3600.0
 #: Timeouts of the connection that records the last delivery: a slow or gone broker must not
 #: hold a delivered batch for long (the acknowledgements then wait for it anyway).
 NOTE_TIMEOUT = 1.0
@@ -64,6 +73,7 @@ class DeadLetter:
 STATUS_FIELDS = (
     "queue",
     "dead_letters",
+    "dead_letters_broker",
     "unacked",
     "in_flight",
     "unreadable",
@@ -120,15 +130,17 @@ class RedisAccess:
             except ValueError:
                 yield raw, {"unparsable": raw.decode("utf-8", "replace")}
 
-    def remove(self, raw: bytes) -> None:
-        self.client.lrem(self.key, 1, raw)  # type: ignore[arg-type]
+    def remove(self, raw: bytes) -> int:
+        return int(self.client.lrem(self.key, 1, raw))  # type: ignore[arg-type]
 
     def purge_older(self, days: float, now: float | None = None) -> int:
         """Remove the dead letters written more than ``days`` ago (their ``time``), oldest
         first (the list's head: each is appended), a chunk at a time, stopping at the first
-        one written since: the list is never read whole. An entry without a readable time
-        is kept (and read past). Returns how many were removed."""
-        limit = (time.time() if now is None else now) - days * 86400
+        one written since: the list is never read whole. An entry without a readable time,
+        or dated in the future (a node's clock ahead: it would hold back every later one), is
+        kept and read past. Returns how many were removed."""
+        now = time.time() if now is None else now
+        limit = now - days * 86400
         removed = 0
         start = 0  # entries kept at the head (no readable time)
         while True:
@@ -141,7 +153,7 @@ class RedisAccess:
                 except (ValueError, RecursionError):
                     entry = None
                 written = parse_iso(entry.get("time")) if isinstance(entry, dict) else None
-                if written is None:
+                if written is None or written > now + CLOCK_SKEW_SECONDS:
                     start += 1
                 elif written < limit:
                     removed += int(self.client.lrem(self.key, 1, raw))  # type: ignore[arg-type]
@@ -184,7 +196,9 @@ class RedisAccess:
                 spools.append((key, fields))
         state: dict[str, Any] = {
             "queue": int(queue),
-            "dead_letters": int(dead),
+            # on the nodes' disks (as they publish it) and in the broker's list
+            "dead_letters": int(dead) + sum(int(h.get("dead_letters") or 0) for _, h in spools),
+            "dead_letters_broker": int(dead),
             "unacked": int(unacked),
             # taken by a node, not yet recorded in unacked: returned when the node restarts
             "in_flight": sum(int(n) for n in in_flight),
@@ -207,6 +221,7 @@ def spool_summary(spools: list[tuple[str, dict[str, str]]]) -> dict[str, Any]:
     oldest = [float(h["oldest"]) for _, h in spools if h.get("oldest")]
     prefix = len(QUEUE + INFLIGHT + ".")
     set_aside = [float(h["damaged_since"]) for _, h in spools if h.get("damaged_since")]
+    dead_oldest = [float(h["dead_oldest"]) for _, h in spools if h.get("dead_oldest")]
     return {
         "spool": sum(int(h.get("depth") or 0) for _, h in spools),
         "spool_oldest_age_s": round(now - min(oldest), 1) if oldest else None,
@@ -220,4 +235,8 @@ def spool_summary(spools: list[tuple[str, dict[str, str]]]) -> dict[str, Any]:
             for name in (h.get("damaged_files") or "").split()
         ),
         "spool_damaged_age_s": round(now - min(set_aside), 1) if set_aside else None,
+        # the nodes' dead letters on their disks (deadstore.py)
+        "dead_letters_new": sum(int(h.get("dead_new") or 0) for _, h in spools),
+        "dead_letters_oldest_age_s": round(now - min(dead_oldest), 1) if dead_oldest else None,
+        "dead_letters_full": sorted(key[prefix:] for key, h in spools if h.get("dead_full") == "1"),
     }

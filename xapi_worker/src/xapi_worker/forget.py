@@ -7,8 +7,11 @@ Where a statement can wait, on the broker of the worker's settings and on this h
 - the in-flight lists of the worker nodes (``xapi.inflight.<node>``: taken, not yet
   recorded) and kombu's ``unacked`` hash (recorded, in a worker's hands or waiting for a
   retry's countdown), with its index ``unacked_index``;
-- the spools of this host's nodes (``XAPI_WORKER_SPOOL_DIR``);
-- the dead letters (``XAPI_WORKER_DEAD_LETTER_KEY``) and ``xapi.unreadable``.
+- the spools of this host's nodes (``XAPI_WORKER_SPOOL_DIR``), and the dead letters they
+  keep (deadstore.py);
+- the dead letters of the broker's list (``XAPI_WORKER_DEAD_LETTER_KEY``), with the
+  nodes' claim lists of it (``<in-flight list>.dead_letters``: elements on their way to a
+  node's disk), and ``xapi.unreadable``.
 
 Safe while the workers run. Nothing is rewritten wholesale: each element is removed by its
 exact value (``LREM``), a record of ``unacked`` only if it is still the one read (one
@@ -43,10 +46,12 @@ from typing import Any
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
-from .names import QUEUE, UNACKED, UNACKED_INDEX, registry_key, unreadable_key
+from .consumer import BODY
+from .deadstore import DiskDeadLetters, disk_dead_letters
+from .names import DEAD_CLAIM, QUEUE, UNACKED, UNACKED_INDEX, registry_key, unreadable_key
 from .retention import unwrap
 from .settings import Settings
-from .spool import Spool
+from .spool import Spool, SpoolError
 
 log = logging.getLogger("xapi_worker.forget")
 
@@ -233,7 +238,13 @@ def belongs(learner: Learner, raw: bytes | str) -> bool:
     if value is None:
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         return learner.in_text(text)
-    return learner.matches(value)
+    if learner.matches(value):
+        return True
+    # The dead letter of a message the worker could not read keeps the head of its body as
+    # text (consumer.py): the learner's agent is in that text, not in the JSON around it.
+    statement = value.get("statement") if isinstance(value, Mapping) else None
+    body = statement.get(BODY) if isinstance(statement, Mapping) else None
+    return isinstance(body, str) and (belongs(learner, body) or learner.in_text(body))
 
 
 @dataclass
@@ -248,11 +259,15 @@ class Report:
     spool_files: int = 0
     #: set-aside damaged spool files: not opened, may hold the learner's statements
     spool_damaged_files: int = 0
+    #: spool files of this host it could not read (damaged, locked, of a newer format)
+    spool_files_not_read: int = 0
     spool_enabled: bool = True
 
     @property
     def complete(self) -> bool:
-        return not self.in_hands
+        """Nothing of the learner's may be left: none in a worker's hands, no spool file
+        (live or set aside as damaged) that may hold some and was not read."""
+        return not (self.in_hands or self.spool_files_not_read or self.spool_damaged_files)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -262,6 +277,7 @@ class Report:
             "in_workers_hands": self.in_hands,
             "spool_files": self.spool_files if self.spool_enabled else None,
             "spool_damaged_files_not_read": self.spool_damaged_files,
+            "spool_files_not_read": self.spool_files_not_read,
         }
 
 
@@ -292,33 +308,44 @@ class Forgetter:
         once its statement is at the LRS, in the spool, in the dead letters or back on the
         queue), then makes another pass, which meets it there. After ``wait_seconds`` in
         all (or MAX_PASSES passes), what is still held is removed from unacked and counted
-        as ``in_hands``: run forget again later."""
+        as ``in_hands``: the run is incomplete (the worker still has those messages, and
+        settles them: a retry comes back on the queue), run forget again later. No pass,
+        the last one included, takes a record a worker holds as removed (that reported
+        a complete run while the worker re-published the learner's statements)."""
         report = Report(spool_enabled=self.settings.spool_enabled)
         give_up_at = self._clock() + self.wait_seconds
         for n in range(MAX_PASSES):
             report.passes = n + 1
             last = n == MAX_PASSES - 1
-            held = self._pass(report, take_held=last)
+            held = self._pass(report)
             if not held:
                 break
             if not self._wait_settled(held, give_up_at) or last:
-                report.in_hands = self._remove_held(held, report)
+                # Each of them is in a worker's hands, or was moved on by it (a retry
+                # re-published) since it was read: not reached, whatever the removal of its
+                # record (which counts in removed when it was still there) says.
+                self._remove_held(held, report)
+                report.in_hands = len(held)
                 break
         return report
 
-    def _pass(self, report: Report, take_held: bool) -> dict[bytes, tuple[bytes, float]]:
+    def _pass(self, report: Report) -> dict[bytes, tuple[bytes, float]]:
         removed = report.removed
         for key in self._queues():
             removed["queue"] += self._lists_remove(key)
         for key in self._inflight_lists():
             removed["in_flight"] += self._lists_remove(key)
-        count, held = self._unacked(take_held)
+        count, held = self._unacked()
         removed["unacked"] += count
         if self.settings.spool_enabled:
-            count, files, damaged = self._spools()
+            count, dead, files, damaged, not_read = self._spools()
             removed["spool"] += count
+            removed["dead_letters"] += dead
             report.spool_files, report.spool_damaged_files = files, damaged
+            report.spool_files_not_read = not_read
         removed["dead_letters"] += self._lists_remove(self.settings.dead_letter_key)
+        for key in self._inflight_lists():
+            removed["dead_letters"] += self._lists_remove(key + DEAD_CLAIM)
         removed["unreadable"] += self._lists_remove(unreadable_key(QUEUE))
         return held
 
@@ -365,6 +392,21 @@ class Forgetter:
         return sorted(m.decode() for m in members)
 
     def _lists_remove(self, key: str) -> int:
+        """Remove the learner's elements of list ``key`` (:meth:`_read_remove`). The worker's
+        own passes may remove elements near the head meanwhile (the hourly purge of the dead
+        letters, the dating of ``xapi.unreadable``), which shifts the rest left past where
+        this one reads: when the list lost more than this removed, it is read again (at most
+        MAX_PASSES times)."""
+        total = 0
+        for _ in range(MAX_PASSES):
+            before = int(self.client.llen(key))  # type: ignore[arg-type]
+            removed = self._read_remove(key)
+            total += removed
+            if before - int(self.client.llen(key)) <= removed:  # type: ignore[arg-type]
+                break
+        return total
+
+    def _read_remove(self, key: str) -> int:
         """Remove the learner's elements of list ``key``, read a chunk at a time from its left
         end, where producers push: a push moves the elements read to higher indices, so none
         is skipped (they may be read twice); consumers take from the right end, which moves
@@ -382,13 +424,12 @@ class Forgetter:
             # further on can only make some be read again, never skipped).
             start += len(chunk) - removed
 
-    def _unacked(self, take_held: bool) -> tuple[int, dict[bytes, tuple[bytes, float]]]:
+    def _unacked(self) -> tuple[int, dict[bytes, tuple[bytes, float]]]:
         """Remove the learner's records from unacked that no worker holds (recorded more
         than the visibility timeout ago: their worker is gone); return how many, and those
-        a worker holds, by tag (their record and its time), left in place unless
-        ``take_held``. The tags are read at once (unacked holds what the workers prefetched:
-        a few thousand at most), so the acknowledgements made meanwhile move none; the
-        records a chunk at a time."""
+        a worker holds, by tag (their record and its time), left in place. The tags are read
+        at once (unacked holds what the workers prefetched: a few thousand at most), so the
+        acknowledgements made meanwhile move none; the records a chunk at a time."""
         removed = 0
         held: dict[bytes, tuple[bytes, float]] = {}
         fresh_after = self._clock() - self.settings.visibility_timeout
@@ -404,23 +445,34 @@ class Forgetter:
             for (tag, score), record in zip(chunk, records, strict=True):
                 if record is None or not belongs(self.learner, record):
                     continue
-                if score > fresh_after and not take_held:
+                if score > fresh_after:
                     held[tag] = (record, score)
                 elif self._remove_record(keys=[UNACKED, UNACKED_INDEX], args=[tag, record]):
                     removed += 1
         return removed, held
 
     # --- this host's spools -------------------------------------------------------------------
-    def _spools(self) -> tuple[int, int, int]:
+    def _spools(self) -> tuple[int, int, int, int, int]:
+        """Statements removed from this host's spools, dead letters removed from them, spool
+        files, damaged files set aside, spool files that could not be read (the run is then
+        incomplete: they may hold the learner's statements)."""
         directory = Path(self.settings.spool_dir)
         if not directory.is_dir():
-            return 0, 0, 0
-        removed = files = damaged = 0
+            return 0, 0, 0, 0, 0
+        removed = dead = files = damaged = not_read = 0
         for path in sorted(directory.glob("*.sqlite3")):
             files += 1
             spool = Spool(directory, path.name.removesuffix(".sqlite3"))
             try:
                 removed += self._spool_remove(spool)
+                dead += self._dead_remove(disk_dead_letters(spool, self.settings))
+            except (sqlite3.Error, SpoolError) as exc:
+                not_read += 1
+                log.error(
+                    "spool %s not read (%s): the statements it holds are not reached",
+                    spool.path,
+                    type(exc).__name__,
+                )
             finally:
                 spool.close()
         damaged = sum(
@@ -428,7 +480,7 @@ class Forgetter:
             for p in directory.glob("*.sqlite3.damaged-*")
             if not p.name.endswith(("-wal", "-shm"))
         )
-        return removed, files, damaged
+        return removed, dead, files, damaged, not_read
 
     def _spool_remove(self, spool: Spool) -> int:
         """The learner's rows, found a chunk at a time without holding the write lock (the
@@ -437,13 +489,23 @@ class Forgetter:
         ids: list[int] = []
         after = 0
         while True:
-            try:
-                rows = spool.rows(CHUNK, after=after)
-            except sqlite3.DatabaseError as exc:
-                log.error("spool %s not read (%s): its statements are not reached", spool.path, exc)
-                return 0
+            rows = spool.rows(CHUNK, after=after)  # an error: the file is not read (_spools)
             if not rows:
                 break
             ids.extend(r.id for r in rows if self.learner.matches(r.statement))
             after = rows[-1].id
         return spool.erase(ids)
+
+    def _dead_remove(self, store: DiskDeadLetters) -> int:
+        """The learner's dead letters on this host's disk, found a chunk at a time, then
+        erased by id (their content overwritten in the file, as the spool's rows)."""
+        ids: list[int] = []
+        after = 0
+        while True:
+            rows = store.rows(CHUNK, after=after)  # an error: the file is not read (_spools)
+            if not rows:
+                break
+            # As an element of the broker's list (the same bytes, for one moved from there).
+            ids.extend(row_id for row_id, raw in rows if belongs(self.learner, raw))
+            after = rows[-1][0]
+        return store.delete(ids, secure=True)

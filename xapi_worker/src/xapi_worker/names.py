@@ -62,6 +62,16 @@ def spool_state_key(queue: str, node: str) -> str:
     return inflight_key(queue, node) + SPOOL
 
 
+#: <in-flight list>.dead_letters: elements of the broker's dead letters a node has claimed
+#: to move them to its disk (deadstore.move_legacy); empty but for a moment.
+DEAD_CLAIM = ".dead_letters"
+
+
+def dead_claim_key(queue: str, node: str) -> str:
+    """The list through which a node moves the broker's dead letters to its disk."""
+    return inflight_key(queue, node) + DEAD_CLAIM
+
+
 def unreadable_key(queue: str = QUEUE) -> str:
     """Where the worker sets aside what it found on ``queue`` that is not a message."""
     return queue + UNREADABLE
@@ -132,6 +142,13 @@ SPOOL_DAMAGED = "damaged"
 SPOOL_DAMAGED_FILES = "damaged_files"
 SPOOL_DAMAGED_SINCE = "damaged_since"
 SPOOL_UPDATED = "updated"
+# the node's dead letters, on its disk (deadstore.py)
+SPOOL_DEAD_LETTERS = "dead_letters"
+SPOOL_DEAD_NEW = "dead_new"
+SPOOL_DEAD_OLDEST = "dead_oldest"
+SPOOL_DEAD_BYTES = "dead_bytes"
+SPOOL_DEAD_MAX_BYTES = "dead_max_bytes"
+SPOOL_DEAD_FULL = "dead_full"
 #: What a node publishes of its spool, read back by ``status`` and ``check_xapi``.
 SPOOL_FIELDS = (
     SPOOL_DEPTH,
@@ -143,4 +160,10 @@ SPOOL_FIELDS = (
     SPOOL_DAMAGED_FILES,
     SPOOL_DAMAGED_SINCE,
     SPOOL_UPDATED,
+    SPOOL_DEAD_LETTERS,
+    SPOOL_DEAD_NEW,
+    SPOOL_DEAD_OLDEST,
+    SPOOL_DEAD_BYTES,
+    SPOOL_DEAD_MAX_BYTES,
+    SPOOL_DEAD_FULL,
 )

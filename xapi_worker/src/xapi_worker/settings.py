@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from .content import MAX_STATEMENT_BYTES
 from .names import DEAD_LETTERS
-from .spool import min_max_bytes
+from .spool import batch_bytes, min_max_bytes
 from .urls import mask_url
 
 CONFIG_ENV = "XAPI_WORKER_CONFIG"
@@ -172,6 +172,9 @@ class Settings:
     dead_letter_retention_days: int = setting(
         "XAPI_WORKER_DEAD_LETTER_RETENTION_DAYS", _non_negative_int, 30
     )
+    # With the spool on, a node's dead letters are kept in its spool file (deadstore.py), up
+    # to this many MiB (within the spool's own limit, which covers the whole file).
+    dead_letter_max_mb: int = setting("XAPI_WORKER_DEAD_LETTER_MAX_MB", _positive_int, 512)
 
     @property
     def broker_url_masked(self) -> str:
@@ -244,6 +247,14 @@ def settings_from_mapping(values: Mapping[str, str]) -> Settings:
             f"XAPI_WORKER_SPOOL_MAX_MB must be 0 (automatic) or at least {smallest} with "
             f"XAPI_WORKER_BATCH_SIZE={settings.batch_size} (four batches of the largest "
             f"statements, {MAX_STATEMENT_BYTES // 1024} KiB): it is {settings.spool_max_mb}"
+        )
+    # A node's dead letters count as full with less room than one batch of the largest.
+    smallest = -(-2 * batch_bytes(settings.batch_size) // 1024**2)
+    if settings.spool_enabled and settings.dead_letter_max_mb < smallest:
+        raise SettingsError(
+            f"XAPI_WORKER_DEAD_LETTER_MAX_MB must be at least {smallest} with "
+            f"XAPI_WORKER_BATCH_SIZE={settings.batch_size} (two batches of the largest "
+            f"statements): it is {settings.dead_letter_max_mb}"
         )
     return settings
 

@@ -15,6 +15,7 @@ could not be recorded: their messages go back to the broker, their rows stay as 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,10 +23,12 @@ from typing import Protocol
 from . import events
 from .content import printable
 from .deadletters import DeadLetter, RedisAccess
+from .deadstore import DiskDeadLetters
 from .delivery import Answer, Item, Kind, Result, Verdict
 from .metrics import Metrics
 from .names import DEAD_LETTERED, DELIVERED
 from .settings import Settings
+from .spool import SpoolFull
 from .urls import mask_url
 
 log = logging.getLogger("xapi_worker")
@@ -47,11 +50,33 @@ def too_old(item: Item, answer: Answer, now: float, settings: Settings) -> str |
     return None
 
 
-def write_dead_letter(dead: RedisAccess, metrics: Metrics, letter: DeadLetter, node: str) -> bool:
-    """Write ``letter``, count it, say so (event ``dead_letter``); False, logged, when it
-    cannot be written: its message then goes back."""
+#: monotonic time of the last "dead letters full" message (one a minute at most)
+_full_warned = [-1e9]
+
+
+def write_dead_letter(
+    dead: RedisAccess,
+    metrics: Metrics,
+    letter: DeadLetter,
+    node: str,
+    disk: DiskDeadLetters | None = None,
+) -> bool:
+    """Write ``letter`` (to the node's disk, ``disk``, when its spool is on; to the broker's
+    list otherwise), count it, say so (event ``dead_letter``); False, logged, when it cannot
+    be written: its message then goes back."""
     try:
-        dead.add(letter)
+        if disk is not None:
+            disk.add([letter.entry()])
+        else:
+            dead.add(letter)
+    except SpoolFull as exc:
+        # The node's dead letters (or its spool file) are full: kept where it is; the
+        # drainer stops the node taking (drain.py) until they have room.
+        now_m = time.monotonic()
+        if now_m - _full_warned[0] >= 60:
+            _full_warned[0] = now_m
+            log.critical("%s: task %s put back", exc, letter.task_id)
+        return False
     except Exception:
         log.exception("cannot write dead letter for task %s: put back", letter.task_id)
         return False
@@ -108,6 +133,7 @@ class Settler:
         node: Callable[[], str],
         retries: Retries,
         hold_for: Callable[[float], None],
+        disk: Callable[[], DiskDeadLetters | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -115,6 +141,7 @@ class Settler:
         self.node = node
         self.retries = retries
         self.hold_for = hold_for
+        self.disk = disk  # the node's dead letters on its disk (None: the broker's list)
 
     def settle(
         self, results: list[Result], now: float, hold: float = 0.0, batch: int = 0
@@ -164,7 +191,7 @@ class Settler:
             first_seen=item.first_seen,
             conflict=res.conflict,
         )
-        if not write_dead_letter(self.dead, self.metrics, letter, self.node()):
+        if not write_dead_letter(self.dead, self.metrics, letter, self.node(), self.disk()):
             return False
         log.warning(
             "dead letter: statement %s (task %s, attempt %d): %s: %s",

@@ -82,8 +82,9 @@ SETTING_ASIDE = ".setting-aside"
 BUSY_TIMEOUT_MS = 10_000
 #: The spool's file format (``PRAGMA user_version``). 2 added ``lone_failures``; 3 the
 #: depth kept by triggers and the index of ``first_seen`` (no scan of the table to count
-#: it). Older formats are migrated at open; a newer one is refused (:class:`SpoolNewer`).
-SCHEMA_VERSION = 3
+#: it); 4 the node's dead letters (deadstore.py). Older formats are migrated at open; a
+#: newer one is refused (:class:`SpoolNewer`).
+SCHEMA_VERSION = 4
 AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 #: The drainer, idle, compacts the spool once it could give back more than this.
 SHRINK_ABOVE_BYTES = 512 * 1024
@@ -117,13 +118,38 @@ CREATE TRIGGER spool_removed AFTER DELETE ON spool
     BEGIN UPDATE spool_depth SET depth = depth - 1; END;
 """
 
+#: Format 4: the node's dead letters (deadstore.py), in the same file, so that they have
+#: its protections (0600, fsync-ed commits, the checks and set-aside of a damaged file) and
+#: take the disk's room instead of the broker's memory. ``entry`` is the dead letter's JSON
+#: (UTF-8 bytes); ``bytes`` what it counts against XAPI_WORKER_DEAD_LETTER_MAX_MB (kept
+#: summed with the count by triggers: no scan); ``origin`` the SHA-256 of the element of
+#: the broker's list it was moved from (NULL: written here), unique, so a move that is done
+#: again after a crash adds nothing twice.
+_DEAD = """
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    entry BLOB NOT NULL,
+    written_at REAL NOT NULL,
+    bytes INTEGER NOT NULL,
+    origin TEXT UNIQUE
+);
+CREATE INDEX dead_letters_written ON dead_letters (written_at);
+CREATE TABLE dead_letter_size (count INTEGER NOT NULL, bytes INTEGER NOT NULL);
+INSERT INTO dead_letter_size VALUES (0, 0);
+CREATE TRIGGER dead_letter_added AFTER INSERT ON dead_letters
+    BEGIN UPDATE dead_letter_size SET count = count + 1, bytes = bytes + NEW.bytes; END;
+CREATE TRIGGER dead_letter_removed AFTER DELETE ON dead_letters
+    BEGIN UPDATE dead_letter_size SET count = count - 1, bytes = bytes - OLD.bytes; END;
+"""
+
 #: A new file (format 0) is given this, of format SCHEMA_VERSION.
-_NEW = _TABLE + _COUNTED
+_NEW = _TABLE + _COUNTED + _DEAD
 #: What brings a file of the format of the key to the next one, in place (its rows kept).
 #: From 2 to 3 the rows are counted once (a scan, once in a file's life).
 _MIGRATIONS: dict[int, str] = {
     1: "ALTER TABLE spool ADD COLUMN lone_failures INTEGER NOT NULL DEFAULT 0;",
     2: _COUNTED,
+    3: _DEAD,
 }
 
 _COLUMNS = (
@@ -538,6 +564,8 @@ class Spool:
             return f"unknown spool format {version}"
         conn.execute("SELECT depth FROM spool_depth").fetchone()
         conn.execute(f"SELECT {_COLUMNS} FROM spool WHERE id = 0").fetchone()  # noqa: S608
+        conn.execute("SELECT count, bytes FROM dead_letter_size").fetchone()
+        conn.execute("SELECT entry, written_at, origin FROM dead_letters WHERE id = 0").fetchone()
         if whole:
             if self._checked_mark.exists():
                 return (
@@ -554,6 +582,10 @@ class Spool:
             try:
                 conn.execute("REINDEX")
                 conn.execute("UPDATE spool_depth SET depth = (SELECT count(*) FROM spool)")
+                conn.execute(
+                    "UPDATE dead_letter_size SET count = (SELECT count(*) FROM dead_letters),"
+                    " bytes = (SELECT coalesce(sum(bytes), 0) FROM dead_letters)"
+                )
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
@@ -709,6 +741,22 @@ class Spool:
         return int((pages - free) * page)
 
     # --- writes ----------------------------------------------------------------------------------
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, fsync-ed), for the other tables of
+        the file (deadstore.py); a damage met marks the file for the next open's check."""
+        return self._transaction()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for reads, a damage met marking the file (as :meth:`_rows`)."""
+        conn = self._connect()
+        with self._watch():
+            yield conn
+
+    def used_bytes(self) -> int:
+        """What the file's pages hold (its statements and its dead letters)."""
+        return self._used_bytes()
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         conn = self._connect()
@@ -861,7 +909,10 @@ class Spool:
             # Each step of this statement frees one page, and the sqlite3 module's execute()
             # steps it once: executescript() runs it to its end.
             conn.executescript("PRAGMA incremental_vacuum;")
-        elif conn.execute("SELECT depth FROM spool_depth").fetchone()[0] == 0:
+        elif (
+            conn.execute("SELECT depth FROM spool_depth").fetchone()[0] == 0
+            and conn.execute("SELECT count FROM dead_letter_size").fetchone()[0] == 0
+        ):
             # A spool made while auto_vacuum stayed off (set after the WAL mode): rebuilt
             # with it on, once, while it is empty (a VACUUM of an empty file is quick).
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")

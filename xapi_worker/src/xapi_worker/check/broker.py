@@ -94,6 +94,11 @@ class NodeSpool:
     alive: bool
     damaged_files: tuple[str, ...] = ()  # set aside, not drained yet
     damaged_age: float | None = None  # since the oldest of them was set aside
+    # The node's dead letters, kept on its disk (xapi_worker's deadstore.py): how many, how
+    # many written in the last 24 h, the oldest one's age.
+    dead_letters: int = 0
+    dead_new: int = 0
+    dead_oldest_age: float | None = None
 
     @property
     def used(self) -> float:
@@ -126,6 +131,7 @@ def read_spool(client: Connection, member: str, alive: bool, now: float) -> Node
     oldest = _field_float(fields, "oldest")
     updated = _field_float(fields, "updated")
     damaged_since = _field_float(fields, "damaged_since")
+    dead_oldest = _field_float(fields, "dead_oldest")
     return NodeSpool(
         node=names.node_of(member),
         depth=_field_int(fields, "depth"),
@@ -138,6 +144,9 @@ def read_spool(client: Connection, member: str, alive: bool, now: float) -> Node
         alive=alive,
         damaged_files=tuple(map(_plain, _field_text(fields, "damaged_files").split())),
         damaged_age=None if damaged_since is None else max(0.0, now - damaged_since),
+        dead_letters=_field_int(fields, "dead_letters"),
+        dead_new=_field_int(fields, "dead_new"),
+        dead_oldest_age=None if dead_oldest is None else max(0.0, now - dead_oldest),
     )
 
 
@@ -230,8 +239,12 @@ def read_broker(broker: Broker, timeout: float, dead_window: float) -> BrokerSta
             spool = read_spool(client, member, alive, now)
             if spool is not None:
                 spools.append(spool)
-        dead = client.integer("LLEN", broker.dead_letter_key)
-        dead_new = count_new_dead(client, broker.dead_letter_key, dead, now - dead_window)
+        # The broker's list (nodes without a spool, or of an older release), and the dead
+        # letters each node with a spool keeps on its disk, as it reports them.
+        legacy = client.integer("LLEN", broker.dead_letter_key)
+        dead_new = count_new_dead(client, broker.dead_letter_key, legacy, now - dead_window)
+        dead = legacy + sum(s.dead_letters for s in spools)
+        dead_new += sum(s.dead_new for s in spools)
         last = client.bulk("GET", names.LAST_DELIVERY)
         last_age = None
         if last is not None:
