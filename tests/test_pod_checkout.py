@@ -123,6 +123,7 @@ class Site:
                 "-i",
                 str(inventory),
                 "--check",
+                "--diff",
                 "-e",
                 f"@{extra}",
                 str(playbook),
