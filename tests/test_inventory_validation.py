@@ -225,6 +225,51 @@ CASES = [
         },
         'xapi_encodage_pod_repo ("ext::sh -c touch% /tmp/pwned") must be',
     ),
+    # The pod5 review: values matched whole (a `$` let one trailing line break through), and
+    # repositories over transports that authenticate nothing refused unless allowed.
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_repo": "https://github.com/EsupPortail/Esup-Pod.git\n",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_repo ("https://github.com/EsupPortail/Esup-Pod.git\\n") must be',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_pod_version": "4.4.0\n", "xapi_encodage_worker_ip_filter": False},
+        'xapi_encodage_pod_version ("4.4.0\\n") must be a tag',
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_upgrade_from": "4.1.0",
+            "xapi_encodage_pod_upgrade_to": "0123456789abcdef0123456789abcdef01234567\n",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_upgrade_to ("0123456789abcdef0123456789abcdef01234567\\n") must be',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_pod_python": "/usr/bin/python3\n", "xapi_encodage_worker_ip_filter": False},
+        'xapi_encodage_pod_python "/usr/bin/python3\\n"',
+    ),
+    *(
+        (
+            "xapi_encodage.yml",
+            {"xapi_encodage_pod_repo": repo, "xapi_encodage_worker_ip_filter": False},
+            f'xapi_encodage_pod_repo ("{repo}") uses {repo.split(":")[0]}://, which authenticates',
+        )
+        for repo in ("http://git.example.org/Esup-Pod.git", "git://git.example.org/Esup-Pod.git")
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_repo": "https://deploy:s3cr3t-t0ken@git.example.org/Esup-Pod.git\n",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_repo ("https://***@git.example.org/Esup-Pod.git\\n") must be',
+    ),
     (
         "xapi_encodage.yml",
         {
@@ -583,6 +628,23 @@ def test_bad_value_is_refused_naming_the_variable(
     assert named in output, output[-2000:]
     # Refused before the role changed anything: no task reported a change.
     assert "changed=0" in output, output[-2000:]
+
+
+def test_an_insecure_repository_allowed_by_the_operator_is_not_refused(
+    inventory: Path, tmp_path: Path
+) -> None:
+    """xapi_encodage_pod_repo_allow_insecure: an http:// repository passes the check (the
+    run goes on to the next one: this machine has no Pod checkout, and no version is named)."""
+    values = {
+        **GOOD,
+        "xapi_encodage_pod_repo": "http://git.example.org/Esup-Pod.git",
+        "xapi_encodage_pod_repo_allow_insecure": True,
+        "xapi_encodage_pod_version": "",
+        "xapi_encodage_worker_ip_filter": False,
+    }
+    returncode, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+    assert "which authenticates" not in output, output[-2000:]
+    assert returncode != 0 and "set xapi_encodage_pod_version" in output, output[-2000:]
 
 
 def test_real_public_host_name_is_accepted(inventory: Path, tmp_path: Path) -> None:
