@@ -63,7 +63,7 @@ BALANCER_DIR = "/usr/local/lib/xapi-lrs-balancer"  # root's: the unit's script
 STATE = f"/var/lib/{BALANCER_UNIT}"  # its StateDirectory: the mode (root's) and the counts
 BALANCER_PORT = 8101
 # POSTs through the balancer before the far Retry-After: a drain under way, not finished.
-FAR_AFTER = 6
+FAR_AFTER = 24
 # XAPI_RES_FAR_RETRY_AFTER=0 leaves the far Retry-After out: the drain through the broken
 # backend alone (to try the test on a worker from before the Retry-After cap, which would
 # otherwise wait two years).
@@ -157,12 +157,22 @@ def start_balancer() -> str:
     sh("lrs", f"chown root:root {BALANCER_DIR}/lrs_balancer.py")
     sh(
         "lrs",
-        f"systemd-run --unit={BALANCER_UNIT} --collect --quiet -p DynamicUser=yes "
+        # nobody's (DynamicUser= needs namespaces the lab's containers refuse: 226/NAMESPACE)
+        f"systemd-run --unit={BALANCER_UNIT} --collect --quiet -p User=nobody "
         f"-p StateDirectory={BALANCER_UNIT} /usr/bin/python3 {BALANCER_DIR}/lrs_balancer.py "
         f"0.0.0.0 {BALANCER_PORT} {ralph[1]} {ralph[2]} {STATE}/mode {STATE}/counts",
     )
-    assert wait_until(lambda: sh("lrs", f"test -d {STATE}", check=False).returncode == 0, 10)
     set_mode("pass")
+    # Up and passing to Ralph (which asks a GET without credentials for them: 401).
+    probe = (
+        "import urllib.request, urllib.error\n"
+        f"try: urllib.request.urlopen('http://127.0.0.1:{BALANCER_PORT}/xAPI/statements/')\n"
+        "except urllib.error.HTTPError as e: print(e.code)"
+    )
+    assert wait_until(
+        lambda: sh("lrs", f"python3 -c {shlex.quote(probe)}", check=False).stdout.strip() == "401",
+        20,
+    ), sh("lrs", f"journalctl --no-pager -u {BALANCER_UNIT} | tail -5").stdout
     return ralph[2]
 
 
