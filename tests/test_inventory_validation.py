@@ -77,11 +77,11 @@ CASES = [
         "xapi_ops_metrics_user (games) names an existing account that this role did not make",
     ),
     ("redis.yml", {"xapi_broker_db": "42"}, "xapi_broker_db"),
-    ("redis.yml", {"redis_firewall_enabled": "maybe"}, "redis_firewall_enabled"),
-    ("redis.yml", {"redis_maxmemory": "lots"}, "redis_maxmemory"),
-    ("redis.yml", {"redis_maxmemory": "0"}, "redis_maxmemory"),
-    ("redis.yml", {"redis_maxmemory": "512 mb"}, "redis_maxmemory"),
-    ("redis.yml", {"redis_maxmemory": "512mb\nrequirepass x"}, "redis_maxmemory"),
+    ("redis.yml", {"xapi_broker_firewall_enabled": "maybe"}, "xapi_broker_firewall_enabled"),
+    ("redis.yml", {"xapi_broker_maxmemory": "lots"}, "xapi_broker_maxmemory"),
+    ("redis.yml", {"xapi_broker_maxmemory": "0"}, "xapi_broker_maxmemory"),
+    ("redis.yml", {"xapi_broker_maxmemory": "512 mb"}, "xapi_broker_maxmemory"),
+    ("redis.yml", {"xapi_broker_maxmemory": "512mb\nrequirepass x"}, "xapi_broker_maxmemory"),
     # The worker's spool (roles/xapi_encodage): its directory reaches worker.env and the
     # unit's ReadWritePaths=, and root creates it.
     ("xapi_encodage.yml", {"xapi_encodage_spool_enabled": "maybe"}, "xapi_encodage_spool_enabled"),
@@ -401,8 +401,8 @@ CASES = [
         {"xapi_encodage_worker_ip_filter": "maybe"},
         "xapi_encodage_worker_ip_filter",
     ),
-    ("redis.yml", {"redis_bind": ["-127.0.0.1\nrequirepass x"]}, "redis_bind holds IP"),
-    ("redis.yml", {"redis_bind": ["-$(id)"]}, "redis_bind holds IP"),
+    ("redis.yml", {"xapi_broker_bind": ["-127.0.0.1\nrequirepass x"]}, "xapi_broker_bind holds IP"),
+    ("redis.yml", {"xapi_broker_bind": ["-$(id)"]}, "xapi_broker_bind holds IP"),
     ("redis.yml", {"xapi_broker_user": "xapi on +@all ~*"}, "user names are made of"),
     # The producer's own user (security review point 4): distinct, plain, narrow.
     ("xapi_frontal.yml", {"xapi_broker_producer_password": None}, "xapi_broker_producer_password"),
@@ -416,32 +416,32 @@ CASES = [
     ("redis.yml", {"xapi_broker_producer_user": "p on ~* +@all"}, "xapi_broker_producer_user"),
     (
         "redis.yml",
-        {"redis_xapi_producer_acl_commands": ["lpush", "evalsha", "script|load"]},
+        {"xapi_broker_producer_acl_commands": ["lpush", "evalsha", "script|load"]},
         "none of EVAL/EVALSHA/SCRIPT",
     ),
-    ("redis.yml", {"redis_xapi_producer_acl_commands": ["@all"]}, "plain command names"),
+    ("redis.yml", {"xapi_broker_producer_acl_commands": ["@all"]}, "plain command names"),
     (
         "redis.yml",
-        {"redis_xapi_producer_acl_keys": ["%W~xapi", "&*"]},
-        'redis_xapi_producer_acl_keys has "&*": the producer',
+        {"xapi_broker_producer_acl_keys": ["%W~xapi", "&*"]},
+        'xapi_broker_producer_acl_keys has "&*": the producer',
     ),
     # The move from Pod's Redis sends no password of the bundle's there (round two, finding 1).
     (
         "redis.yml",
-        {"redis_migrate_from_password": GOOD["xapi_broker_password"]},
-        "redis_migrate_from_password is a bundle password",
+        {"xapi_broker_migrate_from_password": GOOD["xapi_broker_password"]},
+        "xapi_broker_migrate_from_password is a bundle password",
     ),
     (
         "redis-migrate.yml",
-        {"redis_migrate_from_password": GOOD["xapi_lrs_password"]},
-        "redis_migrate_from_password is a bundle password",
+        {"xapi_broker_migrate_from_password": GOOD["xapi_lrs_password"]},
+        "xapi_broker_migrate_from_password is a bundle password",
     ),
-    ("redis.yml", {"redis_migrate_from_user": "x on +@all"}, "redis_migrate_from_user"),
-    ("redis.yml", {"redis_migrate_from_unit": "redis-server"}, "redis_migrate_from_unit"),
+    ("redis.yml", {"xapi_broker_migrate_from_user": "x on +@all"}, "xapi_broker_migrate_from_user"),
+    ("redis.yml", {"xapi_broker_migrate_from_unit": "redis-server"}, "xapi_broker_migrate_from_unit"),
     (
         "redis.yml",
         {
-            "redis_acl_extra_users": [
+            "xapi_broker_acl_extra_users": [
                 {"name": "mon", "password": "a" * 16, "rules": "+ping\nuser x on"}
             ]
         },
@@ -527,21 +527,21 @@ BROKEN_TOGETHER = [
     (
         "redis.yml",
         {
-            "redis_default_password": "short",
-            "redis_xapi_monitor_acl_keys": ["~xapi"],
-            "redis_xapi_monitor_acl_commands": ["@read", "keys"],
-            "redis_acl_extra_users": [
+            "xapi_broker_admin_password": "short",
+            "xapi_broker_monitor_acl_keys": ["~xapi"],
+            "xapi_broker_monitor_acl_commands": ["@read", "keys"],
+            "xapi_broker_acl_extra_users": [
                 {"name": "xapi", "password": "a" * 16, "rules": "+ping"},
                 {"name": "xapi", "password": "b" * 16, "rules": "+ping"},
             ],
         },
         [
-            "redis_default_password has 5 characters",
-            'redis_xapi_monitor_acl_keys has "~xapi": the monitoring user',
-            'redis_xapi_monitor_acl_commands has "@read": the monitoring user',
-            "redis_xapi_monitor_acl_commands has keys: none of EVAL",
-            "redis_acl_extra_users names xapi: its users are neither",
-            'redis_acl_extra_users names ["xapi", "xapi"]: each name must be unique',
+            "xapi_broker_admin_password has 5 characters",
+            'xapi_broker_monitor_acl_keys has "~xapi": the monitoring user',
+            'xapi_broker_monitor_acl_commands has "@read": the monitoring user',
+            "xapi_broker_monitor_acl_commands has keys: none of EVAL",
+            "xapi_broker_acl_extra_users names xapi: its users are neither",
+            'xapi_broker_acl_extra_users names ["xapi", "xapi"]: each name must be unique',
         ],
     ),
     (
@@ -657,11 +657,11 @@ def test_real_public_host_name_is_accepted(inventory: Path, tmp_path: Path) -> N
 
 
 def test_broker_without_firewall_is_warned_about(inventory: Path, tmp_path: Path) -> None:
-    """redis_firewall_enabled: false used to leave the instance on the host's main address
+    """xapi_broker_firewall_enabled: false used to leave the instance on the host's main address
     without a word."""
-    values = {**GOOD, "redis_firewall_enabled": False, "redis_bind": ["127.0.0.1", "-192.0.2.7"]}
+    values = {**GOOD, "xapi_broker_firewall_enabled": False, "xapi_broker_bind": ["127.0.0.1", "-192.0.2.7"]}
     _, output = check_run(inventory, tmp_path, "redis.yml", values)
-    assert "WARNING: redis_firewall_enabled is false" in output, output[-2000:]
+    assert "WARNING: xapi_broker_firewall_enabled is false" in output, output[-2000:]
     assert "192.0.2.7" in output
 
 

@@ -227,7 +227,7 @@ def rules(check: SimpleNamespace, dead_window: int) -> list[Rule]:
             f"{s['full']} == 1",
             "critical",
             "spool full on " + node + ": the node no longer takes from the broker",
-            "Statements accumulate in Redis, up to redis_maxmemory, then Pod's .delay() "
+            "Statements accumulate in Redis, up to xapi_broker_maxmemory, then Pod's .delay() "
             "fails: bring the LRS back, urgently.",
             None,
         ),

@@ -2,7 +2,7 @@
 
 It reads what only the worker's broker user may read (unacked, the in-flight lists, the dead
 letters): Pod's settings_local.py names the producer's user, which is refused all of it
-(roles/redis README). The worker's broker URL comes on stdin (never argv: `ps`), as the
+(roles/xapi_broker README). The worker's broker URL comes on stdin (never argv: `ps`), as the
 tests build it from the lab's settings (hosts.worker_broker_url).
 
     python broker_state.py              JSON: messages waiting in queue `xapi`, messages
