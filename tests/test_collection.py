@@ -18,7 +18,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 GALAXY = yaml.safe_load((ROOT / "galaxy.yml").read_text())
-ROLES = ["redis", "xapi", "xapi_encodage", "xapi_encodage_pod", "xapi_frontal", "xapi_ops"]
+ROLES = ["xapi", "xapi_broker", "xapi_encodage", "xapi_encodage_pod", "xapi_frontal", "xapi_ops"]
 #: The playbooks an operator runs by FQCN (README, "Install as a collection").
 PLAYBOOKS = ["site", "check", "status", "dead_letters", "forget", "monitoring"]
 #: Top-level entries and paths that must stay out (dev-only, lab, results, environments).

@@ -437,7 +437,11 @@ CASES = [
         "xapi_broker_migrate_from_password is a bundle password",
     ),
     ("redis.yml", {"xapi_broker_migrate_from_user": "x on +@all"}, "xapi_broker_migrate_from_user"),
-    ("redis.yml", {"xapi_broker_migrate_from_unit": "redis-server"}, "xapi_broker_migrate_from_unit"),
+    (
+        "redis.yml",
+        {"xapi_broker_migrate_from_unit": "redis-server"},
+        "xapi_broker_migrate_from_unit",
+    ),
     (
         "redis.yml",
         {
@@ -659,7 +663,11 @@ def test_real_public_host_name_is_accepted(inventory: Path, tmp_path: Path) -> N
 def test_broker_without_firewall_is_warned_about(inventory: Path, tmp_path: Path) -> None:
     """xapi_broker_firewall_enabled: false used to leave the instance on the host's main address
     without a word."""
-    values = {**GOOD, "xapi_broker_firewall_enabled": False, "xapi_broker_bind": ["127.0.0.1", "-192.0.2.7"]}
+    values = {
+        **GOOD,
+        "xapi_broker_firewall_enabled": False,
+        "xapi_broker_bind": ["127.0.0.1", "-192.0.2.7"],
+    }
     _, output = check_run(inventory, tmp_path, "redis.yml", values)
     assert "WARNING: xapi_broker_firewall_enabled is false" in output, output[-2000:]
     assert "192.0.2.7" in output

@@ -1,15 +1,16 @@
-"""The move from Pod's Redis (playbooks/redis-migrate.yml, roles/xapi_broker/files/xapi-redis-migrate)
-sends no password of the bundle's to whatever listens on Pod's Redis port, and talks to a Redis
-on this host only when that Redis is run by the expected user in the expected systemd service
-(security review, round two, finding 1, and the review of what landed for it).
+"""The move from Pod's Redis (playbooks/redis-migrate.yml,
+roles/xapi_broker/files/xapi-redis-migrate) sends no password of the bundle's to whatever
+listens on Pod's Redis port, and talks to a Redis on this host only when that Redis is run by
+the expected user in the expected systemd service (security review, round two, finding 1, and
+the review of what landed for it).
 
 Each case runs the playbook against this machine (local connection) with real redis-servers
 started here, and a listener of the test's own standing in for a user who took the port: the
 test's user is not `redis`, so its listener is what a foothold would bind. The servers the move
-may talk to are declared run by the test's user (xapi_broker_migrate_from_owner, xapi_broker_service_user),
-and are started in cgroups named as systemd names its services' (a slice of the test's own,
-then redis-server.service for Pod's Redis, redis-server@xapi.service for the instance), in
-the hierarchy the tool reads: making them needs root.
+may talk to are declared run by the test's user (xapi_broker_migrate_from_owner,
+xapi_broker_service_user), and are started in cgroups named as systemd names its services' (a
+slice of the test's own, then redis-server.service for Pod's Redis, redis-server@xapi.service
+for the instance), in the hierarchy the tool reads: making them needs root.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from xapi_testsupport.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ME = pwd.getpwuid(os.getuid()).pw_name
-# The services of roles/xapi_broker: Pod's Redis (xapi_broker_migrate_from_unit), the instance (xapi_broker_unit).
+# The services of roles/xapi_broker: Pod's Redis (xapi_broker_migrate_from_unit), the instance
+# (xapi_broker_unit).
 POD_UNIT = "redis-server.service"
 INSTANCE_UNIT = "redis-server@xapi.service"
 

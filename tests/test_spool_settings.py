@@ -120,7 +120,9 @@ def render_redis(out: Path, overrides: dict) -> str:
         ROOT / "roles/xapi_broker/vars/main.yml",
         ROOT / "inventories/lab/group_vars/all/xapi.yml",
     ]
-    templates = {str(ROOT / "roles/xapi_broker/templates/redis-instance.conf.j2"): "redis-xapi.conf"}
+    templates = {
+        str(ROOT / "roles/xapi_broker/templates/redis-instance.conf.j2"): "redis-xapi.conf"
+    }
     result = playbooks.render(out, templates, files, {**SECRETS, **overrides})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     lines = (out / "localhost-redis-xapi.conf").read_text().splitlines()

@@ -65,7 +65,11 @@ def test_the_passwords_hold_every_printable_character(passwords):
 
 def test_acl_file_holds_their_hashes(frontal, passwords):
     acl = frontal.file(ACL_FILE).content_string
-    for name in ("xapi_broker_password", "xapi_broker_producer_password", "xapi_broker_admin_password"):
+    for name in (
+        "xapi_broker_password",
+        "xapi_broker_producer_password",
+        "xapi_broker_admin_password",
+    ):
         assert "#" + hashlib.sha256(passwords[name].encode()).hexdigest() in acl, name
         assert passwords[name] not in acl
 
