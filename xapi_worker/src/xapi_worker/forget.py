@@ -317,9 +317,16 @@ class Forgetter:
         for n in range(MAX_PASSES):
             report.passes = n + 1
             last = n == MAX_PASSES - 1
-            held = self._pass(report)
+            held, moving = self._pass(report)
             if not held:
-                break
+                if not moving or last:
+                    break
+                # A node was moving the broker's dead letters to its disk: the pass may
+                # have removed one from its claim list after the node read it there and
+                # read the disk before the node committed it. The next pass reads the disk
+                # again once that commit (a few milliseconds) is done.
+                self._sleep(SETTLE_POLL_SECONDS)
+                continue
             if not self._wait_settled(held, give_up_at) or last:
                 # Each of them is in a worker's hands, or was moved on by it (a retry
                 # re-published) since it was read: not reached, whatever the removal of its
@@ -329,7 +336,10 @@ class Forgetter:
                 break
         return report
 
-    def _pass(self, report: Report) -> dict[bytes, tuple[bytes, float]]:
+    def _pass(self, report: Report) -> tuple[dict[bytes, tuple[bytes, float]], bool]:
+        """One pass; returns the records a worker holds, and whether dead letters were on
+        their way from the broker to a node's disk meanwhile (a claim list not empty, or the
+        broker's list grown back: another pass then reads the disk again)."""
         removed = report.removed
         for key in self._queues():
             removed["queue"] += self._lists_remove(key)
@@ -337,17 +347,25 @@ class Forgetter:
             removed["in_flight"] += self._lists_remove(key)
         count, held = self._unacked()
         removed["unacked"] += count
+        # The broker's dead letters before the disks: they travel the list -> a node's claim
+        # list -> its disk (deadstore.move_legacy), every few seconds.
+        legacy = self.settings.dead_letter_key
+        removed["dead_letters"] += self._lists_remove(legacy)
+        after_list = int(self.client.llen(legacy))  # type: ignore[arg-type]
+        moving = False
+        for key in self._inflight_lists():
+            moving |= bool(self.client.exists(key + DEAD_CLAIM))
+            removed["dead_letters"] += self._lists_remove(key + DEAD_CLAIM)
+        # A node whose disk was full put its claim back at the head of the list (read above).
+        moving |= int(self.client.llen(legacy)) > after_list  # type: ignore[arg-type]
         if self.settings.spool_enabled:
             count, dead, files, damaged, not_read = self._spools()
             removed["spool"] += count
             removed["dead_letters"] += dead
             report.spool_files, report.spool_damaged_files = files, damaged
             report.spool_files_not_read = not_read
-        removed["dead_letters"] += self._lists_remove(self.settings.dead_letter_key)
-        for key in self._inflight_lists():
-            removed["dead_letters"] += self._lists_remove(key + DEAD_CLAIM)
         removed["unreadable"] += self._lists_remove(unreadable_key(QUEUE))
-        return held
+        return held, moving
 
     def _wait_settled(self, held: dict[bytes, tuple[bytes, float]], give_up_at: float) -> bool:
         """Wait until every held record has left unacked (settled by its worker), or is
