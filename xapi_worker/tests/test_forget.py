@@ -395,6 +395,17 @@ def test_forget_is_incomplete_when_a_spool_file_was_not_read(tmp_path, redis_srv
     (spool_dir / "gone@host.sqlite3.damaged-20260101T000000Z").write_bytes(b"x")
     code, report, err = _forget(config, ALICE_ON_STDIN, "--wait", "1")
     assert code == 10 and report["spool_damaged_files_not_read"] == 1, (code, report, err)
+    # Drained by `spool drain` (renamed .salvaged): running forget again after it no longer
+    # helps, so forget says what does (review s5 L6): remove the file, whose statements are
+    # in the spool now. The file still holds copies forget does not open: still incomplete.
+    (spool_dir / "gone@host.sqlite3.damaged-20260101T000000Z").rename(
+        spool_dir / "gone@host.sqlite3.damaged-20260101T000000Z.salvaged"
+    )
+    code, report, err = _forget(config, ALICE_ON_STDIN, "--wait", "1")
+    assert code == 10, (code, report, err)
+    assert report["spool_damaged_files_not_read"] == 0, report
+    assert report["spool_salvaged_files_not_read"] == 1, report
+    assert "remove them once inspected" in err and "run forget again right after" not in err
 
 
 # --- the broker's dead letters on their way to a node's disk ----------------------------------
