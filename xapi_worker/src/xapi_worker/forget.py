@@ -330,8 +330,8 @@ class Forgetter:
             if not held:
                 if not moving or last:
                     break
-                # A node was moving the broker's dead letters to its disk: the pass may
-                # have removed one from its claim list after the node read it there and
+                # A node was moving the learner's dead letters to its disk: the pass may
+                # have removed one from its claim list after the node read it there, and
                 # read the disk before the node committed it. The next pass reads the disk
                 # again once that commit (a few milliseconds) is done.
                 self._sleep(SETTLE_POLL_SECONDS)
@@ -346,9 +346,11 @@ class Forgetter:
         return report
 
     def _pass(self, report: Report) -> tuple[dict[bytes, tuple[bytes, float]], bool]:
-        """One pass; returns the records a worker holds, and whether dead letters were on
-        their way from the broker to a node's disk meanwhile (a claim list not empty, or the
-        broker's list grown back: another pass then reads the disk again)."""
+        """One pass; returns the records a worker holds, and whether the learner's dead
+        letters may have been on their way from the broker to a node's disk meanwhile (one
+        removed from a claim list, which its node may have read already and commit after
+        this pass read the disk; or the broker's list grown back): another pass then reads
+        the disk again."""
         removed = report.removed
         for key in self._queues():
             removed["queue"] += self._lists_remove(key)
@@ -363,8 +365,9 @@ class Forgetter:
         after_list = int(self.client.llen(legacy))  # type: ignore[arg-type]
         moving = False
         for key in self._inflight_lists():
-            moving |= bool(self.client.exists(key + DEAD_CLAIM))
-            removed["dead_letters"] += self._lists_remove(key + DEAD_CLAIM)
+            claimed = self._lists_remove(key + DEAD_CLAIM)
+            removed["dead_letters"] += claimed
+            moving |= claimed > 0
         # A node whose disk was full put its claim back at the head of the list (read above).
         moving |= int(self.client.llen(legacy)) > after_list  # type: ignore[arg-type]
         if self.settings.spool_enabled:
