@@ -5,6 +5,7 @@ replayed and purged wherever they are."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -224,6 +225,68 @@ def test_each_step_of_the_move_stopped_by_hand_adds_nothing_twice(tmp_path, redi
         assert r.llen(claim) == 0 and r.llen(LEGACY) == 0
     finally:
         spool.close()
+
+
+def test_a_moved_dead_letter_dated_in_the_future_expires_like_the_others(tmp_path, redis_srv):
+    """An element written by a node whose clock was ahead (a year 2099) is dated when it
+    reaches the disk, so the retention deletes it in its time, not for ever after."""
+    from xapi_worker.deadstore import DiskDeadLetters, move_legacy
+    from xapi_worker.spool import Spool
+
+    r = redis_srv.client()
+    ahead = {
+        "statement": video_statement("played", 1),
+        "reason": "r",
+        "time": "2099-01-01T00:00:00Z",
+    }
+    r.rpush(LEGACY, json.dumps(ahead).encode())
+    spool = Spool(_spool_dir(tmp_path), "mover@host", 0, 1)
+    spool.open()
+    store = DiskDeadLetters(spool, 1 << 40, 30, 1)
+    try:
+        moved_at = time.time()
+        assert move_legacy(r, LEGACY, "xapi.inflight.mover@host.dead_letters", store) == 1
+        assert store.purge_older(30, now=moved_at + 29 * 86400) == 0
+        assert store.purge_older(30, now=moved_at + 31 * 86400) == 1
+        assert store.rows() == []
+    finally:
+        spool.close()
+
+
+def test_the_dead_letters_claimed_by_a_node_gone_for_good_go_back_to_the_brokers_list(
+    redis_srv,
+):
+    """A node killed between its claim of the broker's dead letters and their commit to its
+    disk, and never back: the node that returns its in-flight list puts its claim list back
+    at the head of the broker's list, in its order, where the retention, forget, list,
+    replay and purge reach it (and any node moves it to a disk again)."""
+    from kombu import Connection, Consumer, Exchange, Queue
+    from xapi_worker.transport import ALIAS, DEAD_LETTERS_OPTION, NODE_OPTION
+
+    r = redis_srv.client()
+    elements = _legacy_elements(5)
+    gone = "xapi.inflight.gone@host"
+    claim = gone + ".dead_letters"
+    r.rpush(claim, *elements[:3])  # its claim (move_some: the oldest, in order)
+    r.rpush("kept.dead_letters", *elements[3:])  # what was still in the list
+    r.sadd("xapi.inflight", gone)  # no heartbeat: the node is gone
+    conn = Connection(
+        redis_srv.url(),
+        transport=ALIAS,
+        transport_options={NODE_OPTION: "other", DEAD_LETTERS_OPTION: "kept.dead_letters"},
+    )
+    try:
+        channel = conn.channel()
+        queue = Queue("xapi", Exchange("xapi", "direct"), "xapi")
+        Consumer(channel, [queue], callbacks=[], accept=["json"]).consume()
+        with contextlib.suppress(socket.timeout, TimeoutError):
+            conn.drain_events(timeout=1.5)  # the first take: the orphans' recovery
+    finally:
+        conn.release()
+    assert not r.sismember("xapi.inflight", gone)
+    assert r.llen(claim) == 0
+    assert r.lrange("kept.dead_letters", 0, -1) == elements
+    assert r.llen(LEGACY) == 0  # the transport option names the list
 
 
 def test_a_running_worker_moves_the_brokers_list_to_its_disk(

@@ -319,6 +319,14 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
             "its statements back in the node's spool: run forget again right after it",
             file=sys.stderr,
         )
+    if report.spool_salvaged_files:
+        print(
+            f"forget: {report.spool_salvaged_files} set-aside spool files of this host were "
+            "drained by `spool drain` (*.salvaged): what it could read of them is in the "
+            "node's spool, where this run erased the learner's statements, but each file "
+            "still holds copies that forget does not open: remove them once inspected",
+            file=sys.stderr,
+        )
     if not report.complete:
         return Exit.INCOMPLETE
     return Exit.OK

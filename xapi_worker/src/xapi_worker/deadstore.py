@@ -155,7 +155,9 @@ class DiskDeadLetters:
         rows = [
             (
                 bytes(raw),
-                entry_time(raw, now),
+                # Never later than now: one written by a node whose clock was ahead would
+                # otherwise outlive its retention by as much (for ever for a year 2099).
+                min(entry_time(raw, now), now),
                 len(raw) + ROW_OVERHEAD_BYTES,
                 hashlib.sha256(raw).hexdigest(),
             )

@@ -51,7 +51,7 @@ from .deadstore import DiskDeadLetters, disk_dead_letters
 from .names import DEAD_CLAIM, QUEUE, UNACKED, UNACKED_INDEX, registry_key, unreadable_key
 from .retention import unwrap
 from .settings import Settings
-from .spool import Spool, SpoolError
+from .spool import SALVAGED, Spool, SpoolError
 
 log = logging.getLogger("xapi_worker.forget")
 
@@ -259,6 +259,9 @@ class Report:
     spool_files: int = 0
     #: set-aside damaged spool files: not opened, may hold the learner's statements
     spool_damaged_files: int = 0
+    #: set-aside files `spool drain` emptied (``.salvaged``): what it could read of them is
+    #: in the spool (erased there), but the file, not opened, still holds copies
+    spool_salvaged_files: int = 0
     #: spool files of this host it could not read (damaged, locked, of a newer format)
     spool_files_not_read: int = 0
     spool_enabled: bool = True
@@ -267,7 +270,12 @@ class Report:
     def complete(self) -> bool:
         """Nothing of the learner's may be left: none in a worker's hands, no spool file
         (live or set aside as damaged) that may hold some and was not read."""
-        return not (self.in_hands or self.spool_files_not_read or self.spool_damaged_files)
+        return not (
+            self.in_hands
+            or self.spool_files_not_read
+            or self.spool_damaged_files
+            or self.spool_salvaged_files
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -277,6 +285,7 @@ class Report:
             "in_workers_hands": self.in_hands,
             "spool_files": self.spool_files if self.spool_enabled else None,
             "spool_damaged_files_not_read": self.spool_damaged_files,
+            "spool_salvaged_files_not_read": self.spool_salvaged_files,
             "spool_files_not_read": self.spool_files_not_read,
         }
 
@@ -317,9 +326,16 @@ class Forgetter:
         for n in range(MAX_PASSES):
             report.passes = n + 1
             last = n == MAX_PASSES - 1
-            held = self._pass(report)
+            held, moving = self._pass(report)
             if not held:
-                break
+                if not moving or last:
+                    break
+                # A node was moving the learner's dead letters to its disk: the pass may
+                # have removed one from its claim list after the node read it there, and
+                # read the disk before the node committed it. The next pass reads the disk
+                # again once that commit (a few milliseconds) is done.
+                self._sleep(SETTLE_POLL_SECONDS)
+                continue
             if not self._wait_settled(held, give_up_at) or last:
                 # Each of them is in a worker's hands, or was moved on by it (a retry
                 # re-published) since it was read: not reached, whatever the removal of its
@@ -329,7 +345,12 @@ class Forgetter:
                 break
         return report
 
-    def _pass(self, report: Report) -> dict[bytes, tuple[bytes, float]]:
+    def _pass(self, report: Report) -> tuple[dict[bytes, tuple[bytes, float]], bool]:
+        """One pass; returns the records a worker holds, and whether the learner's dead
+        letters may have been on their way from the broker to a node's disk meanwhile (one
+        removed from a claim list, which its node may have read already and commit after
+        this pass read the disk; or the broker's list grown back): another pass then reads
+        the disk again."""
         removed = report.removed
         for key in self._queues():
             removed["queue"] += self._lists_remove(key)
@@ -337,17 +358,27 @@ class Forgetter:
             removed["in_flight"] += self._lists_remove(key)
         count, held = self._unacked()
         removed["unacked"] += count
+        # The broker's dead letters before the disks: they travel the list -> a node's claim
+        # list -> its disk (deadstore.move_legacy), every few seconds.
+        legacy = self.settings.dead_letter_key
+        removed["dead_letters"] += self._lists_remove(legacy)
+        after_list = int(self.client.llen(legacy))  # type: ignore[arg-type]
+        moving = False
+        for key in self._inflight_lists():
+            claimed = self._lists_remove(key + DEAD_CLAIM)
+            removed["dead_letters"] += claimed
+            moving |= claimed > 0
+        # A node whose disk was full put its claim back at the head of the list (read above).
+        moving |= int(self.client.llen(legacy)) > after_list  # type: ignore[arg-type]
         if self.settings.spool_enabled:
-            count, dead, files, damaged, not_read = self._spools()
+            count, dead, files, (damaged, salvaged), not_read = self._spools()
             removed["spool"] += count
             removed["dead_letters"] += dead
             report.spool_files, report.spool_damaged_files = files, damaged
+            report.spool_salvaged_files = salvaged
             report.spool_files_not_read = not_read
-        removed["dead_letters"] += self._lists_remove(self.settings.dead_letter_key)
-        for key in self._inflight_lists():
-            removed["dead_letters"] += self._lists_remove(key + DEAD_CLAIM)
         removed["unreadable"] += self._lists_remove(unreadable_key(QUEUE))
-        return held
+        return held, moving
 
     def _wait_settled(self, held: dict[bytes, tuple[bytes, float]], give_up_at: float) -> bool:
         """Wait until every held record has left unacked (settled by its worker), or is
@@ -452,14 +483,15 @@ class Forgetter:
         return removed, held
 
     # --- this host's spools -------------------------------------------------------------------
-    def _spools(self) -> tuple[int, int, int, int, int]:
+    def _spools(self) -> tuple[int, int, int, tuple[int, int], int]:
         """Statements removed from this host's spools, dead letters removed from them, spool
-        files, damaged files set aside, spool files that could not be read (the run is then
-        incomplete: they may hold the learner's statements)."""
+        files, damaged files set aside (not drained, drained: ``.salvaged``), spool files that
+        could not be read (the run is then incomplete: they may hold the learner's
+        statements)."""
         directory = Path(self.settings.spool_dir)
         if not directory.is_dir():
-            return 0, 0, 0, 0, 0
-        removed = dead = files = damaged = not_read = 0
+            return 0, 0, 0, (0, 0), 0
+        removed = dead = files = not_read = 0
         for path in sorted(directory.glob("*.sqlite3")):
             files += 1
             spool = Spool(directory, path.name.removesuffix(".sqlite3"))
@@ -475,12 +507,13 @@ class Forgetter:
                 )
             finally:
                 spool.close()
-        damaged = sum(
-            1
+        set_aside = [
+            p.name
             for p in directory.glob("*.sqlite3.damaged-*")
             if not p.name.endswith(("-wal", "-shm"))
-        )
-        return removed, dead, files, damaged, not_read
+        ]
+        salvaged = sum(name.endswith(SALVAGED) for name in set_aside)
+        return removed, dead, files, (len(set_aside) - salvaged, salvaged), not_read
 
     def _spool_remove(self, spool: Spool) -> int:
         """The learner's rows, found a chunk at a time without holding the write lock (the

@@ -49,7 +49,7 @@ from kombu.utils.json import dumps, loads
 
 from . import bookkeeping, names, watchdog
 from .delivery import iso
-from .names import ALIVE, inflight_key, registry_key, unreadable_key
+from .names import ALIVE, DEAD_CLAIM, DEAD_LETTERS, inflight_key, registry_key, unreadable_key
 from .scripts import Scripts, is_oom, move_all, push
 
 log = logging.getLogger("xapi_worker.transport")
@@ -64,6 +64,9 @@ FIRST_SEEN = bookkeeping.FIRST_SEEN
 NODE_OPTION = "xapi_node"
 #: Transport option: the key of the bookkeeping headers' signature (hex), set by the app.
 HEADER_KEY_OPTION = "xapi_header_key"
+#: Transport option: the broker's dead-letter list (``XAPI_WORKER_DEAD_LETTER_KEY``), where a
+#: gone node's claimed dead letters go back (recover_orphans), set by the app.
+DEAD_LETTERS_OPTION = "xapi_dead_letters"
 #: Message header naming a compression of the body (kombu's): such a message is set aside.
 COMPRESSION = "compression"
 #: How often a consuming node refreshes its heartbeat key, at most (seconds).
@@ -241,8 +244,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         *kombu_redis.Channel.from_transport_options,
         NODE_OPTION,
         HEADER_KEY_OPTION,
+        DEAD_LETTERS_OPTION,
     )
     xapi_node: str | None = None
+    xapi_dead_letters: str = DEAD_LETTERS
     xapi_header_key: str | None = None  # hex; bookkeeping.derive_key
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -621,6 +626,22 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                             returned,
                             key,
                             queue,
+                        )
+                    # The dead letters it had claimed from the broker's list to move them
+                    # to its disk (deadstore.move_legacy) go back to the head of that list,
+                    # in their order, in one script: nothing else would ever see them once
+                    # the node leaves the registry. Those it had committed already are not
+                    # added twice to that disk (each element's SHA-256 is its origin).
+                    claimed = move_all(
+                        client, key + DEAD_CLAIM, self.xapi_dead_letters, "RIGHT", "LEFT"
+                    )
+                    if claimed:
+                        log.warning(
+                            "%d dead letter(s) claimed by a node gone for more than the "
+                            "visibility timeout (%s): back on %s",
+                            claimed,
+                            key,
+                            self.xapi_dead_letters,
                         )
                     client.srem(registry, key)
                 self._fold_priorities(client, queue)

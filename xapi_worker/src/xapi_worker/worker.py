@@ -35,7 +35,7 @@ from .names import QUEUE
 from .settings import TASK_NAME, Settings
 from .spool import Spool
 from .transport import ALIAS as TRANSPORT
-from .transport import HEADER_KEY_OPTION, NODE_OPTION
+from .transport import DEAD_LETTERS_OPTION, HEADER_KEY_OPTION, NODE_OPTION
 
 log = logging.getLogger("xapi_worker")
 
@@ -75,6 +75,8 @@ def make_celery(settings: Settings, name: str = "xapi_worker") -> Celery:
             HEADER_KEY_OPTION: bookkeeping.derive_key(
                 settings.lrs_password, settings.broker_url
             ).hex(),
+            # Where a gone node's claimed dead letters go back (transport.recover_orphans).
+            DEAD_LETTERS_OPTION: settings.dead_letter_key,
         },
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
