@@ -118,7 +118,7 @@ def queue_length(frontal: PodmanHost) -> int:
 def purge_queue(encodage: PodmanHost) -> None:
     """Drops what a run left queued (a time-boxed run of a slow configuration). On an
     encoding host, as the worker's user with its settings (the worker's broker user); the
-    frontal's name Pod's producer, which may not delete the queue (roles/redis README)."""
+    frontal's name Pod's producer, which may not delete the queue (roles/xapi_broker README)."""
     encodage.check(
         "cd /opt/xapi-worker && runuser -u xapi-worker -- env "
         "XAPI_WORKER_CONFIG=/etc/celeryd-xapi/worker.env "

@@ -29,7 +29,7 @@ for host in "${hosts[@]}"; do
     podman start "$name" >/dev/null
   else
     extra=()
-    # The broker host runs its own nftables firewall (roles/redis).
+    # The broker host runs its own nftables firewall (roles/xapi_broker).
     [ "$host" = frontal ] && extra+=(--cap-add NET_ADMIN)
     podman run -d --name "$name" --hostname "$name" --network "$network" \
       --systemd always "${extra[@]}" "$image" /sbin/init >/dev/null

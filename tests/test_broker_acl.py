@@ -4,10 +4,10 @@ Security review point 4: the web application (Pod on the frontal) and the worker
 share one Redis user, so stolen web-app credentials could read and delete the queued
 statements, the in-flight lists, `unacked` and the dead letters, stop the workers through
 remote control and run Lua. The producer now has its own user, limited to what `.delay()`
-needs (roles/redis README, "The producer's ACL").
+needs (roles/xapi_broker README, "The producer's ACL").
 
 `users.acl` and the two broker URLs are rendered by Ansible itself from roles/xapi and
-roles/redis defaults (plus the lab's passwords), as the roles would. Then:
+roles/xapi_broker defaults (plus the lab's passwords), as the roles would. Then:
 - the producer's line is read token by token: no dangerous command, no channel;
 - when a redis-server is installed (`make system-deps` installs one for the worker's tests)
   the file is loaded into a throw-away server (unix socket only, no port) and every
@@ -53,7 +53,7 @@ PRODUCER_NEEDS = [
     ["SADD", "_kombu.binding.xapi", "xapi\x06\x16\x06\x16xapi"],
     ["LPUSH", "xapi", "{}"],
 ]
-# What the worker's user keeps (a sample; the full list is roles/redis defaults).
+# What the worker's user keeps (a sample; the full list is roles/xapi_broker defaults).
 WORKER_KEEPS = [
     ["BLMOVE", "xapi", "xapi.inflight.node", "RIGHT", "LEFT", "1"],
     ["LRANGE", "xapi.dead_letters", "0", "-1"],
@@ -108,15 +108,15 @@ def render(out: Path, redis_version: str, overrides: dict | None = None) -> dict
     urls.write_text(URLS)
     files = [
         ROOT / "roles/xapi/defaults/main.yml",
-        ROOT / "roles/redis/defaults/main.yml",
-        ROOT / "roles/redis/vars/main.yml",
+        ROOT / "roles/xapi_broker/defaults/main.yml",
+        ROOT / "roles/xapi_broker/vars/main.yml",
         ROOT / "inventories/lab/group_vars/all/xapi.yml",
     ]
     # No inventory: the broker's address, which only the URLs' host part reads, is given;
     # the server's version is what tasks/packages.yml reads from the binary.
-    extra = {"xapi_broker_host": "broker.example.org", "redis_server_version": redis_version}
+    extra = {"xapi_broker_host": "broker.example.org", "xapi_broker_server_version": redis_version}
     templates = {
-        str(ROOT / "roles/redis/templates/users.acl.j2"): "users.acl",
+        str(ROOT / "roles/xapi_broker/templates/users.acl.j2"): "users.acl",
         str(urls): "urls.json",
     }
     result = playbooks.render(out, templates, files, {**extra, **(overrides or {})})

@@ -14,13 +14,17 @@ import os
 import string
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from xapi_testsupport import playbooks
+from xapi_testsupport.check_xapi import ship
 
 ROOT = Path(__file__).resolve().parents[1]
-PLUGIN = ROOT / "roles/xapi_ops/files/check_xapi"
+_SHIPPED = tempfile.TemporaryDirectory(prefix="check_xapi-")
+#: check_xapi as roles/xapi_ops installs it (its launcher and the package's modules).
+PLUGIN = ship(Path(_SHIPPED.name))
 HOSTILE = string.printable.strip() + " $(touch /tmp/pwned) `id` \"'\\"
 
 

@@ -77,11 +77,11 @@ CASES = [
         "xapi_ops_metrics_user (games) names an existing account that this role did not make",
     ),
     ("redis.yml", {"xapi_broker_db": "42"}, "xapi_broker_db"),
-    ("redis.yml", {"redis_firewall_enabled": "maybe"}, "redis_firewall_enabled"),
-    ("redis.yml", {"redis_maxmemory": "lots"}, "redis_maxmemory"),
-    ("redis.yml", {"redis_maxmemory": "0"}, "redis_maxmemory"),
-    ("redis.yml", {"redis_maxmemory": "512 mb"}, "redis_maxmemory"),
-    ("redis.yml", {"redis_maxmemory": "512mb\nrequirepass x"}, "redis_maxmemory"),
+    ("redis.yml", {"xapi_broker_firewall_enabled": "maybe"}, "xapi_broker_firewall_enabled"),
+    ("redis.yml", {"xapi_broker_maxmemory": "lots"}, "xapi_broker_maxmemory"),
+    ("redis.yml", {"xapi_broker_maxmemory": "0"}, "xapi_broker_maxmemory"),
+    ("redis.yml", {"xapi_broker_maxmemory": "512 mb"}, "xapi_broker_maxmemory"),
+    ("redis.yml", {"xapi_broker_maxmemory": "512mb\nrequirepass x"}, "xapi_broker_maxmemory"),
     # The worker's spool (roles/xapi_encodage): its directory reaches worker.env and the
     # unit's ReadWritePaths=, and root creates it.
     ("xapi_encodage.yml", {"xapi_encodage_spool_enabled": "maybe"}, "xapi_encodage_spool_enabled"),
@@ -225,6 +225,51 @@ CASES = [
         },
         'xapi_encodage_pod_repo ("ext::sh -c touch% /tmp/pwned") must be',
     ),
+    # The pod5 review: values matched whole (a `$` let one trailing line break through), and
+    # repositories over transports that authenticate nothing refused unless allowed.
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_repo": "https://github.com/EsupPortail/Esup-Pod.git\n",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_repo ("https://github.com/EsupPortail/Esup-Pod.git\\n") must be',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_pod_version": "4.4.0\n", "xapi_encodage_worker_ip_filter": False},
+        'xapi_encodage_pod_version ("4.4.0\\n") must be a tag',
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_upgrade_from": "4.1.0",
+            "xapi_encodage_pod_upgrade_to": "0123456789abcdef0123456789abcdef01234567\n",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_upgrade_to ("0123456789abcdef0123456789abcdef01234567\\n") must be',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_pod_python": "/usr/bin/python3\n", "xapi_encodage_worker_ip_filter": False},
+        'xapi_encodage_pod_python "/usr/bin/python3\\n"',
+    ),
+    *(
+        (
+            "xapi_encodage.yml",
+            {"xapi_encodage_pod_repo": repo, "xapi_encodage_worker_ip_filter": False},
+            f'xapi_encodage_pod_repo ("{repo}") uses {repo.split(":")[0]}://, which authenticates',
+        )
+        for repo in ("http://git.example.org/Esup-Pod.git", "git://git.example.org/Esup-Pod.git")
+    ),
+    (
+        "xapi_encodage.yml",
+        {
+            "xapi_encodage_pod_repo": "https://deploy:s3cr3t-t0ken@git.example.org/Esup-Pod.git\n",
+            "xapi_encodage_worker_ip_filter": False,
+        },
+        'xapi_encodage_pod_repo ("https://***@git.example.org/Esup-Pod.git\\n") must be',
+    ),
     (
         "xapi_encodage.yml",
         {
@@ -279,6 +324,54 @@ CASES = [
         {"xapi_ca_bundle_path": "/etc/ssl/x.pem\nexport LD_PRELOAD=/tmp/x.so"},
         "Refused: xapi_ca_bundle_path",
     ),
+    # The worker's own user and group (issue 34's review, M3): the role's own or none yet,
+    # refused before any change. games: an existing account the role did not make, whose
+    # primary group is games (Pod's user in the worker's group: a test of its own below).
+    *(
+        (
+            "xapi_encodage.yml",
+            {"xapi_encodage_worker_user": user},
+            f'xapi_encodage_worker_user is "{user}": it must be an account of its own',
+        )
+        for user in ("www-data", "redis", "nobody", "xapi-metrics")
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/var/log/celery"},
+        'xapi_encodage_sysv_log_dir is "/var/log/celery": that is',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_pid_dir": "/run/celery/"},
+        'xapi_encodage_sysv_pid_dir is "/run/celery/": that is',
+    ),
+    # Existing directories of the site (outside review, M4): an empty root directory as the
+    # spool, /etc as the settings' directory, the init script's defaults as the settings.
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_dir": "/usr/local/sbin"},
+        "or a directory of neither xapi-worker nor pod",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_config": "/etc/worker.env"},
+        'xapi_encodage_worker_config is "/etc/worker.env": on',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_config": "/etc/default/celeryd-xapi"},
+        'xapi_encodage_worker_config is "/etc/default/celeryd-xapi": on',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_user": "games"},
+        'xapi_encodage_worker_user is "games": an existing account',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_group": "games"},
+        'xapi_encodage_worker_group is "games": an existing group',
+    ),
     # Variables renamed when Pod's part became roles/xapi_encodage_pod: refused by that role
     # (reached once the worker's read-only steps pass: no IP allow list to resolve here).
     (
@@ -308,8 +401,8 @@ CASES = [
         {"xapi_encodage_worker_ip_filter": "maybe"},
         "xapi_encodage_worker_ip_filter",
     ),
-    ("redis.yml", {"redis_bind": ["-127.0.0.1\nrequirepass x"]}, "redis_bind holds IP"),
-    ("redis.yml", {"redis_bind": ["-$(id)"]}, "redis_bind holds IP"),
+    ("redis.yml", {"xapi_broker_bind": ["-127.0.0.1\nrequirepass x"]}, "xapi_broker_bind holds IP"),
+    ("redis.yml", {"xapi_broker_bind": ["-$(id)"]}, "xapi_broker_bind holds IP"),
     ("redis.yml", {"xapi_broker_user": "xapi on +@all ~*"}, "user names are made of"),
     # The producer's own user (security review point 4): distinct, plain, narrow.
     ("xapi_frontal.yml", {"xapi_broker_producer_password": None}, "xapi_broker_producer_password"),
@@ -323,32 +416,36 @@ CASES = [
     ("redis.yml", {"xapi_broker_producer_user": "p on ~* +@all"}, "xapi_broker_producer_user"),
     (
         "redis.yml",
-        {"redis_xapi_producer_acl_commands": ["lpush", "evalsha", "script|load"]},
+        {"xapi_broker_producer_acl_commands": ["lpush", "evalsha", "script|load"]},
         "none of EVAL/EVALSHA/SCRIPT",
     ),
-    ("redis.yml", {"redis_xapi_producer_acl_commands": ["@all"]}, "plain command names"),
+    ("redis.yml", {"xapi_broker_producer_acl_commands": ["@all"]}, "plain command names"),
     (
         "redis.yml",
-        {"redis_xapi_producer_acl_keys": ["%W~xapi", "&*"]},
-        'redis_xapi_producer_acl_keys has "&*": the producer',
+        {"xapi_broker_producer_acl_keys": ["%W~xapi", "&*"]},
+        'xapi_broker_producer_acl_keys has "&*": the producer',
     ),
     # The move from Pod's Redis sends no password of the bundle's there (round two, finding 1).
     (
         "redis.yml",
-        {"redis_migrate_from_password": GOOD["xapi_broker_password"]},
-        "redis_migrate_from_password is a bundle password",
+        {"xapi_broker_migrate_from_password": GOOD["xapi_broker_password"]},
+        "xapi_broker_migrate_from_password is a bundle password",
     ),
     (
         "redis-migrate.yml",
-        {"redis_migrate_from_password": GOOD["xapi_lrs_password"]},
-        "redis_migrate_from_password is a bundle password",
+        {"xapi_broker_migrate_from_password": GOOD["xapi_lrs_password"]},
+        "xapi_broker_migrate_from_password is a bundle password",
     ),
-    ("redis.yml", {"redis_migrate_from_user": "x on +@all"}, "redis_migrate_from_user"),
-    ("redis.yml", {"redis_migrate_from_unit": "redis-server"}, "redis_migrate_from_unit"),
+    ("redis.yml", {"xapi_broker_migrate_from_user": "x on +@all"}, "xapi_broker_migrate_from_user"),
+    (
+        "redis.yml",
+        {"xapi_broker_migrate_from_unit": "redis-server"},
+        "xapi_broker_migrate_from_unit",
+    ),
     (
         "redis.yml",
         {
-            "redis_acl_extra_users": [
+            "xapi_broker_acl_extra_users": [
                 {"name": "mon", "password": "a" * 16, "rules": "+ping\nuser x on"}
             ]
         },
@@ -434,21 +531,21 @@ BROKEN_TOGETHER = [
     (
         "redis.yml",
         {
-            "redis_default_password": "short",
-            "redis_xapi_monitor_acl_keys": ["~xapi"],
-            "redis_xapi_monitor_acl_commands": ["@read", "keys"],
-            "redis_acl_extra_users": [
+            "xapi_broker_admin_password": "short",
+            "xapi_broker_monitor_acl_keys": ["~xapi"],
+            "xapi_broker_monitor_acl_commands": ["@read", "keys"],
+            "xapi_broker_acl_extra_users": [
                 {"name": "xapi", "password": "a" * 16, "rules": "+ping"},
                 {"name": "xapi", "password": "b" * 16, "rules": "+ping"},
             ],
         },
         [
-            "redis_default_password has 5 characters",
-            'redis_xapi_monitor_acl_keys has "~xapi": the monitoring user',
-            'redis_xapi_monitor_acl_commands has "@read": the monitoring user',
-            "redis_xapi_monitor_acl_commands has keys: none of EVAL",
-            "redis_acl_extra_users names xapi: its users are neither",
-            'redis_acl_extra_users names ["xapi", "xapi"]: each name must be unique',
+            "xapi_broker_admin_password has 5 characters",
+            'xapi_broker_monitor_acl_keys has "~xapi": the monitoring user',
+            'xapi_broker_monitor_acl_commands has "@read": the monitoring user',
+            "xapi_broker_monitor_acl_commands has keys: none of EVAL",
+            "xapi_broker_acl_extra_users names xapi: its users are neither",
+            'xapi_broker_acl_extra_users names ["xapi", "xapi"]: each name must be unique',
         ],
     ),
     (
@@ -537,6 +634,23 @@ def test_bad_value_is_refused_naming_the_variable(
     assert "changed=0" in output, output[-2000:]
 
 
+def test_an_insecure_repository_allowed_by_the_operator_is_not_refused(
+    inventory: Path, tmp_path: Path
+) -> None:
+    """xapi_encodage_pod_repo_allow_insecure: an http:// repository passes the check (the
+    run goes on to the next one: this machine has no Pod checkout, and no version is named)."""
+    values = {
+        **GOOD,
+        "xapi_encodage_pod_repo": "http://git.example.org/Esup-Pod.git",
+        "xapi_encodage_pod_repo_allow_insecure": True,
+        "xapi_encodage_pod_version": "",
+        "xapi_encodage_worker_ip_filter": False,
+    }
+    returncode, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+    assert "which authenticates" not in output, output[-2000:]
+    assert returncode != 0 and "set xapi_encodage_pod_version" in output, output[-2000:]
+
+
 def test_real_public_host_name_is_accepted(inventory: Path, tmp_path: Path) -> None:
     """A real name passes the public-host check: the run goes on to the next one (this
     machine has no Pod, which the role names next)."""
@@ -547,11 +661,15 @@ def test_real_public_host_name_is_accepted(inventory: Path, tmp_path: Path) -> N
 
 
 def test_broker_without_firewall_is_warned_about(inventory: Path, tmp_path: Path) -> None:
-    """redis_firewall_enabled: false used to leave the instance on the host's main address
+    """xapi_broker_firewall_enabled: false used to leave the instance on the host's main address
     without a word."""
-    values = {**GOOD, "redis_firewall_enabled": False, "redis_bind": ["127.0.0.1", "-192.0.2.7"]}
+    values = {
+        **GOOD,
+        "xapi_broker_firewall_enabled": False,
+        "xapi_broker_bind": ["127.0.0.1", "-192.0.2.7"],
+    }
     _, output = check_run(inventory, tmp_path, "redis.yml", values)
-    assert "WARNING: redis_firewall_enabled is false" in output, output[-2000:]
+    assert "WARNING: xapi_broker_firewall_enabled is false" in output, output[-2000:]
     assert "192.0.2.7" in output
 
 
@@ -625,3 +743,89 @@ def test_the_roles_own_metrics_account_is_accepted(
     assert "Check that an existing metrics user is the role's own" in output, output[-2000:]
     assert "names an existing account" not in output, output[-2000:]
     assert returncode == 0, output[-2000:]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system account)")
+def test_a_worker_user_with_uid_0_is_refused(inventory: Path, tmp_path: Path) -> None:
+    """An account that looks like the role's own in every field but has uid 0 (a second name
+    for root) is refused before any change, naming the variable and the value (issue 34's
+    review, M3: the worker's user was checked by name only)."""
+    name = f"xapi-w0-{os.getpid()}"
+    subprocess.run(
+        [
+            "useradd",
+            "--non-unique",
+            "--uid",
+            "0",
+            "--gid",
+            "nogroup",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "xAPI worker (Esup-Pod xAPI bundle)",
+            name,
+        ],
+        check=True,
+    )
+    try:
+        values = {**GOOD, "xapi_encodage_worker_user": name}
+        returncode, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+    finally:
+        # userdel refuses a uid in use (root's): the entry is removed from the files.
+        for table in ("/etc/passwd", "/etc/shadow"):
+            lines = Path(table).read_text().splitlines(keepends=True)
+            Path(table).write_text("".join(x for x in lines if not x.startswith(name + ":")))
+    flat = " ".join(output.split())
+    assert returncode != 0, output[-2000:]
+    assert f'xapi_encodage_worker_user is "{name}": that account has uid 0' in flat, flat[-3000:]
+    assert "changed=0" in output, output[-2000:]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system account)")
+def test_the_roles_own_worker_account_is_accepted(inventory: Path, tmp_path: Path) -> None:
+    """The account and group as tasks/user.yml makes them pass the check that refuses every
+    other existing account (the run goes on past it)."""
+    name = f"xapi-w-{os.getpid()}"
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "xAPI worker (Esup-Pod xAPI bundle)",
+            name,
+        ],
+        check=True,
+    )
+    try:
+        values = {**GOOD, "xapi_encodage_worker_user": name}
+        _, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+    finally:
+        subprocess.run(["userdel", name], check=True)
+    assert "Check that the worker's user and group are the role's own" in output, output[-2000:]
+    assert "ok: [localhost]" in output.split("Check that the worker's user and group")[1][:400]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system group)")
+def test_a_worker_group_pods_user_is_in_is_refused(inventory: Path, tmp_path: Path) -> None:
+    """A system group with no other tie than Pod's user listed as a member (nobody stands in
+    for Pod's user): the group reads the worker's settings, refused before any change."""
+    name = f"xapi-g-{os.getpid()}"
+    subprocess.run(["groupadd", "--system", "--users", "nobody", name], check=True)
+    try:
+        values = {**GOOD, "xapi_encodage_worker_group": name, "xapi_encodage_pod_user": "nobody"}
+        returncode, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+    finally:
+        subprocess.run(["groupdel", name], check=True)
+    flat = " ".join(output.replace("''", "'").split())
+    assert returncode != 0, output[-2000:]
+    assert f'xapi_encodage_worker_group is "{name}": Pod\'s user (nobody) is a member' in flat
+    assert "changed=0" in output, output[-2000:]

@@ -60,7 +60,7 @@ def test_the_unit_runs_as_the_metrics_user_of_the_monitoring_group() -> None:
 
 
 def test_check_xapi_sets_the_mode_on_the_descriptor() -> None:
-    source = (ROLE / "files" / "check_xapi").read_text()
+    source = (ROOT / "xapi_worker/src/xapi_worker/check/prometheus.py").read_text()
     assert not re.search(r"\bos\.chmod\(", source)
     assert "os.fchmod(" in source
 

@@ -1,15 +1,16 @@
-"""The move from Pod's Redis (playbooks/redis-migrate.yml, roles/redis/files/xapi-redis-migrate)
-sends no password of the bundle's to whatever listens on Pod's Redis port, and talks to a Redis
-on this host only when that Redis is run by the expected user in the expected systemd service
-(security review, round two, finding 1, and the review of what landed for it).
+"""The move from Pod's Redis (playbooks/redis-migrate.yml,
+roles/xapi_broker/files/xapi-redis-migrate) sends no password of the bundle's to whatever
+listens on Pod's Redis port, and talks to a Redis on this host only when that Redis is run by
+the expected user in the expected systemd service (security review, round two, finding 1, and
+the review of what landed for it).
 
 Each case runs the playbook against this machine (local connection) with real redis-servers
 started here, and a listener of the test's own standing in for a user who took the port: the
 test's user is not `redis`, so its listener is what a foothold would bind. The servers the move
-may talk to are declared run by the test's user (redis_migrate_from_owner, redis_service_user),
-and are started in cgroups named as systemd names its services' (a slice of the test's own,
-then redis-server.service for Pod's Redis, redis-server@xapi.service for the instance), in
-the hierarchy the tool reads: making them needs root.
+may talk to are declared run by the test's user (xapi_broker_migrate_from_owner,
+xapi_broker_service_user), and are started in cgroups named as systemd names its services' (a
+slice of the test's own, then redis-server.service for Pod's Redis, redis-server@xapi.service
+for the instance), in the hierarchy the tool reads: making them needs root.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from xapi_testsupport.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ME = pwd.getpwuid(os.getuid()).pw_name
-# The services of roles/redis: Pod's Redis (redis_migrate_from_unit), the instance (redis_unit).
+# The services of roles/xapi_broker: Pod's Redis (xapi_broker_migrate_from_unit), the instance
+# (xapi_broker_unit).
 POD_UNIT = "redis-server.service"
 INSTANCE_UNIT = "redis-server@xapi.service"
 
@@ -39,7 +41,7 @@ PASSWORDS = {
     "xapi_broker_password": "workers-password-0123",
     "xapi_broker_producer_password": "producer-password-0123",
     "xapi_broker_monitor_password": "monitor-password-0123",
-    "redis_default_password": "admin-password-0123",
+    "xapi_broker_admin_password": "admin-password-0123",
     "xapi_lrs_password": "lrs-password-0123",
 }
 VALUES = {
@@ -49,7 +51,7 @@ VALUES = {
     "xapi_broker_tls": False,
     "ansible_become": False,
     # The tool from this checkout, not an installed one.
-    "redis_migrator": str(ROOT / "roles/redis/files/xapi-redis-migrate"),
+    "xapi_broker_migrator": str(ROOT / "roles/xapi_broker/files/xapi-redis-migrate"),
 }
 
 
@@ -144,7 +146,7 @@ class RedisServer:
                 time.sleep(0.05)
         else:
             raise AssertionError("redis-server did not start")
-        # ACL users as roles/redis writes them ("name rule..."), the last one may lock out
+        # ACL users as roles/xapi_broker writes them ("name rule..."), the last one may lock out
         # the password-less default user.
         for user in users:
             self.cli("ACL", "SETUSER", *user.split())
@@ -227,7 +229,7 @@ class Listener:
 
 
 def start_instance(tmp_path: Path, cgroup: Path | None) -> RedisServer:
-    """The bundle's xAPI instance: its workers' user, as roles/redis makes it."""
+    """The bundle's xAPI instance: its workers' user, as roles/xapi_broker makes it."""
     return RedisServer(
         tmp_path,
         "--user",
@@ -307,9 +309,9 @@ def test_a_listener_on_pod_redis_port_gets_no_password(
     try:
         returncode, output = migrate(
             tmp_path,
-            redis_migrate_from_port=listener.port,
+            xapi_broker_migrate_from_port=listener.port,
             xapi_broker_port=instance.port,
-            redis_service_user=ME,
+            xapi_broker_service_user=ME,
         )
     finally:
         listener.close()
@@ -329,8 +331,8 @@ def test_an_impostor_instance_gets_no_password(tmp_path: Path, pod_redis: RedisS
         seed(pod_redis, 3)
         returncode, output = migrate(
             tmp_path,
-            redis_migrate_from_port=pod_redis.port,
-            redis_migrate_from_owner=ME,
+            xapi_broker_migrate_from_port=pod_redis.port,
+            xapi_broker_migrate_from_owner=ME,
             xapi_broker_port=listener.port,
         )
         assert pod_redis.cli("-n", "6", "LLEN", "xapi") == "2"
@@ -345,10 +347,10 @@ def test_statements_move_once_from_a_password_less_pod_redis(
 ) -> None:
     seed(pod_redis, 5)
     common = {
-        "redis_migrate_from_port": pod_redis.port,
-        "redis_migrate_from_owner": ME,
+        "xapi_broker_migrate_from_port": pod_redis.port,
+        "xapi_broker_migrate_from_owner": ME,
         "xapi_broker_port": instance.port,
-        "redis_service_user": ME,
+        "xapi_broker_service_user": ME,
     }
     returncode, output = migrate(tmp_path, **common)
     assert returncode == 0, output[-3000:]
@@ -367,7 +369,7 @@ def test_the_operators_own_login_is_used_for_pod_redis(
     tmp_path: Path, instance: RedisServer, cgroups: Cgroups
 ) -> None:
     """A Pod's Redis with a password: the move logs in with the login the operator gave for it
-    alone (redis_migrate_from_user/password), and that login only."""
+    alone (xapi_broker_migrate_from_user/password), and that login only."""
     source = RedisServer(
         tmp_path / "pod",
         "--user",
@@ -378,12 +380,12 @@ def test_the_operators_own_login_is_used_for_pod_redis(
         seed(source, 2)
         returncode, output = migrate(
             tmp_path,
-            redis_migrate_from_port=source.port,
-            redis_migrate_from_owner=ME,
-            redis_migrate_from_user="mover",
-            redis_migrate_from_password="mover-password-0123",
+            xapi_broker_migrate_from_port=source.port,
+            xapi_broker_migrate_from_owner=ME,
+            xapi_broker_migrate_from_user="mover",
+            xapi_broker_migrate_from_password="mover-password-0123",
             xapi_broker_port=instance.port,
-            redis_service_user=ME,
+            xapi_broker_service_user=ME,
         )
         assert returncode == 0, output[-3000:]
         assert "Moved 2 statements" in output, output[-3000:]
@@ -394,7 +396,7 @@ def test_the_operators_own_login_is_used_for_pod_redis(
 def test_a_local_peer_missing_from_the_kernels_tables_is_no_other_host(monkeypatch) -> None:
     """The kernel's /proc/net/tcp is read in pieces: a local peer's line missed there used to
     count as "another host", and the workers' password went out unchecked."""
-    tool = load_script("xapi_redis_migrate", ROOT / "roles/redis/files/xapi-redis-migrate")
+    tool = load_script("xapi_redis_migrate", ROOT / "roles/xapi_broker/files/xapi-redis-migrate")
     monkeypatch.setattr(tool, "_peer_socket", lambda sock: None)
     monkeypatch.setattr(tool, "ACCEPT_WAIT", 0.1)
     with socket.socket() as server:
@@ -416,7 +418,7 @@ def test_another_redis_server_of_pods_redis_user_gets_nothing(
     tmp_path: Path, instance: RedisServer, cgroups: Cgroups, where: str
 ) -> None:
     """On Pod's Redis port, a password-less redis-server of the user Pod's Redis runs as,
-    holding a seed's statements, but outside Pod's service (redis_migrate_from_unit): it is
+    holding a seed's statements, but outside Pod's service (xapi_broker_migrate_from_unit): it is
     sent no command, nothing moves, and the run fails naming the variables."""
     if where == "the-instance-itself":
         other = instance
@@ -430,10 +432,10 @@ def test_another_redis_server_of_pods_redis_user_gets_nothing(
         before = other.commands(auth)
         returncode, output = migrate(
             tmp_path,
-            redis_migrate_from_port=other.port,
-            redis_migrate_from_owner=ME,
+            xapi_broker_migrate_from_port=other.port,
+            xapi_broker_migrate_from_owner=ME,
             xapi_broker_port=instance.port,
-            redis_service_user=ME,
+            xapi_broker_service_user=ME,
         )
         after = other.commands(auth)
         if auth:  # the test's own login, to read them again
@@ -447,7 +449,7 @@ def test_another_redis_server_of_pods_redis_user_gets_nothing(
     assert after == before, f"the move sent commands: {before} -> {after}"
     assert returncode != 0, output[-3000:]
     assert f"not the service {POD_UNIT}" in output, output[-3000:]
-    assert "redis_migrate_from_unit" in output, output[-3000:]
+    assert "xapi_broker_migrate_from_unit" in output, output[-3000:]
 
 
 def test_an_instance_outside_its_service_gets_no_password(
@@ -462,10 +464,10 @@ def test_an_instance_outside_its_service_gets_no_password(
         seed(pod_redis, 3)
         returncode, output = migrate(
             tmp_path,
-            redis_migrate_from_port=pod_redis.port,
-            redis_migrate_from_owner=ME,
+            xapi_broker_migrate_from_port=pod_redis.port,
+            xapi_broker_migrate_from_owner=ME,
             xapi_broker_port=target.port,
-            redis_service_user=ME,
+            xapi_broker_service_user=ME,
         )
         sent = target.commands(auth)
     finally:
@@ -503,10 +505,10 @@ def test_entries_that_are_not_messages_are_left_and_the_rest_moves_once(
     for key in (planted_queue, planted_token):
         assert pod_redis.raw(6, b"SET", key, b"planted") == b"+OK"
     common = {
-        "redis_migrate_from_port": pod_redis.port,
-        "redis_migrate_from_owner": ME,
+        "xapi_broker_migrate_from_port": pod_redis.port,
+        "xapi_broker_migrate_from_owner": ME,
         "xapi_broker_port": instance.port,
-        "redis_service_user": ME,
+        "xapi_broker_service_user": ME,
     }
     auth = ("xapi", PASSWORDS["xapi_broker_password"])
     for run in ("first", "again"):

@@ -106,3 +106,69 @@ def test_a_foreign_file_stops_the_run_even_once_moved(tmp_path: Path) -> None:
     run = migrate(spool, tmp_path)
     assert run.returncode != 0
     assert f"{stray} (regular file, 1 links, owner" in run.stdout
+
+
+def test_pods_open_descriptor_reaches_nothing_after_the_move(tmp_path: Path) -> None:
+    """Pod's user opened its spool file before the move and keeps the descriptor (issue 34's
+    review, H3): the file was chowned in place, so that descriptor still read the statements
+    and wrote rows the worker would then send. Now the spool holds a new file (another inode,
+    the same content, the worker's), and what is written through the old descriptor reaches
+    nothing the worker reads."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    pod = pwd.getpwnam(POD)
+    os.chown(spool, pod.pw_uid, pod.pw_gid)
+    node = pods_file(spool / "xapi.sqlite3")
+    node.chmod(0o600)
+    before = node.stat()
+    kept = os.open(node, os.O_RDWR)
+    try:
+        run = migrate(spool, tmp_path)
+        assert run.returncode == 0, run.stdout + run.stderr
+        os.pwrite(kept, b"forged", 0)
+        assert os.fstat(kept).st_uid == pod.pw_uid
+    finally:
+        os.close(kept)
+    after = node.stat()
+    assert after.st_ino != before.st_ino
+    assert node.read_text() == "rows"
+    assert (after.st_uid, after.st_mode & 0o7777, after.st_nlink) == (os.geteuid(), 0o600, 1)
+    assert sorted(p.name for p in spool.iterdir()) == ["xapi.sqlite3"]
+    # A second run finds nothing of Pod's user's: nothing changes.
+    again = migrate(spool, tmp_path)
+    assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout
+
+
+def test_a_sqlite_spool_with_its_journal_moves_whole(tmp_path: Path) -> None:
+    """A node's SQLite file as a killed worker leaves it (its -wal holding the last rows):
+    every file is copied, and the database reads the same rows after the move."""
+    import sqlite3
+
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    path = spool / "xapi.sqlite3"
+    writer = sqlite3.connect(path)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, body TEXT)")
+    writer.executemany("INSERT INTO rows (body) VALUES (?)", [(f"s{i}",) for i in range(500)])
+    writer.commit()
+    # The files as a killed worker leaves them: copied aside while the connection is open.
+    names = sorted(p.name for p in spool.iterdir())
+    assert "xapi.sqlite3-wal" in names
+    left = {name: (spool / name).read_bytes() for name in names}
+    writer.close()
+    for name, content in left.items():
+        (spool / name).write_bytes(content)
+    pod = pwd.getpwnam(POD)
+    for entry in [spool, *spool.iterdir()]:
+        os.chown(entry, pod.pw_uid, pod.pw_gid)
+    run = migrate(spool, tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert all(p.stat().st_uid == os.geteuid() for p in spool.iterdir())
+    reader = sqlite3.connect(path)
+    try:
+        assert reader.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert reader.execute("SELECT count(*) FROM rows").fetchone() == (500,)
+    finally:
+        reader.close()

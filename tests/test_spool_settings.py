@@ -116,11 +116,13 @@ def test_no_spool_no_spool_settings_no_writable_path(tmp_path: Path, overrides: 
 def render_redis(out: Path, overrides: dict) -> str:
     files = [
         ROOT / "roles/xapi/defaults/main.yml",
-        ROOT / "roles/redis/defaults/main.yml",
-        ROOT / "roles/redis/vars/main.yml",
+        ROOT / "roles/xapi_broker/defaults/main.yml",
+        ROOT / "roles/xapi_broker/vars/main.yml",
         ROOT / "inventories/lab/group_vars/all/xapi.yml",
     ]
-    templates = {str(ROOT / "roles/redis/templates/redis-instance.conf.j2"): "redis-xapi.conf"}
+    templates = {
+        str(ROOT / "roles/xapi_broker/templates/redis-instance.conf.j2"): "redis-xapi.conf"
+    }
     result = playbooks.render(out, templates, files, {**SECRETS, **overrides})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     lines = (out / "localhost-redis-xapi.conf").read_text().splitlines()
@@ -141,7 +143,7 @@ def test_maxmemory_is_an_eighth_of_the_host_memory(
 @pytest.mark.parametrize("given", ["512mb", "16mb", "2gb", "268435456"])
 def test_an_explicit_maxmemory_is_kept(tmp_path: Path, given: str) -> None:
     facts = {"memtotal_mb": 64000, "default_ipv4": {"address": "192.0.2.7"}}
-    overrides = {"ansible_facts": facts, "redis_maxmemory": given}
+    overrides = {"ansible_facts": facts, "xapi_broker_maxmemory": given}
     assert render_redis(tmp_path, overrides) == given
 
 

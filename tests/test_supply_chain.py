@@ -135,7 +135,11 @@ def test_pods_commit_is_recorded_and_a_moved_tag_refused_before_the_checkout():
     assert options["xapi_encodage_pod_allow_moved_tag"]["type"] == "bool"
     names = [t["name"] for t in yaml.safe_load((POD_ROLE / "tasks/code.yml").read_text())]
     clone = names.index("Clone Pod on a fresh host, or move it for the upgrade asked (force false)")
-    assert names.index("Ask the repository where the upgrade's version points now") < clone
+    asked = names.index("Ask the repository where the version to check out points now")
+    assert asked < names.index("Refuse a version that is both a tag and a branch of the repository")
+    assert names.index("Refuse a version that is both a tag and a branch of the repository") < clone
+    assert asked < clone
+    assert names.index("Check that the checkout is the commit the repository named") == clone + 1
     assert names.index("Refuse a tag that moved since it was checked out") < clone
     assert names.index("Record the commit Pod's version resolved to") > clone
     assert "xapi_encodage_pod_allow_moved_tag" in (POD_ROLE / "README.md").read_text()

@@ -80,8 +80,10 @@ def test_without_the_group_the_worker_runs_on_the_encoding_hosts(playbook: str, 
 
 def test_without_the_group_operations_stay_on_the_encoding_hosts() -> None:
     production = ROOT / "inventories/production"
+    # every one: each keeps its nodes' dead letters on its disk (the broker's list: the first)
     assert hosts_of(production, "playbooks/dead-letters.yml", "Dead letters") == [
-        "pod-enc1.univ.example.fr"
+        "pod-enc1.univ.example.fr",
+        "pod-enc2.univ.example.fr",
     ]
 
 
@@ -113,7 +115,10 @@ def test_the_worker_group_names_the_worker_hosts(
 
 
 def test_the_worker_groups_operations_and_monitoring(with_group: Path) -> None:
-    assert hosts_of(with_group, "playbooks/dead-letters.yml", "Dead letters") == ["frontal"]
+    assert hosts_of(with_group, "playbooks/dead-letters.yml", "Dead letters") == [
+        "frontal",
+        "small",
+    ]
     assert hosts_of(with_group, "playbooks/monitoring.yml", "Monitoring") == ["frontal", "small"]
 
 

@@ -12,17 +12,16 @@ tests/test_prometheus_rules.py fails when the committed file differs from what t
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
-import importlib.util
+import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK_XAPI = ROOT / "roles" / "xapi_ops" / "files" / "check_xapi"
+CHECK_XAPI = ROOT / "xapi_worker" / "src"  # xapi_worker.check
 OPS_DEFAULTS = ROOT / "roles" / "xapi_ops" / "defaults" / "main.yml"
 RULES = ROOT / "prometheus" / "xapi.rules.yml"
 
@@ -35,15 +34,22 @@ LRS_WINDOW = "10m"
 STALE_AFTER = 300
 
 
-def load_check_xapi() -> ModuleType:
-    """check_xapi as a module (a script without the .py suffix)."""
-    loader = importlib.machinery.SourceFileLoader("check_xapi", str(CHECK_XAPI))
-    spec = importlib.util.spec_from_loader("check_xapi", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("check_xapi", module)
-    loader.exec_module(module)
-    return module
+def load_check_xapi() -> SimpleNamespace:
+    """check_xapi's thresholds and metric families (xapi_worker.check, standard library only:
+    imported from the source tree, the worker package need not be installed)."""
+    sys.path.insert(0, str(CHECK_XAPI))
+    try:
+        config = importlib.import_module("xapi_worker.check.config")
+        prometheus = importlib.import_module("xapi_worker.check.prometheus")
+    finally:
+        sys.path.remove(str(CHECK_XAPI))
+    return SimpleNamespace(
+        DEFAULT_THRESHOLDS=config.DEFAULT_THRESHOLDS,
+        GAUGES=prometheus.GAUGES,
+        SPOOL_GAUGES=prometheus.SPOOL_GAUGES,
+        COUNTER_FIELDS=prometheus.COUNTER_FIELDS,
+        RESPONSES=prometheus.RESPONSES,
+    )
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ def _num(value: float) -> str:
 ABSENT_AFTER = "10m"
 
 
-def rules(check: ModuleType, dead_window: int) -> list[Rule]:
+def rules(check: SimpleNamespace, dead_window: int) -> list[Rule]:
     t = check.DEFAULT_THRESHOLDS
     g = {key: family[0] for key, family in check.GAUGES.items()}
     s = {key: family[0] for key, family in check.SPOOL_GAUGES.items()}
@@ -221,7 +227,7 @@ def rules(check: ModuleType, dead_window: int) -> list[Rule]:
             f"{s['full']} == 1",
             "critical",
             "spool full on " + node + ": the node no longer takes from the broker",
-            "Statements accumulate in Redis, up to redis_maxmemory, then Pod's .delay() "
+            "Statements accumulate in Redis, up to xapi_broker_maxmemory, then Pod's .delay() "
             "fails: bring the LRS back, urgently.",
             None,
         ),

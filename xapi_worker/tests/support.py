@@ -429,3 +429,19 @@ def pod_producer(broker_url: str) -> Iterator[Callable[[dict[str, Any]], None]]:
         yield send_xapi_statement_task.delay
     finally:
         app.close()
+
+
+# --- the nodes' dead letters on disk (deadstore.py) ------------------------------------------
+def disk_dead_letters(spool_dir: Path | str) -> list[dict[str, Any]]:
+    """Every dead letter kept in the spool files of ``spool_dir``, file by file, oldest first."""
+    from xapi_worker.deadstore import DiskDeadLetters
+    from xapi_worker.spool import Spool
+
+    found: list[dict[str, Any]] = []
+    for path in sorted(Path(spool_dir).glob("*.sqlite3")):
+        spool = Spool(path.parent, path.name.removesuffix(".sqlite3"))
+        try:
+            found.extend(entry for _, entry in DiskDeadLetters(spool, 1 << 40).entries())
+        finally:
+            spool.close()
+    return found

@@ -1,5 +1,6 @@
-"""roles/xapi_ops/files/check_xapi against a real redis-server, Ralph and this package's
-worker: run as a monitoring host runs it (the system's /usr/bin/python3, no venv, a JSON
+"""check_xapi (xapi_worker.check) against a real redis-server, Ralph and this package's
+worker: run as a monitoring host runs it, in the form roles/xapi_ops ships it (its launcher
+and the package's stdlib-only modules, the system's /usr/bin/python3 -I, no venv, a JSON
 configuration file), its one status line, performance data and exit code read back."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,12 @@ from support import (
     pod_producer,
     wait_for,
 )
-from xapi_testsupport.scripts import load_script
+from xapi_testsupport.check_xapi import ship
 from xapi_testsupport.statements import invalid, statement, video_statement
+from xapi_worker.check.prometheus import _le
 
-PLUGIN = REPO / "roles" / "xapi_ops" / "files" / "check_xapi"
+_SHIPPED = tempfile.TemporaryDirectory(prefix="check_xapi-")
+PLUGIN = ship(Path(_SHIPPED.name))
 # The system's Python of the monitored hosts; CHECK_XAPI_PYTHON tries another (3.13: Debian 13).
 PYTHON = os.environ.get("CHECK_XAPI_PYTHON", "/usr/bin/python3")
 REDIS_PASSWORD = "r3dis-Monitor-pw"
@@ -77,7 +81,7 @@ class Result:
 
 def check(config: Path, *args: str) -> Result:
     proc = subprocess.run(
-        [PYTHON, str(PLUGIN), "-C", str(config), *args],
+        [PYTHON, "-I", str(PLUGIN), "-C", str(config), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -415,7 +419,7 @@ def test_usage_errors_are_unknown(tmp_path):
     unreadable = tmp_path / "not-json.json"
     unreadable.write_text('{"brokers": [{"password": "' + REDIS_PASSWORD + '"')
     assert check(unreadable).line.startswith("XAPI UNKNOWN - configuration: ")
-    version = subprocess.run([PYTHON, str(PLUGIN), "-V"], capture_output=True, text=True)
+    version = subprocess.run([PYTHON, "-I", str(PLUGIN), "-V"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("check_xapi ")
 
 
@@ -448,7 +452,7 @@ def prometheus(config: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     """check_xapi --prometheus -, read by prometheus_client's parser: {(sample, labels): value}.
     The parser is the tools venv's (tools/requirements.txt) when this venv lacks it."""
     proc = subprocess.run(
-        [PYTHON, str(PLUGIN), "-C", str(config), "--prometheus", "-"],
+        [PYTHON, "-I", str(PLUGIN), "-C", str(config), "--prometheus", "-"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -552,6 +556,31 @@ def test_spool_filling_then_full_two_nodes(tmp_path, redis_srv):
     assert prometheus(config)[("xapi_statements_spooled_total", (broker,))] == 57
 
 
+def test_dead_letters_on_the_nodes_disks_are_counted_with_the_brokers_list(tmp_path, redis_srv):
+    """A node with a spool keeps its dead letters on its disk and reports them in its state
+    (deadstore.py): they count with the broker's list, which a node without a spool (or of
+    an older release) still writes; a node whose dead letters are full stops taking (full)."""
+    r = redis_srv.client()
+    now = time.time()
+    set_node(r, "enc1", dead_letters=7, dead_new=2, dead_oldest=now - 5000, dead_full=0)
+    set_node(r, "enc2", dead_letters=3, dead_new=0, dead_oldest=now - 90000, dead_full=0)
+    long_ago = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 172800))
+    recent = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - 60))
+    for when in (long_ago, recent):
+        r.rpush("xapi.dead_letters", json.dumps({"statement": {}, "reason": "x", "time": when}))
+    config = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)], "nodes_expected": 2})
+    result = check(config)
+    assert result.code == 1, result.line
+    perf = result.perf()
+    assert perf["dead_letters"][0] == 7 + 3 + 2
+    assert perf["dead_new"][0] == 2 + 0 + 1
+    assert "12 dead letters (3 new)" in result.text
+    # dead letters full: the node's state says full, CRITICAL as a full spool
+    r.hset("xapi.inflight.enc2.spool", mapping={"full": "1", "dead_full": "1"})
+    full = check(config)
+    assert full.code == 2 and "spool of node enc2 full" in full.text, full.line
+
+
 def test_spool_stale_and_damaged(tmp_path, redis_srv):
     r = redis_srv.client()
     now = time.time()
@@ -618,7 +647,7 @@ def test_metric_fields_with_line_breaks_make_no_label(tmp_path, redis_srv):
     )
     config = write(tmp_path, {"brokers": [broker_entry(redis_srv.port)]})
     proc = subprocess.run(
-        [PYTHON, str(PLUGIN), "-C", str(config), "--prometheus", "-"],
+        [PYTHON, "-I", str(PLUGIN), "-C", str(config), "--prometheus", "-"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -664,4 +693,4 @@ def test_a_deeply_nested_message_keeps_no_worker_consumes_critical(tmp_path, red
 def test_histogram_bounds_as_the_worker_writes_them(text, expected):
     """Only a finite bound (or +Inf) becomes a label: 1e+400 reads as inf, and node_exporter's
     parser refuses such a label, then drops every series of the file."""
-    assert load_script("check_xapi_le", PLUGIN)._le(text) == expected
+    assert _le(text) == expected

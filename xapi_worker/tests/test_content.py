@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from support import Proxy, pod_producer, wait_for
+from support import Proxy, disk_dead_letters, pod_producer, wait_for
 from xapi_testsupport.statements import video_statement
 from xapi_worker.consumer import NESTED_TOO_DEEP
 from xapi_worker.content import (
@@ -29,8 +29,10 @@ from xapi_worker.content import (
 from xapi_worker.delivery import STATEMENT_ID_NAMESPACE
 
 
-def _dead(r: Any) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in r.lrange("xapi.dead_letters", 0, -1)]
+def _dead(r: Any, spool_dir: Path | None = None) -> list[dict[str, Any]]:
+    """The dead letters in the broker's list and, with the spool on, on the disk."""
+    kept = [json.loads(x) for x in r.lrange("xapi.dead_letters", 0, -1)]
+    return kept + (disk_dead_letters(spool_dir) if spool_dir is not None else [])
 
 
 def _nested(depth: int) -> Any:
@@ -74,6 +76,7 @@ def test_content_no_lrs_can_store_is_dead_lettered_alone(
         return None
 
     proxy = Proxy(upstream_port=ralph.port, respond=respond).start()
+    spool_dir: Path | None = None
     if spool:
         spool_dir = tmp_path / "spool"
         spool_dir.mkdir(mode=0o700)
@@ -93,8 +96,8 @@ def test_content_no_lrs_can_store_is_dead_lettered_alone(
         assert wait_for(lambda: len(ralph.stored()) == len(good), 60), worker.text()[-3000:]
         assert sorted(ralph.stored_ids()) == sorted(s["id"] for s in good)
         expected = 3 * len(hostile)
-        assert wait_for(lambda: len(_dead(r)) == expected, 30), worker.text()[-3000:]
-        for entry in _dead(r):
+        assert wait_for(lambda: len(_dead(r, spool_dir)) == expected, 30), worker.text()[-3000:]
+        for entry in _dead(r, spool_dir):
             statement_id = entry["statement"]["id"]
             assert entry["reason"] == hostile[statement_id][1]
         assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
@@ -245,7 +248,9 @@ def test_any_content_ends_stored_once_or_dead_lettered_with_a_reason(
         spool_dir.chmod(0o700)
         config = make_config(ralph.url, XAPI_WORKER_SPOOL_DIR=spool_dir, XAPI_WORKER_BATCH_SIZE=25)
         redis_srv.property_worker = start_worker(config, name="property")
+        redis_srv.property_spool = spool_dir
     worker = redis_srv.property_worker
+    spool_dir = redis_srv.property_spool
     good = [video_statement("played", n) for n in range(valid)]
     tracked: dict[str, tuple[str, Any]] = {}  # task id -> (statement id, argument)
     with pod_producer(redis_srv.url()) as delay:
@@ -263,12 +268,12 @@ def test_any_content_ends_stored_once_or_dead_lettered_with_a_reason(
             tracked[delay(statement).id] = (statement["id"], statement)
 
     def settled() -> bool:
-        dead_tasks = {e["task_id"] for e in _dead(r)}
+        dead_tasks = {e["task_id"] for e in _dead(r, spool_dir)}
         stored = set(ralph.stored_ids())
         return all(t in dead_tasks or sid in stored for t, (sid, _) in tracked.items())
 
     assert wait_for(settled, 120), worker.text()[-3000:]
-    dead = {e["task_id"]: e for e in _dead(r)}
+    dead = {e["task_id"]: e for e in _dead(r, spool_dir)}
     stored = ralph.stored_ids()
     for task_id, (statement_id, argument) in tracked.items():
         times = stored.count(statement_id)
@@ -343,8 +348,8 @@ def test_a_message_the_consumer_cannot_read_is_dead_lettered_with_its_reason(
         unreadable[task_id] = (NESTED_TOO_DEEP, TOO_DEEP)
         messages.append(raw)
     for body, headers, reason in (
-        ("42", {}, "invalid task message: TypeError"),
-        ('{"not": "a task"}', {}, "invalid task message"),
+        ("42", {}, "not a Celery protocol 2 task message: the body is not"),
+        ('{"not": "a task"}', {}, "not a Celery protocol 2 task message: protocol 1 or hybrid"),
         (f"[[{json.dumps(statement)}], {{}}, {EMBED}]", {"task": "pod.other"}, "not this"),
         ("[[1], {}, {}]", {"task": None}, "not this"),
     ):

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import Counter
 
+from hypothesis import given
+from hypothesis import strategies as st
 from support import (
     LRS_PASSWORD,
     Proxy,
     pod_producer,
     wait_for,
+    worker_env,
 )
 from xapi_testsupport.statements import VERBS, video_statement
+from xapi_worker.delivery import Item, Verdict, comparable, deliver, same_id
+from xapi_worker.lrs import LRSClient
+from xapi_worker.settings import load_settings
 
 
 def test_seven_video_verbs_from_pod_producer(redis_srv, ralph, make_config, start_worker):
@@ -115,3 +122,37 @@ def test_last_delivery_recorded_once_per_accepted_batch(
     with pod_producer(redis_srv.url()) as delay:
         delay(video_statement("played", 7))
     assert wait_for(lambda: float(r.get("xapi.last_delivery")) > first, 30), worker.text()
+
+
+# --- the read-back by id (review of the worker, L6) ------------------------------------------
+def test_a_statement_sent_with_an_upper_case_id_is_read_back_as_stored(ralph, make_config):
+    """Ralph stores a UUID in lower case: after a 409 (or a lone timeout), reading back a
+    statement sent with an upper-case id said "not stored", and it was retried for the
+    maximum age (7 days of 409s), then dead-lettered although the LRS held it."""
+    statement = video_statement("played", 4242)
+    statement["id"] = statement["id"].upper()
+    client = LRSClient(load_settings(worker_env(make_config(ralph.url))))
+    assert client.post_statements([statement]).status == 200
+    answer, stored = client.get_statement(statement["id"])
+    assert answer.status == 200 and stored is not None
+    [result] = deliver(
+        [Item("t", statement, attempt=1)], client.post_statements, fetch=client.get_statement
+    )
+    assert result.verdict in (Verdict.DUPLICATE, Verdict.DELIVERED), result
+    assert ralph.stored_ids().count(statement["id"].lower()) == 1
+
+
+@given(st.uuids(), st.lists(st.booleans(), min_size=36, max_size=36))
+def test_a_uuid_is_the_same_id_whatever_the_case_of_its_letters(value, upper) -> None:
+    text = str(value)
+    mixed = "".join(c.upper() if u else c for c, u in zip(text, upper, strict=True))
+    assert same_id(text, mixed) and same_id(mixed, text)
+    assert comparable({"id": mixed, "verb": 1}) == comparable({"id": text, "verb": 1})
+    assert not same_id(text, str(uuid.uuid4()))
+
+
+@given(st.text(), st.text())
+def test_ids_that_are_no_uuid_compare_as_they_are(a, b) -> None:
+    assert same_id(a, a)
+    assert same_id(a, a.upper()) == (a == a.upper())
+    assert same_id(a, b) == (a == b)

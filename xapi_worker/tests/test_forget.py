@@ -15,6 +15,7 @@ from typing import Any
 
 from support import VENV_BIN, Proxy, pod_producer, wait_for, worker_env
 from xapi_testsupport.statements import agent, statement, video_statement
+from xapi_worker.deadstore import DiskDeadLetters
 from xapi_worker.forget import Learner, LearnerError, decode
 from xapi_worker.spool import Entry, Spool, node_file
 
@@ -112,6 +113,7 @@ def _places(client: Any, spool_dir: Path, node: str) -> dict[str, list[Any]]:
     spool = Spool(spool_dir, node)
     try:
         rows = [(r.id, r.statement) for r in spool.rows()]
+        dead_on_disk = [raw for _, raw in DiskDeadLetters(spool, 1 << 30).rows()]
     finally:
         spool.close()
     return {
@@ -121,6 +123,8 @@ def _places(client: Any, spool_dir: Path, node: str) -> dict[str, list[Any]]:
         "unacked_index": sorted(client.zrange("unacked_index", 0, -1)),
         "spool": rows,
         "dead_letters": client.lrange("xapi.dead_letters", 0, -1),
+        "dead_letters_on_disk": dead_on_disk,
+        "dead_letters_claimed": client.lrange(f"xapi.inflight.{node}.dead_letters", 0, -1),
         "unreadable": client.lrange("xapi.unreadable", 0, -1),
     }
 
@@ -174,7 +178,17 @@ def test_forget_removes_the_learner_from_every_place_and_nothing_else(
     spooled = [_of(ALICE, 20), _of({"mbox_sha1sum": sha1}, 21), mentored, _of(BOB, 22)]
     spooled.append(_of(BOB, 23))
     spool.add([Entry(s, f"t{n}", 2, now, now, "HTTP 503") for n, s in enumerate(spooled)])
+    # the node's dead letters on its disk, and on their way there (claimed from the list)
+    DiskDeadLetters(spool, 1 << 30).add(
+        [
+            {"statement": _of(ALICE, 40), "reason": "rejected by the LRS (HTTP 400)"},
+            {"statement": _of(BOB, 41), "reason": "rejected by the LRS (HTTP 400)"},
+        ]
+    )
     spool.close()
+    for n, who in ((42, ALICE), (43, BOB)):
+        letter = {"statement": _of(who, n), "reason": "rejected by the LRS (HTTP 400)"}
+        client.rpush(f"xapi.inflight.{node}.dead_letters", json.dumps(letter))
     # dead letters: two of Alice's (one a malformed task), one of Bob's; unreadable: one each
     for letter in (
         {"statement": _of(ALICE, 30), "reason": "rejected by the LRS (HTTP 400)"},
@@ -193,10 +207,12 @@ def test_forget_removes_the_learner_from_every_place_and_nothing_else(
         "in_flight": 1,
         "unacked": 1,
         "spool": 3,
-        "dead_letters": 2,
+        "dead_letters": 4,  # two in the broker's list, one on the disk, one claimed
         "unreadable": 1,
     }, report
-    assert report["total"] == 12 and report["passes"] == 1 and report["in_workers_hands"] == 0
+    # two passes: one of Alice's was in a claim list, which its node may commit to its disk
+    # after forget's first read of the disk (the second finds nothing more)
+    assert report["total"] == 14 and report["passes"] == 2 and report["in_workers_hands"] == 0
     assert report["spool_files"] == 1
     assert "alice" not in (json.dumps(report) + err).lower()
     after = _places(client, spool_dir, node)
@@ -291,3 +307,216 @@ def _spool_depth(directory: Path, node: str) -> int:
         return spool.stats().depth
     finally:
         spool.close()
+
+
+def _alice_queued(client: Any) -> int:
+    """Alice's statements in the queue and unacked (the worker's hands), by id."""
+    found = set()
+    for raw in client.lrange("xapi", 0, -1) + list(client.hvals("unacked")):
+        value = decode(raw)
+        if isinstance(value, list) and len(value) == 2 and _alice_in(value[1]):
+            args = value[1][0] if isinstance(value[1], list) and value[1] else []
+            if args and isinstance(args[0], dict):
+                found.add(args[0].get("id"))
+    return len(found)
+
+
+def test_forget_never_says_complete_while_a_worker_holds_the_learners_statements(
+    redis_srv, ralph, make_config, start_worker
+):
+    """The LRS failing, the spool off: each of Alice's statements is a retry a worker holds
+    for its countdown. The last pass used to remove those records under the worker and report
+    the run complete (exit 0, in_workers_hands 0); the worker then re-published them, and they
+    reached the LRS once it came back (review H2). Now a held record is never counted as
+    removed: the run says it is incomplete (exit 10), or none of Alice's comes back."""
+    proxy = Proxy(
+        upstream_port=ralph.port,
+        respond=lambda _r: (503, {"Content-Type": "application/json"}, b"{}"),
+    ).start()
+    try:
+        config = make_config(proxy.url, XAPI_WORKER_BATCH_SIZE=5)
+        worker = start_worker(config, name="held")
+        client = redis_srv.client()
+        with pod_producer(redis_srv.url()) as delay:
+            for n in range(5):
+                delay(_of(ALICE, n))
+                delay(_of(BOB, 100 + n))
+        assert wait_for(lambda: "retry" in worker.text(), 30), worker.text()[-2000:]
+        code, report, err = _forget(config, ALICE_ON_STDIN, "--wait", "60")
+        time.sleep(5)  # the worker settles what it held: retries back on the queue
+        left = _alice_queued(client)
+        assert code in (0, 10), err
+        assert code == 10 or left == 0, (code, report, left)
+        if code == 10:
+            assert report["in_workers_hands"] > 0, report
+    finally:
+        proxy.stop()
+
+
+def test_the_dead_letter_of_an_unreadable_message_of_the_learner_is_matched():
+    """A message the worker could not read is dead-lettered with the head of its body as
+    text (consumer.py): the learner's agent is in that text, which forget never looked into
+    (review M4)."""
+    from xapi_worker.consumer import body_summary
+    from xapi_worker.forget import belongs
+
+    class Message:
+        body = json.dumps([[_of(ALICE, 1)], {}, {"nested": [[[[1]]]]}]).encode() + b"\xff"
+
+    letter = {"statement": body_summary(Message()), "reason": "not decodable: ..."}
+    alice = Learner.of({"mbox": "alice.martin@example.org"})
+    assert belongs(alice, json.dumps(letter).encode())
+    assert not belongs(Learner.of({"mbox": "bob.durand@example.org"}), json.dumps(letter))
+
+
+def test_forget_is_incomplete_when_a_spool_file_was_not_read(tmp_path, redis_srv, make_config):
+    """A spool file forget cannot read (here of a newer format; damaged or locked alike) may
+    hold the learner's statements: the run used to say it was complete (exit 0; a newer
+    format even stopped it before the dead letters), and a file set aside as damaged, which
+    `spool drain` would put back, was only counted (review M2). Now forget goes on with the
+    other places and exits 10, saying which files it could not read."""
+    import sqlite3
+
+    spool_dir = _spool_dir(tmp_path)
+    config = make_config("http://127.0.0.1:9/xAPI/statements/", XAPI_WORKER_SPOOL_DIR=spool_dir)
+    newer = sqlite3.connect(spool_dir / "newer@host.sqlite3")
+    newer.execute("CREATE TABLE spool (id INTEGER PRIMARY KEY)")
+    newer.execute("PRAGMA user_version = 99")
+    newer.commit()
+    newer.close()
+    client = redis_srv.client()
+    letter = {"statement": _of(ALICE, 1), "reason": "rejected by the LRS (HTTP 400)"}
+    client.rpush("xapi.dead_letters", json.dumps(letter))
+
+    code, report, err = _forget(config, ALICE_ON_STDIN, "--wait", "1")
+
+    assert code == 10, (code, report, err)
+    assert report["spool_files_not_read"] == 1 and report["removed"]["dead_letters"] == 1
+    assert "could not be read" in err and "alice" not in err.lower()
+    (spool_dir / "newer@host.sqlite3").unlink()
+    (spool_dir / "gone@host.sqlite3.damaged-20260101T000000Z").write_bytes(b"x")
+    code, report, err = _forget(config, ALICE_ON_STDIN, "--wait", "1")
+    assert code == 10 and report["spool_damaged_files_not_read"] == 1, (code, report, err)
+    # Drained by `spool drain` (renamed .salvaged): running forget again after it no longer
+    # helps, so forget says what does (review s5 L6): remove the file, whose statements are
+    # in the spool now. The file still holds copies forget does not open: still incomplete.
+    (spool_dir / "gone@host.sqlite3.damaged-20260101T000000Z").rename(
+        spool_dir / "gone@host.sqlite3.damaged-20260101T000000Z.salvaged"
+    )
+    code, report, err = _forget(config, ALICE_ON_STDIN, "--wait", "1")
+    assert code == 10, (code, report, err)
+    assert report["spool_damaged_files_not_read"] == 0, report
+    assert report["spool_salvaged_files_not_read"] == 1, report
+    assert "remove them once inspected" in err and "run forget again right after" not in err
+
+
+# --- the broker's dead letters on their way to a node's disk ----------------------------------
+def _in_process(tmp_path: Path, redis_srv: Any) -> tuple[Any, Path]:
+    from xapi_worker.settings import load_settings
+
+    spool_dir = _spool_dir(tmp_path)
+    settings = load_settings(
+        {
+            "XAPI_LRS_URL": "http://127.0.0.1:9/xAPI/statements/",
+            "XAPI_LRS_LOGIN": "u",
+            "XAPI_LRS_PWD": "p",
+            "XAPI_CELERY_BROKER_URL": redis_srv.url(),
+            "XAPI_WORKER_SPOOL_DIR": str(spool_dir),
+        }
+    )
+    _open_close(spool_dir)
+    return settings, spool_dir
+
+
+def _open_close(spool_dir: Path) -> None:
+    spool = Spool(spool_dir, "mover@host")
+    spool.open()
+    spool.close()
+
+
+def _disk_letters_of_alice(spool_dir: Path, settings: Any) -> int:
+    from xapi_worker.deadstore import disk_dead_letters
+    from xapi_worker.forget import belongs
+
+    spool = Spool(spool_dir, "mover@host")
+    try:
+        alice = Learner.of(json.loads(ALICE_ON_STDIN))
+        return sum(belongs(alice, raw) for _, raw in disk_dead_letters(spool, settings).rows())
+    finally:
+        spool.close()
+
+
+def _alice_letter(n: int) -> bytes:
+    return json.dumps({"statement": _of(ALICE, n), "reason": "rejected (HTTP 400)"}).encode()
+
+
+def test_a_dead_letter_moved_to_the_disk_during_forget_is_met_there(tmp_path, redis_srv):
+    """forget read this host's disk before the broker's list, while dead letters travel the
+    list -> a node's claim list -> its disk: one a node moved between the two reads was
+    missed, and the run said complete (review s5 M2). A node's move is made to land right
+    after forget's disk read; the broker's list is read first now, so forget meets it."""
+    from xapi_worker.deadstore import disk_dead_letters, move_legacy
+    from xapi_worker.forget import Forgetter
+
+    settings, spool_dir = _in_process(tmp_path, redis_srv)
+    client = redis_srv.client()
+    client.rpush("xapi.dead_letters", _alice_letter(1))
+
+    class MovedAfterTheDiskRead(Forgetter):
+        def _spools(self) -> tuple[int, int, int, int, int]:
+            out = super()._spools()
+            spool = Spool(spool_dir, "mover@host")
+            try:
+                move_legacy(
+                    client,
+                    "xapi.dead_letters",
+                    "xapi.inflight.mover@host.dead_letters",
+                    disk_dead_letters(spool, settings),
+                )
+            finally:
+                spool.close()
+            return out
+
+    report = MovedAfterTheDiskRead(
+        settings, client, Learner.of(json.loads(ALICE_ON_STDIN)), 0
+    ).run()
+    assert report.complete and report.removed["dead_letters"] == 1
+    assert _disk_letters_of_alice(spool_dir, settings) == 0
+
+
+def test_a_claimed_dead_letter_committed_after_forgets_disk_read_is_met_by_another_pass(
+    tmp_path, redis_srv
+):
+    """A node read its claim list, forget removed the learner's element from it and read the
+    disk, then the node committed what it had read: forget makes another pass, as a claim
+    list held one of the learner's, and erases it from the disk."""
+    from xapi_worker.deadstore import disk_dead_letters
+    from xapi_worker.forget import Forgetter
+
+    settings, spool_dir = _in_process(tmp_path, redis_srv)
+    client = redis_srv.client()
+    node = "xapi.inflight.mover@host"
+    claim = node + ".dead_letters"
+    client.sadd("xapi.inflight", node)
+    client.rpush(claim, _alice_letter(2))
+    read_by_the_node = client.lrange(claim, 0, -1)
+    commits = []
+
+    class CommittedAfterTheDiskRead(Forgetter):
+        def _spools(self) -> tuple[int, int, int, int, int]:
+            out = super()._spools()
+            if not commits:
+                spool = Spool(spool_dir, "mover@host")
+                try:
+                    commits.append(disk_dead_letters(spool, settings).add_raw(read_by_the_node))
+                finally:
+                    spool.close()
+                client.delete(claim)
+            return out
+
+    report = CommittedAfterTheDiskRead(
+        settings, client, Learner.of(json.loads(ALICE_ON_STDIN)), 0
+    ).run()
+    assert commits == [1]
+    assert report.complete and report.passes >= 2
+    assert _disk_letters_of_alice(spool_dir, settings) == 0

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from support import LRS_PASSWORD, Proxy, free_port, pod_producer, wait_for
 from xapi_testsupport.statements import agent, statement
+from xapi_worker.names import DELIVERED, RETRIED
 from xapi_worker.settings import settings_from_mapping
 
 from xapi_worker import metrics as m
@@ -86,7 +87,7 @@ def test_buckets_are_cumulative_and_sent_in_one_pipeline(redis_srv):
     rec = m.Metrics(_settings(redis_srv.url()))
     rec.observe_post(30, 200, 0.3)
     rec.observe_post(1, None, 12.0)
-    rec.count(m.DELIVERED, 30)
+    rec.count(DELIVERED, 30)
 
     def one_by_one(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a command sent on its own, not in the pipeline")
@@ -116,11 +117,11 @@ def test_buckets_are_cumulative_and_sent_in_one_pipeline(redis_srv):
 def test_unreachable_broker_keeps_counts_and_warns_once(redis_srv, caplog, monkeypatch):
     rec = m.Metrics(_settings(f"redis://127.0.0.1:{free_port()}/6"))
     caplog.set_level(logging.WARNING, logger="xapi_worker.metrics")
-    rec.count(m.DELIVERED, 3)
+    rec.count(DELIVERED, 3)
     started = time.monotonic()
     assert not rec.flush()
     assert time.monotonic() - started < 2
-    rec.count(m.DELIVERED, 2)
+    rec.count(DELIVERED, 2)
     assert not rec.flush()  # not even tried: within RETRY_AFTER_SECONDS
     monkeypatch.setattr(m, "RETRY_AFTER_SECONDS", 0.0)
     rec._next_try = 0.0
@@ -141,8 +142,8 @@ def test_a_refused_increment_inside_exec_does_not_count_the_others_again(redis_s
     redis_srv.client().hset(KEY, "retried", "not a number")
     rec = m.Metrics(_settings(redis_srv.url()))
     for _ in range(3):
-        rec.count(m.DELIVERED, 100)
-        rec.count(m.RETRIED, 1)
+        rec.count(DELIVERED, 100)
+        rec.count(RETRIED, 1)
         rec.observe_post(100, 200, 0.1)
         rec.flush()
     h = redis_srv.client().hgetall(KEY)

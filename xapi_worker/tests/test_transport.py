@@ -257,3 +257,27 @@ def test_message_kombu_cannot_decode_is_set_aside_and_the_rest_delivered(
     assert "cannot be delivered: moved to xapi.unreadable" in worker.text()
     assert wait_for(lambda: r.hlen("unacked") == 0 and r.llen("xapi") == 0, 10)
     assert "consumer: Connection to broker lost" not in worker.text()
+
+
+def test_a_rejection_without_requeue_sets_the_message_aside(redis_srv):
+    """celery-batches rejects without requeue a request whose ``eta`` it cannot convert, and
+    kombu then drops the message: in no list, not at the LRS (review of the worker, L5). It
+    goes, as it was taken, to ``xapi.unreadable``; a rejection with requeue puts back."""
+    statements = [video_statement("played", n) for n in range(3)]
+    with pod_producer(redis_srv.url()) as delay:
+        for statement in statements:
+            delay(statement)
+    r = redis_srv.client()
+    conn, got = _consume(redis_srv.url(), prefetch=10)
+    try:
+        conn.drain_events(timeout=5)
+        assert len(got) == 3
+        got[0].reject(requeue=False)
+        got[1].reject(requeue=True)
+        got[2].ack()
+        assert (r.llen("xapi"), r.hlen("unacked")) == (1, 0)
+        [record] = r.lrange("xapi.unreadable", 0, -1)
+        payload = json.loads(record)[0]
+        assert payload["headers"]["id"] == got[0].headers["id"]
+    finally:
+        conn.release()

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from xapi_worker.bookkeeping import ATTEMPT, derive_key, is_signed, sign, signed_headers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from xapi_worker.bookkeeping import (
+    ATTEMPT,
+    BODY_SHA256,
+    body_digest,
+    derive_key,
+    is_signed,
+    sign,
+    signed_headers,
+)
 from xapi_worker.delivery import (
     POISON_AFTER,
     Answer,
@@ -412,3 +422,21 @@ def test_the_bookkeeping_signature_reads_one_way_only():
     forged = {**headers, ATTEMPT: "1\n2"}
     assert is_signed(key, "t\n1", headers)
     assert not is_signed(key, "t", forged)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    eta=st.one_of(st.none(), st.text()),
+    body=st.binary(),
+    other_eta=st.one_of(st.none(), st.text()),
+    other_body=st.binary(),
+)
+def test_a_signature_holds_for_its_own_eta_and_body_only(eta, body, other_eta, other_body):
+    """The signature covers the ``eta`` and the body's digest (review of the worker, L8): a
+    header set signed for one message holds for no other body, no other ``eta``."""
+    key = derive_key("lrs", "redis://u:p@h/0")
+    digest = body_digest(body)
+    headers = {**signed_headers(key, "t", 2, "2026-01-01", 0, eta, digest), "eta": eta}
+    assert is_signed(key, "t", {**headers, BODY_SHA256: digest})
+    moved = {**headers, "eta": other_eta, BODY_SHA256: body_digest(other_body)}
+    assert is_signed(key, "t", moved) == ((other_eta or "") == (eta or "") and other_body == body)

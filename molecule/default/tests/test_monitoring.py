@@ -34,7 +34,7 @@ def secrets() -> list[str]:
             "xapi_broker_producer_password",
             "xapi_broker_monitor_password",
             "xapi_lrs_password",
-            "redis_default_password",
+            "xapi_broker_admin_password",
         )
     ]
 

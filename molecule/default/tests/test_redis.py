@@ -1,4 +1,4 @@
-"""roles/redis: the broker is an instance of its own on `frontal` (redis-server@xapi, beside
+"""roles/xapi_broker: the broker is an instance of its own on `frontal` (redis-server@xapi, beside
 Pod's redis-server); the encoding host can use it, nobody else can.
 
 Clients speak RESP over a plain Python socket on the hosts themselves (no redis-tools on
@@ -106,7 +106,7 @@ def as_producer(settings: dict, *commands: list) -> list:
 
 
 def as_admin(settings: dict, *commands: list) -> list:
-    return [["AUTH", "default", settings["redis_default_password"]], *commands]
+    return [["AUTH", "default", settings["xapi_broker_admin_password"]], *commands]
 
 
 def wait_ready(frontal, settings: dict) -> None:
@@ -149,7 +149,7 @@ def _secrets(settings: dict) -> tuple[str, ...]:
     return (
         settings["xapi_broker_password"],
         settings["xapi_broker_producer_password"],
-        settings["redis_default_password"],
+        settings["xapi_broker_admin_password"],
     )
 
 

@@ -2,7 +2,7 @@
 
 It reads what only the worker's broker user may read (unacked, the in-flight lists, the dead
 letters): Pod's settings_local.py names the producer's user, which is refused all of it
-(roles/redis README). The worker's broker URL comes on stdin (never argv: `ps`), as the
+(roles/xapi_broker README). The worker's broker URL comes on stdin (never argv: `ps`), as the
 tests build it from the lab's settings (hosts.worker_broker_url).
 
     python broker_state.py              JSON: messages waiting in queue `xapi`, messages
@@ -39,7 +39,7 @@ if sys.argv[1:2] == ["wait-unacked"]:
     sys.exit(0)
 
 # The worker's transport: the nodes' in-flight lists, and beside each the hash where that node
-# publishes its spool's state (xapi_worker transport.spool_state_key).
+# publishes its spool's state (xapi_worker names.spool_state_key).
 inflight_lists = sorted(k.decode() for k in client.smembers("xapi.inflight"))
 
 

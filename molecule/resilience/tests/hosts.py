@@ -120,7 +120,7 @@ def secrets() -> dict[str, str]:
         "LRS password": values["xapi_lrs_password"],
         "Redis password (xapi user)": values["xapi_broker_password"],
         "Redis password (producer user)": values["xapi_broker_producer_password"],
-        "Redis password (default user)": values["redis_default_password"],
+        "Redis password (default user)": values["xapi_broker_admin_password"],
         "Redis password (monitor user)": values["xapi_broker_monitor_password"],
     }
 

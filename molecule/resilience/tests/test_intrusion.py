@@ -342,8 +342,8 @@ def test_the_xapi_instance_in_pod_redis_place_gets_nothing(playbook) -> None:
     redis-server@xapi.service). Pointed at it as Pod's Redis, the move used to log in there
     without a password and end rc 0; now it sends it nothing and fails, naming the service it
     expected and the variable (the review of what landed for issue 34)."""
-    result = playbook("redis-migrate.yml", "-e", '{"redis_migrate_from_port": 6380}')
+    result = playbook("redis-migrate.yml", "-e", '{"xapi_broker_migrate_from_port": 6380}')
     output = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr).split())
     assert result.returncode != 0, output[-3000:]
     assert "not the service redis-server.service" in output, output[-3000:]
-    assert "(redis_migrate_from_unit)" in output, output[-3000:]
+    assert "(xapi_broker_migrate_from_unit)" in output, output[-3000:]

@@ -1,7 +1,7 @@
 """A long LRS outage with the broker's memory held small: the spool takes what Redis cannot.
 
 The xAPI instance runs with `maxmemory 16mb` in this scenario (host_vars/res-frontal.yml),
-room for about 5,000 queued statements (~3.1 kB each, roles/redis README). Ralph is stopped,
+room for about 5,000 queued statements (~3.1 kB each, roles/xapi_broker README). Ralph is stopped,
 and Pod's own producer streams 25,000 statements into queue `xapi`: five times what the
 broker could hold. During the outage the worker is SIGKILLed (at a third of the stream) and
 the encoding host restarts (at two thirds). Expected:
@@ -55,7 +55,7 @@ from xapi_testsupport.statements import statement as build_statement
 
 STATEMENTS = int(os.environ.get("XAPI_RES_OUTAGE_STATEMENTS", "25000"))
 # Around each fault the stream runs at 50/s, the rate the broker's sizing is written for
-# (roles/redis README): the worker is away for about a minute when its host restarts
+# (roles/xapi_broker README): the worker is away for about a minute when its host restarts
 # (docs/reliability.md), ~3,000 statements, which must fit in the 16 MB the broker has.
 # Between the faults the worker is there to take what comes, and the stream runs faster: the
 # test then waits on the pipeline, not on a clock.
@@ -136,7 +136,7 @@ def redis_info(field: str) -> str:
     return values[field].strip()
 
 
-def redis_maxmemory() -> int:
+def xapi_broker_maxmemory() -> int:
     return int(redis_admin("CONFIG", "GET", "maxmemory").split()[1])
 
 
@@ -171,7 +171,7 @@ def restart_host() -> str:
 
 
 def test_long_outage_spools_what_the_broker_cannot_hold(report_path: Path) -> None:
-    assert redis_maxmemory() == MAXMEMORY, "the scenario's broker is not held at 16 MiB"
+    assert xapi_broker_maxmemory() == MAXMEMORY, "the scenario's broker is not held at 16 MiB"
     plan = [statement(n) for n in range(STATEMENTS)]
     valid = {s["id"] for s, ok in plan if ok}
     invalid_ids = {s["id"] for s, ok in plan if not ok}

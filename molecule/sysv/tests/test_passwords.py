@@ -43,7 +43,7 @@ def passwords() -> dict[str, str]:
             "xapi_broker_password",
             "xapi_broker_producer_password",
             "xapi_lrs_password",
-            "redis_default_password",
+            "xapi_broker_admin_password",
         )
     }
 
@@ -65,13 +65,17 @@ def test_the_passwords_hold_every_printable_character(passwords):
 
 def test_acl_file_holds_their_hashes(frontal, passwords):
     acl = frontal.file(ACL_FILE).content_string
-    for name in ("xapi_broker_password", "xapi_broker_producer_password", "redis_default_password"):
+    for name in (
+        "xapi_broker_password",
+        "xapi_broker_producer_password",
+        "xapi_broker_admin_password",
+    ):
         assert "#" + hashlib.sha256(passwords[name].encode()).hexdigest() in acl, name
         assert passwords[name] not in acl
 
 
 def test_pod_reads_them_back_on_the_frontal(frontal, passwords):
-    # The frontal's producer has its own user (roles/redis README, "The producer's ACL").
+    # The frontal's producer has its own user (roles/xapi_broker README, "The producer's ACL").
     values = pod_settings(frontal)
     assert (
         broker_password(values["XAPI_CELERY_BROKER_URL"])

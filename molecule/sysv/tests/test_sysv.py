@@ -314,7 +314,7 @@ def test_statements_left_in_pod_redis_moved_exactly_once(frontal, enc2):
     assert frontal.check_output("redis-cli -n 6 HGETALL unacked") == "planted-by-pod\nnot a message"
     # The instance holds the token of the one move, and nothing queued or unacknowledged.
     # Read with an encoding host's settings (the worker's user): the frontal's name Pod's
-    # producer, which may not read xapi.migrated or unacked (roles/redis README).
+    # producer, which may not read xapi.migrated or unacked (roles/xapi_broker README).
     state = as_pod_python(
         enc2,
         "import redis\nfrom pod.custom import settings_local as s\n"

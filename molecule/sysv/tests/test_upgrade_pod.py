@@ -6,8 +6,9 @@ queues statements without a pause, the role runs with xapi_encodage_pod_upgrade_
 _to, and pip fails (a kombu pin no index has): the checkout has moved (reported from -> to),
 Pod's venv still has 4.1.0's pins. The same run again finishes the job (gap 1): Pod's venv
 gets 4.4.0's requirements-encode.txt (requests 2.32.4 -> 2.34.2), nothing runs against the
-database, and every statement sent meanwhile reaches the LRS. Runs after test_sysv (file
-order): sysv-enc2 stays on 4.4.0.
+database, and every statement sent meanwhile reaches the LRS. A pending record made stale
+by hand is then ignored, said and dropped. Runs after test_sysv (file order): sysv-enc2
+stays on 4.4.0.
 """
 
 from __future__ import annotations
@@ -161,3 +162,22 @@ def test_upgrade_4_1_0_to_4_4_0_under_traffic(frontal, enc2, tmp_path):
     assert re.search(r"sysv-enc2\s+:.*changed=0", again.stdout), again.stdout[-3000:]
     assert "is already at 4.4.0" in said(again)
     assert "does not have the requirements" not in said(again)
+
+    # A pending record made stale by hand (pod5 review): requirements left pending for
+    # 4.1.0's commit while the checkout is at 4.4.0 (as after an interrupted upgrade rolled
+    # back, then forward, by hand). The run installs nothing, says the entry is ignored and
+    # drops it, so that a checkout brought back to that commit later gets nothing unasked.
+    planted = enc2.run(
+        "python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); "
+        'r["pending_requirements"] = sys.argv[2]; json.dump(r, open(sys.argv[1], "w"))\' '
+        f"{RECORD} {before_head}"
+    )
+    assert planted.rc == 0, planted.stderr
+    frozen = as_pod(enc2, f"{VENV}/bin/pip freeze --disable-pip-version-check").stdout
+    stale = run_role("sysv-enc2")
+    assert stale.returncode == 0, stale.stdout[-3000:]
+    assert f"says that the requirements of commit {before_head} are still" in said(stale)
+    assert "does not have the requirements" not in said(stale)
+    record = json.loads(enc2.file(RECORD).content_string)
+    assert "pending_requirements" not in record and record["requirements"] == tagged, record
+    assert as_pod(enc2, f"{VENV}/bin/pip freeze --disable-pip-version-check").stdout == frozen

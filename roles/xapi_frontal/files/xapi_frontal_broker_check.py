@@ -7,93 +7,95 @@ maxmemory_policy must be noeviction: Celery's messages must never be evicted. Pr
 {"ok": bool, "reason": ..., "detail": ...}; reason is one of ok, unreachable,
 auth_refused, noauth, noperm, protocol, evicts, policy_unknown. No message echoes the
 password.
+
+The Redis client is the worker package's (xapi_worker/resp.py): the role runs this file
+before anything is installed, with the client's source as its first argument
+(tasks/preflight.yml).
 """
 
 from __future__ import annotations
 
 import json
-import socket
-import ssl
 import sys
-from typing import IO
+import types
+from typing import Any
 
 
-def command(*args: object) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+def load_resp(source: str) -> Any:  # noqa: ANN401 (a module made from source)
+    """The shared client, from its source (it imports nothing of the package)."""
+    module = types.ModuleType("xapi_resp")
+    exec(compile(source, "xapi_worker/resp.py", "exec"), module.__dict__)  # noqa: S102
+    return module
 
 
-def reply(stream: IO[bytes]) -> str:
-    line = stream.readline()
-    if not line:
-        raise ConnectionError("connection closed by the broker")
-    return line.decode(errors="replace").rstrip("\r\n")
-
-
-def bulk(stream: IO[bytes], header: str) -> str:
-    """The body of a bulk-string reply whose first line was ``header`` ($N)."""
-    size = int(header[1:])
-    return stream.read(size + 2)[:size].decode(errors="replace") if size >= 0 else ""
-
-
-def eviction_policy(raw: socket.socket, stream: IO[bytes]) -> tuple[str, str]:
-    raw.sendall(command("INFO", "memory"))
-    answer = reply(stream)
-    if not answer.startswith("$"):
+def eviction_policy(client: Any) -> tuple[str, str]:  # noqa: ANN401
+    answer = client.call("INFO", "memory")
+    if not isinstance(answer, bytes):
         return "policy_unknown", f"INFO memory: {answer}"
-    fields = dict(line.split(":", 1) for line in bulk(stream, answer).splitlines() if ":" in line)
-    policy = fields.get("maxmemory_policy", "?")
+    text = answer.decode(errors="replace")
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    policy = fields.get("maxmemory_policy", "?").strip()
     if policy != "noeviction":
         return "evicts", f"maxmemory_policy is {policy}"
     return "ok", "PONG, maxmemory_policy noeviction"
 
 
-def classify(answer: str, step: str) -> str | None:
-    if answer.startswith(("+", ":")):
-        return None
-    word = answer[1:].split(" ", 1)[0] if answer.startswith("-") else ""
-    if word == "WRONGPASS" or (step == "AUTH" and answer.startswith("-")):
+def classify(code: str, step: str) -> str:
+    """The reason of an error reply whose first word is ``code`` to command ``step``."""
+    if code == "WRONGPASS" or step == "AUTH":
         return "auth_refused"
-    if word == "NOAUTH":
+    if code == "NOAUTH":
         return "noauth"
-    if word == "NOPERM":
+    if code == "NOPERM":
         return "noperm"
     return "protocol"
 
 
-def check(cfg: dict) -> tuple[str, str]:
+def check(cfg: dict, resp: Any) -> tuple[str, str]:  # noqa: ANN401
+    where = f"{cfg['host']}:{cfg['port']}"
     try:
-        raw = socket.create_connection((cfg["host"], int(cfg["port"])), timeout=cfg["timeout"])
-        if cfg.get("tls"):
-            context = ssl.create_default_context(cafile=cfg.get("ca_file") or None)
-            raw = context.wrap_socket(raw, server_hostname=cfg["host"])
-    except (OSError, ssl.SSLError) as exc:
-        return "unreachable", f"{cfg['host']}:{cfg['port']}: {exc}"
+        client = resp.Connection(
+            cfg["host"],
+            int(cfg["port"]),
+            cfg["timeout"],
+            bool(cfg.get("tls")),
+            cfg.get("ca_file") or "",
+        )
+    except OSError as exc:  # ssl.SSLError is one
+        return "unreachable", f"{where}: {exc}"
     try:
-        with raw, raw.makefile("rb") as stream:
+        with client:
             steps = [
                 ("AUTH", (cfg["user"], cfg["password"])),
-                ("SELECT", (cfg["db"],)),
+                ("SELECT", (str(cfg["db"]),)),
                 ("PING", ()),
             ]
             for name, args in steps:
-                raw.sendall(command(name, *args))
-                answer = reply(stream)
-                reason = classify(answer, name)
-                if reason:
-                    return reason, f"{name}: {answer}"
+                try:
+                    client.call(name, *args)
+                except resp.ReplyError as exc:
+                    return classify(exc.code, name), f"{name}: -{exc}"
+                except resp.ProtocolError as exc:
+                    if exc.closed:
+                        return "unreachable", f"{where}: {exc}"
+                    return "protocol", f"{name}: {exc}"
             if cfg.get("eviction"):
-                return eviction_policy(raw, stream)
-    except (OSError, ConnectionError) as exc:
-        return "unreachable", f"{cfg['host']}:{cfg['port']}: {exc}"
+                try:
+                    return eviction_policy(client)
+                except resp.ReplyError as exc:
+                    return "policy_unknown", f"INFO memory: -{exc}"
+    except OSError as exc:
+        return "unreachable", f"{where}: {exc}"
     return "ok", "PONG"
 
 
 def main() -> None:
-    reason, detail = check(json.load(sys.stdin))
+    cfg = json.load(sys.stdin)
+    if len(sys.argv) > 1:  # as the role runs it
+        resp = load_resp(sys.argv[1])
+    else:
+        from xapi_worker import resp
+    reason, detail = check(cfg, resp)
     print(json.dumps({"ok": reason == "ok", "reason": reason, "detail": detail}))
 
 

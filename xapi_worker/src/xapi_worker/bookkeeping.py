@@ -5,7 +5,9 @@ Any client of the broker that may publish to the queue can set any header: Pod's
 publishes with the producer's ACL user (roles/redis), whose credentials are the exposed
 host's. A message arriving with ``xapi_lone_failures=9`` or an old ``xapi_first_seen`` must
 not be dead-lettered on its first failure or as too old. So the headers count only when they
-carry ``xapi_mac``, an HMAC-SHA256 of the task id and the three values, keyed by a secret
+carry ``xapi_mac``, an HMAC-SHA256 of the task id, the three values, the message's ``eta``
+and the SHA-256 of its body (so a signed header set cannot be put on another message, nor
+given another ``eta``: a far one held a batch's prefetch slots), keyed by a secret
 derived from what the workers alone hold: the LRS password and the workers' broker password
 (the frontal has neither: roles/xapi_frontal, roles/redis). The workers sign every message
 they re-publish; a message whose headers are unsigned or do not match is a new message:
@@ -13,8 +15,11 @@ attempt 1, no lone failure, first seen when a worker first took it (stamped by t
 and signed then, so that a redelivery after a crash keeps that time).
 
 Changing either password changes the key: messages signed before count as new ones (their
-maximum age counts again from their next take). Stdlib only: the transport, the pool
-processes and the tests import it.
+maximum age counts again from their next take). So do messages signed by a release before
+the ``eta`` and the body were signed (v2): in flight during an upgrade (retries waiting in
+the queue, with the spool off), each is taken as a new message, its ``eta`` dropped
+(delivered at once), its attempt and lone failures counted again from zero; none is lost.
+Stdlib only: the transport, the pool processes and the tests import it.
 """
 
 from __future__ import annotations
@@ -25,24 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-#: Message headers of the worker's bookkeeping (Pod's own task ignores them).
-ATTEMPT = "xapi_attempt"
-FIRST_SEEN = "xapi_first_seen"
-#: exchanges in which the statement failed alone while the LRS stored others (delivery.py)
-LONE_FAILURES = "xapi_lone_failures"
-#: the signature of the three, by a worker (hex HMAC-SHA256)
-MAC = "xapi_mac"
-#: when the message was last taken from the queue (epoch seconds, stamped by the transport
-#: at every take, whatever the message said): the visibility timeout counts from it
-TAKEN_AT = "xapi_taken_at"
-#: Celery's header: when a message is due (ISO 8601). A worker's retry carries one (its
-#: countdown); the transport keeps it only on a message whose bookkeeping a worker signed (a
-#: producer's far ``eta`` held the batch's prefetch slots: nothing else was delivered)
-ETA = "eta"
-#: Celery's header: when a message expires. The workers never set it; the transport drops it
-EXPIRES = "expires"
+from .names import ATTEMPT, BODY_SHA256, ETA, FIRST_SEEN, LONE_FAILURES, MAC, TAKEN_AT
+
 #: the headers a batch reads of a request (worker._slim)
-OURS = (ATTEMPT, FIRST_SEEN, LONE_FAILURES, MAC, TAKEN_AT)
+OURS = (ATTEMPT, FIRST_SEEN, LONE_FAILURES, MAC, TAKEN_AT, ETA, BODY_SHA256)
 
 #: The largest count a header may carry (SQLite's INTEGER holds 64 bits).
 COUNT_MAX = 1_000_000
@@ -51,7 +42,7 @@ COUNT_MAX = 1_000_000
 _ROUNDS = 100_000
 _SALT = b"xapi-worker bookkeeping headers v1"
 #: The first bytes of the signed text (a message signed by an older worker counts as new).
-_VERSION = b"xapi-worker bookkeeping v2\0"
+_VERSION = b"xapi-worker bookkeeping v3\0"
 
 
 def derive_key(lrs_password: str, broker_url: str) -> bytes:
@@ -64,45 +55,81 @@ def derive_key(lrs_password: str, broker_url: str) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", secret, _SALT, _ROUNDS)
 
 
-def _message(task_id: str, attempt: object, first_seen: object, lone_failures: object) -> bytes:
+def body_digest(body: object) -> str:
+    """The SHA-256 (hex) of a message's body as it travels (kombu's base64 text)."""
+    data = body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()
+
+
+def _message(
+    task_id: str,
+    attempt: object,
+    first_seen: object,
+    lone_failures: object,
+    eta: object,
+    body_sha256: object,
+) -> bytes:
     """The signed text: each value preceded by its length in bytes (joined by a separator,
-    values that contain it could be read two ways: ``("t\n1", 2)`` and ``("t", "1\n2")``)."""
+    values that contain it could be read two ways: ``("t\n1", 2)`` and ``("t", "1\n2")``).
+    The ``eta`` (none: empty) and the body's digest are in it: a header set read from the
+    queue cannot be put on another message, nor given another ``eta``."""
     out = bytearray(_VERSION)
-    for value in (task_id, attempt, first_seen, lone_failures):
+    for value in (task_id, attempt, first_seen, lone_failures, eta or "", body_sha256):
         data = str(value).encode("utf-8", "surrogatepass")
         out += len(data).to_bytes(8, "big") + data
     return bytes(out)
 
 
-def sign(key: bytes, task_id: str, attempt: int, first_seen: str, lone_failures: int) -> str:
-    return hmac.new(
-        key, _message(task_id, attempt, first_seen, lone_failures), hashlib.sha256
-    ).hexdigest()
+def sign(
+    key: bytes,
+    task_id: str,
+    attempt: object,
+    first_seen: object,
+    lone_failures: object,
+    eta: object = None,
+    body_sha256: object = "",
+) -> str:
+    text = _message(task_id, attempt, first_seen, lone_failures, eta, body_sha256)
+    return hmac.new(key, text, hashlib.sha256).hexdigest()
+
+
+def unsigned_headers(attempt: int, first_seen: str, lone_failures: int) -> dict[str, object]:
+    """The bookkeeping of a message a worker re-publishes, signed by the transport as it is
+    queued (transport.Channel._put: the ``eta`` and the body are known only then)."""
+    return {ATTEMPT: attempt, FIRST_SEEN: first_seen, LONE_FAILURES: lone_failures}
 
 
 def signed_headers(
-    key: bytes, task_id: str, attempt: int, first_seen: str, lone_failures: int
+    key: bytes,
+    task_id: str,
+    attempt: int,
+    first_seen: str,
+    lone_failures: int,
+    eta: object = None,
+    body_sha256: str = "",
 ) -> dict[str, object]:
     """The headers of a message a worker publishes (or stamps at its first take)."""
     return {
-        ATTEMPT: attempt,
-        FIRST_SEEN: first_seen,
-        LONE_FAILURES: lone_failures,
-        MAC: sign(key, task_id, attempt, first_seen, lone_failures),
+        **unsigned_headers(attempt, first_seen, lone_failures),
+        MAC: sign(key, task_id, attempt, first_seen, lone_failures, eta, body_sha256),
     }
 
 
 def is_signed(key: bytes, task_id: object, headers: Mapping[str, object]) -> bool:
-    """True when ``headers`` carry the three values as a worker signed them for ``task_id``."""
+    """True when ``headers`` carry the values as a worker signed them for ``task_id``, with
+    the ``eta`` they carry and the body whose digest the transport stamped at the take
+    (:data:`BODY_SHA256`)."""
     mac = headers.get(MAC)
     if not isinstance(mac, str) or not isinstance(task_id, str):
         return False
     expected = sign(
         key,
         task_id,
-        headers.get(ATTEMPT),  # type: ignore[arg-type]
-        headers.get(FIRST_SEEN),  # type: ignore[arg-type]
-        headers.get(LONE_FAILURES),  # type: ignore[arg-type]
+        headers.get(ATTEMPT),
+        headers.get(FIRST_SEEN),
+        headers.get(LONE_FAILURES),
+        headers.get(ETA),
+        headers.get(BODY_SHA256, ""),
     )
     return hmac.compare_digest(mac, expected)
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import enum
+import functools
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +18,20 @@ import redis
 import requests
 
 from . import __version__
+from .consumer import BODY
 from .content import json_text
 from .deadletters import STATUS_FIELDS, RedisAccess
+from .deadstore import DiskDeadLetters, disk_dead_letters
 from .lrs import LRSClient, excerpt
+from .names import QUEUE, XAPI_VERSION
 from .settings import (
-    QUEUE,
     TASK_NAME,
-    XAPI_VERSION,
     Settings,
     SettingsError,
     load_settings,
-    mask_url,
 )
 from .spool import Spool, SpoolError, node_file
+from .urls import mask_url
 
 
 class Exit(enum.IntEnum):
@@ -63,7 +65,7 @@ EXIT_MEANINGS = {
     Exit.LRS_REJECTED: "LRS rejected the request",
     Exit.LRS_TLS: "LRS TLS verification failed",
     Exit.SPOOL_UNAVAILABLE: "a spool cannot be opened, or a set-aside one not read",
-    Exit.INCOMPLETE: "forget: statements still in a worker's hands (run it again)",
+    Exit.INCOMPLETE: "forget incomplete: statements in a worker's hands, or spool files not read",
 }
 
 
@@ -156,33 +158,80 @@ def cmd_settings(settings: Settings, _args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+#: Where ``dead-letters`` looks: this host's disk (the spool files of its nodes), the
+#: broker's list, or both.
+WHERE = ("all", "disk", "broker")
+
+
+def _dead_stores(settings: Settings, args: argparse.Namespace) -> list[DiskDeadLetters]:
+    """The dead letters on this host's disk (every node's spool file, or those of
+    ``--node``): none with the spool off, or with ``--where broker``."""
+    if args.where == "broker" or not settings.spool_enabled:
+        return []
+    directory = Path(settings.spool_dir)
+    wanted = {node_file(n).removesuffix(".sqlite3") for n in args.node or ()}
+    names = set(args.node or ())
+    stores = []
+    for path in sorted(directory.glob("*.sqlite3")):
+        stem = path.name.removesuffix(".sqlite3")
+        if wanted and stem not in wanted and stem.partition("@")[0] not in names:
+            continue
+        spool = Spool(directory, stem, settings.spool_max_mb * 1024**2, settings.batch_size)
+        stores.append(disk_dead_letters(spool, settings))
+    return stores
+
+
+def _dead_entries(
+    settings: Settings, args: argparse.Namespace, access: RedisAccess
+) -> Iterator[tuple[Callable[[], int], dict[str, Any]]]:
+    """Every dead letter to act on, oldest first where by where (this host's disk, then the
+    broker's list), each with what removes it, at most ``--limit``."""
+    n = 0
+    for store in _dead_stores(settings, args):
+        with _opened(store.spool):
+            for row_id, entry in store.entries(args.limit - n if args.limit else 0):
+                entry["kept_in"] = store.spool.path.name
+                yield functools.partial(store.delete, [row_id]), entry
+                n += 1
+        if args.limit and n >= args.limit:
+            return
+    if args.where == "disk":
+        return
+    for raw, entry in list(access.entries()):
+        if args.limit and n >= args.limit:
+            return
+        entry["kept_in"] = access.key
+        yield functools.partial(access.remove, raw), entry
+        n += 1
+
+
 def cmd_dead_list(settings: Settings, args: argparse.Namespace) -> int:
     with _broker(settings) as access:
-        for n, (_raw, entry) in enumerate(access.entries()):
-            if args.limit and n >= args.limit:
-                break
+        for _remove, entry in _dead_entries(settings, args, access):
             print(json_text(entry, compact=False))
     return Exit.OK
 
 
 def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
+    """Each dead letter's statement back on the queue, then the dead letter removed (a stop
+    between the two replays it again: the statement keeps its id, the LRS stores it once)."""
     from .worker import make_celery  # Celery only for the commands that publish
 
     replayed = skipped = 0
     with _broker(settings) as access:
         app = make_celery(settings, name="xapi_worker_replay")
         try:
-            for n, (raw, entry) in enumerate(list(access.entries())):
-                if args.limit and n >= args.limit:
-                    break
+            for remove, entry in _dead_entries(settings, args, access):
                 statement = entry.get("statement")
-                if not isinstance(statement, dict) or "unparsable" in entry:
+                # Not a statement: the head of a message the worker could not read
+                # (consumer.py), which the LRS would refuse under another reason.
+                if not isinstance(statement, dict) or "unparsable" in entry or BODY in statement:
                     skipped += 1
                     continue
                 app.send_task(TASK_NAME, args=[statement])
-                access.remove(raw)
+                remove()
                 replayed += 1
-        except redis.RedisError:
+        except (redis.RedisError, Failure):
             raise
         except Exception as exc:  # kombu's OperationalError and friends
             raise Failure(
@@ -197,20 +246,29 @@ def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_dead_purge(settings: Settings, args: argparse.Namespace) -> int:
-    if args.older_than is not None:
-        if args.older_than < 0:
-            print("--older-than takes a number of days >= 0", file=sys.stderr)
-            return Exit.USAGE
-        with _broker(settings) as access:
-            count = access.purge_older(args.older_than)
-        print(f"purged {count} dead letters older than {args.older_than:g} days")
-        return Exit.OK
-    if not args.yes:
+    if args.older_than is not None and args.older_than < 0:
+        print("--older-than takes a number of days >= 0", file=sys.stderr)
+        return Exit.USAGE
+    if args.older_than is None and not args.yes:
         print("purge deletes every dead letter: pass --yes (or --older-than DAYS)", file=sys.stderr)
         return Exit.USAGE
+    count = 0
     with _broker(settings) as access:
-        count = access.purge()
-    print(f"purged {count} dead letters")
+        for store in _dead_stores(settings, args):
+            with _opened(store.spool):
+                if args.older_than is not None:
+                    count += store.purge_older(args.older_than)
+                else:
+                    count += store.purge()
+        if args.where != "disk":
+            if args.older_than is not None:
+                count += access.purge_older(args.older_than)
+            else:
+                count += access.purge()
+    if args.older_than is not None:
+        print(f"purged {count} dead letters older than {args.older_than:g} days")
+    else:
+        print(f"purged {count} dead letters")
     return Exit.OK
 
 
@@ -245,13 +303,31 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     with _broker(settings) as access:
         report = Forgetter(settings, access.client, learner, wait_seconds=args.wait).run()
     print(json.dumps(report.as_dict()))
-    if not report.complete:
+    if report.in_hands:
         print(
             f"forget: {report.in_hands} statements of this learner were still in a worker's "
             f"hands after {args.wait:g} s (a retry's countdown, an LRS not answering): run "
             "forget again later",
             file=sys.stderr,
         )
+    if report.spool_files_not_read or report.spool_damaged_files:
+        print(
+            f"forget: {report.spool_files_not_read} spool files of this host could not be read "
+            f"(see the log above) and {report.spool_damaged_files} were set aside as damaged: "
+            "they may hold this learner's statements. Run forget again once the node has "
+            "started again; a set-aside file is read by no one but `spool drain`, which puts "
+            "its statements back in the node's spool: run forget again right after it",
+            file=sys.stderr,
+        )
+    if report.spool_salvaged_files:
+        print(
+            f"forget: {report.spool_salvaged_files} set-aside spool files of this host were "
+            "drained by `spool drain` (*.salvaged): what it could read of them is in the "
+            "node's spool, where this run erased the learner's statements, but each file "
+            "still holds copies that forget does not open: remove them once inspected",
+            file=sys.stderr,
+        )
+    if not report.complete:
         return Exit.INCOMPLETE
     return Exit.OK
 
@@ -325,7 +401,7 @@ def cmd_spool_drain(settings: Settings, args: argparse.Namespace) -> int:
             with _opened(spool):
                 spool.open()
                 for path in spool.damaged_files():
-                    result = salvage(path, spool)
+                    result = salvage(path, spool, disk_dead_letters(spool, settings))
                     print(result.line(), file=sys.stderr if result.error else sys.stdout)
                     if result.error or result.unreadable:
                         left.append(path.name)
@@ -380,15 +456,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("settings", help="effective settings as JSON, secrets masked").set_defaults(
         func=cmd_settings
     )
-    dead = sub.add_parser("dead-letters", help="list, replay or purge dead letters")
+    dead = sub.add_parser(
+        "dead-letters",
+        help="list, replay or purge dead letters",
+        description="The dead letters of this host's nodes (on its disk, in their spool "
+        "files) and of the broker's list (XAPI_WORKER_DEAD_LETTER_KEY: a node without a "
+        "spool, or of an older release), oldest first, one place after the other.",
+    )
     dsub = dead.add_subparsers(dest="action", required=True)
     lst = dsub.add_parser("list", help="one JSON entry per line")
-    lst.add_argument("--limit", type=int, default=0)
-    lst.set_defaults(func=cmd_dead_list)
     rep = dsub.add_parser("replay", help="re-enqueue onto queue xapi, then remove them")
-    rep.add_argument("--limit", type=int, default=0)
-    rep.set_defaults(func=cmd_dead_replay)
     pur = dsub.add_parser("purge", help="delete every dead letter, or the older ones")
+    for action in (lst, rep, pur):
+        action.add_argument(
+            "--where",
+            choices=WHERE,
+            default="all",
+            help="this host's disk, the broker's list, or both (default)",
+        )
+        action.add_argument(
+            "--node",
+            action="append",
+            metavar="NODE",
+            help="this node's dead letters only, on this host's disk (xapi@host, or xapi): "
+            "may be repeated",
+        )
+    for action in (lst, rep):
+        action.add_argument("--limit", type=int, default=0)
+    lst.set_defaults(func=cmd_dead_list)
+    rep.set_defaults(func=cmd_dead_replay)
     pur.add_argument("--yes", action="store_true", help="confirm deleting every dead letter")
     pur.add_argument(
         "--older-than", type=float, metavar="DAYS", help="delete those written DAYS days ago"

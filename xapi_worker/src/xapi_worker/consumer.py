@@ -22,8 +22,8 @@ from typing import Any
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from .deadletters import DeadLetter
-from .settings import QUEUE, TASK_NAME
-from .transport import unreadable_key
+from .names import QUEUE, unreadable_key
+from .settings import TASK_NAME
 
 log = logging.getLogger("xapi_worker")
 
@@ -36,6 +36,8 @@ BODY_BYTES = "message_bytes"
 BODY_SHA256 = "message_sha256"
 #: Most characters of a message's body kept in its dead letter.
 BODY_HEAD = 4096
+#: The start of the dead letter's reason of a message that is no Celery protocol 2 task.
+NOT_PROTOCOL_2 = "not a Celery protocol 2 task message"
 #: Most characters of a producer-chosen value (task id, task name) in a dead letter or a log.
 FIELD_MAX = 200
 
@@ -65,6 +67,38 @@ def body_summary(message: Any) -> dict[str, Any]:  # noqa: ANN401 (kombu's Messa
     }
 
 
+def not_protocol_2(message: Any) -> str | None:  # noqa: ANN401 (kombu's Message)
+    """Why ``message``, a task message, is not one of Celery's protocol 2 (a ``task`` header,
+    a body that decodes to ``[args, kwargs, embed]``), or None. Pod only sends those; Celery
+    and celery-batches also run protocol 1 (the task, its ``eta`` and ``expires`` in a body
+    that is a dict, no ``task`` header) and a "hybrid" body (a dict holding ``args``) and
+    take ``eta`` from the body: a producer's far ``eta`` there held the batch's prefetch
+    slots (nothing else was delivered), and one Celery could not convert was rejected into
+    nothing. A message that is no task at all is left to Celery's path (dead-lettered with
+    its own reason); a body that cannot be decoded raises (Celery's path, too). Decoding
+    here costs nothing more: kombu keeps the decoded body for Celery."""
+    headers = message.headers
+    if not isinstance(headers, dict):
+        return None
+    if "task" not in headers:
+        body = message.payload
+        if isinstance(body, dict) and "task" in body:
+            return "protocol 1 (the task named in the body, no task header)"
+        return None
+    body = message.payload
+    if isinstance(body, dict):
+        return "protocol 1 or hybrid (the body is a dict)"
+    if (
+        not isinstance(body, (list, tuple))
+        or len(body) != 3
+        or not isinstance(body[0], (list, tuple))
+        or not isinstance(body[1], dict)
+        or not (body[2] is None or isinstance(body[2], dict))
+    ):
+        return "the body is not [args, kwargs, embed]"
+    return None
+
+
 def bounded(value: object) -> str:
     """A producer-chosen value as text, cut to ``FIELD_MAX`` characters."""
     return str(value)[:FIELD_MAX]
@@ -80,6 +114,13 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         handler = super().create_task_handler(*args, **kwargs)
 
         def on_task_received(message: Any) -> None:  # noqa: ANN401
+            try:
+                why = not_protocol_2(message)
+            except Exception:  # not decodable: Celery's path says why (below)
+                why = None
+            if why is not None:
+                self.set_aside(message, f"{NOT_PROTOCOL_2}: {why}")
+                return
             try:
                 handler(message)
             except Exception as exc:
@@ -117,7 +158,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             reason=reason,
             task_id=task_id,
         )
-        if processor is None or not processor._write_dead_letter(letter):
+        if processor is None or not processor.write_dead_letter(letter):
             self._unreadable(message, task_id, reason)
             return
         processor.metrics.flush()

@@ -1,11 +1,16 @@
-"""Dead letters: a Redis list (``XAPI_WORKER_DEAD_LETTER_KEY``, default ``xapi.dead_letters``)
-in the broker's database, one JSON object per statement the LRS refused for good."""
+"""Dead letters: one JSON object per statement the worker gives up on (:class:`DeadLetter`).
+
+A node with a spool keeps them on its host's disk, in its spool file (deadstore.py). The
+broker's list (``XAPI_WORKER_DEAD_LETTER_KEY``, default ``xapi.dead_letters``), where they
+were kept before, is still where a node without a spool writes them; the nodes with a spool
+move what it holds to their disk (deadstore.move_legacy), and ``xapi-worker dead-letters``
+reads both. :class:`RedisAccess` is the broker's side: that list, the last delivery, the
+status."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,16 +20,21 @@ import redis
 
 from .content import json_text
 from .delivery import iso, parse_iso
+from .names import INFLIGHT, QUEUE, SPOOL_FIELDS, UNACKED, registry_key, unreadable_key
+from .names import LAST_DELIVERY as LAST_DELIVERY_KEY
+from .names import SPOOL as SPOOL_SUFFIX
+from .redisclient import ForkSafeRedis
 from .retention import unreadable_oldest
 from .scripts import push, set_value
-from .settings import LAST_DELIVERY_KEY, QUEUE, Settings
-from .transport import INFLIGHT, registry_key, unreadable_key
-from .transport import SPOOL as SPOOL_SUFFIX
+from .settings import Settings
 
 log = logging.getLogger("xapi_worker")
 
 #: Dead letters read at once by purge_older.
 PURGE_CHUNK = 500
+#: A dead letter dated further ahead than this (a node whose clock is wrong) is read past
+#: by purge_older, as one without a readable time: it does not hold back the rest.
+CLOCK_SKEW_SECONDS = 3600.0
 #: Timeouts of the connection that records the last delivery: a slow or gone broker must not
 #: hold a delivered batch for long (the acknowledgements then wait for it anyway).
 NOTE_TIMEOUT = 1.0
@@ -60,22 +70,10 @@ class DeadLetter:
         return entry
 
 
-#: What a node publishes of its spool (drain.py), read back by status.
-SPOOL_FIELDS = (
-    "depth",
-    "oldest",
-    "bytes",
-    "max_bytes",
-    "full",
-    "damaged",
-    "damaged_files",
-    "damaged_since",
-    "updated",
-)
-
 STATUS_FIELDS = (
     "queue",
     "dead_letters",
+    "dead_letters_broker",
     "unacked",
     "in_flight",
     "unreadable",
@@ -90,34 +88,20 @@ class RedisAccess:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._client: redis.Redis | None = None
-        self._pid = 0
-        self._quick: redis.Redis | None = None
-        self._quick_pid = 0
+        self._client = ForkSafeRedis(settings.broker_url, 10, connect_timeout=5)
+        self._quick = ForkSafeRedis(settings.broker_url, NOTE_TIMEOUT)
 
     def __repr__(self) -> str:
         return f"RedisAccess({self._settings.broker_url_masked!r})"
 
     @property
     def client(self) -> redis.Redis:
-        if self._client is None or self._pid != os.getpid():
-            self._client = redis.Redis.from_url(
-                self._settings.broker_url, socket_timeout=10, socket_connect_timeout=5
-            )
-            self._pid = os.getpid()
-        return self._client
+        return self._client.get()
 
     @property
     def quick_client(self) -> redis.Redis:
         """A client of its own with short timeouts, for best-effort writes."""
-        if self._quick is None or self._quick_pid != os.getpid():
-            self._quick = redis.Redis.from_url(
-                self._settings.broker_url,
-                socket_timeout=NOTE_TIMEOUT,
-                socket_connect_timeout=NOTE_TIMEOUT,
-            )
-            self._quick_pid = os.getpid()
-        return self._quick
+        return self._quick.get()
 
     def note_delivery(self, when: float | None = None) -> None:
         """SET ``xapi.last_delivery`` to ``when`` (epoch seconds, default now): once per batch
@@ -146,15 +130,17 @@ class RedisAccess:
             except ValueError:
                 yield raw, {"unparsable": raw.decode("utf-8", "replace")}
 
-    def remove(self, raw: bytes) -> None:
-        self.client.lrem(self.key, 1, raw)  # type: ignore[arg-type]
+    def remove(self, raw: bytes) -> int:
+        return int(self.client.lrem(self.key, 1, raw))  # type: ignore[arg-type]
 
     def purge_older(self, days: float, now: float | None = None) -> int:
         """Remove the dead letters written more than ``days`` ago (their ``time``), oldest
         first (the list's head: each is appended), a chunk at a time, stopping at the first
-        one written since: the list is never read whole. An entry without a readable time
-        is kept (and read past). Returns how many were removed."""
-        limit = (time.time() if now is None else now) - days * 86400
+        one written since: the list is never read whole. An entry without a readable time,
+        or dated in the future (a node's clock ahead: it would hold back every later one), is
+        kept and read past. Returns how many were removed."""
+        now = time.time() if now is None else now
+        limit = now - days * 86400
         removed = 0
         start = 0  # entries kept at the head (no readable time)
         while True:
@@ -167,7 +153,7 @@ class RedisAccess:
                 except (ValueError, RecursionError):
                     entry = None
                 written = parse_iso(entry.get("time")) if isinstance(entry, dict) else None
-                if written is None:
+                if written is None or written > now + CLOCK_SKEW_SECONDS:
                     start += 1
                 elif written < limit:
                     removed += int(self.client.lrem(self.key, 1, raw))  # type: ignore[arg-type]
@@ -188,7 +174,7 @@ class RedisAccess:
         pipe = client.pipeline()
         pipe.llen(QUEUE)
         pipe.llen(self.key)
-        pipe.hlen("unacked")
+        pipe.hlen(UNACKED)
         pipe.llen(unreadable_key(QUEUE))
         for key in lists:
             pipe.llen(key)
@@ -210,7 +196,9 @@ class RedisAccess:
                 spools.append((key, fields))
         state: dict[str, Any] = {
             "queue": int(queue),
-            "dead_letters": int(dead),
+            # on the nodes' disks (as they publish it) and in the broker's list
+            "dead_letters": int(dead) + sum(int(h.get("dead_letters") or 0) for _, h in spools),
+            "dead_letters_broker": int(dead),
             "unacked": int(unacked),
             # taken by a node, not yet recorded in unacked: returned when the node restarts
             "in_flight": sum(int(n) for n in in_flight),
@@ -233,6 +221,7 @@ def spool_summary(spools: list[tuple[str, dict[str, str]]]) -> dict[str, Any]:
     oldest = [float(h["oldest"]) for _, h in spools if h.get("oldest")]
     prefix = len(QUEUE + INFLIGHT + ".")
     set_aside = [float(h["damaged_since"]) for _, h in spools if h.get("damaged_since")]
+    dead_oldest = [float(h["dead_oldest"]) for _, h in spools if h.get("dead_oldest")]
     return {
         "spool": sum(int(h.get("depth") or 0) for _, h in spools),
         "spool_oldest_age_s": round(now - min(oldest), 1) if oldest else None,
@@ -246,4 +235,8 @@ def spool_summary(spools: list[tuple[str, dict[str, str]]]) -> dict[str, Any]:
             for name in (h.get("damaged_files") or "").split()
         ),
         "spool_damaged_age_s": round(now - min(set_aside), 1) if set_aside else None,
+        # the nodes' dead letters on their disks (deadstore.py)
+        "dead_letters_new": sum(int(h.get("dead_new") or 0) for _, h in spools),
+        "dead_letters_oldest_age_s": round(now - min(dead_oldest), 1) if dead_oldest else None,
+        "dead_letters_full": sorted(key[prefix:] for key, h in spools if h.get("dead_full") == "1"),
     }

@@ -153,6 +153,9 @@ class Result:
     answer: Answer
     reason: str = ""  # for DEAD: why, in words
     conflict: dict[str, Any] | None = None  # for a DEAD 409: what differs, by digest
+    #: after a lone POST that may have been stored (maybe_stored), the LRS, asked by id,
+    #: answered that it does not hold the statement (HTTP 200 without it, or 404)
+    absent: bool = False
 
 
 def fingerprint(statement: dict[str, Any]) -> str:
@@ -196,8 +199,35 @@ def merge_duplicates(items: Sequence[Item]) -> list[Item]:
 LRS_SET_PROPERTIES = frozenset({"authority", "stored", "timestamp", "version"})
 
 
+def same_id(stored: object, sent: str) -> bool:
+    """True when ``stored`` (an id the LRS gave back) names the statement id ``sent``: two
+    UUIDs compared as UUIDs (an LRS stores and returns them in lower case, a browser may
+    send upper case: Ralph does), anything else as it is."""
+    if not isinstance(stored, str):
+        return False
+    if stored == sent:
+        return True
+    return stored.lower() == sent.lower() and _is_uuid(sent)
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _id_key(value: object) -> object:
+    return value.lower() if isinstance(value, str) and _is_uuid(value) else value
+
+
 def comparable(statement: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in statement.items() if k not in LRS_SET_PROPERTIES}
+    """What two statements are compared on: not what an LRS sets, nor the case of an id."""
+    out = {k: v for k, v in statement.items() if k not in LRS_SET_PROPERTIES}
+    if "id" in out:
+        out["id"] = _id_key(out["id"])
+    return out
 
 
 def digest(statement: dict[str, Any]) -> str:
@@ -275,11 +305,13 @@ def unsendable(items: Sequence[Item]) -> tuple[list[Item], list[Result]]:
     return sendable, dead
 
 
-#: A statement is dead-lettered as the LRS's poison once it has failed alone (HTTP 5xx twice
-#: in a row; never a timeout or a 504, after which it may be stored) in this many separate
-#: exchanges in each of which the LRS stored other statements. A flaky LRS (a balancer with
-#: one broken backend, random 502s) fails a valid statement so often with odds of about 1
-#: in 4 per exchange: 1 in 10^6 for ten.
+#: A statement is dead-lettered as the LRS's poison once it has failed alone in this many
+#: separate exchanges in each of which the LRS stored other statements. Failing alone is two
+#: answers against it: HTTP 5xx twice in a row, or a timeout (or a gateway's 504, after
+#: which it may be stored) and then the LRS, asked by id, answering that it does not hold
+#: it. A flaky LRS failing each request alike with odds p (a balancer with one broken
+#: backend, random 502s, a hanging backend) fails a valid statement so with odds p² or
+#: p·(1-p), at most about 1 in 4 per exchange at p = 1/2: 1 in 10^6 for ten.
 POISON_AFTER = 10
 
 
@@ -323,8 +355,9 @@ def deliver(
       stored: the statement is read back by id (``fetch``), and is delivered when the LRS
       holds it (dead-lettered as a conflict when it holds another statement under that id);
       else it is retried later (not sent again at once, which could race the first write
-      on an LRS that checks ids then writes), and it counts no lone failure: a timeout alone
-      is never evidence against a statement.
+      on an LRS that checks ids then writes). A timeout alone is never evidence against a
+      statement: only when the LRS then answers that it does not hold it (HTTP 200 without
+      it, or 404) and stores others does it count one lone failure, as a 5xx twice does.
     - Any other failure (auth, config, connection) stops the walk: every statement not yet
       settled gets that answer with Verdict.RETRY.
     - A statement that cannot be sent as JSON in UTF-8 (:func:`unsendable`) is dead-lettered
@@ -364,8 +397,9 @@ def deliver(
         True when the LRS holds it (delivered, or a conflict), False when not known."""
         if fetch is None:
             return False
-        _read, stored = fetch(lone.item.statement_id)
+        read, stored = fetch(lone.item.statement_id)
         if stored is None:
+            lone.absent = read.status in (200, 404)
             return False
         settled = _compared(lone.item, lone.answer, stored)
         lone.verdict, lone.reason, lone.conflict = settled.verdict, settled.reason, settled.conflict
@@ -445,21 +479,25 @@ def deliver(
         for lone, looked in walk.lone_failures:
             if walk.halted is not None or lone.verdict is not Verdict.RETRY:
                 continue
-            if maybe_stored(lone.answer):
+            if not maybe_stored(lone.answer):
+                if not looked and deadline is not None and clock() >= deadline:
+                    continue  # no time for a second look: kept, not counted
+                if not looked and lone.answer.status is not None and second_look(lone):
+                    continue
+            if maybe_stored(lone.answer) and not lone.absent:
                 continue  # no evidence against it: it may even be stored
-            if not looked and deadline is not None and clock() >= deadline:
-                continue  # no time for a second look: kept, not counted
-            if not looked and lone.answer.status is not None and second_look(lone):
-                continue
-            if maybe_stored(lone.answer):
-                continue
             lone.item.lone_failures += 1
             if lone.item.lone_failures >= poison_after:
                 lone.verdict = Verdict.DEAD
+                how = (
+                    "and, asked by id, does not hold it"
+                    if maybe_stored(lone.answer)
+                    else "while it stores others"
+                )
                 lone.reason = (
-                    f"the LRS fails on this statement alone ({lone.answer.what}) while it "
-                    f"stores others, in {lone.item.lone_failures} separate exchanges "
-                    f"({lone.item.attempt} attempts)"
+                    f"the LRS fails on this statement alone ({lone.answer.what}) {how}, "
+                    f"in {lone.item.lone_failures} separate exchanges in which it stores "
+                    f"others ({lone.item.attempt} attempts)"
                 )
     return results
 

@@ -4,13 +4,16 @@ the LRS, oldest first, in batches, while live statements keep flowing through th
 Each turn it also:
 
 - publishes the spool's state to the broker (hash ``xapi.inflight.<node>.spool``: depth,
-  oldest, bytes, max_bytes, full, damaged, damaged_files, damaged_since, updated), which
-  ``xapi-worker status``, ``playbooks/status.yml`` and ``check_xapi`` read: the spool
-  itself is readable by the worker's user only;
+  oldest, bytes, max_bytes, full, damaged, damaged_files, damaged_since, updated, and the
+  node's dead letters: dead_letters, dead_new, dead_oldest, dead_bytes, dead_max_bytes,
+  dead_full), which ``xapi-worker status``, ``playbooks/status.yml`` and ``check_xapi``
+  read: the spool itself is readable by the worker's user only;
 - stops the node taking from the broker while the spool is full (transport.TAKING), or its
-  disk is (less than a batch's worth above spool.DISK_RESERVE_BYTES free), and starts it
-  again once a tenth of the spool, and 8 MiB above that reserve, are free (one rule, with
-  Spool.add()'s refusal: spool.Stats): statements then wait in Redis, none is dropped;
+  disk is (less than a batch's worth above spool.DISK_RESERVE_BYTES free), or its dead
+  letters are (deadstore.DeadStats), and starts it again once a tenth of the spool (of the
+  dead letters' limit), and 8 MiB above that reserve, are free (one rule, with Spool.add()'s
+  refusal: spool.Stats): statements then wait in Redis, none is dropped;
+- moves the dead letters of the broker's list to the node's disk (deadstore.move_legacy);
 - purges the dead letters older than ``XAPI_WORKER_DEAD_LETTER_RETENTION_DAYS`` (hourly).
 
 A spooled statement is deleted only once the LRS holds it, or once its dead letter is
@@ -18,10 +21,10 @@ written; a failure reschedules it with the same backoff as a live retry.
 
 While a batch is at the LRS, a second thread ("ahead") does the spool's bookkeeping: it
 deletes the previous batch's settled rows and reads the next batch, work that the LRS's
-time then hides (docs/benchmarks.md, "The drainer's second thread": 9 % faster than one
-thread on the medians of four paired runs). The POSTs stay one at a time and oldest first. A crash
-between a batch's 200 and its deletion sends that batch again: the statements keep their
-ids, the LRS stores them once (the same window as a crash just before a deletion).
+time then hides (how much: docs/benchmarks.md, "The drainer's second thread"). The POSTs
+stay one at a time and oldest first. A crash between a batch's 200 and its deletion sends
+that batch again: the statements keep their ids, the LRS stores them once (the same window
+as a crash just before a deletion).
 """
 
 from __future__ import annotations
@@ -31,19 +34,22 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from celery import Celery
 
-from . import events
-from .delivery import Answer, Item, Result, Verdict, merge_duplicates
+from . import events, names
+from .batch import Processor
+from .deadstore import DeadStats, DiskDeadLetters, disk_dead_letters, move_legacy
+from .delivery import Item, merge_duplicates
+from .names import QUEUE, dead_claim_key, spool_state_key, unreadable_key
 from .retention import Retention
+from .retries import Reschedule
 from .scripts import set_fields
-from .settings import QUEUE, Settings
-from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, Stats
-from .transport import TAKING, spool_state_key, unreadable_key
-from .worker import Processor
+from .settings import Settings
+from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, SpoolFull, Stats
+from .transport import TAKING
 
 log = logging.getLogger("xapi_worker.spool")
 
@@ -54,57 +60,42 @@ IDLE_WAIT = 1.0  # seconds between two looks at an empty or not yet due spool
 
 class DrainProcessor(Processor):
     """The live Processor's rules, applied to spooled rows: a retry reschedules the row
-    instead of spooling it again."""
+    (retries.Reschedule) instead of spooling it again."""
 
     def __init__(self, app: Celery, settings: Settings, spool: Spool) -> None:
-        super().__init__(app, settings)
-        self.spool = spool
-        self.rescheduled: set[str] = set()
-
-    def _to_spool(
-        self,
-        group: list[Item],
-        answer: Answer,
-        now: float,
-        hold: float,
-        bounded: bool,
-        max_age: float,
-    ) -> list[str]:
-        s = self.settings
-        assert self.spool is not None
-        keep: list[str] = []
-        later: list[str] = []
-        for item in group:
-            if bounded and now - item.first_seen > max_age:
-                reason = f"max age exceeded ({s.max_age_days:g} days), last error: {answer.what}"
-                res = Result(item, Verdict.DEAD, answer)
-                if not self._dead_letter(item, reason, res):
-                    keep.extend(self._keys(item))
-                continue
-            later.extend(self._keys(item))
-        if later:
-            attempt = max(i.attempt for i in group)
-            delay = hold if hold > 0 else self._delay(attempt, answer)
-            step = 0 if hold > 0 else 1
-            lone = {int(k): i.lone_failures for i in group for k in self._keys(i)}
-            self.spool.reschedule([int(k) for k in later], now + delay, answer.what, step, lone)
-            self.rescheduled.update(later)
-        return keep
+        self.reschedule = Reschedule(spool, settings)
+        super().__init__(app, settings, spool, self.reschedule)
 
     def deliver(self, rows: Sequence[Row]) -> list[int]:
         """One batch of the spool to the LRS; returns the ids of the rows it settled (the
         LRS holds them, or their dead letter is written), which the caller deletes. The
         others are rescheduled or left as they were."""
-        self.rescheduled = set()
+        self.reschedule.rescheduled = set()
         items = [
             Item(str(r.id), r.statement, r.attempts, r.first_seen, r.lone_failures) for r in rows
         ]
         self._batch = len(items)
+        now = time.time()
         try:
-            keep = set(self.run(merge_duplicates(items), time.time()))
+            keep = set(self.run(merge_duplicates(items), now))
         finally:
             self.metrics.flush()
-        return [r.id for r in rows if str(r.id) not in keep | self.rescheduled]
+        # Kept: their dead letter could not be written (the node's dead letters full): not
+        # sent again at once, but after the longest retry delay (the node stops taking
+        # meanwhile, drain.py).
+        kept = [
+            r.id for r in rows if str(r.id) in keep and str(r.id) not in self.reschedule.rescheduled
+        ]
+        if kept:
+            assert self.spool is not None
+            self.spool.reschedule(
+                kept,
+                now + self.settings.retry_max_seconds,
+                "its dead letter could not be written (dead letters full)",
+                attempt_step=0,
+            )
+            self.reschedule.rescheduled.update(map(str, kept))
+        return [r.id for r in rows if str(r.id) not in keep | self.reschedule.rescheduled]
 
     def drain(self, rows: Sequence[Row]) -> tuple[int, int]:
         """One batch of the spool, its settled rows deleted: returns (settled, still
@@ -131,6 +122,11 @@ class Drainer:
             self.processor: Processor = DrainProcessor(app, settings, self.spool)
         else:
             self.processor = Processor(app, settings)
+        # The node's dead letters on its disk (None without a spool: the broker's list).
+        self.dead: DiskDeadLetters | None = (
+            disk_dead_letters(self.spool, settings) if self.spool is not None else None
+        )
+        self._dead_stats: DeadStats | None = None
         # The bookkeeping thread's own Spool: its connection is made, used and closed there.
         self._ahead_spool = (
             Spool(spool.directory, node, spool.max_bytes, spool.batch_size)
@@ -205,10 +201,12 @@ class Drainer:
         stats = self.spool.stats(counts=counted)
         if stats.full and not counted:
             stats, counted = self.spool.stats(), True
-        self._gate(stats)
+        dead = self._dead_stats_now(now, counted)
+        self._gate(stats, dead)
         if counted:
             self._next_state = now + STATE_EVERY
-            self.publish(stats)
+            self.move_dead_letters()
+            self.publish(stats, dead)
         rows = self._read_ahead()
         if rows is None:
             rows = self.spool.due(self.settings.batch_size, now)
@@ -283,13 +281,66 @@ class Drainer:
         if settled and self.spool is not None:
             self.spool.delete(settled)
 
-    def _gate(self, stats: Stats) -> None:
-        if stats.full:
+    def _dead_stats_now(self, now: float, counted: bool) -> DeadStats | None:
+        if self.dead is None:
+            return None
+        try:
+            dead = self.dead.stats(now, counts=counted)
+            days = self.settings.dead_letter_retention_days
+            if dead.full and days and self.dead.purge_older(days, now):
+                # Full: the expired ones go first, without waiting for the hourly pass.
+                dead = self.dead.stats(now, counts=counted)
+            self._dead_stats = dead
+        except Exception:
+            log.warning("dead letters of %s not read", self.dead.spool.path, exc_info=True)
+        return self._dead_stats
+
+    def move_dead_letters(self) -> None:
+        """The dead letters of the broker's list to this node's disk (deadstore.py): those
+        of a worker before this format, or of a node without a spool. Best effort."""
+        if self.dead is None:
+            return
+        client = self.processor.dead.client
+        legacy = self.settings.dead_letter_key
+        claim = dead_claim_key(QUEUE, self.node)
+        try:
+            if not client.llen(legacy) and not client.llen(claim):
+                return
+            move_legacy(client, legacy, claim, self.dead)
+        except SpoolFull as exc:
+            log.error("%s: the broker's dead letters stay in %s", exc, legacy)
+        except Exception:
+            log.warning("dead letters of %s not moved this time", legacy, exc_info=True)
+
+    def _gate(self, stats: Stats, dead: DeadStats | None = None) -> None:
+        dead_full = dead is not None and dead.full
+        if stats.full or dead_full:
             if not self.paused:
                 self.paused = True
                 TAKING.clear()
             now = time.monotonic()
-            if now - self._full_logged >= 60:
+            if dead_full and not stats.full and now - self._full_logged >= 60:
+                assert dead is not None
+                self._full_logged = now
+                log.critical(
+                    "dead letters of node %s FULL (%d, %d of %d MiB, "
+                    "XAPI_WORKER_DEAD_LETTER_MAX_MB; none expired): this node takes nothing "
+                    "from the broker until they are replayed or purged (`xapi-worker "
+                    "dead-letters`) or expire; statements wait in Redis, none is dropped",
+                    self.node,
+                    dead.count,
+                    dead.bytes // 1024**2,
+                    dead.max_bytes // 1024**2,
+                )
+                events.emit(
+                    "dead_letters_full",
+                    logging.CRITICAL,
+                    node=self.node,
+                    count=dead.count,
+                    bytes=dead.bytes,
+                    max_bytes=dead.max_bytes,
+                )
+            elif stats.full and now - self._full_logged >= 60:
                 self._full_logged = now
                 why = (
                     f"its disk has {stats.free_bytes // 1024**2} MiB free, under the "
@@ -317,25 +368,40 @@ class Drainer:
                     max_bytes=stats.max_bytes,
                     disk_free=stats.free_bytes,
                 )
-        elif self.paused and stats.roomy:
+        elif self.paused and stats.roomy and (dead is None or dead.roomy):
             self.paused = False
             TAKING.set()
             log.warning("spool has room again: this node takes from the broker again")
 
-    def publish(self, stats: Stats) -> None:
-        """The spool's state, for status and monitoring. Best effort."""
+    def publish(self, stats: Stats, dead: DeadStats | None = None) -> None:
+        """The spool's state and the node's dead letters, for status and monitoring (full:
+        the node takes nothing, for either). Best effort."""
+        dead_full = dead is not None and dead.full
         values = {
-            "depth": str(stats.depth),
-            "oldest": "" if stats.oldest is None else repr(stats.oldest),
-            "bytes": str(stats.used_bytes),
-            "max_bytes": str(stats.max_bytes),
-            "full": "1" if stats.full else "0",
-            "damaged": str(stats.damaged),
+            names.SPOOL_DEPTH: str(stats.depth),
+            names.SPOOL_OLDEST: "" if stats.oldest is None else repr(stats.oldest),
+            names.SPOOL_BYTES: str(stats.used_bytes),
+            names.SPOOL_MAX_BYTES: str(stats.max_bytes),
+            names.SPOOL_FULL: "1" if stats.full or dead_full else "0",
+            names.SPOOL_DAMAGED: str(stats.damaged),
             # names (no spaces: spool.node_file) and when the oldest was set aside
-            "damaged_files": " ".join(stats.damaged_files),
-            "damaged_since": "" if stats.damaged_since is None else repr(stats.damaged_since),
-            "updated": repr(time.time()),
+            names.SPOOL_DAMAGED_FILES: " ".join(stats.damaged_files),
+            names.SPOOL_DAMAGED_SINCE: (
+                "" if stats.damaged_since is None else repr(stats.damaged_since)
+            ),
+            names.SPOOL_UPDATED: repr(time.time()),
         }
+        if dead is not None:
+            values.update(
+                {
+                    names.SPOOL_DEAD_LETTERS: str(dead.count),
+                    names.SPOOL_DEAD_NEW: str(dead.new),
+                    names.SPOOL_DEAD_OLDEST: "" if dead.oldest is None else repr(dead.oldest),
+                    names.SPOOL_DEAD_BYTES: str(dead.bytes),
+                    names.SPOOL_DEAD_MAX_BYTES: str(dead.max_bytes),
+                    names.SPOOL_DEAD_FULL: "1" if dead_full else "0",
+                }
+            )
         try:
             set_fields(self.processor.dead.quick_client, spool_state_key(QUEUE, self.node), values)
         except Exception:
@@ -352,10 +418,21 @@ class Drainer:
             log.warning("retention of what is set aside not applied this time", exc_info=True)
         if not days:
             return
-        try:
-            purged = self.processor.dead.purge_older(days)
-        except Exception:
-            log.warning("expired dead letters not purged this time", exc_info=True)
-            return
-        if purged:
-            log.info("purged %d dead letters older than %d days (retention)", purged, days)
+        stores: list[tuple[str, Callable[[float], int]]] = []
+        if self.dead is not None:
+            stores.append((str(self.dead.spool.path), self.dead.purge_older))
+        # The broker's list: a node without a spool, or one of an older release, writes there.
+        stores.append((self.settings.dead_letter_key, self.processor.dead.purge_older))
+        for where, purge_older in stores:
+            try:
+                purged = purge_older(days)
+            except Exception:
+                log.warning("expired dead letters of %s not purged this time", where, exc_info=True)
+                continue
+            if purged:
+                log.info(
+                    "purged %d dead letters of %s older than %d days (retention)",
+                    purged,
+                    where,
+                    days,
+                )

@@ -2,9 +2,9 @@
 
 Emitted next to the worker's human-readable lines (which stay), for a machine to read from
 the systemd journal's MESSAGE or a log file. Events: ``delivered``, ``retry``,
-``dead_letter``, ``spooled``, ``spool_full``. Only counts, statuses, delays, ids and short reasons
-go in: never a statement body, an actor (learners' identities are personal data), a URL
-with credentials or a password.
+``dead_letter``, ``spooled``, ``spool_full``, ``dead_letters_full``. Only counts, statuses,
+delays, ids and short reasons go in: never a statement body, an actor (learners' identities
+are personal data), a URL with credentials or a password.
 """
 
 from __future__ import annotations

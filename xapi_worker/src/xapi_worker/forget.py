@@ -7,8 +7,11 @@ Where a statement can wait, on the broker of the worker's settings and on this h
 - the in-flight lists of the worker nodes (``xapi.inflight.<node>``: taken, not yet
   recorded) and kombu's ``unacked`` hash (recorded, in a worker's hands or waiting for a
   retry's countdown), with its index ``unacked_index``;
-- the spools of this host's nodes (``XAPI_WORKER_SPOOL_DIR``);
-- the dead letters (``XAPI_WORKER_DEAD_LETTER_KEY``) and ``xapi.unreadable``.
+- the spools of this host's nodes (``XAPI_WORKER_SPOOL_DIR``), and the dead letters they
+  keep (deadstore.py);
+- the dead letters of the broker's list (``XAPI_WORKER_DEAD_LETTER_KEY``), with the
+  nodes' claim lists of it (``<in-flight list>.dead_letters``: elements on their way to a
+  node's disk), and ``xapi.unreadable``.
 
 Safe while the workers run. Nothing is rewritten wholesale: each element is removed by its
 exact value (``LREM``), a record of ``unacked`` only if it is still the one read (one
@@ -43,17 +46,15 @@ from typing import Any
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+from .consumer import BODY
+from .deadstore import DiskDeadLetters, disk_dead_letters
+from .names import DEAD_CLAIM, QUEUE, UNACKED, UNACKED_INDEX, registry_key, unreadable_key
 from .retention import unwrap
-from .settings import QUEUE, Settings
-from .spool import Spool
-from .transport import registry_key, unreadable_key
+from .settings import Settings
+from .spool import SALVAGED, Spool, SpoolError
 
 log = logging.getLogger("xapi_worker.forget")
 
-#: Kombu's hash of unacknowledged messages (delivery tag -> [payload, exchange, routing key])
-#: and its index (a sorted set: delivery tag by the time it was recorded).
-UNACKED = "unacked"
-UNACKED_INDEX = "unacked_index"
 #: Elements read per LRANGE, records per HGET pipeline, rows per spool read.
 CHUNK = 500
 #: Passes at most: a pass is made again only once what the one before found of the
@@ -237,7 +238,13 @@ def belongs(learner: Learner, raw: bytes | str) -> bool:
     if value is None:
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         return learner.in_text(text)
-    return learner.matches(value)
+    if learner.matches(value):
+        return True
+    # The dead letter of a message the worker could not read keeps the head of its body as
+    # text (consumer.py): the learner's agent is in that text, not in the JSON around it.
+    statement = value.get("statement") if isinstance(value, Mapping) else None
+    body = statement.get(BODY) if isinstance(statement, Mapping) else None
+    return isinstance(body, str) and (belongs(learner, body) or learner.in_text(body))
 
 
 @dataclass
@@ -252,11 +259,23 @@ class Report:
     spool_files: int = 0
     #: set-aside damaged spool files: not opened, may hold the learner's statements
     spool_damaged_files: int = 0
+    #: set-aside files `spool drain` emptied (``.salvaged``): what it could read of them is
+    #: in the spool (erased there), but the file, not opened, still holds copies
+    spool_salvaged_files: int = 0
+    #: spool files of this host it could not read (damaged, locked, of a newer format)
+    spool_files_not_read: int = 0
     spool_enabled: bool = True
 
     @property
     def complete(self) -> bool:
-        return not self.in_hands
+        """Nothing of the learner's may be left: none in a worker's hands, no spool file
+        (live or set aside as damaged) that may hold some and was not read."""
+        return not (
+            self.in_hands
+            or self.spool_files_not_read
+            or self.spool_damaged_files
+            or self.spool_salvaged_files
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -266,6 +285,8 @@ class Report:
             "in_workers_hands": self.in_hands,
             "spool_files": self.spool_files if self.spool_enabled else None,
             "spool_damaged_files_not_read": self.spool_damaged_files,
+            "spool_salvaged_files_not_read": self.spool_salvaged_files,
+            "spool_files_not_read": self.spool_files_not_read,
         }
 
 
@@ -296,35 +317,68 @@ class Forgetter:
         once its statement is at the LRS, in the spool, in the dead letters or back on the
         queue), then makes another pass, which meets it there. After ``wait_seconds`` in
         all (or MAX_PASSES passes), what is still held is removed from unacked and counted
-        as ``in_hands``: run forget again later."""
+        as ``in_hands``: the run is incomplete (the worker still has those messages, and
+        settles them: a retry comes back on the queue), run forget again later. No pass,
+        the last one included, takes a record a worker holds as removed (that reported
+        a complete run while the worker re-published the learner's statements)."""
         report = Report(spool_enabled=self.settings.spool_enabled)
         give_up_at = self._clock() + self.wait_seconds
         for n in range(MAX_PASSES):
             report.passes = n + 1
             last = n == MAX_PASSES - 1
-            held = self._pass(report, take_held=last)
+            held, moving = self._pass(report)
             if not held:
-                break
+                if not moving or last:
+                    break
+                # A node was moving the learner's dead letters to its disk: the pass may
+                # have removed one from its claim list after the node read it there, and
+                # read the disk before the node committed it. The next pass reads the disk
+                # again once that commit (a few milliseconds) is done.
+                self._sleep(SETTLE_POLL_SECONDS)
+                continue
             if not self._wait_settled(held, give_up_at) or last:
-                report.in_hands = self._remove_held(held, report)
+                # Each of them is in a worker's hands, or was moved on by it (a retry
+                # re-published) since it was read: not reached, whatever the removal of its
+                # record (which counts in removed when it was still there) says.
+                self._remove_held(held, report)
+                report.in_hands = len(held)
                 break
         return report
 
-    def _pass(self, report: Report, take_held: bool) -> dict[bytes, tuple[bytes, float]]:
+    def _pass(self, report: Report) -> tuple[dict[bytes, tuple[bytes, float]], bool]:
+        """One pass; returns the records a worker holds, and whether the learner's dead
+        letters may have been on their way from the broker to a node's disk meanwhile (one
+        removed from a claim list, which its node may have read already and commit after
+        this pass read the disk; or the broker's list grown back): another pass then reads
+        the disk again."""
         removed = report.removed
         for key in self._queues():
             removed["queue"] += self._lists_remove(key)
         for key in self._inflight_lists():
             removed["in_flight"] += self._lists_remove(key)
-        count, held = self._unacked(take_held)
+        count, held = self._unacked()
         removed["unacked"] += count
+        # The broker's dead letters before the disks: they travel the list -> a node's claim
+        # list -> its disk (deadstore.move_legacy), every few seconds.
+        legacy = self.settings.dead_letter_key
+        removed["dead_letters"] += self._lists_remove(legacy)
+        after_list = int(self.client.llen(legacy))  # type: ignore[arg-type]
+        moving = False
+        for key in self._inflight_lists():
+            claimed = self._lists_remove(key + DEAD_CLAIM)
+            removed["dead_letters"] += claimed
+            moving |= claimed > 0
+        # A node whose disk was full put its claim back at the head of the list (read above).
+        moving |= int(self.client.llen(legacy)) > after_list  # type: ignore[arg-type]
         if self.settings.spool_enabled:
-            count, files, damaged = self._spools()
+            count, dead, files, (damaged, salvaged), not_read = self._spools()
             removed["spool"] += count
+            removed["dead_letters"] += dead
             report.spool_files, report.spool_damaged_files = files, damaged
-        removed["dead_letters"] += self._lists_remove(self.settings.dead_letter_key)
+            report.spool_salvaged_files = salvaged
+            report.spool_files_not_read = not_read
         removed["unreadable"] += self._lists_remove(unreadable_key(QUEUE))
-        return held
+        return held, moving
 
     def _wait_settled(self, held: dict[bytes, tuple[bytes, float]], give_up_at: float) -> bool:
         """Wait until every held record has left unacked (settled by its worker), or is
@@ -369,6 +423,21 @@ class Forgetter:
         return sorted(m.decode() for m in members)
 
     def _lists_remove(self, key: str) -> int:
+        """Remove the learner's elements of list ``key`` (:meth:`_read_remove`). The worker's
+        own passes may remove elements near the head meanwhile (the hourly purge of the dead
+        letters, the dating of ``xapi.unreadable``), which shifts the rest left past where
+        this one reads: when the list lost more than this removed, it is read again (at most
+        MAX_PASSES times)."""
+        total = 0
+        for _ in range(MAX_PASSES):
+            before = int(self.client.llen(key))  # type: ignore[arg-type]
+            removed = self._read_remove(key)
+            total += removed
+            if before - int(self.client.llen(key)) <= removed:  # type: ignore[arg-type]
+                break
+        return total
+
+    def _read_remove(self, key: str) -> int:
         """Remove the learner's elements of list ``key``, read a chunk at a time from its left
         end, where producers push: a push moves the elements read to higher indices, so none
         is skipped (they may be read twice); consumers take from the right end, which moves
@@ -386,13 +455,12 @@ class Forgetter:
             # further on can only make some be read again, never skipped).
             start += len(chunk) - removed
 
-    def _unacked(self, take_held: bool) -> tuple[int, dict[bytes, tuple[bytes, float]]]:
+    def _unacked(self) -> tuple[int, dict[bytes, tuple[bytes, float]]]:
         """Remove the learner's records from unacked that no worker holds (recorded more
         than the visibility timeout ago: their worker is gone); return how many, and those
-        a worker holds, by tag (their record and its time), left in place unless
-        ``take_held``. The tags are read at once (unacked holds what the workers prefetched:
-        a few thousand at most), so the acknowledgements made meanwhile move none; the
-        records a chunk at a time."""
+        a worker holds, by tag (their record and its time), left in place. The tags are read
+        at once (unacked holds what the workers prefetched: a few thousand at most), so the
+        acknowledgements made meanwhile move none; the records a chunk at a time."""
         removed = 0
         held: dict[bytes, tuple[bytes, float]] = {}
         fresh_after = self._clock() - self.settings.visibility_timeout
@@ -408,31 +476,44 @@ class Forgetter:
             for (tag, score), record in zip(chunk, records, strict=True):
                 if record is None or not belongs(self.learner, record):
                     continue
-                if score > fresh_after and not take_held:
+                if score > fresh_after:
                     held[tag] = (record, score)
                 elif self._remove_record(keys=[UNACKED, UNACKED_INDEX], args=[tag, record]):
                     removed += 1
         return removed, held
 
     # --- this host's spools -------------------------------------------------------------------
-    def _spools(self) -> tuple[int, int, int]:
+    def _spools(self) -> tuple[int, int, int, tuple[int, int], int]:
+        """Statements removed from this host's spools, dead letters removed from them, spool
+        files, damaged files set aside (not drained, drained: ``.salvaged``), spool files that
+        could not be read (the run is then incomplete: they may hold the learner's
+        statements)."""
         directory = Path(self.settings.spool_dir)
         if not directory.is_dir():
-            return 0, 0, 0
-        removed = files = damaged = 0
+            return 0, 0, 0, (0, 0), 0
+        removed = dead = files = not_read = 0
         for path in sorted(directory.glob("*.sqlite3")):
             files += 1
             spool = Spool(directory, path.name.removesuffix(".sqlite3"))
             try:
                 removed += self._spool_remove(spool)
+                dead += self._dead_remove(disk_dead_letters(spool, self.settings))
+            except (sqlite3.Error, SpoolError) as exc:
+                not_read += 1
+                log.error(
+                    "spool %s not read (%s): the statements it holds are not reached",
+                    spool.path,
+                    type(exc).__name__,
+                )
             finally:
                 spool.close()
-        damaged = sum(
-            1
+        set_aside = [
+            p.name
             for p in directory.glob("*.sqlite3.damaged-*")
             if not p.name.endswith(("-wal", "-shm"))
-        )
-        return removed, files, damaged
+        ]
+        salvaged = sum(name.endswith(SALVAGED) for name in set_aside)
+        return removed, dead, files, (len(set_aside) - salvaged, salvaged), not_read
 
     def _spool_remove(self, spool: Spool) -> int:
         """The learner's rows, found a chunk at a time without holding the write lock (the
@@ -441,13 +522,23 @@ class Forgetter:
         ids: list[int] = []
         after = 0
         while True:
-            try:
-                rows = spool.rows(CHUNK, after=after)
-            except sqlite3.DatabaseError as exc:
-                log.error("spool %s not read (%s): its statements are not reached", spool.path, exc)
-                return 0
+            rows = spool.rows(CHUNK, after=after)  # an error: the file is not read (_spools)
             if not rows:
                 break
             ids.extend(r.id for r in rows if self.learner.matches(r.statement))
             after = rows[-1].id
         return spool.erase(ids)
+
+    def _dead_remove(self, store: DiskDeadLetters) -> int:
+        """The learner's dead letters on this host's disk, found a chunk at a time, then
+        erased by id (their content overwritten in the file, as the spool's rows)."""
+        ids: list[int] = []
+        after = 0
+        while True:
+            rows = store.rows(CHUNK, after=after)  # an error: the file is not read (_spools)
+            if not rows:
+                break
+            # As an element of the broker's list (the same bytes, for one moved from there).
+            ids.extend(row_id for row_id, raw in rows if belongs(self.learner, raw))
+            after = rows[-1][0]
+        return store.delete(ids, secure=True)

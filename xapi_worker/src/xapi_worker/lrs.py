@@ -7,13 +7,15 @@ import json
 import os
 import time
 from typing import Any
-from urllib.parse import quote, quote_plus, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, quote_plus, urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from .delivery import Answer, parse_retry_after
-from .settings import XAPI_VERSION, Settings, mask_url
+from .delivery import Answer, parse_retry_after, same_id
+from .names import XAPI_VERSION
+from .settings import Settings
+from .urls import mask_url, statements_query_url
 
 EXCERPT_CHARS = 500
 
@@ -42,12 +44,6 @@ def _ids(response: requests.Response) -> tuple[str, ...] | None:
     if isinstance(body, list) and all(isinstance(i, str) for i in body):
         return tuple(body)
     return None
-
-
-def statements_query_url(lrs_url: str, query: str) -> str:
-    parts = urlsplit(lrs_url)
-    joined = f"{parts.query}&{query}" if parts.query else query
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, joined, parts.fragment))
 
 
 class LRSClient:
@@ -120,8 +116,21 @@ class LRSClient:
 
     def get_statement(self, statement_id: str) -> tuple[Answer, dict[str, Any] | None]:
         """GET statements?statementId=ID: the LRS's answer and the statement it holds (None
-        unless a 200 carries a statement object with that id)."""
-        url = statements_query_url(self._settings.lrs_url, urlencode({"statementId": statement_id}))
+        unless a 200 carries a statement object with that id). A UUID the LRS does not hold
+        as sent is asked again in lower case: an LRS may store (and look up) ids in lower
+        case whatever case they came in (Ralph does)."""
+        answer, stored = self._get_statement(statement_id)
+        lower = statement_id.lower()
+        if stored is None and answer.status in (200, 404) and lower != statement_id:
+            if same_id(lower, statement_id):
+                return self._get_statement(lower, statement_id)
+        return answer, stored
+
+    def _get_statement(
+        self, asked: str, statement_id: str | None = None
+    ) -> tuple[Answer, dict[str, Any] | None]:
+        statement_id = statement_id or asked
+        url = statements_query_url(self._settings.lrs_url, urlencode({"statementId": asked}))
         started = time.monotonic()
         try:
             response = self.session.get(url, timeout=self.timeout, allow_redirects=False)
@@ -137,7 +146,7 @@ class LRSClient:
         if isinstance(body, dict) and isinstance(body.get("statements"), list):
             # an LRS that answers with a StatementResult even for one id
             body = next((s for s in body["statements"] if isinstance(s, dict)), None)
-        if isinstance(body, dict) and body.get("id") == statement_id:
+        if isinstance(body, dict) and same_id(body.get("id"), statement_id):
             return answer, body
         return answer, None
 

@@ -28,28 +28,24 @@ Fields (``<le>`` the bucket bounds below, cumulative as Prometheus histograms ar
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 import redis
 
+from .names import BATCH_SIZE, BUCKET, COUNT, LRS_LATENCY, RESPONSES_PREFIX, SUM
+from .names import METRICS as KEY
+from .redisclient import ForkSafeRedis
 from .settings import Settings
 
 log = logging.getLogger("xapi_worker.metrics")
 
-KEY = "xapi.metrics"
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 5, 10, 25, 50, 100, 250, 500)
 LATENCY_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SOCKET_TIMEOUT = 1.0  # seconds: the longest a recording may hold a batch
 RETRY_AFTER_SECONDS = 10.0  # after a failure, no attempt before this long
 WARN_EVERY_SECONDS = 60.0
-
-DELIVERED = "delivered"
-RETRIED = "retried"
-DEAD_LETTERED = "dead_lettered"
-SPOOLED = "spooled"
 
 
 def _le(bound: float) -> str:
@@ -58,13 +54,13 @@ def _le(bound: float) -> str:
 
 def bucket_fields(name: str, bounds: Sequence[float], value: float) -> list[str]:
     """The cumulative bucket fields a value falls in: every ``le >= value``, and ``+Inf``."""
-    fields = [f"{name}_bucket:{_le(b)}" for b in bounds if value <= b]
-    fields.append(f"{name}_bucket:+Inf")
+    fields = [f"{name}{BUCKET}{_le(b)}" for b in bounds if value <= b]
+    fields.append(f"{name}{BUCKET}+Inf")
     return fields
 
 
 def response_field(status: int | None) -> str:
-    return f"lrs_responses:{'error' if status is None else status}"
+    return f"{RESPONSES_PREFIX}{'error' if status is None else status}"
 
 
 class Metrics:
@@ -75,8 +71,7 @@ class Metrics:
     def __init__(self, settings: Settings, key: str = KEY) -> None:
         self._settings = settings
         self.key = key
-        self._client: redis.Redis | None = None
-        self._pid = 0
+        self._client: ForkSafeRedis | None = None  # made on first use
         self._ints: dict[str, int] = {}
         self._floats: dict[str, float] = {}
         self._next_try = 0.0  # monotonic
@@ -87,14 +82,9 @@ class Metrics:
 
     @property
     def client(self) -> redis.Redis:
-        if self._client is None or self._pid != os.getpid():
-            self._client = redis.Redis.from_url(
-                self._settings.broker_url,
-                socket_timeout=SOCKET_TIMEOUT,
-                socket_connect_timeout=SOCKET_TIMEOUT,
-            )
-            self._pid = os.getpid()
-        return self._client
+        if self._client is None:
+            self._client = ForkSafeRedis(self._settings.broker_url, SOCKET_TIMEOUT)
+        return self._client.get()
 
     @property
     def pending(self) -> dict[str, float]:
@@ -109,17 +99,17 @@ class Metrics:
     def observe_post(self, size: int, status: int | None, latency_seconds: float) -> None:
         """One POST to the LRS: its answer, its batch size, its duration."""
         latency = max(0.0, latency_seconds)
-        names = [
+        fields = [
             response_field(status),
-            *bucket_fields("batch_size", BATCH_SIZE_BUCKETS, size),
-            "batch_size_count",
-            *bucket_fields("lrs_latency_seconds", LATENCY_BUCKETS, latency),
-            "lrs_latency_seconds_count",
+            *bucket_fields(BATCH_SIZE, BATCH_SIZE_BUCKETS, size),
+            BATCH_SIZE + COUNT,
+            *bucket_fields(LRS_LATENCY, LATENCY_BUCKETS, latency),
+            LRS_LATENCY + COUNT,
         ]
-        for name in names:
+        for name in fields:
             self.count(name)
-        self.count("batch_size_sum", size)
-        total = "lrs_latency_seconds_sum"
+        self.count(BATCH_SIZE + SUM, size)
+        total = LRS_LATENCY + SUM
         self._floats[total] = self._floats.get(total, 0.0) + latency
 
     # --- to the broker ---------------------------------------------------------------------

@@ -5,7 +5,11 @@ The rule is the dead letters' (``XAPI_WORKER_DEAD_LETTER_RETENTION_DAYS``, 30 by
 0 keeps everything until removed by hand), applied hourly by each node's drainer
 (drain.py) to:
 
-- the dead letters (``RedisAccess.purge_older``);
+- the dead letters: the node's, on its disk (``DiskDeadLetters.purge_older``, deadstore.py:
+  a chunk at a time through the index of their time), and the broker's list
+  (``RedisAccess.purge_older``: a node without a spool, or of an older release, writes
+  there). A node whose dead letters reach ``XAPI_WORKER_DEAD_LETTER_MAX_MB`` deletes its
+  expired ones at once, before it refuses any;
 - the damaged spool files set aside (``<node>.sqlite3.damaged-<time>``, with their
   ``-wal`` and ``-shm``): deleted once set aside longer than that, by the time in their
   name; until then ``status`` counts them and ``check_xapi`` warns;
@@ -45,7 +49,9 @@ log = logging.getLogger("xapi_worker.retention")
 #: The field of a wrapped element of ``xapi.unreadable``: when the worker first met it.
 UNREADABLE_SINCE = "xapi_unreadable_since"
 #: The time in a damaged spool file's name (spool.py's ``_set_aside``).
-DAMAGED_STAMP = re.compile(r"\.damaged-(\d{8}T\d{6}Z)(?:-wal|-shm)?$")
+#: A salvaged one (``<name>.salvaged``, salvage.py) expires by the same time: it holds every
+#: statement the file held.
+DAMAGED_STAMP = re.compile(r"\.damaged-(\d{8}T\d{6}Z)(?:\.salvaged)?(?:-wal|-shm)?$")
 #: Elements of ``xapi.unreadable`` read per LRANGE.
 CHUNK = 500
 

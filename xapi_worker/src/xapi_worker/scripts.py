@@ -139,6 +139,20 @@ return moved
 """
 )
 
+# KEYS[1] source list, KEYS[2] destination; ARGV[1] how many at most, ARGV[2], ARGV[3] the
+# ends. Moves up to that many elements, one LMOVE at a time, atomically; returns how many.
+MOVE_SOME = (
+    _HEADER
+    + """
+local moved = 0
+for _ = 1, tonumber(ARGV[1]) do
+  if not redis.call('LMOVE', KEYS[1], KEYS[2], ARGV[2], ARGV[3]) then break end
+  moved = moved + 1
+end
+return moved
+"""
+)
+
 # KEYS[1] a key; ARGV[1] its value. A plain SET of the worker's own (xapi.last_delivery): a few
 # bytes replaced, so it need not be refused at maxmemory while the worker drains.
 SET_VALUE = _HEADER + "return redis.call('SET', KEYS[1], ARGV[1])\n"
@@ -169,6 +183,15 @@ def move_all(client: redis.Redis, source: str, destination: str, src: str, dst: 
     ``maxmemory`` too."""
     script = client.register_script(MOVE_ALL)
     return int(script(keys=[source, destination], args=[src, dst], client=client))
+
+
+def move_some(
+    client: redis.Redis, source: str, destination: str, most: int, src: str, dst: str
+) -> int:
+    """Move up to ``most`` elements of list ``source`` to ``destination`` (LMOVE src dst),
+    atomically, at ``maxmemory`` too."""
+    script = client.register_script(MOVE_SOME)
+    return int(script(keys=[source, destination], args=[most, src, dst], client=client))
 
 
 def push(client: redis.Redis, key: str, values: list[Any], left: bool = True) -> int:

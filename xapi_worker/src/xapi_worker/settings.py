@@ -15,18 +15,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .content import MAX_STATEMENT_BYTES
-from .spool import min_max_bytes
+from .names import DEAD_LETTERS
+from .spool import batch_bytes, min_max_bytes
+from .urls import mask_url
 
 CONFIG_ENV = "XAPI_WORKER_CONFIG"
-QUEUE = "xapi"
-#: Epoch seconds (a float, as a string) of the last batch the LRS accepted, set by the worker
-#: on the broker the batch came from (read by roles/xapi_ops/files/check_xapi).
-LAST_DELIVERY_KEY = "xapi.last_delivery"
 TASK_NAME = "pod.xapi.xapi_tasks.send_xapi_statement_task"
-XAPI_VERSION = "1.0.3"
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ESCAPE_RE = re.compile(r'\\(["\\])')
@@ -34,20 +31,6 @@ _ESCAPE_RE = re.compile(r'\\(["\\])')
 
 class SettingsError(ValueError):
     """A setting is missing or malformed. The message names the setting, never its value."""
-
-
-def mask_url(url: str) -> str:
-    """Return ``url`` with the password of its userinfo part (if any) replaced by ``****``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None and "@" not in parts.netloc:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0] if userinfo else ""
-    netloc = f"{user}:****@{hostport}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def parse_config_text(text: str, source: str = "config file") -> dict[str, str]:
@@ -174,7 +157,7 @@ class Settings:
     visibility_timeout: int = setting("XAPI_WORKER_VISIBILITY_TIMEOUT", _positive_int, 600)
     retry_base_seconds: float = setting("XAPI_WORKER_RETRY_BASE_SECONDS", _positive_float, 2.0)
     retry_max_seconds: float = setting("XAPI_WORKER_RETRY_MAX_SECONDS", _positive_float, 300.0)
-    dead_letter_key: str = setting("XAPI_WORKER_DEAD_LETTER_KEY", _nonempty, "xapi.dead_letters")
+    dead_letter_key: str = setting("XAPI_WORKER_DEAD_LETTER_KEY", _nonempty, DEAD_LETTERS)
     # 0 = derived: 2 x batch size
     prefetch_multiplier: int = setting("XAPI_WORKER_PREFETCH_MULTIPLIER", _non_negative_int, 0)
     # A batch holding a statement tried this many times is split on a 5xx or a timeout.
@@ -189,6 +172,9 @@ class Settings:
     dead_letter_retention_days: int = setting(
         "XAPI_WORKER_DEAD_LETTER_RETENTION_DAYS", _non_negative_int, 30
     )
+    # With the spool on, a node's dead letters are kept in its spool file (deadstore.py), up
+    # to this many MiB (within the spool's own limit, which covers the whole file).
+    dead_letter_max_mb: int = setting("XAPI_WORKER_DEAD_LETTER_MAX_MB", _positive_int, 512)
 
     @property
     def broker_url_masked(self) -> str:
@@ -261,6 +247,14 @@ def settings_from_mapping(values: Mapping[str, str]) -> Settings:
             f"XAPI_WORKER_SPOOL_MAX_MB must be 0 (automatic) or at least {smallest} with "
             f"XAPI_WORKER_BATCH_SIZE={settings.batch_size} (four batches of the largest "
             f"statements, {MAX_STATEMENT_BYTES // 1024} KiB): it is {settings.spool_max_mb}"
+        )
+    # A node's dead letters count as full with less room than one batch of the largest.
+    smallest = -(-2 * batch_bytes(settings.batch_size) // 1024**2)
+    if settings.spool_enabled and settings.dead_letter_max_mb < smallest:
+        raise SettingsError(
+            f"XAPI_WORKER_DEAD_LETTER_MAX_MB must be at least {smallest} with "
+            f"XAPI_WORKER_BATCH_SIZE={settings.batch_size} (two batches of the largest "
+            f"statements): it is {settings.dead_letter_max_mb}"
         )
     return settings
 

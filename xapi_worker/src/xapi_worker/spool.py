@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -65,12 +66,25 @@ CHECK_MARK = ".check"
 #: A damage met again after that is not checked a second time: the file is set aside (for
 #: ``spool drain``), so that no damage makes the node start and stop for ever.
 CHECKED_MARK = ".checked"
+#: ``<file>.lock``: held (``flock``, exclusive) by the process that opened the spool, for as
+#: long as it runs (the worker's main process, inherited by its pool processes; ``spool
+#: drain`` while the node is stopped): only its holder checks the file or sets it aside, never
+#: a second opener (``spool drain`` while the node runs: it then salvages set-aside files
+#: into the spool and delivers its rows beside the node), which would set aside a file a live
+#: worker still writes. The kernel drops the lock with the last process holding it: a killed
+#: worker leaves no stale lock.
+LOCK = ".lock"
+#: ``<file>.setting-aside``: the set-aside in progress (its target's name, written and
+#: fsync-ed before the first rename, removed after the last): an open finds it after a kill
+#: between the renames and finishes the job, so a ``-wal`` is never left behind its file.
+SETTING_ASIDE = ".setting-aside"
 #: Waiting for the other writer (pool process or drainer) before giving up, milliseconds.
 BUSY_TIMEOUT_MS = 10_000
 #: The spool's file format (``PRAGMA user_version``). 2 added ``lone_failures``; 3 the
 #: depth kept by triggers and the index of ``first_seen`` (no scan of the table to count
-#: it). Older formats are migrated at open; a newer one is refused (:class:`SpoolNewer`).
-SCHEMA_VERSION = 3
+#: it); 4 the node's dead letters (deadstore.py). Older formats are migrated at open; a
+#: newer one is refused (:class:`SpoolNewer`).
+SCHEMA_VERSION = 4
 AUTO_VACUUM_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 #: The drainer, idle, compacts the spool once it could give back more than this.
 SHRINK_ABOVE_BYTES = 512 * 1024
@@ -104,17 +118,49 @@ CREATE TRIGGER spool_removed AFTER DELETE ON spool
     BEGIN UPDATE spool_depth SET depth = depth - 1; END;
 """
 
+#: Format 4: the node's dead letters (deadstore.py), in the same file, so that they have
+#: its protections (0600, fsync-ed commits, the checks and set-aside of a damaged file) and
+#: take the disk's room instead of the broker's memory. ``entry`` is the dead letter's JSON
+#: (UTF-8 bytes); ``bytes`` what it counts against XAPI_WORKER_DEAD_LETTER_MAX_MB (kept
+#: summed with the count by triggers: no scan); ``origin`` the SHA-256 of the element of
+#: the broker's list it was moved from (NULL: written here), unique, so a move that is done
+#: again after a crash adds nothing twice.
+_DEAD = """
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    entry BLOB NOT NULL,
+    written_at REAL NOT NULL,
+    bytes INTEGER NOT NULL,
+    origin TEXT UNIQUE
+);
+CREATE INDEX dead_letters_written ON dead_letters (written_at);
+CREATE TABLE dead_letter_size (count INTEGER NOT NULL, bytes INTEGER NOT NULL);
+INSERT INTO dead_letter_size VALUES (0, 0);
+CREATE TRIGGER dead_letter_added AFTER INSERT ON dead_letters
+    BEGIN UPDATE dead_letter_size SET count = count + 1, bytes = bytes + NEW.bytes; END;
+CREATE TRIGGER dead_letter_removed AFTER DELETE ON dead_letters
+    BEGIN UPDATE dead_letter_size SET count = count - 1, bytes = bytes - OLD.bytes; END;
+"""
+
 #: A new file (format 0) is given this, of format SCHEMA_VERSION.
-_NEW = _TABLE + _COUNTED
+_NEW = _TABLE + _COUNTED + _DEAD
 #: What brings a file of the format of the key to the next one, in place (its rows kept).
 #: From 2 to 3 the rows are counted once (a scan, once in a file's life).
 _MIGRATIONS: dict[int, str] = {
     1: "ALTER TABLE spool ADD COLUMN lone_failures INTEGER NOT NULL DEFAULT 0;",
     2: _COUNTED,
+    3: _DEAD,
 }
 
 _COLUMNS = (
     "id, statement, task_id, attempts, first_seen, spooled_at, next_at, last_error, lone_failures"
+)
+
+
+#: The salvages' progress (salvage.py): by set-aside file, the last of its row ids now in this
+#: spool. Made by the first salvage; a release without it leaves the table alone.
+_SALVAGED_TABLE = (
+    "CREATE TABLE IF NOT EXISTS salvaged (source TEXT PRIMARY KEY, last_id INTEGER NOT NULL)"
 )
 
 
@@ -125,6 +171,10 @@ class SpoolError(Exception):
 
 class SpoolFull(SpoolError):
     pass
+
+
+class SpoolHeld(SpoolError):
+    """Another process (a running node of this spool, a ``spool drain``) holds the spool."""
 
 
 class SpoolNewer(SpoolError):
@@ -286,6 +336,15 @@ def auto_max_bytes(directory: Path, used: int = 0) -> int:
     return int(min(AUTO_MAX_BYTES, used + free_bytes(directory) * AUTO_SHARE))
 
 
+def _sync_directory(directory: Path) -> None:
+    """fsync a directory: the renames in it are on disk."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Spool:
     """A node's spool file. Open it with :meth:`open` (which checks it) in the process that
     uses it; the connection is rebuilt after a fork."""
@@ -299,23 +358,66 @@ class Spool:
         self.batch_size = batch_size  # the node's XAPI_WORKER_BATCH_SIZE: the headroom's unit
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        self._lock_fd: int | None = None  # LOCK, held from open() to release()
 
     def __repr__(self) -> str:
         return f"Spool({str(self.path)!r})"
 
     # --- opening, checking, setting aside ------------------------------------------------------
-    def open(self) -> list[Path]:
+    def open(self, exclusive: bool = False) -> list[Path]:
         """Open (creating if need be) and check the spool; a damaged file is renamed, never
-        deleted, and a new one started. Returns what was set aside now. Anything else than
+        deleted, and a new one started. Returns what was set aside now. Only the holder of
+        the spool's lock (:data:`LOCK`, taken here) checks or sets aside: when another
+        process holds it (its node runs), the file is opened as it is, unchecked, or, with
+        ``exclusive`` (the node itself), :class:`SpoolHeld` is raised. Anything else than
         damage (a full disk, an I/O error, a lock held too long) raises :class:`SpoolError`:
         a healthy spool must not be set aside for it. The watchdog is fed meanwhile
         (watchdog.kept_alive): a migration or a whole check takes minutes on a large spool,
         before Celery's loop feeds it."""
+        try:
+            self.hold()
+        except SpoolHeld:
+            if exclusive:
+                raise
+            # Its node runs: the file is its node's to check and set aside, never ours (a
+            # row it commits after would go to a file nothing drains). Rows are read and
+            # written through SQLite's own locking, as the node's processes do.
+            log.info("spool %s: its node holds it: opened without a check", self.path)
+            self._connect()
+            return []
         with kept_alive(f"spool {self.path}: opening and checking"):
             return self._open()
 
+    @property
+    def _lock_path(self) -> Path:
+        return Path(f"{self.path}{LOCK}")
+
+    def hold(self) -> None:
+        """Take the spool's lock (:data:`LOCK`) for this object until :meth:`close` (or
+        the end of the process and of its children); :class:`SpoolHeld` when another
+        process holds it. Opening the spool takes it: a node's spool is opened, checked and
+        set aside only by the process that holds it."""
+        if self._lock_fd is not None:
+            return
+        old = os.umask(0o077)
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path} cannot be locked: {exc}") from exc
+        finally:
+            os.umask(old)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise SpoolHeld(
+                f"spool {self.path} is held by another process (its node running, or a "
+                "`spool drain`); it starts again once that one has stopped"
+            ) from exc
+        self._lock_fd = fd
+
     def _open(self) -> list[Path]:
-        set_aside: list[Path] = []
+        set_aside: list[Path] = self._finish_set_aside()
         whole = self.check_pending()
         try:
             self._connect()
@@ -328,8 +430,8 @@ class Spool:
                 ) from exc
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:
-            self.close()
-            set_aside = self._set_aside(problem)
+            self.close(keep_lock=True)  # the connection only: the set-aside is ours
+            set_aside += self._set_aside(problem)
             self._connect()
         if whole:
             if problem is None:
@@ -462,6 +564,8 @@ class Spool:
             return f"unknown spool format {version}"
         conn.execute("SELECT depth FROM spool_depth").fetchone()
         conn.execute(f"SELECT {_COLUMNS} FROM spool WHERE id = 0").fetchone()  # noqa: S608
+        conn.execute("SELECT count, bytes FROM dead_letter_size").fetchone()
+        conn.execute("SELECT entry, written_at, origin FROM dead_letters WHERE id = 0").fetchone()
         if whole:
             if self._checked_mark.exists():
                 return (
@@ -478,6 +582,10 @@ class Spool:
             try:
                 conn.execute("REINDEX")
                 conn.execute("UPDATE spool_depth SET depth = (SELECT count(*) FROM spool)")
+                conn.execute(
+                    "UPDATE dead_letter_size SET count = (SELECT count(*) FROM dead_letters),"
+                    " bytes = (SELECT coalesce(sum(bytes), 0) FROM dead_letters)"
+                )
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
@@ -525,24 +633,76 @@ class Spool:
             raise
 
     def _set_aside(self, problem: str) -> list[Path]:
-        stamp = time.strftime(SET_ASIDE_STAMP, time.gmtime())
-        moved: list[Path] = []
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(f"{self.path}{suffix}")
-            if source.exists():
-                target = Path(f"{self.path}.damaged-{stamp}{suffix}")
-                source.rename(target)
-                moved.append(target)
-        with contextlib.suppress(FileNotFoundError):
-            self._checked_mark.unlink()  # the new file was never checked
+        """Rename the file, its ``-wal`` and ``-shm`` to ``<file>.damaged-<time>`` (a time
+        no earlier set-aside file of this node has: never over another), journaled
+        (:data:`SETTING_ASIDE`): a kill between the renames is finished by the next open."""
+        target = self._free_set_aside_name()
+        journal = Path(f"{self.path}{SETTING_ASIDE}")
+        old = os.umask(0o077)
+        try:
+            with journal.open("w") as out:
+                out.write(target.name)
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            os.umask(old)
+        _sync_directory(self.directory)
+        moved = self._finish_set_aside()
         log.error(
             "spool %s is damaged (%s): set aside as %s, kept; a new spool is started. Its "
             "readable statements are delivered by `xapi-worker spool drain` (see the "
             "operator guide, 'The spool')",
             self.path,
             problem[:200],
-            f"{self.path}.damaged-{stamp}",
+            target,
         )
+        return moved
+
+    def _free_set_aside_name(self) -> Path:
+        """``<file>.damaged-<now>``, or a second later, until no file (nor its ``-wal``,
+        ``-shm`` or ``.salvaged`` forms) has the name: two set-asides within one second
+        (a restarting node, then another open) keep both files."""
+        now = int(time.time())
+        for step in range(3600):
+            stamp = time.strftime(SET_ASIDE_STAMP, time.gmtime(now + step))
+            target = Path(f"{self.path}{SET_ASIDE}{stamp}")
+            taken = (f"{target}{end}" for end in ("", "-wal", "-shm", SALVAGED))
+            if not any(os.path.lexists(name) for name in taken):
+                return target
+        raise SpoolError(f"spool {self.path}: no free name to set it aside")
+
+    def _finish_set_aside(self) -> list[Path]:
+        """Do (or finish, after a kill) the set-aside its journal names: ``-wal`` and
+        ``-shm`` first, the file last, each linked to its new name (never over an existing
+        one) then unlinked; the journal removed once all three are moved."""
+        journal = Path(f"{self.path}{SETTING_ASIDE}")
+        try:
+            name = journal.read_text().strip()
+        except FileNotFoundError:
+            return []
+        target = self.directory / name
+        if not name.startswith(f"{self.path.name}{SET_ASIDE}") or "/" in name:
+            raise SpoolError(f"spool {self.path}: {journal} names no set-aside file: {name!r}")
+        moved: list[Path] = []
+        for suffix in ("-wal", "-shm", ""):
+            source = Path(f"{self.path}{suffix}")
+            dest = Path(f"{target}{suffix}")
+            if not os.path.lexists(source):
+                continue
+            if os.path.lexists(dest):
+                if os.path.samefile(source, dest):  # linked before a kill: unlink now
+                    source.unlink()
+                    moved.append(dest)
+                    continue
+                raise SpoolError(f"spool {self.path}: {dest} exists already, not overwritten")
+            os.link(source, dest)
+            source.unlink()
+            moved.append(dest)
+        _sync_directory(self.directory)
+        with contextlib.suppress(FileNotFoundError):
+            self._checked_mark.unlink()  # the new file was never checked
+        journal.unlink()
+        _sync_directory(self.directory)
         return moved
 
     def damaged_files(self) -> list[Path]:
@@ -554,11 +714,17 @@ class Spool:
             if not p.name.endswith(("-wal", "-shm", SALVAGED))
         )
 
-    def close(self) -> None:
+    def close(self, keep_lock: bool = False) -> None:
+        """Close the connection, and give the lock up unless ``keep_lock`` (the worker's
+        main process keeps it for the node's life: its pool processes reopen the file)."""
         if self._conn is not None and self._pid == os.getpid():
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
         self._conn = None
+        if self._lock_fd is not None and not keep_lock:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
 
     # --- size ------------------------------------------------------------------------------------
     @property
@@ -575,6 +741,22 @@ class Spool:
         return int((pages - free) * page)
 
     # --- writes ----------------------------------------------------------------------------------
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE ... COMMIT, fsync-ed), for the other tables of
+        the file (deadstore.py); a damage met marks the file for the next open's check."""
+        return self._transaction()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for reads, a damage met marking the file (as :meth:`_rows`)."""
+        conn = self._connect()
+        with self._watch():
+            yield conn
+
+    def used_bytes(self) -> int:
+        """What the file's pages hold (its statements and its dead letters)."""
+        return self._used_bytes()
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         conn = self._connect()
@@ -589,11 +771,17 @@ class Spool:
             conn.execute("COMMIT")
 
     def add(
-        self, entries: Sequence[Entry], now: float | None = None, source: str = "the broker"
+        self,
+        entries: Sequence[Entry],
+        now: float | None = None,
+        source: str = "the broker",
+        progress: tuple[str, int] | None = None,
     ) -> None:
         """Spool ``entries`` in one transaction, committed to disk on return; raise
         :class:`SpoolError` (nothing written) when they cannot be, saying that they stay in
-        ``source`` (where they come from)."""
+        ``source`` (where they come from). ``progress`` (a set-aside file's name, the last
+        of its row ids these entries come from) is recorded in the same transaction
+        (:meth:`salvaged_up_to`): a salvage killed and run again takes no row twice."""
         if not entries:
             return
         now = time.time() if now is None else now
@@ -634,11 +822,33 @@ class Spool:
                     " spooled_at, next_at, last_error, lone_failures) VALUES (?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
+                if progress is not None:
+                    conn.execute(_SALVAGED_TABLE)
+                    conn.execute(
+                        "INSERT INTO salvaged (source, last_id) VALUES (?, ?) ON CONFLICT "
+                        "(source) DO UPDATE SET last_id = excluded.last_id",
+                        progress,
+                    )
         except SpoolError:
             raise
         except (sqlite3.Error, OverflowError, ValueError) as exc:
             # disk full, I/O error, locked for too long; a value SQLite cannot hold
             raise SpoolError(f"spool {self.path}: {type(exc).__name__}: {exc}") from exc
+
+    def salvaged_up_to(self, source: str) -> int:
+        """The last row id of the set-aside file ``source`` (its name) whose rows are in this
+        spool already (0: none)."""
+        conn = self._connect()
+        with self._watch():
+            try:
+                row = conn.execute(
+                    "SELECT last_id FROM salvaged WHERE source = ?", (source,)
+                ).fetchone()
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc):
+                    raise
+                return 0
+        return int(row[0]) if row else 0
 
     def delete(self, ids: Sequence[int]) -> None:
         if not ids:
@@ -699,7 +909,10 @@ class Spool:
             # Each step of this statement frees one page, and the sqlite3 module's execute()
             # steps it once: executescript() runs it to its end.
             conn.executescript("PRAGMA incremental_vacuum;")
-        elif conn.execute("SELECT depth FROM spool_depth").fetchone()[0] == 0:
+        elif (
+            conn.execute("SELECT depth FROM spool_depth").fetchone()[0] == 0
+            and conn.execute("SELECT count FROM dead_letter_size").fetchone()[0] == 0
+        ):
             # A spool made while auto_vacuum stayed off (set after the WAL mode): rebuilt
             # with it on, once, while it is empty (a VACUUM of an empty file is quick).
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")

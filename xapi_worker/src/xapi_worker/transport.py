@@ -47,8 +47,9 @@ from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from . import bookkeeping, watchdog
+from . import bookkeeping, names, watchdog
 from .delivery import iso
+from .names import ALIVE, DEAD_CLAIM, DEAD_LETTERS, inflight_key, registry_key, unreadable_key
 from .scripts import Scripts, is_oom, move_all, push
 
 log = logging.getLogger("xapi_worker.transport")
@@ -63,11 +64,11 @@ FIRST_SEEN = bookkeeping.FIRST_SEEN
 NODE_OPTION = "xapi_node"
 #: Transport option: the key of the bookkeeping headers' signature (hex), set by the app.
 HEADER_KEY_OPTION = "xapi_header_key"
+#: Transport option: the broker's dead-letter list (``XAPI_WORKER_DEAD_LETTER_KEY``), where a
+#: gone node's claimed dead letters go back (recover_orphans), set by the app.
+DEAD_LETTERS_OPTION = "xapi_dead_letters"
 #: Message header naming a compression of the body (kombu's): such a message is set aside.
 COMPRESSION = "compression"
-INFLIGHT = ".inflight"  # <queue>.inflight: set of the in-flight lists of <queue>
-ALIVE = ".alive"
-SPOOL = ".spool"
 #: How often a consuming node refreshes its heartbeat key, at most (seconds).
 HEARTBEAT_EVERY = 10.0
 #: Kombu's priority lists that producers may have used (see the module docstring).
@@ -88,23 +89,6 @@ GATHER_SECONDS = 0.1
 #: full, drain.py): the node keeps its heartbeat and its messages, and polls no more.
 TAKING = threading.Event()
 TAKING.set()
-
-
-def registry_key(queue: str) -> str:
-    return queue + INFLIGHT
-
-
-def inflight_key(queue: str, node: str) -> str:
-    return f"{queue}{INFLIGHT}.{node}"
-
-
-def spool_state_key(queue: str, node: str) -> str:
-    """The hash where a node publishes its spool's state (drain.py; read by check_xapi)."""
-    return inflight_key(queue, node) + SPOOL
-
-
-def unreadable_key(queue: str) -> str:
-    return queue + ".unreadable"
 
 
 def return_inflight(client: redis.Redis, key: str, queue: str) -> int:
@@ -150,7 +134,33 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         if self.channel.connection is None:  # closed since the take: see ack()
             log.info("rejection of %s dropped: its channel is closed", delivery_tag)
             return
+        if not requeue and self._set_aside_rejected(delivery_tag):
+            VirtualQoS.ack(self, delivery_tag)  # the prefetch slot is free
+            return
         super().reject(delivery_tag, requeue)
+
+    def _set_aside_rejected(self, delivery_tag: str) -> bool:
+        """A rejection without requeue drops the message (kombu's way): celery-batches does
+        it to a request whose ``eta`` it cannot convert, Celery to a task raising
+        ``Reject``. No message is acknowledged into nothing: it goes, as it was taken, to
+        ``<queue>.unreadable`` (False when it is no longer in unacked)."""
+        message = self._delivered.get(delivery_tag)
+        info = getattr(message, "delivery_info", None) or {}
+        queue = str(info.get("routing_key") or "")
+        if queue not in self.channel._acked_queues:
+            return False
+        try:
+            moved = self.channel.set_aside(delivery_tag, queue)
+        except self.channel.connection_errors:
+            log.exception("message %s rejected and not set aside: left in unacked", delivery_tag)
+            return True  # back after the visibility timeout: not dropped
+        if moved:
+            log.error(
+                "message %s rejected without requeue: moved to %s, not dropped",
+                delivery_tag,
+                unreadable_key(queue),
+            )
+        return moved
 
     def flush_acks(self) -> None:
         """Remove the acknowledged messages from unacked, in one pipeline.
@@ -234,8 +244,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         *kombu_redis.Channel.from_transport_options,
         NODE_OPTION,
         HEADER_KEY_OPTION,
+        DEAD_LETTERS_OPTION,
     )
     xapi_node: str | None = None
+    xapi_dead_letters: str = DEAD_LETTERS
     xapi_header_key: str | None = None  # hex; bookkeeping.derive_key
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -384,7 +396,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 if isinstance(payload.get("headers"), dict):
                     if payload["headers"].get(COMPRESSION) is not None:
                         raise ValueError("compressed")
-                    self._stamp(payload["headers"], now)
+                    self._stamp(payload["headers"], now, payload.get("body", ""))
                 props = payload["properties"]
                 tag = str(props["delivery_tag"])
                 info = props["delivery_info"]
@@ -451,27 +463,51 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         with self.conn_or_acquire() as client:
             return bool(self._scripts_on(client).set_aside(keys=keys, args=[delivery_tag]))
 
-    def _stamp(self, headers: dict[str, Any], now: float) -> None:
+    def _stamp(self, headers: dict[str, Any], now: float, body: object) -> None:
         """When the message was taken (every take: the visibility timeout counts from it),
-        and, unless a worker signed its bookkeeping, that of a new message first seen now,
-        signed: a producer's ``xapi_*`` headers are not trusted (bookkeeping.py), nor its
-        ``eta`` or ``expires`` (dropped: only a worker's signed retry waits). Stamped in
-        the copy recorded in unacked, so a redelivery after a crash keeps its first take."""
+        the digest of its body (every take, whatever the message said), and, unless a worker
+        signed its bookkeeping for this body and this ``eta``, that of a new message first
+        seen now, signed: a producer's ``xapi_*`` headers are not trusted (bookkeeping.py),
+        nor its ``eta`` or ``expires`` (dropped: only a worker's signed retry waits), nor a
+        signed header set put on another message. Stamped in the copy recorded in unacked,
+        so a redelivery after a crash keeps its first take."""
         headers[bookkeeping.TAKEN_AT] = now
         key = self.header_key
         task_id = headers.get("id")
         if key is None:  # not the worker's app (no key given): the first take's time only
             headers.setdefault(FIRST_SEEN, iso(now))
             return
-        headers.pop(bookkeeping.EXPIRES, None)  # a producer's; the workers set none
+        digest = bookkeeping.body_digest(body)
+        headers[names.BODY_SHA256] = digest
+        headers.pop(names.EXPIRES, None)  # a producer's; the workers set none
         if not isinstance(task_id, str):
             for name in (bookkeeping.ATTEMPT, bookkeeping.LONE_FAILURES, bookkeeping.MAC):
                 headers.pop(name, None)
-            headers.pop(bookkeeping.ETA, None)
+            headers.pop(names.ETA, None)
             headers[FIRST_SEEN] = iso(now)
         elif not bookkeeping.is_signed(key, task_id, headers):
-            headers.pop(bookkeeping.ETA, None)  # only a worker's retry is held until due
-            headers.update(bookkeeping.signed_headers(key, task_id, 1, iso(now), 0))
+            headers.pop(names.ETA, None)  # only a worker's retry is held until due
+            headers.update(bookkeeping.signed_headers(key, task_id, 1, iso(now), 0, None, digest))
+
+    def _sign_retry(self, message: dict[str, Any]) -> None:
+        """A worker's retry (its bookkeeping in the headers, unsigned: worker.py) is signed
+        as it is queued, over its ``eta`` and its body as they travel."""
+        headers = message.get("headers")
+        key = self.header_key
+        if key is None or not isinstance(headers, dict) or bookkeeping.ATTEMPT not in headers:
+            return
+        task_id = headers.get("id")
+        if not isinstance(task_id, str) or bookkeeping.MAC in headers:
+            return
+        headers[bookkeeping.MAC] = bookkeeping.sign(
+            key,
+            task_id,
+            headers.get(bookkeeping.ATTEMPT),
+            headers.get(bookkeeping.FIRST_SEEN),
+            headers.get(bookkeeping.LONE_FAILURES),
+            headers.get(names.ETA),
+            bookkeeping.body_digest(message.get("body", "")),
+        )
 
     # --- the worker's own writes, at maxmemory too (scripts.py) ------------------------------
     # Kombu sends these in a MULTI, one command per priority list. Redis refuses any MULTI at
@@ -513,6 +549,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         """Publish (the worker's retries, remote-control replies): kombu's LPUSH, as a
         script. Producers on the frontal use kombu's own transport and are refused at
         maxmemory; the worker republishes what it acknowledges, and so grows nothing."""
+        self._sign_retry(message)
         priority = self._get_message_priority(message, reverse=False)
         with self.conn_or_acquire() as client:
             push(client, self._q_for_pri(queue, priority), [dumps(message)])
@@ -590,6 +627,22 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                             key,
                             queue,
                         )
+                    # The dead letters it had claimed from the broker's list to move them
+                    # to its disk (deadstore.move_legacy) go back to the head of that list,
+                    # in their order, in one script: nothing else would ever see them once
+                    # the node leaves the registry. Those it had committed already are not
+                    # added twice to that disk (each element's SHA-256 is its origin).
+                    claimed = move_all(
+                        client, key + DEAD_CLAIM, self.xapi_dead_letters, "RIGHT", "LEFT"
+                    )
+                    if claimed:
+                        log.warning(
+                            "%d dead letter(s) claimed by a node gone for more than the "
+                            "visibility timeout (%s): back on %s",
+                            claimed,
+                            key,
+                            self.xapi_dead_letters,
+                        )
                     client.srem(registry, key)
                 self._fold_priorities(client, queue)
 
@@ -646,7 +699,4 @@ __all__ = [
     "NODE_OPTION",
     "TAKING",
     "Transport",
-    "inflight_key",
-    "registry_key",
-    "spool_state_key",
 ]
