@@ -2,14 +2,14 @@
 message headers, and why only the workers can write it.
 
 Any client of the broker that may publish to the queue can set any header: Pod's frontal
-publishes with the producer's ACL user (roles/redis), whose credentials are the exposed
+publishes with the producer's ACL user (roles/xapi_broker), whose credentials are the exposed
 host's. A message arriving with ``xapi_lone_failures=9`` or an old ``xapi_first_seen`` must
 not be dead-lettered on its first failure or as too old. So the headers count only when they
 carry ``xapi_mac``, an HMAC-SHA256 of the task id, the three values, the message's ``eta``
 and the SHA-256 of its body (so a signed header set cannot be put on another message, nor
 given another ``eta``: a far one held a batch's prefetch slots), keyed by a secret
 derived from what the workers alone hold: the LRS password and the workers' broker password
-(the frontal has neither: roles/xapi_frontal, roles/redis). The workers sign every message
+(the frontal has neither: roles/xapi_frontal, roles/xapi_broker). The workers sign every message
 they re-publish; a message whose headers are unsigned or do not match is a new message:
 attempt 1, no lone failure, first seen when a worker first took it (stamped by the transport,
 and signed then, so that a redelivery after a crash keeps that time).

@@ -2,8 +2,8 @@
 the message headers of the worker's bookkeeping, and the fields of the hashes it publishes.
 
 The worker, its command line, ``check_xapi`` (roles/xapi_ops), the frontal's broker check and
-the tests import them from here; the broker's ACL (roles/redis/defaults/main.yml,
-``redis_xapi_acl_keys``) must cover every key (xapi_worker/tests/test_names.py checks both).
+the tests import them from here; the broker's ACL (roles/xapi_broker/defaults/main.yml,
+``xapi_broker_worker_acl_keys``) must cover every key (xapi_worker/tests/test_names.py checks both).
 Standard library only: ``check_xapi`` ships this module to hosts without the worker's venv.
 """
 
@@ -19,7 +19,8 @@ DEAD_LETTERS = "xapi.dead_letters"
 LAST_DELIVERY = "xapi.last_delivery"
 #: The workers' pipeline counters: one hash per broker (metrics.py, for Prometheus).
 METRICS = "xapi.metrics"
-#: Migration tokens of statements moved from Pod's Redis (roles/redis/files/xapi-redis-migrate).
+#: Migration tokens of statements moved from Pod's Redis
+#: (roles/xapi_broker/files/xapi-redis-migrate).
 MIGRATED = "xapi.migrated"
 #: kombu's hash of the messages delivered and not yet acknowledged, its index and its lock.
 UNACKED = "unacked"
