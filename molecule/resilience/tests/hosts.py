@@ -16,6 +16,7 @@ from urllib.parse import quote
 # them (xapi_testsupport, on sys.path through molecule/pytest.ini).
 from xapi_testsupport.pod_on_host import POD_DIR, POD_PYTHON
 from xapi_testsupport.polling import wait_until
+from xapi_testsupport.worker_on_host import as_worker_command
 
 PREFIX = os.environ.get("XAPI_RES_PREFIX", "res-")
 FILES = Path(__file__).resolve().parents[1] / "files"
@@ -154,6 +155,30 @@ def lab_settings() -> dict[str, Any]:
     return values
 
 
+def all_dead_letters(state: dict) -> dict[str, dict]:
+    """Every dead letter by statement id (id, reason, status): the broker's list (``state``,
+    broker_state()) and what the worker keeps on its disk (spool on), as `xapi-worker
+    dead-letters list` gives them."""
+    command = as_worker_command(
+        f"env XAPI_WORKER_CONFIG={WORKER_ENV} /opt/xapi-worker/bin/xapi-worker dead-letters list",
+        cwd="/opt/xapi-worker",
+    )
+    dead = {d["id"]: d for d in state["dead"]}
+    for line in sh("encodage", command).stdout.splitlines():
+        entry = json.loads(line) if line.strip() else {}
+        statement = entry.get("statement")
+        if isinstance(statement, dict) and isinstance(statement.get("id"), str):
+            dead.setdefault(
+                statement["id"],
+                {
+                    "id": statement["id"],
+                    "reason": entry.get("reason") or "",
+                    "status": entry.get("status"),
+                },
+            )
+    return dead
+
+
 def wait_settled(everything: set[str], timeout: float) -> float:
     """Waits until every id is in Ralph's store or in the dead letters and nothing waits in
     the broker (queue, unacked, in-flight lists) or in the nodes' spools. Returns when the
@@ -162,7 +187,7 @@ def wait_settled(everything: set[str], timeout: float) -> float:
 
     def settled() -> bool:
         state = broker_state()
-        done = everything & ({d["id"] for d in state["dead"]} | set(lrs_store_ids()))
+        done = everything & (set(all_dead_letters(state)) | set(lrs_store_ids()))
         if len(done) > progress["settled"]:
             progress.update(settled=len(done), at=time.time())
         waiting = state["queue"] or state["unacked"] or state["in_flight"] or state["spooled"]

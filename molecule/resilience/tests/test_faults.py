@@ -29,6 +29,7 @@ from hosts import (
     WORK,
     WORKER_ENV,
     acl_log,
+    all_dead_letters,
     assert_accounted,
     broker_state,
     container,
@@ -247,7 +248,7 @@ def test_faults_lose_nothing(playbook, evidence, report_path) -> None:
 
     stored = lrs_store_ids()
     state = broker_state()
-    dead = {d["id"]: d for d in state["dead"]}
+    dead = all_dead_letters(state)  # the broker's list and the worker's disk
     enqueued = produced()
     refused = sum(r for _, _, r in enqueued)
     rows = [(p.fault, p.ids(enqueued)) for p in phases] + [("all statements", everything)]

@@ -33,6 +33,7 @@ from hosts import (
     FILES,
     LRS_STORE,
     WORK,
+    all_dead_letters,
     assert_accounted,
     broker_state,
     container,
@@ -234,7 +235,7 @@ def test_long_outage_spools_what_the_broker_cannot_hold(report_path: Path) -> No
 
     stored = lrs_store_ids()
     state = broker_state()
-    dead = {d["id"]: d for d in state["dead"]}
+    dead = all_dead_letters(state)  # the broker's list and the worker's disk
     lost = everything - set(stored) - set(dead)
     sampled = max(sampler.samples, default=0)
     report = "\n".join(
