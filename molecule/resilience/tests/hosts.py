@@ -164,9 +164,15 @@ def all_dead_letters(state: dict) -> dict[str, dict]:
         cwd="/opt/xapi-worker",
     )
     dead = {d["id"]: d for d in state["dead"]}
-    for line in sh("encodage", command).stdout.splitlines():
-        entry = json.loads(line) if line.strip() else {}
-        statement = entry.get("statement")
+    # A failed listing (the host restarting) counts none from the disk this time: the
+    # callers poll again.
+    result = sh("encodage", command, check=False)
+    for line in (result.stdout if result.returncode == 0 else "").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        statement = entry.get("statement") if isinstance(entry, dict) else None
         if isinstance(statement, dict) and isinstance(statement.get("id"), str):
             dead.setdefault(
                 statement["id"],
