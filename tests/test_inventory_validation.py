@@ -345,6 +345,23 @@ CASES = [
         {"xapi_encodage_sysv_pid_dir": "/run/celery/"},
         'xapi_encodage_sysv_pid_dir is "/run/celery/": that is',
     ),
+    # The spool's path rule for the sysv directories (session 5's review, M1): a one-level
+    # directory (/run), a `.` or `..` part (past the unnormalised denylist).
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_pid_dir": "/run"},
+        'xapi_encodage_sysv_pid_dir is "/run": it must be an absolute path',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_pid_dir": "/run/./celery"},
+        'xapi_encodage_sysv_pid_dir is "/run/./celery": it must be an absolute path',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/var/log/celeryd-xapi/../../../etc"},
+        'xapi_encodage_sysv_log_dir is "/var/log/celeryd-xapi/../../../etc": it must be',
+    ),
     # Existing directories of the site (outside review, M4): an empty root directory as the
     # spool, /etc as the settings' directory, the init script's defaults as the settings.
     (
