@@ -345,6 +345,23 @@ CASES = [
         {"xapi_encodage_sysv_pid_dir": "/run/celery/"},
         'xapi_encodage_sysv_pid_dir is "/run/celery/": that is',
     ),
+    # The spool's path rule for the sysv directories (session 5's review, M1): a one-level
+    # directory (/run), a `.` or `..` part (past the unnormalised denylist).
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_pid_dir": "/run"},
+        'xapi_encodage_sysv_pid_dir is "/run": it must be an absolute path',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_pid_dir": "/run/./celery"},
+        'xapi_encodage_sysv_pid_dir is "/run/./celery": it must be an absolute path',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/var/log/celeryd-xapi/../../../etc"},
+        'xapi_encodage_sysv_log_dir is "/var/log/celeryd-xapi/../../../etc": it must be',
+    ),
     # Existing directories of the site (outside review, M4): an empty root directory as the
     # spool, /etc as the settings' directory, the init script's defaults as the settings.
     (
@@ -828,4 +845,23 @@ def test_a_worker_group_pods_user_is_in_is_refused(inventory: Path, tmp_path: Pa
     flat = " ".join(output.replace("''", "'").split())
     assert returncode != 0, output[-2000:]
     assert f'xapi_encodage_worker_group is "{name}": Pod\'s user (nobody) is a member' in flat
+    assert "changed=0" in output, output[-2000:]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system group)")
+def test_an_existing_group_with_no_member_is_refused(inventory: Path, tmp_path: Path) -> None:
+    """A system group with no member that is nobody's primary group (disk, shadow, kmem,
+    staff... on Debian) passed as the worker's own, and the worker's user got its files
+    (session 5's review, M3). Only the primary group of the role's own existing user is."""
+    name = f"xapi-e-{os.getpid()}"
+    subprocess.run(["groupadd", "--system", name], check=True)
+    try:
+        values = {**GOOD, "xapi_encodage_worker_group": name}
+        returncode, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+    finally:
+        subprocess.run(["groupdel", name], check=True)
+    flat = " ".join(output.split())
+    assert returncode != 0, output[-2000:]
+    assert f'xapi_encodage_worker_group is "{name}": an existing group' in flat, flat[-3000:]
+    assert "that is not the one this role made for the worker" in flat, flat[-3000:]
     assert "changed=0" in output, output[-2000:]

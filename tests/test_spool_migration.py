@@ -25,8 +25,10 @@ POD = "nobody"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 
 
-def migrate(spool: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    me = pwd.getpwuid(os.geteuid())
+def migrate(
+    spool: Path, tmp_path: Path, worker: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    me = pwd.getpwnam(worker) if worker else pwd.getpwuid(os.geteuid())
     playbook = tmp_path / "migrate.yml"
     playbook.write_text(
         json.dumps(
@@ -94,6 +96,38 @@ def test_a_hard_link_stops_the_run_named(tmp_path: Path) -> None:
     assert f"{node} (regular file, 2 links, owner {POD})" in run.stdout
     assert spool.stat().st_uid == pod.pw_uid
     assert node.stat().st_uid == pod.pw_uid
+
+
+@pytest.mark.parametrize("name", [".xapi-move.junk", ".xapi-move.xapi.sqlite3"])
+def test_a_file_of_pods_named_like_the_moves_own_is_refused(tmp_path: Path, name: str) -> None:
+    """A file of Pod's named like the move's new files was skipped: never moved, the move
+    due (the workers stopped) on every run; named after a spool file, the copy crashed on it
+    (session 5's review, L1). Refused now, naming it, before anything is copied."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    node = pods_file(spool / "xapi.sqlite3")
+    planted = pods_file(spool / name)
+    run = migrate(spool, tmp_path)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output[-3000:]
+    assert f"Refused: {spool}/{name}: named like the move's own new files" in output, output
+    assert "Traceback" not in output, output[-3000:]
+    assert node.stat().st_uid == planted.stat().st_uid == pwd.getpwnam(POD).pw_uid
+
+
+def test_a_leftover_of_roots_is_removed_and_the_move_done(tmp_path: Path) -> None:
+    """A run cut between the new file's creation and its fchown left it root's: it stood
+    where the copy is made (FileExistsError, a traceback, on every run)."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    node = pods_file(spool / "xapi.sqlite3")
+    leftover = spool / ".xapi-move.xapi.sqlite3"
+    leftover.write_text("half")
+    os.chown(leftover, 0, 0)
+    run = migrate(spool, tmp_path, worker="daemon")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert node.stat().st_uid == pwd.getpwnam("daemon").pw_uid and node.read_text() == "rows"
+    assert not leftover.exists()
 
 
 def test_a_foreign_file_stops_the_run_even_once_moved(tmp_path: Path) -> None:

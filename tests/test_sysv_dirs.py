@@ -145,6 +145,29 @@ def test_a_link_in_place_of_the_directory_is_refused(base: Path) -> None:
     assert owner(target) == "root" and target.stat().st_mode & 0o7777 == 0o700
 
 
+@pytest.mark.parametrize("variable", ["xapi_encodage_sysv_log_dir", "xapi_encodage_sysv_pid_dir"])
+def test_an_existing_root_directory_is_not_given_to_the_worker(base: Path, variable: str) -> None:
+    """An existing directory of root's (/var/log, /run/lock, /etc...) named as the log or pid
+    directory was accepted and given to the worker's user (session 5's review, M1): only one
+    the worker's user owns already, or a missing one, is taken."""
+    site = base / "site-dir"
+    site.mkdir(mode=0o755)
+    (base / "log").mkdir(mode=0o755)
+    dirs = {
+        "xapi_encodage_sysv_log_dir": base / "log" / "celeryd-xapi",
+        "xapi_encodage_sysv_pid_dir": base / "run" / "celeryd-xapi",
+    }
+    dirs[variable] = site
+    run = make_dirs(base, dirs["xapi_encodage_sysv_log_dir"], dirs["xapi_encodage_sysv_pid_dir"])
+    flat = refused(run, variable)
+    assert f'{variable} is "{site}": it exists and is owned by root' in flat, flat[-3000:]
+    assert owner(site) == "root" and site.stat().st_mode & 0o7777 == 0o755
+    # The worker's own, made by an earlier run: accepted, left as it is.
+    os.chown(site, pwd.getpwnam(WORKER).pw_uid, -1)
+    again = make_dirs(base, dirs["xapi_encodage_sysv_log_dir"], dirs["xapi_encodage_sysv_pid_dir"])
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
 def test_the_example_inventory_shows_the_roles_own_directories() -> None:
     """The production example showed Pod's encoding worker's /var/log/celery and /run/celery
     (Pod's user's, refused now) as the values of the sysv directories."""

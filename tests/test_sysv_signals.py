@@ -11,6 +11,7 @@ The defaults file is rendered by Ansible from the roles' defaults (sysv), then s
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -105,3 +106,49 @@ def test_a_planted_pid_gets_no_hangup(
     run = kill_as_the_script(defaults, "-TERM", str(worker.pid))
     assert run.returncode == 0, run.stderr
     assert worker.wait(timeout=5) == -signal.SIGTERM
+
+
+def read_as_the_script(defaults: Path, pid_file: Path) -> subprocess.CompletedProcess[str]:
+    """The script's own read of a pid file (check_status, _get_pids), as root, its memory
+    bounded here so that the old `cat` of /dev/zero fails the test instead of the machine."""
+    return subprocess.run(
+        [
+            "/bin/sh",
+            "-e",
+            "-c",
+            f'ulimit -v 262144; . "{defaults}"; '
+            'read_pid() { local pid=`cat "$1"`; echo "[$pid]"; }; read_pid "$1"',
+            "sh",
+            str(pid_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_the_pid_files_are_read_with_bounds(defaults: Path, tmp_path: Path) -> None:
+    """A FIFO in place of a pid file hung root's `cat` (and every `status`, so every Ansible
+    run); a link to /dev/zero grew root's shell until the memory ran out (session 5's review,
+    M2). Only a short regular file of the workers' user is read."""
+    uid = pwd.getpwnam(WORKER).pw_uid
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    good = pid_dir / "good.pid"
+    good.write_text("1234\n")
+    fifo = pid_dir / "fifo.pid"
+    os.mkfifo(fifo)
+    zero = pid_dir / "zero.pid"
+    zero.symlink_to("/dev/zero")
+    long = pid_dir / "long.pid"
+    long.write_text("1" * 4096)
+    for path in (good, fifo, zero, long):
+        os.lchown(path, uid, -1)
+    foreign = pid_dir / "root.pid"
+    foreign.write_text("1\n")
+    assert read_as_the_script(defaults, good).stdout == "[1234]\n"
+    for path in (fifo, zero, long, foreign):
+        run = read_as_the_script(defaults, path)
+        assert run.stdout == "[]\n", (path.name, run.stdout[:200], run.stderr[-500:])
+        assert "not read" in run.stderr, (path.name, run.stderr[-500:])

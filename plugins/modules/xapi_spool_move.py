@@ -95,7 +95,10 @@ def copy_over(
     over ``name``."""
     uid, gid, mode = ids
     temp = TEMP_PREFIX + name
-    new = os.open(temp, NEW_FLAGS, 0o600, dir_fd=dir_fd)
+    try:
+        new = os.open(temp, NEW_FLAGS, 0o600, dir_fd=dir_fd)
+    except OSError as error:
+        raise Refused(f"{name}: its copy {temp} cannot be made ({error})") from error
     try:
         os.fchown(new, uid, gid)
         os.fchmod(new, mode)
@@ -116,15 +119,17 @@ def copy_over(
 
 
 def entries_to_move(dir_fd: int, from_uid: int) -> list[tuple[str, int, os.stat_result]]:
-    """Every entry of the old user, opened and checked; a refused one closes them all."""
+    """Every entry of the old user, opened and checked; a refused one closes them all.
+    One named like the move's own new files is refused: it would never be moved (the move
+    due again on every run), or stand where a copy is made."""
     found: list[tuple[str, int, os.stat_result]] = []
     try:
         for name in sorted(os.listdir(dir_fd)):
-            if name.startswith(TEMP_PREFIX):
-                continue
             info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if info.st_uid != from_uid:
                 continue
+            if name.startswith(TEMP_PREFIX):
+                raise Refused(f"{name}: named like the move's own new files ({TEMP_PREFIX}*)")
             if not stat.S_ISREG(info.st_mode):
                 raise Refused(f"{name}: not a regular file")
             fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
@@ -142,12 +147,13 @@ def entries_to_move(dir_fd: int, from_uid: int) -> list[tuple[str, int, os.stat_
 
 
 def remove_leftovers(dir_fd: int, uid: int) -> list[str]:
-    """New files of a run cut short (root made them the new owner's): removed."""
+    """New files of a run cut short (root's until given to the new owner): removed. Any
+    other entry of that name stops the copy it stands in the way of (copy_over)."""
     removed = []
     for name in os.listdir(dir_fd):
         if name.startswith(TEMP_PREFIX):
             info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISREG(info.st_mode) and info.st_uid == uid:
+            if stat.S_ISREG(info.st_mode) and info.st_uid in (0, uid):
                 os.unlink(name, dir_fd=dir_fd)
                 removed.append(name)
     return removed
