@@ -7,6 +7,7 @@ first assert must fail it, naming the variable.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import subprocess
@@ -356,6 +357,18 @@ CASES = [
         "xapi_encodage.yml",
         {"xapi_encodage_sysv_pid_dir": "/run/./celery"},
         'xapi_encodage_sysv_pid_dir is "/run/./celery": it must be an absolute path',
+    ),
+    # The log directory inside the pid directory (readable by all) or the same one (the
+    # review of sec5, N2).
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/run/celeryd-xapi/log"},
+        'xapi_encodage_sysv_pid_dir is "/run/celeryd-xapi": the same directory or one inside',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/srv/xapi", "xapi_encodage_sysv_pid_dir": "/srv/xapi"},
+        'xapi_encodage_sysv_pid_dir is "/srv/xapi": the same directory or one inside',
     ),
     (
         "xapi_encodage.yml",
@@ -864,4 +877,51 @@ def test_an_existing_group_with_no_member_is_refused(inventory: Path, tmp_path: 
     assert returncode != 0, output[-2000:]
     assert f'xapi_encodage_worker_group is "{name}": an existing group' in flat, flat[-3000:]
     assert "that is not the one this role made for the worker" in flat, flat[-3000:]
+    assert "changed=0" in output, output[-2000:]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system account)")
+def test_a_fixed_system_group_is_refused_even_as_the_roles_users_own(
+    inventory: Path, tmp_path: Path
+) -> None:
+    """A host converged before the group rule, with a fixed system group (disk, shadow: gid
+    below 100) as the worker's group and so as its user's primary group: the worker's user
+    would keep that group's files (raw disks for disk). Only a dynamic system group (101-999)
+    passes as the role's own (session 6's review of sec5, N3)."""
+
+    gid = next(n for n in range(99, 50, -1) if n not in {g.gr_gid for g in grp.getgrall()})
+    name = f"xapi-f-{os.getpid()}"
+    subprocess.run(["groupadd", "--gid", str(gid), name], check=True)
+    try:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--gid",
+                name,
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--comment",
+                "xAPI worker (Esup-Pod xAPI bundle)",
+                name,
+            ],
+            check=True,
+        )
+        try:
+            values = {
+                **GOOD,
+                "xapi_encodage_worker_user": name,
+                "xapi_encodage_worker_group": name,
+            }
+            returncode, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+        finally:
+            subprocess.run(["userdel", name], check=True)
+    finally:
+        subprocess.run(["groupdel", name], check=False)
+    flat = " ".join(output.split())
+    assert returncode != 0, output[-2000:]
+    assert f'xapi_encodage_worker_group is "{name}": an existing group' in flat, flat[-3000:]
     assert "changed=0" in output, output[-2000:]
