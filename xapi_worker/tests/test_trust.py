@@ -777,7 +777,7 @@ def test_a_statement_behind_a_slow_lrs_is_poison_only_after_lone_timeouts_proved
                     assert res.answer.timed_out and res.absent, res.answer
                     res.item.attempt += 1
                     pending.append(res.item)
-            counts.append(slow_item_failures(results))
+            counts.append(_lone_failures_of_slow(results))
     finally:
         proxy.stop()
     assert counts == list(range(1, poison_after + 1)), counts
@@ -786,7 +786,7 @@ def test_a_statement_behind_a_slow_lrs_is_poison_only_after_lone_timeouts_proved
     assert sorted(ralph.stored_ids()) == sorted(s["id"] for s in good)  # each once
 
 
-def slow_item_failures(results: list[Result]) -> int:
+def _lone_failures_of_slow(results: list[Result]) -> int:
     (slow,) = [r.item for r in results if r.item.key == "slow"]
     return slow.lone_failures
 
