@@ -681,6 +681,29 @@ def test_an_insecure_repository_allowed_by_the_operator_is_not_refused(
     assert returncode != 0 and "set xapi_encodage_pod_version" in output, output[-2000:]
 
 
+def test_forget_by_an_actor_name_alone_needs_the_operators_word(
+    inventory: Path, tmp_path: Path
+) -> None:
+    """playbooks/forget.yml -e actor_name=... alone would erase every homonym's statements
+    (review of the worker, L7): refused before anything runs, naming the variable and the
+    way out, never the name; with -e name_is_unique=true, or with an mbox, it passes that
+    check (and stops later here: no worker is deployed on this machine)."""
+    name = "Marie Dupont"
+    returncode, output = check_run(inventory, tmp_path, "forget.yml", {"actor_name": name})
+    flat = " ".join(output.split())
+    assert returncode != 0 and "xapi_ops_forget_name (actor_name) alone" in flat, output[-2000:]
+    assert "-e name_is_unique=true" in flat and name not in output
+    assert "changed=0" in output, output[-2000:]
+    for values in (
+        {"actor_name": name, "name_is_unique": "true"},
+        {"actor_name": name, "mbox": "mailto:marie.dupont@example.org"},
+    ):
+        returncode, output = check_run(inventory, tmp_path, "forget.yml", values)
+        assert "Refuse the actor's name alone" in output, output[-2000:]
+        assert "xapi_ops_forget_name (actor_name) alone" not in output, output[-2000:]
+        assert name not in output and "marie" not in output.lower()
+
+
 def test_real_public_host_name_is_accepted(inventory: Path, tmp_path: Path) -> None:
     """A real name passes the public-host check: the run goes on to the next one (this
     machine has no Pod, which the role names next)."""

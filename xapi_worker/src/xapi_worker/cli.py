@@ -291,7 +291,7 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
                 agent["account"] = {"homePage": args.account[0], "name": args.account[1]}
             if args.name is not None:
                 agent["name"] = args.name
-        learner = Learner.of(agent)
+        learner = Learner.of(agent, name_is_unique=args.name_is_unique)
     except (ValueError, LearnerError) as exc:
         # The reason names the field; a JSON error may quote the input: not printed.
         why = str(exc) if isinstance(exc, LearnerError) else "stdin is not one JSON object"
@@ -493,8 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     fgt = sub.add_parser(
         "forget",
         help="remove a learner's statements from the broker and this host's spools",
-        description="Remove the statements of one learner (any agent of a statement: mbox, "
-        "account or name) from the queue, the in-flight lists, unacked, this host's spools, "
+        description="Remove the statements of one learner (any agent of a statement: by mbox "
+        "or account, a name narrowing them; by name alone only with --name-is-unique) from "
+        "the queue, the in-flight lists, unacked, this host's spools, "
         "the dead letters and xapi.unreadable; prints how many were removed where. Not "
         "reached: the LRS, backups, Pod's own Redis. Options on the command line are seen "
         "by other users of the host (ps): prefer --stdin.",
@@ -503,11 +504,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--stdin",
         action="store_true",
         help='the learner as a JSON object on stdin: {"mbox": ...}, {"account": {"homePage": '
-        '..., "name": ...}}, {"name": ...}, or several of these keys',
+        '..., "name": ...}}, or both, with or without "name" (narrowing); {"name": ...} '
+        "alone with --name-is-unique",
     )
     fgt.add_argument("--mbox", help="mailto:address (or the address)")
     fgt.add_argument("--account", nargs=2, metavar=("HOMEPAGE", "NAME"), help="an account")
-    fgt.add_argument("--name", help="the agent's name (Pod: the user name, or its hash)")
+    fgt.add_argument(
+        "--name",
+        help="the agent's name (Pod: the user name, or its hash); with --mbox or --account "
+        "it narrows the match (the agent must carry that name too), alone it needs "
+        "--name-is-unique",
+    )
+    fgt.add_argument(
+        "--name-is-unique",
+        action="store_true",
+        help="take a name alone (--name, or stdin's name without mbox or account): every "
+        "statement of an agent of that name is erased, so only where names are unique "
+        "(XAPI_ANONYMIZE_ACTOR: a hash as the name)",
+    )
     fgt.add_argument(
         "--wait",
         type=float,
