@@ -566,3 +566,110 @@ def test_list_with_no_node_file_yet_prints_nothing(tmp_path, make_config):
         timeout=60,
     )
     assert out.returncode == 0 and out.stdout == "", out.stderr
+
+
+# --- the move stays roomy; a spooled row's dead letter is written once -------------------------
+def _settings(config: Path) -> Any:
+    from xapi_worker.settings import load_settings
+
+    return load_settings({"XAPI_WORKER_CONFIG": str(config)})
+
+
+def test_the_move_from_the_broker_leaves_the_nodes_dead_letters_roomy(
+    tmp_path, redis_srv, make_config, caplog
+):
+    """A broker's list larger than a node's dead letters may hold: the move stopped only at
+    the hard limit, which left the store full (less than a batch of room), and the node
+    stopped taking live statements for dead letters that harmed nothing where they were.
+    Now it moves only while the store stays roomy, leaves the rest in the broker's list,
+    and says so (once a minute)."""
+    from xapi_worker.drain import Drainer
+    from xapi_worker.spool import Spool
+    from xapi_worker.worker import make_celery
+
+    r = redis_srv.client()
+
+    def element(n: int) -> bytes:
+        # 2,000 bytes each: two chunks of the move (400) fit in the hard limit of 4 MiB,
+        # with less than a batch's headroom left (full)
+        base = {"statement": {"id": f"{n:04d}", "pad": ""}, "reason": "r"}
+        base["statement"]["pad"] = "x" * (2000 - len(json.dumps(base)))
+        return json.dumps(base).encode()
+
+    elements = [element(n) for n in range(500)]
+    assert {len(e) for e in elements} == {2000}
+    r.rpush(LEGACY, *elements)
+    spool_dir = _spool_dir(tmp_path)
+    config = make_config(
+        "http://127.0.0.1:9/",
+        XAPI_WORKER_SPOOL_DIR=spool_dir,
+        XAPI_WORKER_BATCH_SIZE=1,
+        XAPI_WORKER_DEAD_LETTER_MAX_MB=4,
+    )
+    settings = _settings(config)
+    node = "roomy@host"
+    drainer = Drainer(make_celery(settings), settings, Spool(spool_dir, node), node)
+    try:
+        assert drainer.dead is not None
+        with caplog.at_level("WARNING", logger="xapi_worker.spool"):
+            for _ in range(3):
+                drainer.move_dead_letters()
+        stats = drainer.dead.stats()
+        assert 0 < stats.count < len(elements)
+        assert stats.roomy and not stats.full, stats
+        assert r.llen(LEGACY) == len(elements) - stats.count
+        assert r.lrange(LEGACY, 0, -1) == elements[stats.count :]  # the rest, in order
+        said = [m for m in caplog.messages if "stay in the broker's" in m]
+        assert len(said) == 1, caplog.messages
+        assert f"{len(elements) - stats.count} dead letters stay" in said[0]
+    finally:
+        drainer._finish()
+
+
+def test_a_spooled_rows_dead_letter_and_its_deletion_are_one_transaction(
+    tmp_path, redis_srv, ralph, make_config
+):
+    """The drainer wrote a refused row's dead letter, and deleted the row only on its next
+    turn: a kill in between (or a reschedule of another row that failed, or `spool drain`
+    beside the node delivering the same rows) sent the row again and wrote a second dead
+    letter. Now the row is gone once its dead letter is written, and a second delivery of
+    rows read before writes none."""
+    from xapi_worker.drain import DrainProcessor
+    from xapi_worker.spool import Spool
+    from xapi_worker.worker import make_celery
+
+    proxy = _refusing(ralph)
+    spool_dir = _spool_dir(tmp_path)
+    node = "once@host"
+    statements = [video_statement("played", n) for n in range(3)]
+    spool = Spool(spool_dir, node)
+    spool.open()
+    now = time.time()
+    from xapi_worker.spool import Entry
+
+    spool.add([Entry(s, f"t{n}", 1, now, now) for n, s in enumerate(statements)])
+    spool.close()
+    try:
+        settings = _settings(make_config(proxy.url, XAPI_WORKER_SPOOL_DIR=spool_dir))
+        app = make_celery(settings)
+        first, second = Spool(spool_dir, node), Spool(spool_dir, node)
+        try:
+            rows = first.due(10)
+            assert len(rows) == 3
+            # the drainer delivers; it is killed before its next turn deletes anything
+            assert sorted(DrainProcessor(app, settings, first).deliver(rows)) == sorted(
+                r.id for r in rows
+            )
+            assert first.stats().depth == 0
+            assert len(disk_dead_letters(spool_dir)) == 3
+            # another process had read the same rows (spool drain beside the node)
+            DrainProcessor(app, settings, second).deliver(rows)
+            dead = disk_dead_letters(spool_dir)
+            assert sorted(e["statement"]["id"] for e in dead) == sorted(
+                s["id"] for s in statements
+            )
+        finally:
+            first.close()
+            second.close()
+    finally:
+        proxy.stop()

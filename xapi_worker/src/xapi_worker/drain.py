@@ -41,14 +41,29 @@ from celery import Celery
 
 from . import events, names
 from .batch import Processor
-from .deadstore import DeadStats, DiskDeadLetters, disk_dead_letters, move_legacy
+from .deadstore import (
+    MOVE_PER_TURN,
+    DeadStats,
+    DiskDeadLetters,
+    disk_dead_letters,
+    move_legacy,
+)
 from .delivery import Item, merge_duplicates
 from .names import QUEUE, dead_claim_key, spool_state_key, unreadable_key
 from .retention import Retention
 from .retries import Reschedule
 from .scripts import set_fields
 from .settings import Settings
-from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, SpoolFull, Stats
+from .settle import keys
+from .spool import (
+    DISK_RESERVE_BYTES,
+    RESUME_SHARE,
+    SHRINK_ABOVE_BYTES,
+    Row,
+    Spool,
+    SpoolFull,
+    Stats,
+)
 from .transport import TAKING
 
 log = logging.getLogger("xapi_worker.spool")
@@ -65,6 +80,8 @@ class DrainProcessor(Processor):
     def __init__(self, app: Celery, settings: Settings, spool: Spool) -> None:
         self.reschedule = Reschedule(spool, settings)
         super().__init__(app, settings, spool, self.reschedule)
+        # A row's dead letter and the row's deletion: one transaction (deadstore.py).
+        self.settler.rows = lambda item: [int(k) for k in keys(item)]
 
     def deliver(self, rows: Sequence[Row]) -> list[int]:
         """One batch of the spool to the LRS; returns the ids of the rows it settled (the
@@ -141,6 +158,7 @@ class Drainer:
         self._next_state = 0.0
         self._next_purge = 0.0
         self._full_logged = -1e9
+        self._move_warned = -1e9  # monotonic: the last "dead letters stay in the broker"
         self._woken = False
         self._stopping = False
         self.paused = False
@@ -306,11 +324,29 @@ class Drainer:
         try:
             if not client.llen(legacy) and not client.llen(claim):
                 return
-            move_legacy(client, legacy, claim, self.dead)
+            # Only while this node's dead letters stay roomy: moved past that, they would
+            # stop the node taking live statements (DeadStats.full), every node in turn.
+            moved = move_legacy(client, legacy, claim, self.dead, MOVE_PER_TURN, roomy=True)
+            left = 0 if moved >= MOVE_PER_TURN else int(client.llen(legacy))  # type: ignore[arg-type]
         except SpoolFull as exc:
             log.error("%s: the broker's dead letters stay in %s", exc, legacy)
+            return
         except Exception:
             log.warning("dead letters of %s not moved this time", legacy, exc_info=True)
+            return
+        now = time.monotonic()
+        if left and now - self._move_warned >= 60:
+            self._move_warned = now
+            log.warning(
+                "%d dead letters stay in the broker's %s: this node's dead letters (%s) have "
+                "no room for them below %d%% of XAPI_WORKER_DEAD_LETTER_MAX_MB (%d MiB) less "
+                "one batch; replay or purge them (`xapi-worker dead-letters`)",
+                left,
+                legacy,
+                self.dead.spool.path,
+                round(RESUME_SHARE * 100),
+                self.dead.max_bytes // 1024**2,
+            )
 
     def _gate(self, stats: Stats, dead: DeadStats | None = None) -> None:
         dead_full = dead is not None and dead.full
