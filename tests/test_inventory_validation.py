@@ -131,6 +131,12 @@ CASES = [
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": "lots"}, "xapi_encodage_spool_max_mb"),
     # under four batches of the largest statements (104 MiB with batches of 100)
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": 64}, "at least 104: four batches"),
+    # the dead letters' limit (512 by default) fills the same file: 512 + 104 at least
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_max_mb": 200},
+        "xapi_encodage_spool_max_mb is 200 and xapi_encodage_dead_letter_max_mb 512",
+    ),
     (
         "xapi_encodage.yml",
         {"xapi_encodage_dead_letter_retention_days": -3},

@@ -387,13 +387,23 @@ class Drainer:
                     f"less than one batch of the largest statements "
                     f"({stats.headroom / 1024**2:.1f} MiB) from its limit"
                 )
+                # The file holds the node's dead letters too: the LRS taking the spool
+                # frees none of their bytes.
+                held = (
+                    f"; {dead.bytes // 1024**2} MiB of the file are {dead.count} dead letters "
+                    "(XAPI_WORKER_DEAD_LETTER_MAX_MB within XAPI_WORKER_SPOOL_MAX_MB), which "
+                    "only their replay, purge (`xapi-worker dead-letters`) or expiry frees"
+                    if dead is not None and dead.count and not stats.disk_full
+                    else ""
+                )
                 log.error(
-                    "spool %s FULL (%d statements, %s): this node takes nothing from the "
+                    "spool %s FULL (%d statements, %s%s): this node takes nothing from the "
                     "broker until the LRS takes the spool or the disk has room; statements "
                     "wait in Redis, none is dropped",
                     self.spool.path if self.spool else "-",
                     stats.depth,
                     why,
+                    held,
                 )
                 events.emit(
                     "spool_full",

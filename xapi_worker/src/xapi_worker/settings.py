@@ -256,6 +256,19 @@ def settings_from_mapping(values: Mapping[str, str]) -> Settings:
             f"XAPI_WORKER_BATCH_SIZE={settings.batch_size} (two batches of the largest "
             f"statements): it is {settings.dead_letter_max_mb}"
         )
+    # The spool's limit covers the whole file, its dead letters too: a limit that the dead
+    # letters alone can fill makes the spool full (the node stops taking) while the LRS
+    # takes every statement, and the dead letters' own limit is never met.
+    spool_min = -(-min_max_bytes(settings.batch_size) // 1024**2)
+    needed = settings.dead_letter_max_mb + spool_min
+    if settings.spool_enabled and 0 < settings.spool_max_mb < needed:
+        raise SettingsError(
+            f"XAPI_WORKER_SPOOL_MAX_MB must be 0 (automatic) or at least {needed}: "
+            f"XAPI_WORKER_DEAD_LETTER_MAX_MB ({settings.dead_letter_max_mb}), which the dead "
+            f"letters take of the same file, plus {spool_min} for the statements (four "
+            f"batches of the largest with XAPI_WORKER_BATCH_SIZE={settings.batch_size}): it "
+            f"is {settings.spool_max_mb}"
+        )
     return settings
 
 
