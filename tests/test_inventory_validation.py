@@ -131,6 +131,16 @@ CASES = [
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": "lots"}, "xapi_encodage_spool_max_mb"),
     # under four batches of the largest statements (104 MiB with batches of 100)
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": 64}, "at least 104: four batches"),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_retry_after_max_seconds": 0},
+        "xapi_encodage_retry_after_max_seconds is 0",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_retry_after_max_seconds": 90000},
+        "xapi_encodage_retry_after_max_seconds is 90000",
+    ),
     # the dead letters' limit (512 by default) fills the same file: 512 + 104 at least
     (
         "xapi_encodage.yml",

@@ -139,3 +139,17 @@ def test_a_spool_limit_the_dead_letters_alone_can_fill_stops_worker(tmp_path):
     fits = run_cli(config, "settings", extra={"XAPI_WORKER_DEAD_LETTER_MAX_MB": "96"})
     assert fits.returncode == 0, fits.stderr
     assert json.loads(fits.stdout)["XAPI_WORKER_SPOOL_MAX_MB"] == 200
+
+
+def test_the_retry_after_cap_is_a_setting_within_its_bounds(tmp_path):
+    """XAPI_WORKER_RETRY_AFTER_MAX_SECONDS: the longest Retry-After honoured, 1 s to a day."""
+    config = _base(tmp_path)
+    default = run_cli(config, "settings")
+    assert default.returncode == 0, default.stderr
+    assert json.loads(default.stdout)["XAPI_WORKER_RETRY_AFTER_MAX_SECONDS"] == 3600.0
+    for bad in ("0.5", "86401", "soon"):
+        result = run_cli(config, "settings", extra={"XAPI_WORKER_RETRY_AFTER_MAX_SECONDS": bad})
+        assert result.returncode == 3, (bad, result.stderr)
+        assert "XAPI_WORKER_RETRY_AFTER_MAX_SECONDS" in result.stderr
+    set_ = run_cli(config, "settings", extra={"XAPI_WORKER_RETRY_AFTER_MAX_SECONDS": "600"})
+    assert json.loads(set_.stdout)["XAPI_WORKER_RETRY_AFTER_MAX_SECONDS"] == 600.0

@@ -502,26 +502,23 @@ def deliver(
     return results
 
 
-#: The longest ``Retry-After`` honoured: an LRS's (or a proxy's) date far ahead, a typo, a
-#: clock gone wrong would otherwise hold every POST for as long (a date in 2028: 389 days).
-RETRY_AFTER_MAX_SECONDS = 3600.0
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
+def parse_retry_after(value: str | None, now: float, maximum: float) -> float | None:
     """Seconds to wait according to a ``Retry-After`` header (delta-seconds or HTTP-date),
-    at most :data:`RETRY_AFTER_MAX_SECONDS`."""
+    at most ``maximum`` (``XAPI_WORKER_RETRY_AFTER_MAX_SECONDS``: an LRS's or a proxy's date
+    far ahead, a typo, a clock gone wrong would otherwise hold every POST for as long; a date
+    in 2028 held them 389 days)."""
     if not value:
         return None
     value = value.strip()
     if value.isdigit():
-        return min(float(value), RETRY_AFTER_MAX_SECONDS)
+        return min(float(value), maximum)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)  # noqa: UP017 (Python 3.9 on Debian 11)
-    return min(max(0.0, when.timestamp() - now), RETRY_AFTER_MAX_SECONDS)
+    return min(max(0.0, when.timestamp() - now), maximum)
 
 
 def retry_delay(

@@ -266,7 +266,7 @@ class Drainer:
 
     def wake_parked(self) -> None:
         """At start: rows parked beyond the longest retry delay (an LRS's Retry-After, up to
-        delivery.RETRY_AFTER_MAX_SECONDS, by the process before this one) are due now; the
+        XAPI_WORKER_RETRY_AFTER_MAX_SECONDS, by the process before this one) are due now; the
         first batch asks the LRS afresh, and a failure parks them again with the backoff."""
         assert self.spool is not None
         woken = self.spool.wake(beyond=self.settings.retry_max_seconds)

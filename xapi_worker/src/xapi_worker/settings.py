@@ -25,6 +25,10 @@ from .urls import mask_url
 CONFIG_ENV = "XAPI_WORKER_CONFIG"
 TASK_NAME = "pod.xapi.xapi_tasks.send_xapi_statement_task"
 
+#: XAPI_WORKER_RETRY_AFTER_MAX_SECONDS's bounds: at least a second, at most a day (an LRS
+#: that asks for more is down for maintenance; the operator is better told by the backlog).
+RETRY_AFTER_BOUNDS = (1.0, 86400.0)
+
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ESCAPE_RE = re.compile(r'\\(["\\])')
 
@@ -157,6 +161,11 @@ class Settings:
     visibility_timeout: int = setting("XAPI_WORKER_VISIBILITY_TIMEOUT", _positive_int, 600)
     retry_base_seconds: float = setting("XAPI_WORKER_RETRY_BASE_SECONDS", _positive_float, 2.0)
     retry_max_seconds: float = setting("XAPI_WORKER_RETRY_MAX_SECONDS", _positive_float, 300.0)
+    # The longest Retry-After of the LRS honoured (a longer one, or a date further ahead, is
+    # cut to it): between RETRY_AFTER_BOUNDS.
+    retry_after_max_seconds: float = setting(
+        "XAPI_WORKER_RETRY_AFTER_MAX_SECONDS", _positive_float, 3600.0
+    )
     dead_letter_key: str = setting("XAPI_WORKER_DEAD_LETTER_KEY", _nonempty, DEAD_LETTERS)
     # 0 = derived: 2 x batch size
     prefetch_multiplier: int = setting("XAPI_WORKER_PREFETCH_MULTIPLIER", _non_negative_int, 0)
@@ -234,6 +243,12 @@ def settings_from_mapping(values: Mapping[str, str]) -> Settings:
             "XAPI_WORKER_VISIBILITY_TIMEOUT must exceed XAPI_WORKER_RETRY_MAX_SECONDS + "
             "XAPI_WORKER_FLUSH_INTERVAL_MS/1000 + XAPI_WORKER_CONNECT_TIMEOUT + "
             f"XAPI_WORKER_READ_TIMEOUT (= {budget:g} s)"
+        )
+    low, high = RETRY_AFTER_BOUNDS
+    if not low <= settings.retry_after_max_seconds <= high:
+        raise SettingsError(
+            f"XAPI_WORKER_RETRY_AFTER_MAX_SECONDS must be between {low:g} and {high:g} "
+            f"seconds: it is {settings.retry_after_max_seconds:g}"
         )
     if settings.retry_base_seconds > settings.retry_max_seconds:
         raise SettingsError(
