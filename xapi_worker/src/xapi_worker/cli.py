@@ -176,7 +176,13 @@ def _dead_stores(settings: Settings, args: argparse.Namespace) -> list[DiskDeadL
         stem = path.name.removesuffix(".sqlite3")
         if wanted and stem not in wanted and stem.partition("@")[0] not in names:
             continue
-        spool = Spool(directory, stem, settings.spool_max_mb * 1024**2, settings.batch_size)
+        spool = Spool(
+            directory,
+            stem,
+            settings.spool_max_mb * 1024**2,
+            settings.batch_size,
+            settings.max_statement_bytes,
+        )
         stores.append(disk_dead_letters(spool, settings))
     return stores
 
@@ -375,7 +381,13 @@ def _spools(settings: Settings, node: str | None) -> list[Spool]:
         names = sorted(p.name for p in directory.glob("*.sqlite3"))
     limit = settings.spool_max_mb * 1024**2
     return [
-        Spool(directory, name.removesuffix(".sqlite3"), limit, settings.batch_size)
+        Spool(
+            directory,
+            name.removesuffix(".sqlite3"),
+            limit,
+            settings.batch_size,
+            settings.max_statement_bytes,
+        )
         for name in names
     ]
 

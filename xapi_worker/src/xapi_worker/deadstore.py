@@ -134,7 +134,7 @@ class DiskDeadLetters:
         self.spool = spool
         self.max_bytes = max_bytes
         self.retention_days = retention_days
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # with the spool's statement_bytes: the headroom
 
     def __repr__(self) -> str:
         return f"DiskDeadLetters({str(self.spool.path)!r})"
@@ -343,7 +343,7 @@ class DiskDeadLetters:
             max_bytes=self.max_bytes,
             new=int(new),
             oldest=None if oldest is None else float(oldest),
-            headroom=batch_bytes(self.batch_size),
+            headroom=batch_bytes(self.batch_size, self.spool.statement_bytes),
         )
 
 

@@ -131,7 +131,7 @@ class Drainer:
         self.node = node
         # A Spool of its own: an SQLite connection serves the thread that made it.
         self.spool = (
-            Spool(spool.directory, node, spool.max_bytes, spool.batch_size)
+            Spool(spool.directory, node, spool.max_bytes, spool.batch_size, spool.statement_bytes)
             if spool is not None
             else None
         )
@@ -146,7 +146,7 @@ class Drainer:
         self._dead_stats: DeadStats | None = None
         # The bookkeeping thread's own Spool: its connection is made, used and closed there.
         self._ahead_spool = (
-            Spool(spool.directory, node, spool.max_bytes, spool.batch_size)
+            Spool(spool.directory, node, spool.max_bytes, spool.batch_size, spool.statement_bytes)
             if spool is not None
             else None
         )
