@@ -738,7 +738,8 @@ def test_a_replay_beside_a_moving_node_sends_a_dead_letter_or_leaves_it(
     assert set(queued) | on_disk == every
     assert r.llen(LEGACY) == 0
     assert f"replayed {len(queued)} dead letters" in out
-    assert f"{len(on_disk)} dead letters were moved or removed by another process" in err
+    # on stdout: what playbooks/dead-letters.yml shows
+    assert f"{len(on_disk)} dead letters were moved or removed by another process" in out
     # the run left the registry, its heartbeat and its claim list
     assert not [m for m in r.smembers("xapi.inflight") if b"replay-" in m]
     assert not list(r.scan_iter("xapi.inflight.replay-*"))

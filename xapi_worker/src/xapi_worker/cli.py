@@ -276,8 +276,7 @@ def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"{gone} dead letters were moved or removed by another process while this replay "
             "ran (a node moving the broker's list to its disk, another replay, a purge): "
-            "run `dead-letters list` again",
-            file=sys.stderr,
+            "run `dead-letters list` again"
         )
     return Exit.OK
 
