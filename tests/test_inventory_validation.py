@@ -134,6 +134,33 @@ CASES = [
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": 64}, "at least 104: four batches"),
     (
         "xapi_encodage.yml",
+        {"xapi_encodage_retry_after_max_seconds": 0},
+        "xapi_encodage_retry_after_max_seconds is 0",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_retry_after_max_seconds": 90000},
+        "xapi_encodage_retry_after_max_seconds is 90000",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_max_statement_kb": 2048},
+        "xapi_encodage_max_statement_kb is 2048",
+    ),
+    # the minimum follows the largest statement: 4 x 100 x (1024 + 8) KiB = 404 MiB
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_max_statement_kb": 1024, "xapi_encodage_spool_max_mb": 200},
+        "at least 404: four batches",
+    ),
+    # the dead letters' limit (512 by default) fills the same file: 512 + 104 at least
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_max_mb": 200},
+        "xapi_encodage_spool_max_mb is 200 and xapi_encodage_dead_letter_max_mb 512",
+    ),
+    (
+        "xapi_encodage.yml",
         {"xapi_encodage_dead_letter_retention_days": -3},
         "xapi_encodage_dead_letter_retention_days",
     ),

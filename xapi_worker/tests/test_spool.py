@@ -99,11 +99,14 @@ def test_full_spool_stops_taking_and_drops_nothing(
     tmp_path, redis_srv, ralph, make_config, start_worker
 ):
     spool_dir = _spool_dir(tmp_path)
-    # 6 MiB: the smallest limit for batches of 5 (four batches of the largest statements)
+    # 4 MiB: statements of 16 KiB at most, batches of 5 (a headroom of 120 KiB), the dead
+    # letters' smallest limit (1 MiB) within the same file: about 3,900 statements fill it
     config = make_config(
         ralph.url,
         XAPI_WORKER_SPOOL_DIR=spool_dir,
-        XAPI_WORKER_SPOOL_MAX_MB=6,
+        XAPI_WORKER_SPOOL_MAX_MB=4,
+        XAPI_WORKER_DEAD_LETTER_MAX_MB=1,
+        XAPI_WORKER_MAX_STATEMENT_KB=16,
         XAPI_WORKER_BATCH_SIZE=5,
     )
     worker = start_worker(config, name="full")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,13 +60,18 @@ def write_dead_letter(
     letter: DeadLetter,
     node: str,
     disk: DiskDeadLetters | None = None,
+    settles: Sequence[int] = (),
 ) -> bool:
     """Write ``letter`` (to the node's disk, ``disk``, when its spool is on; to the broker's
     list otherwise), count it, say so (event ``dead_letter``); False, logged, when it cannot
-    be written: its message then goes back."""
+    be written: its message then goes back. ``settles``: the spooled rows it settles (the
+    drainer's), deleted with its writing (deadstore.DiskDeadLetters.add); when none of them
+    was left (settled meanwhile by another process), nothing is written, nothing counted."""
     try:
         if disk is not None:
-            disk.add([letter.entry()])
+            if not disk.add([letter.entry()], settles=settles):
+                log.info("task %s settled meanwhile by another process", letter.task_id)
+                return True
         else:
             dead.add(letter)
     except SpoolFull as exc:
@@ -134,6 +139,7 @@ class Settler:
         retries: Retries,
         hold_for: Callable[[float], None],
         disk: Callable[[], DiskDeadLetters | None] = lambda: None,
+        rows: Callable[[Item], Sequence[int]] = lambda _item: (),
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -142,6 +148,9 @@ class Settler:
         self.retries = retries
         self.hold_for = hold_for
         self.disk = disk  # the node's dead letters on its disk (None: the broker's list)
+        # The spooled rows an item's dead letter settles (the drainer: its keys are row ids),
+        # deleted with its writing; none for a live batch.
+        self.rows = rows
 
     def settle(
         self, results: list[Result], now: float, hold: float = 0.0, batch: int = 0
@@ -191,7 +200,9 @@ class Settler:
             first_seen=item.first_seen,
             conflict=res.conflict,
         )
-        if not write_dead_letter(self.dead, self.metrics, letter, self.node(), self.disk()):
+        if not write_dead_letter(
+            self.dead, self.metrics, letter, self.node(), self.disk(), self.rows(item)
+        ):
             return False
         log.warning(
             "dead letter: statement %s (task %s, attempt %d): %s: %s",

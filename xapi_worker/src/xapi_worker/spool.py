@@ -275,18 +275,18 @@ def row_bytes(statement_text: str, *others: str) -> int:
     )
 
 
-def batch_bytes(batch_size: int) -> int:
+def batch_bytes(batch_size: int, statement_bytes: int = MAX_STATEMENT_BYTES) -> int:
     """The most one batch can write to the spool: ``batch_size`` statements of the largest
-    size the worker takes (content.MAX_STATEMENT_BYTES; a larger one is dead-lettered
-    without reaching the spool), each with its row's overhead. A spool with less room than
-    this counts as full (Stats.full)."""
-    return batch_size * (MAX_STATEMENT_BYTES + ROW_OVERHEAD_BYTES)
+    size the worker takes (``statement_bytes``, XAPI_WORKER_MAX_STATEMENT_KB; a larger one
+    is dead-lettered without reaching the spool), each with its row's overhead. A spool with
+    less room than this counts as full (Stats.full)."""
+    return batch_size * (statement_bytes + ROW_OVERHEAD_BYTES)
 
 
-def min_max_bytes(batch_size: int) -> int:
+def min_max_bytes(batch_size: int, statement_bytes: int = MAX_STATEMENT_BYTES) -> int:
     """The smallest size limit a spool may be given: room for four batches of the largest
     statements (a smaller one would count as full before it held a few)."""
-    return 4 * batch_bytes(batch_size)
+    return 4 * batch_bytes(batch_size, statement_bytes)
 
 
 def room(used_bytes: int, max_bytes: int, free: int) -> int:
@@ -350,12 +350,18 @@ class Spool:
     uses it; the connection is rebuilt after a fork."""
 
     def __init__(
-        self, directory: str | Path, node: str, max_bytes: int = 0, batch_size: int = 100
+        self,
+        directory: str | Path,
+        node: str,
+        max_bytes: int = 0,
+        batch_size: int = 100,
+        statement_bytes: int = MAX_STATEMENT_BYTES,
     ) -> None:
         self.directory = Path(directory)
         self.path = self.directory / node_file(node)
         self._max_bytes = max_bytes  # 0: automatic, computed at open
         self.batch_size = batch_size  # the node's XAPI_WORKER_BATCH_SIZE: the headroom's unit
+        self.statement_bytes = statement_bytes  # XAPI_WORKER_MAX_STATEMENT_KB, in bytes
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._lock_fd: int | None = None  # LOCK, held from open() to release()
@@ -1000,5 +1006,5 @@ class Spool:
             free_bytes=free_bytes(self.directory),
             damaged_files=tuple(p.name for p in damaged),
             damaged_since=min(times, default=None),
-            headroom=batch_bytes(self.batch_size),
+            headroom=batch_bytes(self.batch_size, self.statement_bytes),
         )
