@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -236,3 +237,51 @@ def test_encoding_hosts_out_of_the_worker_group_are_not_let_in(
     clients, expected, before = firewall_clients(with_group, tmp_path)
     assert clients == expected == ["frontal", "small"]
     assert before == ["enc1", "enc2", "frontal", "small"]
+
+
+# The worker's command line as a script that records its arguments in the file its config
+# variable names (each host's own): what the playbook asked of each host.
+RECORDER = '#!/bin/sh\nprintf "%s\\n" "$*" > "$XAPI_WORKER_CONFIG"\necho "listed 0"\n'
+
+
+def test_the_brokers_list_is_read_by_the_first_live_host(tmp_path: Path) -> None:
+    """Review L6 (session 5): `--where all` (the broker's list, shared by every worker host)
+    went to the inventory's first worker host only; when that one was unreachable or refused
+    (no bundled worker recorded there), no host read the list and the run said nothing. Now
+    the first host still in the play reads it, and the output says which."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/xapi-worker").write_text(RECORDER)
+    (venv / "bin/xapi-worker").chmod(0o755)
+    (tmp_path / "broker.env").write_text("")
+    hosts = ""
+    for name in ("enc1", "enc2", "enc3"):
+        fact = tmp_path / f"{name}.fact"
+        if name != "enc1":  # enc1: no bundled worker recorded (refused by worker_fact.yml)
+            record = {
+                "app": "xapi_worker",
+                "venv": str(venv),
+                "config": str(tmp_path / f"{name}.args"),
+                "user": pwd.getpwuid(os.getuid()).pw_name,
+                "brokers": [{"address": "b1", "env": str(tmp_path / "broker.env"), "nodes": ["x"]}],
+            }
+            fact.write_text(json.dumps(record))
+        hosts += f"        {name}:\n          xapi_ops_worker_fact: {fact}\n"
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        "all:\n  vars:\n    ansible_connection: local\n    ansible_become: false\n"
+        "    ansible_python_interpreter: /usr/bin/python3\n"
+        f"  children:\n    pod_encodage:\n      hosts:\n{hosts}"
+    )
+    result = subprocess.run(
+        ["ansible-playbook", "-i", str(inventory), str(ROOT / "playbooks/dead-letters.yml")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert "no bundled worker recorded" in output, output[-3000:]
+    assert (tmp_path / "enc2.args").read_text().startswith("dead-letters list --where all ")
+    assert (tmp_path / "enc3.args").read_text().startswith("dead-letters list --where disk ")
+    assert "The broker lists: read by enc2." in output, output[-3000:]
