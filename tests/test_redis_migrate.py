@@ -518,7 +518,10 @@ def test_entries_that_are_not_messages_are_left_and_the_rest_moves_once(
         moved = 5 if run == "first" else 0
         assert f"Moved {moved} statements" in output, output[-3000:]
         assert f"changed={1 if run == 'first' else 0}" in output, output[-3000:]
-        left = f"Left there as they were, since they are not xAPI's messages: {len(UNREADABLE) + 2}"
+        left = (
+            "Left there as they were, since they are not messages of the queue xapi: "
+            f"{len(UNREADABLE) + 2}"
+        )
         assert left in output, output[-3000:]
         for name in ("unacked not-json", "unacked deep", "unacked tag-\\x1b[31m-red"):
             assert name in output, output[-3000:]
@@ -611,7 +614,7 @@ def test_only_xapis_entries_and_binding_move(instance: RedisServer, pod_redis: R
         pod_redis.cli("-n", "6", "SADD", f"_kombu.binding.{exchange}", f"{exchange}\x06\x16")
     report = run_tool(pod_redis, instance)
     assert (report["state"], report["moved"]) == ("moved", 3), report
-    assert report["left_names"] == ["unacked tag-pod (for 'celery', not xapi)"], report
+    assert report["left_names"] == ["unacked tag-pod (for the queue celery, not xapi)"], report
     auth = ("xapi", PASSWORDS["xapi_broker_password"])
     queued = instance.cli("-n", "6", "LRANGE", "xapi", "0", "-1", auth=auth).splitlines()
     assert sorted(json.loads(m)["headers"]["id"] for m in queued) == sorted(ids)
