@@ -7,9 +7,14 @@ first assert must fail it, naming the variable.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
+import pwd
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -718,6 +723,66 @@ def test_public_host_without_pods_validator_is_not_silent(inventory: Path, tmp_p
     flat = " ".join(output.replace("''", "'").split())
     assert f"WARNING: Pod's venv {venv} on localhost has no email_validator" in flat, flat[-3000:]
     assert "checked with the bundle's own rule only" in flat
+
+
+def connecting_uid(server: socket.socket, client: tuple[str, int]) -> int | None:
+    """The uid owning the client end of a loopback connection to ``server`` (/proc/net/tcp)."""
+    want = {
+        f"{ipaddress.ip_address(client[0]).packed[::-1].hex().upper()}:{client[1]:04X}",
+        f"{ipaddress.ip_address(server.getsockname()[0]).packed[::-1].hex().upper()}"
+        f":{server.getsockname()[1]:04X}",
+    }
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if {fields[1], fields[2]} == want and fields[1].endswith(f":{client[1]:04X}"):
+            return int(fields[7])
+    return None
+
+
+def test_the_broker_check_runs_unprivileged(inventory: Path, tmp_path: Path) -> None:
+    """Session 5's review, L7: the frontal's broker check parses whatever answers on the
+    broker's port (an impostor is what it is there to find), and it ran as root. A listener
+    here, standing in for the broker, reads which user connects to it: nobody. It refuses the
+    credentials, which the run reports (the check read its answer)."""
+    pod, venv = tmp_path / "pod", tmp_path / "venv"
+    (pod / "pod" / "custom").mkdir(parents=True)
+    (pod / "manage.py").write_text("")
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to("/usr/bin/python3")
+    (venv / "bin" / "pip").write_text("")
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(170)
+    seen: list[int | None] = []
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            conn, peer = server.accept()
+            with conn:
+                seen.append(connecting_uid(server, peer))
+                conn.recv(4096)
+                conn.sendall(b"-WRONGPASS invalid username-password pair\r\n")
+
+    listener = threading.Thread(target=answer, daemon=True)
+    listener.start()
+    values = {
+        **GOOD,
+        "xapi_frontal_public_host": "pod.univ.example.fr",
+        "xapi_frontal_pod_dir": str(pod),
+        "xapi_frontal_venv": str(venv),
+        "xapi_frontal_user": "root",
+        "xapi_broker_producer_host": "127.0.0.1",
+        "xapi_broker_port": server.getsockname()[1],
+        "ansible_become_method": "su",
+        # nobody's shell is nologin: su is told which shell to run (sudo needs none).
+        "ansible_become_flags": "-s /bin/sh",
+    }
+    try:
+        _, output = check_run(inventory, tmp_path, "xapi_frontal.yml", values)
+    finally:
+        server.close()
+        listener.join(5)
+    assert "CREDENTIALS REFUSED (WRONGPASS)" in output, output[-3000:]
+    assert seen == [pwd.getpwnam("nobody").pw_uid], seen
 
 
 @pytest.mark.parametrize(("playbook", "bad", "named"), BROKEN_TOGETHER)
