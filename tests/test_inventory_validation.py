@@ -8,13 +8,17 @@ first assert must fail it, naming the variable.
 from __future__ import annotations
 
 import contextlib
+import grp
 import ipaddress
 import json
 import os
 import pwd
+import re
+import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -577,8 +581,12 @@ BROKEN_TOGETHER = [
             "xapi_ops_metrics_user": "root",
             "xapi_ops_metrics_file": "/tmp/x.txt",
             "xapi_ops_check_thresholds": {"queue": [10, 5], "bogus": [1, 2]},
+            "xapi_ops_check_plugin_dir": "/usr/lib/nagios/../../tmp",
+            "xapi_ops_check_config": "/etc/xapi monitoring.json",
         },
         [
+            'xapi_ops_check_plugin_dir is "/usr/lib/nagios/../../tmp": it must be an absolute',
+            'xapi_ops_check_config is "/etc/xapi monitoring.json": it must be an absolute',
             "xapi_ops_check_timeout is 0: it must be a positive whole number",
             'xapi_ops_metrics_user is "root": it must be an account of its own, none of the',
             'xapi_ops_metrics_file is "/tmp/x.txt": it must be an absolute path',
@@ -783,6 +791,55 @@ def test_the_broker_check_runs_unprivileged(inventory: Path, tmp_path: Path) -> 
         listener.join(5)
     assert "CREDENTIALS REFUSED (WRONGPASS)" in output, output[-3000:]
     assert seen == [pwd.getpwnam("nobody").pw_uid], seen
+
+
+@pytest.fixture
+def root_dir() -> Iterator[Path]:
+    """A directory of root's alone (not under /tmp, which all may write)."""
+    path = Path(f"/root/xapi-test-{os.getpid()}")
+    path.mkdir(mode=0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (a directory of root's)")
+def test_the_plugin_directory_is_checked_and_left_as_it_is(
+    inventory: Path, tmp_path: Path, root_dir: Path
+) -> None:
+    """Session 5's review, L5: root wrote check_xapi and its modules, and ran it, in a plugin
+    directory whose parents nobody checked (a group-writable one lets that group swap
+    check_xapi.lib), and forced an existing one to root:root 0755. A parent writable by its
+    group is refused before the monitoring changes anything, naming it; a site's directory
+    that is safe keeps its owner and mode (not even in the plan)."""
+    shared = root_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    (shared / "plugins").mkdir(mode=0o755)
+    own = root_dir / "own" / "plugins"
+    own.mkdir(parents=True)
+    os.chown(own, 0, grp.getgrnam("nogroup").gr_gid)
+    own.chmod(0o750)
+    values = {**GOOD, "xapi_broker_monitor_password": "a-good-monitor-password"}
+    returncode, output = check_run(
+        inventory,
+        tmp_path,
+        "monitoring.yml",
+        {**values, "xapi_ops_check_plugin_dir": str(shared / "plugins")},
+    )
+    flat = " ".join(output.split())
+    assert returncode != 0, output[-3000:]
+    assert (
+        f'xapi_ops_check_plugin_dir is "{shared}/plugins": on localhost, {shared} is a symbolic'
+    ) in flat, flat[-3000:]
+    assert "changed=0" in output
+    returncode, output = check_run(
+        inventory, tmp_path, "monitoring.yml", {**values, "xapi_ops_check_plugin_dir": str(own)}
+    )
+    assert returncode == 0, output[-3000:]
+    assert "TASK [xapi_ops : Check that no one but root can replace" in output, output[-3000:]
+    assert not re.search(rf"changed: \[localhost\][^\n]*{own}", output), output[-3000:]
 
 
 @pytest.mark.parametrize(("playbook", "bad", "named"), BROKEN_TOGETHER)
