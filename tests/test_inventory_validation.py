@@ -793,6 +793,28 @@ def test_the_broker_check_runs_unprivileged(inventory: Path, tmp_path: Path) -> 
     assert seen == [pwd.getpwnam("nobody").pw_uid], seen
 
 
+def test_site_refuses_the_worker_hosts_values_in_its_first_play(
+    inventory: Path, tmp_path: Path
+) -> None:
+    """Session 5's review, L8: the encoding hosts' read-only checks ran in the encoding play,
+    after the broker play had converged the broker and roles/xapi had installed the CA files,
+    and their refusals said that nothing was changed. site.yml runs them in its first play,
+    Pod's (passed here) first: a refused worker group stops the run there, before any other
+    play."""
+    values = {**GOOD, "xapi_encodage_worker_group": "games"}
+    returncode, output = check_run(inventory, tmp_path, "site.yml", values)
+    assert returncode != 0, output[-3000:]
+    assert 'xapi_encodage_worker_group is "games": an existing group' in output, output[-3000:]
+    assert (
+        "TASK [xapi_encodage_pod : Check Pod's repository, version and the upgrade asked]" in output
+    )
+    plays = re.findall(r"^PLAY \[([^\]]*)\]", output, re.MULTILINE)
+    assert plays == [
+        "Gather facts of every host (addresses for the firewall, the bind and the URLs)"
+    ], plays
+    assert "changed=0" in output, output[-3000:]
+
+
 @pytest.fixture
 def root_dir() -> Iterator[Path]:
     """A directory of root's alone (not under /tmp, which all may write)."""
