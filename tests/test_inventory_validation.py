@@ -7,10 +7,18 @@ first assert must fail it, naming the variable.
 
 from __future__ import annotations
 
+import contextlib
 import grp
+import ipaddress
 import json
 import os
+import pwd
+import re
+import shutil
+import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -612,8 +620,12 @@ BROKEN_TOGETHER = [
             "xapi_ops_metrics_user": "root",
             "xapi_ops_metrics_file": "/tmp/x.txt",
             "xapi_ops_check_thresholds": {"queue": [10, 5], "bogus": [1, 2]},
+            "xapi_ops_check_plugin_dir": "/usr/lib/nagios/../../tmp",
+            "xapi_ops_check_config": "/etc/xapi monitoring.json",
         },
         [
+            'xapi_ops_check_plugin_dir is "/usr/lib/nagios/../../tmp": it must be an absolute',
+            'xapi_ops_check_config is "/etc/xapi monitoring.json": it must be an absolute',
             "xapi_ops_check_timeout is 0: it must be a positive whole number",
             'xapi_ops_metrics_user is "root": it must be an account of its own, none of the',
             'xapi_ops_metrics_file is "/tmp/x.txt": it must be an absolute path',
@@ -781,6 +793,137 @@ def test_public_host_without_pods_validator_is_not_silent(inventory: Path, tmp_p
     flat = " ".join(output.replace("''", "'").split())
     assert f"WARNING: Pod's venv {venv} on localhost has no email_validator" in flat, flat[-3000:]
     assert "checked with the bundle's own rule only" in flat
+
+
+def connecting_uid(server: socket.socket, client: tuple[str, int]) -> int | None:
+    """The uid owning the client end of a loopback connection to ``server`` (/proc/net/tcp)."""
+    want = {
+        f"{ipaddress.ip_address(client[0]).packed[::-1].hex().upper()}:{client[1]:04X}",
+        f"{ipaddress.ip_address(server.getsockname()[0]).packed[::-1].hex().upper()}"
+        f":{server.getsockname()[1]:04X}",
+    }
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if {fields[1], fields[2]} == want and fields[1].endswith(f":{client[1]:04X}"):
+            return int(fields[7])
+    return None
+
+
+def test_the_broker_check_runs_unprivileged(inventory: Path, tmp_path: Path) -> None:
+    """Session 5's review, L7: the frontal's broker check parses whatever answers on the
+    broker's port (an impostor is what it is there to find), and it ran as root. A listener
+    here, standing in for the broker, reads which user connects to it: nobody. It refuses the
+    credentials, which the run reports (the check read its answer)."""
+    pod, venv = tmp_path / "pod", tmp_path / "venv"
+    (pod / "pod" / "custom").mkdir(parents=True)
+    (pod / "manage.py").write_text("")
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to("/usr/bin/python3")
+    (venv / "bin" / "pip").write_text("")
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(170)
+    seen: list[int | None] = []
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            conn, peer = server.accept()
+            with conn:
+                seen.append(connecting_uid(server, peer))
+                conn.recv(4096)
+                conn.sendall(b"-WRONGPASS invalid username-password pair\r\n")
+
+    listener = threading.Thread(target=answer, daemon=True)
+    listener.start()
+    values = {
+        **GOOD,
+        "xapi_frontal_public_host": "pod.univ.example.fr",
+        "xapi_frontal_pod_dir": str(pod),
+        "xapi_frontal_venv": str(venv),
+        "xapi_frontal_user": "root",
+        "xapi_broker_producer_host": "127.0.0.1",
+        "xapi_broker_port": server.getsockname()[1],
+        "ansible_become_method": "su",
+        # nobody's shell is nologin: su is told which shell to run (sudo needs none).
+        "ansible_become_flags": "-s /bin/sh",
+    }
+    try:
+        _, output = check_run(inventory, tmp_path, "xapi_frontal.yml", values)
+    finally:
+        server.close()
+        listener.join(5)
+    assert "CREDENTIALS REFUSED (WRONGPASS)" in output, output[-3000:]
+    assert seen == [pwd.getpwnam("nobody").pw_uid], seen
+
+
+def test_site_refuses_the_worker_hosts_values_in_its_first_play(
+    inventory: Path, tmp_path: Path
+) -> None:
+    """Session 5's review, L8: the encoding hosts' read-only checks ran in the encoding play,
+    after the broker play had converged the broker and roles/xapi had installed the CA files,
+    and their refusals said that nothing was changed. site.yml runs them in its first play,
+    Pod's (passed here) first: a refused worker group stops the run there, before any other
+    play."""
+    values = {**GOOD, "xapi_encodage_worker_group": "games"}
+    returncode, output = check_run(inventory, tmp_path, "site.yml", values)
+    assert returncode != 0, output[-3000:]
+    assert 'xapi_encodage_worker_group is "games": an existing group' in output, output[-3000:]
+    assert (
+        "TASK [xapi_encodage_pod : Check Pod's repository, version and the upgrade asked]" in output
+    )
+    plays = re.findall(r"^PLAY \[([^\]]*)\]", output, re.MULTILINE)
+    assert plays == [
+        "Gather facts of every host (addresses for the firewall, the bind and the URLs)"
+    ], plays
+    assert "changed=0" in output, output[-3000:]
+
+
+@pytest.fixture
+def root_dir() -> Iterator[Path]:
+    """A directory of root's alone (not under /tmp, which all may write)."""
+    path = Path(f"/root/xapi-test-{os.getpid()}")
+    path.mkdir(mode=0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (a directory of root's)")
+def test_the_plugin_directory_is_checked_and_left_as_it_is(
+    inventory: Path, tmp_path: Path, root_dir: Path
+) -> None:
+    """Session 5's review, L5: root wrote check_xapi and its modules, and ran it, in a plugin
+    directory whose parents nobody checked (a group-writable one lets that group swap
+    check_xapi.lib), and forced an existing one to root:root 0755. A parent writable by its
+    group is refused before the monitoring changes anything, naming it; a site's directory
+    that is safe keeps its owner and mode (not even in the plan)."""
+    shared = root_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    (shared / "plugins").mkdir(mode=0o755)
+    own = root_dir / "own" / "plugins"
+    own.mkdir(parents=True)
+    os.chown(own, 0, grp.getgrnam("nogroup").gr_gid)
+    own.chmod(0o750)
+    values = {**GOOD, "xapi_broker_monitor_password": "a-good-monitor-password"}
+    returncode, output = check_run(
+        inventory,
+        tmp_path,
+        "monitoring.yml",
+        {**values, "xapi_ops_check_plugin_dir": str(shared / "plugins")},
+    )
+    flat = " ".join(output.split())
+    assert returncode != 0, output[-3000:]
+    assert (
+        f'xapi_ops_check_plugin_dir is "{shared}/plugins": on localhost, {shared} is a symbolic'
+    ) in flat, flat[-3000:]
+    assert "changed=0" in output
+    returncode, output = check_run(
+        inventory, tmp_path, "monitoring.yml", {**values, "xapi_ops_check_plugin_dir": str(own)}
+    )
+    assert returncode == 0, output[-3000:]
+    assert "TASK [xapi_ops : Check that no one but root can replace" in output, output[-3000:]
+    assert not re.search(rf"changed: \[localhost\][^\n]*{own}", output), output[-3000:]
 
 
 @pytest.mark.parametrize(("playbook", "bad", "named"), BROKEN_TOGETHER)
