@@ -479,6 +479,23 @@ CASES = [
     ("xapi_frontal.yml", {"xapi_broker_producer_user": "xapi"}, "must differ from"),
     ("redis.yml", {"xapi_broker_producer_user": "default"}, "must differ from"),
     ("redis.yml", {"xapi_broker_producer_user": "p on ~* +@all"}, "xapi_broker_producer_user"),
+    # A trailing newline passed the rules anchored with `$` (the review of sec5, N5): every
+    # rule ends in \Z now.
+    (
+        "redis.yml",
+        {"xapi_broker_producer_user": "xapi-producer\n"},
+        'xapi_broker_producer_user is "xapi-producer\\n": it must be made of',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_user": "xapi-worker\n"},
+        'xapi_encodage_worker_user is "xapi-worker\\n": user and group names',
+    ),
+    (
+        "monitoring.yml",
+        {"xapi_ops_metrics_user": "xapi-metrics\n"},
+        'xapi_ops_metrics_user is "xapi-metrics\\n": it must be a system',
+    ),
     (
         "redis.yml",
         {"xapi_broker_producer_acl_commands": ["lpush", "evalsha", "script|load"]},
