@@ -26,11 +26,12 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.request import pathname2url
 
 from .content import MAX_STATEMENT_BYTES, json_text, printable
@@ -324,6 +325,29 @@ def node_file(node: str) -> str:
     return re.sub(r"[^A-Za-z0-9@._-]", "_", node) + ".sqlite3"
 
 
+def connect(
+    target: str | Path,
+    uri: bool = False,
+    timeout: float = BUSY_TIMEOUT_MS / 1000,
+    isolation_level: Literal["DEFERRED", "EXCLUSIVE", "IMMEDIATE"] | None = "DEFERRED",
+) -> sqlite3.Connection:
+    """An SQLite connection (``sqlite3.connect``'s arguments) that trusts nothing the file's
+    schema holds: ``trusted_schema`` off (a trigger, view or default of the file may use no
+    function or virtual table that SQLite does not mark harmless, such as the ``pragma_*``
+    tables), and SQLite's defensive mode where Python can set it (``Connection.setconfig``,
+    Python 3.12 and later; Python 3.11's sqlite3 has no way to). A spool file may have been
+    written by another user (Pod's, before the spool became the worker's user's)."""
+    conn = sqlite3.connect(target, timeout=timeout, isolation_level=isolation_level, uri=uri)
+    try:
+        conn.execute("PRAGMA trusted_schema = OFF")
+        if sys.version_info >= (3, 12):
+            conn.setconfig(sqlite3.SQLITE_DBCONFIG_DEFENSIVE, True)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def free_bytes(directory: Path) -> int:
     """Free space of the filesystem holding ``directory``, for an unprivileged writer."""
     st = os.statvfs(directory)
@@ -459,7 +483,7 @@ class Spool:
         self._refuse_newer()
         old = os.umask(0o077)
         try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn = connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         finally:
             os.umask(old)
         try:
@@ -503,7 +527,7 @@ class Spool:
         except OSError:
             return
         try:
-            peek = sqlite3.connect(
+            peek = connect(
                 f"file:{pathname2url(str(self.path))}?mode=ro",
                 uri=True,
                 timeout=BUSY_TIMEOUT_MS / 1000,
