@@ -37,6 +37,7 @@ from hosts import (
     LRS_STORE,
     WORK,
     WORKER_ENV,
+    all_dead_letters,
     broker_state,
     copy_to,
     lrs_store_ids,
@@ -121,16 +122,6 @@ def worker_cli(*args: str) -> list[dict[str, Any]]:
     )
     out = sh("encodage", command).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-def dead_letters() -> dict[str, dict[str, Any]]:
-    """Every dead letter by statement id, as the operator's command lists them (wherever the
-    worker keeps them)."""
-    return {
-        entry["statement"].get("id"): entry
-        for entry in worker_cli("dead-letters", "list")
-        if isinstance(entry.get("statement"), dict)
-    }
 
 
 def set_mode(mode: str) -> None:
@@ -283,7 +274,7 @@ def test_the_spool_drains_through_a_broken_backend_and_a_far_retry_after(report_
         def settled() -> bool:
             state = broker_state()
             waiting = state["queue"] or state["unacked"] or state["in_flight"] or state["spooled"]
-            return not waiting and everything <= set(lrs_store_ids()) | set(dead_letters())
+            return not waiting and everything <= set(lrs_store_ids()) | set(all_dead_letters(state))
 
         drained = wait_until(settled, bound, 3)
         drain_took = time.monotonic() - restarted
@@ -295,8 +286,8 @@ def test_the_spool_drains_through_a_broken_backend_and_a_far_retry_after(report_
         sh("lrs", f"systemctl stop {BALANCER_UNIT}", check=False)
 
     stored = lrs_store_ids()
-    dead = dead_letters()
     state = broker_state()
+    dead = all_dead_letters(state)  # the broker's list and the worker's disk
     lost = everything - set(stored) - set(dead)
     report = "\n".join(
         [

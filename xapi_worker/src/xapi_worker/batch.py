@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .names import LAST_DELIVERY as LAST_DELIVERY_KEY
 from .retries import Republish, ToSpool
 from .settings import Settings
-from .settle import Retries, Settler, write_dead_letter
+from .settle import Retries, Settler
 from .spool import Spool
 from .transport import HEADER_KEY_OPTION, NODE_OPTION
 from .urls import mask_url
@@ -145,7 +145,7 @@ class Processor:
 
     def write_dead_letter(self, letter: DeadLetter) -> bool:
         """Write the dead letter of a message that cannot be delivered (settle.py)."""
-        return write_dead_letter(self.dead, self.metrics, letter, self.node, self.dead_letters)
+        return self.settler.write_dead_letter(letter)
 
     @property
     def node(self) -> str:
