@@ -336,6 +336,12 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     if args.wait < 0:
         print("--wait takes a number of seconds >= 0", file=sys.stderr)
         return Exit.USAGE
+    if learner.name_ignored:
+        print(
+            "forget: the name given was not used: the mbox or the account identifies the "
+            "learner (a name would only narrow the match and miss statements)",
+            file=sys.stderr,
+        )
     with _broker(settings) as access:
         report = Forgetter(settings, access.client, learner, wait_seconds=args.wait).run()
     print(json.dumps(report.as_dict()))
@@ -554,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     fgt.add_argument(
         "--name",
         help="the agent's name (Pod: the user name, or its hash); with --mbox or --account "
-        "it narrows the match (the agent must carry that name too), alone it needs "
+        "it is not used (it would miss statements under another name), alone it needs "
         "--name-is-unique",
     )
     fgt.add_argument(

@@ -98,9 +98,11 @@ class Learner:
     """Who to forget: an mbox, an account (home page and name), or both, and a name.
     A statement is the learner's when an agent or group in it (its actor, an agent as its
     object, an instructor, a team, a member, a sub-statement's) carries the mbox (or its
-    ``mbox_sha1sum``) or the account. A name given with them narrows, never widens: the
-    agent must carry that name too. A name alone matches every agent of that name, the
-    learner's homonyms too: taken only when the caller says names are unique
+    ``mbox_sha1sum``) or the account. A name given with them is not used (:attr:`name_ignored`):
+    it would only narrow, and a learner's statements carrying another name (Pod writes the
+    user name, an address or a hash there; a name changed since, a stray space, an agent with
+    none) would be missed and the erasure said complete. A name alone matches every agent of
+    that name, the learner's homonyms too: taken only when the caller says names are unique
     (``name_is_unique``: Pod's ``XAPI_ANONYMIZE_ACTOR`` writes a hash as the name)."""
 
     mbox: str | None = None  # "mailto:" + the address, lower case
@@ -108,6 +110,7 @@ class Learner:
     account_name: str | None = None
     name: str | None = None
     sha1: frozenset[str] = field(default=frozenset(), compare=False)
+    name_ignored: bool = field(default=False, compare=False)  # given with an mbox or account
 
     @classmethod
     def of(cls, data: Mapping[str, Any], *, name_is_unique: bool = False) -> Learner:
@@ -153,8 +156,9 @@ class Learner:
             mbox=_mbox(mbox) if mbox is not None else None,
             home_page=home_page.rstrip("/") if home_page is not None else None,
             account_name=account_name,
-            name=name,
+            name=None if (mbox is not None or account is not None) else name,
             sha1=frozenset(sha1),
+            name_ignored=name is not None and (mbox is not None or account is not None),
         )
 
     def __repr__(self) -> str:  # personal data: never in a log or a traceback
@@ -163,12 +167,13 @@ class Learner:
     # --- matching ---------------------------------------------------------------------------
     @property
     def _identified(self) -> bool:
-        """An mbox or an account was given: those identify; a name only narrows."""
+        """An mbox or an account was given: those identify (a name given with them is not
+        kept: :meth:`of`)."""
         return self.mbox is not None or self.home_page is not None
 
     def _is(self, agent: Mapping[str, Any]) -> bool:
         if self.name is not None and agent.get("name") != self.name:
-            return False  # a name narrows (and is all there is with name_is_unique)
+            return False  # a name alone (with name_is_unique): it is all there is
         if not self._identified:
             return True
         if self.mbox is not None:
@@ -237,7 +242,7 @@ class Learner:
 #: What a name alone is refused with (Learner.of), naming the option that takes it.
 NAME_ALONE = (
     "a name alone matches every learner of that name (homonyms' statements would be erased "
-    "too): give the mbox or the account (a name with them narrows the match), or say that "
+    "too): give the mbox or the account (a name with them is not used), or say that "
     "names are unique on this site (XAPI_ANONYMIZE_ACTOR: a hash as the name) with "
     "--name-is-unique (playbooks/forget.yml: -e name_is_unique=true)"
 )
