@@ -124,9 +124,9 @@ resilience: $(VENV)/.done image
 	molecule test -s resilience
 
 # Not part of make test: fresh bench hosts, every configuration deployed and measured
-# (~90 min, an hour of it the seed configuration run to the end), docs/benchmarks.md
-# regenerated. BENCH_ARGS="--seed-window 480" time-boxes the seed run; "--n 200 --phases b,c"
-# to try it.
+# (~95 min, an hour of it the seed configuration run to the end, 3 of them the dead letters),
+# docs/benchmarks.md regenerated. BENCH_ARGS="--seed-window 480" time-boxes the seed run;
+# "--n 200 --phases b,c" to try it.
 bench: $(VENV)/.done $(BENCH_VENV)/.done image
 	bash bench/run.sh $(BENCH_ARGS)
 

@@ -4,6 +4,7 @@ configuration deployed by the bundle and measured end to end, raw results as JSO
     python bench/pipeline.py [--n 2000] [--phases deploy,b,bdrain,c,a,b2nodes,b2hosts]
                              [--spool-n 20000] (phases spool,cspool)
                              [--before-worker DIR] (phase spoolbefore)
+                             [--dead-n 5000] (phase dead)
 
 Run from the repository root with the Makefile's environment (CONTAINERS_CONF,
 ANSIBLE_CONFIG, the tools venv on PATH); bench/run.sh does it and renders the report.
@@ -17,13 +18,16 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import onhost
+import yaml
 from labhosts import REPO, PodmanHost, playbook
+from xapi_testsupport import statements
 from xapi_testsupport.polling import wait_until
 
 PREFIX = "xapi-bench"
@@ -33,6 +37,8 @@ ONE = "bench/inventory/hosts.yml"
 TWO = "bench/inventory/two-encodage.yml"
 FRONTAL, LRS = PodmanHost(f"{PREFIX}-frontal"), PodmanHost(f"{PREFIX}-lrs")
 ENCODAGE = [PodmanHost(f"{PREFIX}-encodage"), PodmanHost(f"{PREFIX}-encodage2")]
+# The lab's broker admin password (MEMORY USAGE of the dead letters' list, phase dead).
+GROUP_VARS = REPO / "inventories/lab/group_vars/all/xapi.yml"
 # Same size as the bundled worker's default batch (XAPI_WORKER_BATCH_SIZE).
 DIRECT_BATCH = 100
 
@@ -252,6 +258,46 @@ def spool(n: int, host: PodmanHost) -> dict[str, Any]:
     }
 
 
+def dead_letters(n: int, host: PodmanHost) -> dict[str, Any]:
+    """The dead letters on the node's disk against the broker's list (bench/dead_letters.py,
+    run on the encoding host as the worker's user, with its settings and the frontal's
+    broker; the broker's admin password in a file of that user's, never in argv). The
+    workers are stopped meanwhile (a node with a spool moves the broker's list to its disk),
+    and started again."""
+    admin = yaml.safe_load(GROUP_VARS.read_text())["xapi_broker_admin_password"]
+    for encodage in ENCODAGE:
+        encodage.run("systemctl stop celeryd-xapi 2>/dev/null || true")
+    work = "/opt/xapi-bench"  # root-owned, readable by the worker's user
+    host.check(f"rm -rf {work} && mkdir -m 755 {work}")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = Path(tmp)
+            statement = statements.video_statement("played", 7)
+            (files / "statement.json").write_text(json.dumps(statement))
+            secret = files / "admin-password"
+            secret.touch(mode=0o600)
+            secret.write_text(admin)
+            for source in (REPO / "bench/dead_letters.py", *files.iterdir()):
+                subprocess.run(
+                    ["podman", "cp", str(source), f"{host.container}:{work}/{source.name}"],
+                    check=True,
+                )
+        host.check(
+            f"chmod 644 {work}/* && chown xapi-worker {work}/admin-password "
+            f"&& chmod 600 {work}/admin-password"
+        )
+        out = host.check(
+            f"cd {work} && runuser -u xapi-worker -- env "
+            "XAPI_WORKER_CONFIG=/etc/celeryd-xapi/worker.env "
+            f"BENCH_REDIS_ADMIN_PASSWORD_FILE={work}/admin-password "
+            f"/opt/xapi-worker/bin/python dead_letters.py --n {n} --statement statement.json"
+        )
+    finally:
+        host.check(f"rm -rf {work}")
+        host.check("systemctl start celeryd-xapi")
+    return json.loads(out.splitlines()[-1])
+
+
 def direct_rate(n: int) -> dict[str, Any]:
     """(c) on N statements, its rate between the first and the last `stored` stamp: the
     measure spool() uses, on a store growing to the same size."""
@@ -286,7 +332,13 @@ def spool_before(spool_n: int, logs: Path, tree: Path) -> dict[str, Any]:
 
 
 def run_config(
-    name: str, n: int, logs: Path, window: float, spool_n: int, before: Path | None = None
+    name: str,
+    n: int,
+    logs: Path,
+    window: float,
+    spool_n: int,
+    before: Path | None = None,
+    dead_n: int = 5000,
 ) -> dict[str, Any]:
     if name == "spoolbefore":
         if before is None:
@@ -299,6 +351,12 @@ def run_config(
         ENCODAGE[1].run("systemctl stop celeryd-xapi 2>/dev/null || true")
         row = spool(spool_n, ENCODAGE[0])
         return {"config": "spool", "label": "(b) spool drain, LRS back", **row}
+    if name == "dead":  # on the deployment of (b), spool on (the defaults)
+        print(f"bench: dead letters, the node's disk and the broker's list, N={dead_n}", flush=True)
+        started = time.monotonic()
+        row = dead_letters(dead_n, ENCODAGE[0])
+        took = round(time.monotonic() - started)
+        return {"config": "dead", "label": "dead letters", "phase_seconds": took, **row}
     if name == "cspool":
         print(f"bench: (c) direct batched ingest, N={spool_n}", flush=True)
         row = direct_rate(spool_n)
@@ -339,10 +397,12 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--phases", default="deploy,b,bdrain,spool,cspool,c,a,b2nodes,b2hosts")
+    parser.add_argument("--phases", default="deploy,b,bdrain,spool,cspool,dead,c,a,b2nodes,b2hosts")
     parser.add_argument("--out", default="bench/results")
     # The spool's size in phases spool and cspool (issue #17 asks for 20,000).
     parser.add_argument("--spool-n", type=int, default=20000)
+    # Phase dead: dead letters written, listed, replayed and purged in each place.
+    parser.add_argument("--dead-n", type=int, default=5000)
     # Phase spoolbefore: the xapi_worker directory of an earlier checkout (git worktree).
     parser.add_argument("--before-worker", type=Path)
     # The seed configuration delivers about one statement every two seconds, so its full run
@@ -372,7 +432,9 @@ def main() -> None:
             print(f"bench: deployment {result['deployment']}", flush=True)
         else:
             window = seed_window if phase == "a" else 3600
-            row = run_config(phase, args.n, logs, window, args.spool_n, args.before_worker)
+            row = run_config(
+                phase, args.n, logs, window, args.spool_n, args.before_worker, args.dead_n
+            )
             result["runs"].append(row)
             print(f"bench: {result['runs'][-1]}", flush=True)
         (out / "running.json").write_text(json.dumps(result, indent=2) + "\n")

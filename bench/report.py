@@ -1,6 +1,8 @@
 """Renders bench/results/latest.json into docs/benchmarks.md (the section between the
 `bench:pipeline` markers; the rest of the page is kept) and the chart
-docs/benchmarks-pipeline.png. Needs matplotlib (bench/requirements.txt, .venv-bench)."""
+docs/benchmarks-pipeline.png, and a run's spool and dead-letter phases into their sections.
+The chart needs matplotlib (bench/requirements.txt, .venv-bench); the other sections only
+the standard library."""
 
 from __future__ import annotations
 
@@ -8,13 +10,9 @@ import datetime as dt
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import matplotlib
-
-matplotlib.use("Agg")  # no display: a file only
-import matplotlib.pyplot as plt  # after the backend choice
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -22,6 +20,10 @@ CHART = REPO / "docs" / "benchmarks-pipeline.png"
 START, END = "<!-- bench:pipeline:start -->", "<!-- bench:pipeline:end -->"
 SPOOL_START, SPOOL_END = "<!-- bench:spool:start -->", "<!-- bench:spool:end -->"
 SPOOL_CONFIGS = {"spool", "spoolbefore", "cspool"}
+DEAD_START, DEAD_END = "<!-- bench:dead:start -->", "<!-- bench:dead:end -->"
+# Runs of no pipeline configuration: their own sections.
+APART = SPOOL_CONFIGS | {"dead"}
+MIB = 1024**2
 # Issue #17's goals: the drain of a spool against (c) on a store of the same size, and the
 # worker's CPU per delivered statement on the encoding host (main + pool processes).
 DRAIN_SHARE = 0.9
@@ -29,6 +31,11 @@ CPU_MS = 0.3
 
 
 def chart(runs: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file only
+    import matplotlib.pyplot as plt  # after the backend choice
+
     labels = [r["label"] for r in runs]
     rates = [r["statements_per_s"] for r in runs]
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
@@ -224,6 +231,59 @@ def spool_section(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def dead_section(res: dict[str, Any]) -> str:
+    """The dead letters in their two places (phase dead, bench/dead_letters.py): the last
+    run of the phase."""
+    r = [run for run in res["runs"] if run["config"] == "dead"][-1]
+    n, size = r["n"], r["size"]
+
+    def each(seconds: float) -> str:
+        return f"{seconds:.1f} s ({seconds * 1000 / n:.2f} ms each)"
+
+    def pair(key: str, cell: Callable[[float], str] = each) -> str:
+        return f"| {cell(r[key]['disk'])} | {cell(r[key]['broker'])} |"
+
+    memory = size["broker_memory_bytes"]
+    total = r.get("phase_seconds")
+    lines = [
+        DEAD_START,
+        "## The dead letters: the node's disk against the broker's list (`make bench`, phase dead)",
+        "",
+        f"Measured {res['date'][:10]} with `{res['command']}`, same machine and kind of hosts "
+        f"as above (raw results: `bench/results/{results_file(res)}`). On the encoding host, "
+        "as the worker's user with its settings (`bench/dead_letters.py`; the workers stopped "
+        f"meanwhile, started again after): {n:,} dead letters of refused statements "
+        f"({r['entry_bytes']:,} bytes of JSON each) written one at a time, as a batch's "
+        "settling writes them, to a node's spool file on the host's disk (a transaction "
+        "each, committed to disk) and to the broker's list on the frontal (one script call "
+        "each, over the network; the broker's AOF is fsync-ed every second); then the "
+        "operator's commands, timed as run from the shell, each with `--where disk --node "
+        "NODE` or `--where broker`: `list`, `replay` (the statements published onto the "
+        "queue, one at a time), the letters written again, `purge --yes`.",
+        "",
+        "| | the node's disk (its spool file) | the broker's list (legacy) |",
+        "|---|---:|---:|",
+        f"| write {n:,} dead letters, one at a time " + pair("write_s"),
+        "| the same, again (before the purge) " + pair("write_again_s"),
+        f"| size | {size['disk_file_bytes'] / MIB:.1f} MiB (file and WAL); counted against "
+        f"`XAPI_WORKER_DEAD_LETTER_MAX_MB`: {size['disk_counted_bytes'] / MIB:.1f} MiB "
+        "| "
+        + (f"{memory / MIB:.1f} MiB of the broker's memory" if memory else "—")
+        + f" ({size['broker_element_bytes'] / MIB:.1f} MiB of elements) |",
+        "| `dead-letters list` " + pair("list_s", lambda v: f"{v:.1f} s"),
+        "| `dead-letters replay` " + pair("replay_s", each),
+        "| `dead-letters purge --yes` " + pair("purge_s", lambda v: f"{v:.1f} s"),
+        f"| size after the purge | {size['disk_file_bytes_purged'] / MIB:.1f} MiB | 0 |",
+        "",
+        f"- Each command's own start (`dead-letters list` with nothing to list): "
+        f"{r['command_start_s']:.1f} s.",
+    ]
+    if total:
+        lines.append(f"- The phase took {total:.0f} s (`--dead-n {n}`).")
+    lines += ["", DEAD_END]
+    return "\n".join(lines)
+
+
 def replace(text: str, start: str, end: str, new: str) -> str:
     """The section between its markers, or before the loopback section the first time."""
     if start in text:
@@ -241,11 +301,13 @@ def main() -> None:
     # A partial run (e.g. --phases deploy,b,spool,cspool) leaves the pipeline's table of the
     # last full run in place: it is rewritten only with its reference, (c).
     if "c" in configs:
-        pipeline = [r for r in res["runs"] if r["config"] not in SPOOL_CONFIGS]
+        pipeline = [r for r in res["runs"] if r["config"] not in APART]
         chart(pipeline)
         text = replace(text, START, END, section({**res, "runs": pipeline}))
     if configs & SPOOL_CONFIGS:
         text = replace(text, SPOOL_START, SPOOL_END, spool_section(res))
+    if "dead" in configs:
+        text = replace(text, DEAD_START, DEAD_END, dead_section(res))
     DOC.write_text(text)
     print(
         f"wrote {DOC.relative_to(REPO)}"

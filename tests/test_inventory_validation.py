@@ -7,9 +7,18 @@ first assert must fail it, naming the variable.
 
 from __future__ import annotations
 
+import contextlib
+import grp
+import ipaddress
 import json
 import os
+import pwd
+import re
+import shutil
+import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,6 +140,33 @@ CASES = [
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": "lots"}, "xapi_encodage_spool_max_mb"),
     # under four batches of the largest statements (104 MiB with batches of 100)
     ("xapi_encodage.yml", {"xapi_encodage_spool_max_mb": 64}, "at least 104: four batches"),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_retry_after_max_seconds": 0},
+        "xapi_encodage_retry_after_max_seconds is 0",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_retry_after_max_seconds": 90000},
+        "xapi_encodage_retry_after_max_seconds is 90000",
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_max_statement_kb": 2048},
+        "xapi_encodage_max_statement_kb is 2048",
+    ),
+    # the minimum follows the largest statement: 4 x 100 x (1024 + 8) KiB = 404 MiB
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_max_statement_kb": 1024, "xapi_encodage_spool_max_mb": 200},
+        "at least 404: four batches",
+    ),
+    # the dead letters' limit (512 by default) fills the same file: 512 + 104 at least
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_spool_max_mb": 200},
+        "xapi_encodage_spool_max_mb is 200 and xapi_encodage_dead_letter_max_mb 512",
+    ),
     (
         "xapi_encodage.yml",
         {"xapi_encodage_dead_letter_retention_days": -3},
@@ -357,6 +393,18 @@ CASES = [
         {"xapi_encodage_sysv_pid_dir": "/run/./celery"},
         'xapi_encodage_sysv_pid_dir is "/run/./celery": it must be an absolute path',
     ),
+    # The log directory inside the pid directory (readable by all) or the same one (the
+    # review of sec5, N2).
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/run/celeryd-xapi/log"},
+        'xapi_encodage_sysv_pid_dir is "/run/celeryd-xapi": the same directory or one inside',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_sysv_log_dir": "/srv/xapi", "xapi_encodage_sysv_pid_dir": "/srv/xapi"},
+        'xapi_encodage_sysv_pid_dir is "/srv/xapi": the same directory or one inside',
+    ),
     (
         "xapi_encodage.yml",
         {"xapi_encodage_sysv_log_dir": "/var/log/celeryd-xapi/../../../etc"},
@@ -431,6 +479,23 @@ CASES = [
     ("xapi_frontal.yml", {"xapi_broker_producer_user": "xapi"}, "must differ from"),
     ("redis.yml", {"xapi_broker_producer_user": "default"}, "must differ from"),
     ("redis.yml", {"xapi_broker_producer_user": "p on ~* +@all"}, "xapi_broker_producer_user"),
+    # A trailing newline passed the rules anchored with `$` (the review of sec5, N5): every
+    # rule ends in \Z now.
+    (
+        "redis.yml",
+        {"xapi_broker_producer_user": "xapi-producer\n"},
+        'xapi_broker_producer_user is "xapi-producer\\n": it must be made of',
+    ),
+    (
+        "xapi_encodage.yml",
+        {"xapi_encodage_worker_user": "xapi-worker\n"},
+        'xapi_encodage_worker_user is "xapi-worker\\n": user and group names',
+    ),
+    (
+        "monitoring.yml",
+        {"xapi_ops_metrics_user": "xapi-metrics\n"},
+        'xapi_ops_metrics_user is "xapi-metrics\\n": it must be a system',
+    ),
     (
         "redis.yml",
         {"xapi_broker_producer_acl_commands": ["lpush", "evalsha", "script|load"]},
@@ -572,8 +637,12 @@ BROKEN_TOGETHER = [
             "xapi_ops_metrics_user": "root",
             "xapi_ops_metrics_file": "/tmp/x.txt",
             "xapi_ops_check_thresholds": {"queue": [10, 5], "bogus": [1, 2]},
+            "xapi_ops_check_plugin_dir": "/usr/lib/nagios/../../tmp",
+            "xapi_ops_check_config": "/etc/xapi monitoring.json",
         },
         [
+            'xapi_ops_check_plugin_dir is "/usr/lib/nagios/../../tmp": it must be an absolute',
+            'xapi_ops_check_config is "/etc/xapi monitoring.json": it must be an absolute',
             "xapi_ops_check_timeout is 0: it must be a positive whole number",
             'xapi_ops_metrics_user is "root": it must be an account of its own, none of the',
             'xapi_ops_metrics_file is "/tmp/x.txt": it must be an absolute path',
@@ -668,6 +737,29 @@ def test_an_insecure_repository_allowed_by_the_operator_is_not_refused(
     assert returncode != 0 and "set xapi_encodage_pod_version" in output, output[-2000:]
 
 
+def test_forget_by_an_actor_name_alone_needs_the_operators_word(
+    inventory: Path, tmp_path: Path
+) -> None:
+    """playbooks/forget.yml -e actor_name=... alone would erase every homonym's statements
+    (review of the worker, L7): refused before anything runs, naming the variable and the
+    way out, never the name; with -e name_is_unique=true, or with an mbox, it passes that
+    check (and stops later here: no worker is deployed on this machine)."""
+    name = "Marie Dupont"
+    returncode, output = check_run(inventory, tmp_path, "forget.yml", {"actor_name": name})
+    flat = " ".join(output.split())
+    assert returncode != 0 and "xapi_ops_forget_name (actor_name) alone" in flat, output[-2000:]
+    assert "-e name_is_unique=true" in flat and name not in output
+    assert "changed=0" in output, output[-2000:]
+    for values in (
+        {"actor_name": name, "name_is_unique": "true"},
+        {"actor_name": name, "mbox": "mailto:marie.dupont@example.org"},
+    ):
+        returncode, output = check_run(inventory, tmp_path, "forget.yml", values)
+        assert "Refuse the actor's name alone" in output, output[-2000:]
+        assert "xapi_ops_forget_name (actor_name) alone" not in output, output[-2000:]
+        assert name not in output and "marie" not in output.lower()
+
+
 def test_real_public_host_name_is_accepted(inventory: Path, tmp_path: Path) -> None:
     """A real name passes the public-host check: the run goes on to the next one (this
     machine has no Pod, which the role names next)."""
@@ -718,6 +810,137 @@ def test_public_host_without_pods_validator_is_not_silent(inventory: Path, tmp_p
     flat = " ".join(output.replace("''", "'").split())
     assert f"WARNING: Pod's venv {venv} on localhost has no email_validator" in flat, flat[-3000:]
     assert "checked with the bundle's own rule only" in flat
+
+
+def connecting_uid(server: socket.socket, client: tuple[str, int]) -> int | None:
+    """The uid owning the client end of a loopback connection to ``server`` (/proc/net/tcp)."""
+    want = {
+        f"{ipaddress.ip_address(client[0]).packed[::-1].hex().upper()}:{client[1]:04X}",
+        f"{ipaddress.ip_address(server.getsockname()[0]).packed[::-1].hex().upper()}"
+        f":{server.getsockname()[1]:04X}",
+    }
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if {fields[1], fields[2]} == want and fields[1].endswith(f":{client[1]:04X}"):
+            return int(fields[7])
+    return None
+
+
+def test_the_broker_check_runs_unprivileged(inventory: Path, tmp_path: Path) -> None:
+    """Session 5's review, L7: the frontal's broker check parses whatever answers on the
+    broker's port (an impostor is what it is there to find), and it ran as root. A listener
+    here, standing in for the broker, reads which user connects to it: nobody. It refuses the
+    credentials, which the run reports (the check read its answer)."""
+    pod, venv = tmp_path / "pod", tmp_path / "venv"
+    (pod / "pod" / "custom").mkdir(parents=True)
+    (pod / "manage.py").write_text("")
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to("/usr/bin/python3")
+    (venv / "bin" / "pip").write_text("")
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(170)
+    seen: list[int | None] = []
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            conn, peer = server.accept()
+            with conn:
+                seen.append(connecting_uid(server, peer))
+                conn.recv(4096)
+                conn.sendall(b"-WRONGPASS invalid username-password pair\r\n")
+
+    listener = threading.Thread(target=answer, daemon=True)
+    listener.start()
+    values = {
+        **GOOD,
+        "xapi_frontal_public_host": "pod.univ.example.fr",
+        "xapi_frontal_pod_dir": str(pod),
+        "xapi_frontal_venv": str(venv),
+        "xapi_frontal_user": "root",
+        "xapi_broker_producer_host": "127.0.0.1",
+        "xapi_broker_port": server.getsockname()[1],
+        "ansible_become_method": "su",
+        # nobody's shell is nologin: su is told which shell to run (sudo needs none).
+        "ansible_become_flags": "-s /bin/sh",
+    }
+    try:
+        _, output = check_run(inventory, tmp_path, "xapi_frontal.yml", values)
+    finally:
+        server.close()
+        listener.join(5)
+    assert "CREDENTIALS REFUSED (WRONGPASS)" in output, output[-3000:]
+    assert seen == [pwd.getpwnam("nobody").pw_uid], seen
+
+
+def test_site_refuses_the_worker_hosts_values_in_its_first_play(
+    inventory: Path, tmp_path: Path
+) -> None:
+    """Session 5's review, L8: the encoding hosts' read-only checks ran in the encoding play,
+    after the broker play had converged the broker and roles/xapi had installed the CA files,
+    and their refusals said that nothing was changed. site.yml runs them in its first play,
+    Pod's (passed here) first: a refused worker group stops the run there, before any other
+    play."""
+    values = {**GOOD, "xapi_encodage_worker_group": "games"}
+    returncode, output = check_run(inventory, tmp_path, "site.yml", values)
+    assert returncode != 0, output[-3000:]
+    assert 'xapi_encodage_worker_group is "games": an existing group' in output, output[-3000:]
+    assert (
+        "TASK [xapi_encodage_pod : Check Pod's repository, version and the upgrade asked]" in output
+    )
+    plays = re.findall(r"^PLAY \[([^\]]*)\]", output, re.MULTILINE)
+    assert plays == [
+        "Gather facts of every host (addresses for the firewall, the bind and the URLs)"
+    ], plays
+    assert "changed=0" in output, output[-3000:]
+
+
+@pytest.fixture
+def root_dir() -> Iterator[Path]:
+    """A directory of root's alone (not under /tmp, which all may write)."""
+    path = Path(f"/root/xapi-test-{os.getpid()}")
+    path.mkdir(mode=0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (a directory of root's)")
+def test_the_plugin_directory_is_checked_and_left_as_it_is(
+    inventory: Path, tmp_path: Path, root_dir: Path
+) -> None:
+    """Session 5's review, L5: root wrote check_xapi and its modules, and ran it, in a plugin
+    directory whose parents nobody checked (a group-writable one lets that group swap
+    check_xapi.lib), and forced an existing one to root:root 0755. A parent writable by its
+    group is refused before the monitoring changes anything, naming it; a site's directory
+    that is safe keeps its owner and mode (not even in the plan)."""
+    shared = root_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    (shared / "plugins").mkdir(mode=0o755)
+    own = root_dir / "own" / "plugins"
+    own.mkdir(parents=True)
+    os.chown(own, 0, grp.getgrnam("nogroup").gr_gid)
+    own.chmod(0o750)
+    values = {**GOOD, "xapi_broker_monitor_password": "a-good-monitor-password"}
+    returncode, output = check_run(
+        inventory,
+        tmp_path,
+        "monitoring.yml",
+        {**values, "xapi_ops_check_plugin_dir": str(shared / "plugins")},
+    )
+    flat = " ".join(output.split())
+    assert returncode != 0, output[-3000:]
+    assert (
+        f'xapi_ops_check_plugin_dir is "{shared}/plugins": on localhost, {shared} is a symbolic'
+    ) in flat, flat[-3000:]
+    assert "changed=0" in output
+    returncode, output = check_run(
+        inventory, tmp_path, "monitoring.yml", {**values, "xapi_ops_check_plugin_dir": str(own)}
+    )
+    assert returncode == 0, output[-3000:]
+    assert "TASK [xapi_ops : Check that no one but root can replace" in output, output[-3000:]
+    assert not re.search(rf"changed: \[localhost\][^\n]*{own}", output), output[-3000:]
 
 
 @pytest.mark.parametrize(("playbook", "bad", "named"), BROKEN_TOGETHER)
@@ -864,4 +1087,51 @@ def test_an_existing_group_with_no_member_is_refused(inventory: Path, tmp_path: 
     assert returncode != 0, output[-2000:]
     assert f'xapi_encodage_worker_group is "{name}": an existing group' in flat, flat[-3000:]
     assert "that is not the one this role made for the worker" in flat, flat[-3000:]
+    assert "changed=0" in output, output[-2000:]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root (makes a system account)")
+def test_a_fixed_system_group_is_refused_even_as_the_roles_users_own(
+    inventory: Path, tmp_path: Path
+) -> None:
+    """A host converged before the group rule, with a fixed system group (disk, shadow: gid
+    below 100) as the worker's group and so as its user's primary group: the worker's user
+    would keep that group's files (raw disks for disk). Only a dynamic system group (101-999)
+    passes as the role's own (session 6's review of sec5, N3)."""
+
+    gid = next(n for n in range(99, 50, -1) if n not in {g.gr_gid for g in grp.getgrall()})
+    name = f"xapi-f-{os.getpid()}"
+    subprocess.run(["groupadd", "--gid", str(gid), name], check=True)
+    try:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--gid",
+                name,
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--comment",
+                "xAPI worker (Esup-Pod xAPI bundle)",
+                name,
+            ],
+            check=True,
+        )
+        try:
+            values = {
+                **GOOD,
+                "xapi_encodage_worker_user": name,
+                "xapi_encodage_worker_group": name,
+            }
+            returncode, output = check_run(inventory, tmp_path, "xapi_encodage.yml", values)
+        finally:
+            subprocess.run(["userdel", name], check=True)
+    finally:
+        subprocess.run(["groupdel", name], check=False)
+    flat = " ".join(output.split())
+    assert returncode != 0, output[-2000:]
+    assert f'xapi_encodage_worker_group is "{name}": an existing group' in flat, flat[-3000:]
     assert "changed=0" in output, output[-2000:]

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -218,27 +219,65 @@ def test_a_pending_record_for_another_commit_is_ignored_and_said(site: Site) -> 
     assert "does not have the requirements of its checkout yet" not in said
 
 
-def test_a_token_in_the_repository_url_is_masked(site: Site) -> None:
-    """Review L7: https://user:token@host/... was printed in the role's messages and written
-    to the world-readable record. Shown masked; the tasks that pass it are no_log."""
+def test_a_credential_in_the_repository_url_is_refused(site: Site) -> None:
+    """Session 5's review, L4: a token in the URL (masked in the output since review L7) was
+    still on git's command line (ls-remote, clone, fetch: /proc/PID/cmdline, which every
+    local user reads) and in the checkout's .git/config. Refused before any change, masked,
+    saying what to do instead; the login name alone of an ssh URL is no credential."""
+    site.checkout_at("4.1.0")
+    token = "glpat-s3cr3t-t0ken"
+    for repo, shown in (
+        (f"https://{token}@git.example.org/pod/Esup-Pod.git", "https://***@"),
+        (f"ssh://git:{token}@git.example.org/pod/Esup-Pod.git", "ssh://***@"),
+    ):
+        code, said = site.run(xapi_encodage_pod_repo=repo)
+        assert code != 0, said[-3000:]
+        assert token not in said, said[-3000:]
+        assert (
+            f'xapi_encodage_pod_repo ("{shown}git.example.org/pod/Esup-Pod.git") holds a '
+            "credential (user:token@ or a password)"
+        ) in said, said[-3000:]
+        assert "an ssh deploy key of root" in said
+        assert "git config --global credential.helper store" in said
+        assert f"git -C {site.dir} remote set-url origin URL" in said
+        assert "changed=0" in said
+    code, said = site.run(xapi_encodage_pod_repo="ssh://git@git.example.org/pod/Esup-Pod.git")
+    assert code == 0, said[-3000:]
+
+
+def test_a_token_an_earlier_release_recorded_is_masked(site: Site) -> None:
+    """Review L7: an earlier release wrote https://user:token@host/... whole to the
+    world-readable record. A run that checks nothing out rewrites it masked, without a diff
+    (its old side would print the token)."""
     site.checkout_at("4.1.0")
     token = "glpat-s3cr3t-t0ken"
     repo = f"https://deploy:{token}@git.example.org/pod/Esup-Pod.git"
     site.record.write_text(
         json.dumps({"version": "4.1.0", "repo": repo, "commit": site.commits["4.1.0"]})
     )
-    # An upgrade that cannot start: the message names the repository (no network needed:
-    # ls-remote fails, no_log, and the run stops there).
-    code, said = site.run(
-        xapi_encodage_pod_repo=repo,
-        xapi_encodage_pod_upgrade_from="4.0.0",
-        xapi_encodage_pod_upgrade_to="4.4.0",
-    )
-    assert code != 0
-    assert token not in said, said[-3000:]
-    # The record's repository masked by a run that checks nothing out (check mode: the
-    # task that would rewrite it).
-    code, said = site.run(xapi_encodage_pod_repo=repo)
+    code, said = site.run()
     assert code == 0, said[-3000:]
     assert token not in said, said[-3000:]
     assert re.search(UPDATED, said)
+
+
+@pytest.fixture
+def pod_account() -> Iterator[str]:
+    """An existing Pod user as a site made it: its own home and primary group."""
+    name = f"xapi-pod-{os.getpid()}"
+    home = ["--create-home", "--home-dir", f"/srv/{name}"]
+    subprocess.run(["useradd", "--system", "--user-group", *home, name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", "--remove", name], check=True, capture_output=True)
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+def test_an_existing_pod_account_keeps_its_home_and_group(site: Site, pod_account: str) -> None:
+    """Review L9 (first point): on an existing account the role still set the home
+    (usermod -d, the default /home/pod) and the primary group. Both are left as the site
+    made them, as the shell is: the account's task changes nothing."""
+    site.checkout_at("4.1.0")
+    _, said = site.run(xapi_encodage_pod_user=pod_account)
+    assert re.search(r"TASK \[xapi_encodage_pod : Create Pod's user\] \*+ ok: ", said), said[-3000:]

@@ -518,7 +518,10 @@ def test_entries_that_are_not_messages_are_left_and_the_rest_moves_once(
         moved = 5 if run == "first" else 0
         assert f"Moved {moved} statements" in output, output[-3000:]
         assert f"changed={1 if run == 'first' else 0}" in output, output[-3000:]
-        left = f"Left there as they were, since they are not messages: {len(UNREADABLE) + 2}"
+        left = (
+            "Left there as they were, since they are not messages of the queue xapi: "
+            f"{len(UNREADABLE) + 2}"
+        )
         assert left in output, output[-3000:]
         for name in ("unacked not-json", "unacked deep", "unacked tag-\\x1b[31m-red"):
             assert name in output, output[-3000:]
@@ -535,3 +538,92 @@ def test_entries_that_are_not_messages_are_left_and_the_rest_moves_once(
         for key in (planted_queue, planted_token):
             assert pod_redis.raw(6, b"GET", key) == b"planted"
         assert pod_redis.cli("-n", "6", "DBSIZE") == "3"
+
+
+def run_tool(pod_redis: RedisServer, instance: RedisServer) -> dict:
+    """xapi-redis-migrate itself (what tasks/migrate.yml runs), as the playbook calls it: its
+    report."""
+    cfg = {
+        "source": {
+            "host": "127.0.0.1",
+            "port": pod_redis.port,
+            "db": 6,
+            "user": "",
+            "password": "",
+            "owner": ME,
+            "unit": POD_UNIT,
+        },
+        "target": {
+            "host": "127.0.0.1",
+            "port": instance.port,
+            "db": 6,
+            "user": "xapi",
+            "password": PASSWORDS["xapi_broker_password"],
+            "tls": False,
+            "ca_file": "",
+            "owner": ME,
+            "unit": INSTANCE_UNIT,
+        },
+        "timeout": 10,
+    }
+    result = subprocess.run(
+        [VALUES["xapi_broker_migrator"]],
+        input=json.dumps(cfg),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def test_one_mover_at_a_time(instance: RedisServer, pod_redis: RedisServer) -> None:
+    """Review L5: several broker hosts may read one Pod's Redis (each frontal's instance). A run
+    that finds the move's lock taken in Pod's Redis (another host's run) moves nothing and says
+    so; the lock gone, the next run moves; its own lock is gone when it ends."""
+    seed(pod_redis, 3)
+    assert pod_redis.cli("-n", "6", "SET", "xapi.migrating.lock", "other", "PX", "60000") == "OK"
+    report = run_tool(pod_redis, instance)
+    assert (report["state"], report["moved"]) == ("busy", 0), report
+    assert "xapi.migrating.lock" in report["detail"]
+    assert pod_redis.cli("-n", "6", "LLEN", "xapi") == "2"
+    assert pod_redis.cli("-n", "6", "HLEN", "unacked") == "1"
+    auth = ("xapi", PASSWORDS["xapi_broker_password"])
+    assert instance.cli("-n", "6", "EXISTS", "xapi", auth=auth) == "0"
+    # The other run's lock is its own: not taken over, not released.
+    assert pod_redis.cli("-n", "6", "GET", "xapi.migrating.lock") == "other"
+    pod_redis.cli("-n", "6", "DEL", "xapi.migrating.lock")
+    report = run_tool(pod_redis, instance)
+    assert (report["state"], report["moved"]) == ("moved", 3), report
+    assert pod_redis.cli("-n", "6", "EXISTS", "xapi.migrating.lock") == "0"
+    assert pod_redis.cli("-n", "6", "DBSIZE") == "0"
+
+
+def test_only_xapis_entries_and_binding_move(instance: RedisServer, pod_redis: RedisServer) -> None:
+    """Review L6: a database Pod's own Celery also uses (a typo of 5, a seed site that put both
+    on one): its `unacked` entries of another queue, their `unacked_index` entries and its
+    bindings stay as they were; only xAPI's entries, their index entries and xAPI's binding
+    go."""
+    ids = seed(pod_redis, 3)
+    encode = json.dumps([{"body": "e30=", "headers": {"id": "encode-1"}}, "", "celery"])
+    pod_redis.cli("-n", "6", "HSET", "unacked", "tag-pod", encode)
+    pod_redis.cli("-n", "6", "ZADD", "unacked_index", "100", "tag-0", "200", "tag-pod")
+    pod_redis.cli("-n", "6", "SET", "unacked_mutex", "pods-restore")
+    for exchange in ("xapi", "celery"):
+        pod_redis.cli("-n", "6", "SADD", f"_kombu.binding.{exchange}", f"{exchange}\x06\x16")
+    report = run_tool(pod_redis, instance)
+    assert (report["state"], report["moved"]) == ("moved", 3), report
+    assert report["left_names"] == ["unacked tag-pod (for the queue celery, not xapi)"], report
+    auth = ("xapi", PASSWORDS["xapi_broker_password"])
+    queued = instance.cli("-n", "6", "LRANGE", "xapi", "0", "-1", auth=auth).splitlines()
+    assert sorted(json.loads(m)["headers"]["id"] for m in queued) == sorted(ids)
+    assert pod_redis.cli("-n", "6", "HGETALL", "unacked").splitlines() == ["tag-pod", encode]
+    assert pod_redis.cli("-n", "6", "ZRANGE", "unacked_index", "0", "-1") == "tag-pod"
+    assert pod_redis.cli("-n", "6", "GET", "unacked_mutex") == "pods-restore"
+    assert pod_redis.cli("-n", "6", "EXISTS", "_kombu.binding.celery") == "1"
+    assert pod_redis.cli("-n", "6", "EXISTS", "_kombu.binding.xapi") == "0"
+    # Pod's entry is named again by the next run, and still not moved.
+    again = run_tool(pod_redis, instance)
+    assert (again["moved"], again["left"]) == (0, 1), again
+    assert pod_redis.cli("-n", "6", "HLEN", "unacked") == "1"

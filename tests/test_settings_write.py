@@ -77,9 +77,10 @@ def tree(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def playbook(tmp_path: Path, tasks: list[dict]) -> Path:
+def playbook(tmp_path: Path, tasks: list[dict], vars_files: list[Path] | None = None) -> Path:
     path = tmp_path / "play.yml"
     play = {
+        "vars_files": [str(f) for f in vars_files or []],
         "hosts": "localhost",
         "connection": "local",
         "gather_facts": False,
@@ -112,9 +113,17 @@ def settings_block(path: Path, state: str = "present") -> dict:
 
 
 def run(
-    tree: dict[str, Path], tasks: list[dict], library: bool = False, **swap: str
+    tree: dict[str, Path],
+    tasks: list[dict],
+    library: bool = False,
+    inventory: str = "localhost,",
+    extra: dict | None = None,
+    vars_files: list[Path] | None = None,
+    **swap: str,
 ) -> subprocess.CompletedProcess:
-    """The tasks as a playbook; ``library``: the module alone, without its role loaded."""
+    """The tasks as a playbook; ``library``: the module alone, without its role loaded;
+    ``inventory``, ``extra``, ``vars_files``: its inventory, extra variables and files of
+    variables."""
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
@@ -131,7 +140,11 @@ def run(
             **{f"SWAP_{k.upper()}": v for k, v in swap.items()},
         )
     return subprocess.run(
-        ["ansible-playbook", "-i", "localhost,", str(playbook(tree["root"], tasks))],
+        [
+            "ansible-playbook",
+            *("-i", inventory, str(playbook(tree["root"], tasks, vars_files))),
+            *(("-e", json.dumps(extra)) if extra else ()),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -267,3 +280,133 @@ def test_a_file_at_the_limit_is_written(tree) -> None:
     result = run(tree, [settings_block(settings)])
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert SECRET in settings.read_text()
+
+
+def with_old_block(tree: dict[str, Path]) -> str:
+    """settings_local.py as earlier releases left it on an encoding host: the operator's lines,
+    then the xAPI block with the passwords (root's, Pod's group's, 0640)."""
+    settings = tree["settings"]
+    text = f"DEBUG = False\n{MARKER.format(mark='BEGIN')}\nXAPI_LRS_PWD = {SECRET!r}\n"
+    settings.write_text(text + MARKER.format(mark="END") + "\n")
+    os.chown(settings, 0, pwd.getpwnam("nobody").pw_gid)
+    settings.chmod(0o640)
+    return settings.read_text()
+
+
+def groups_inventory(tree: dict[str, Path], **groups: list[str]) -> str:
+    """An inventory of this machine (local connection, no become) in the given groups."""
+    inventory = tree["root"] / "hosts.yml"
+    inventory.write_text(
+        "all:\n  vars:\n    ansible_connection: local\n    ansible_become: false\n"
+        "    ansible_python_interpreter: /usr/bin/python3\n  children:\n"
+        + "".join(
+            f"    {group}:\n      hosts:\n" + "".join(f"        {h}:\n" for h in hosts)
+            for group, hosts in groups.items()
+        )
+    )
+    return str(inventory)
+
+
+# roles/xapi_encodage/tasks/pod_settings.yml outside the role: its defaults and derived values.
+ENCODAGE_VARS = [
+    ROOT / "roles/xapi/defaults/main.yml",
+    ROOT / "roles/xapi_encodage/defaults/main.yml",
+    ROOT / "roles/xapi_encodage/vars/main.yml",
+    ROOT / "roles/xapi_encodage_pod/defaults/main.yml",
+]
+
+
+@pytest.mark.parametrize("in_pod_encodage", [True, False], ids=["pod-encodes", "moved-out"])
+def test_a_worker_host_loses_the_old_block_wherever_pod_is(tree, in_pod_encodage: bool) -> None:
+    """Review L4: an encoding host of the earlier layout moved to xapi_worker alone (out of
+    pod_encodage: encoding moved elsewhere, Pod's tree still there) kept the LRS and broker
+    passwords in settings_local.py, which Pod's user reads. With the bundled worker, the block
+    goes on every worker host that is not a frontal; the operator's lines stay."""
+    with_old_block(tree)
+    groups = {"xapi_worker": ["localhost"], "pod_frontal": ["frontal"]}
+    if in_pod_encodage:
+        groups["pod_encodage"] = ["localhost"]
+    task = {
+        "name": "Pod's settings",
+        "ansible.builtin.include_tasks": str(ROOT / "roles/xapi_encodage/tasks/pod_settings.yml"),
+    }
+    extra = {
+        "xapi_encodage_pod_dir": str(tree["root"] / "pod"),
+        "xapi_encodage_pod_group": "nogroup",
+        "xapi_lrs_url": "https://lrs.example.org/xAPI/",
+        "xapi_lrs_login": "pod",
+        "xapi_lrs_password": SECRET,
+        "xapi_broker_password": SECRET,
+        "xapi_broker_producer_password": SECRET,
+        "xapi_broker_host": "broker.example.org",
+    }
+    inventory = groups_inventory(tree, **groups)
+    result = run(tree, [task], inventory=inventory, extra=extra, vars_files=ENCODAGE_VARS)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert tree["settings"].read_text() == "DEBUG = False\n"
+    assert "changed=1" in result.stdout, result.stdout[-3000:]
+    assert SECRET not in result.stdout + result.stderr
+
+
+def retired_check(tree: dict[str, Path]) -> subprocess.CompletedProcess:
+    """roles/xapi/tasks/retired_worker.yml on this machine: an encoding host left out of the
+    xapi_worker group (another host runs the worker)."""
+    inventory = groups_inventory(
+        tree, pod_encodage=["localhost"], xapi_worker=["worker"], pod_frontal=["frontal"]
+    )
+    task = {
+        "name": "The retired worker",
+        "ansible.builtin.include_role": {"name": "xapi", "tasks_from": "retired_worker.yml"},
+    }
+    return run(tree, [task], inventory=inventory, extra={"xapi_pod_dir": str(tree["root"] / "pod")})
+
+
+def test_the_retired_worker_check_refuses_a_left_block(tree) -> None:
+    """Review L3: an encoding host out of xapi_worker whose operator removed the worker's
+    files but not the xAPI block of settings_local.py (both passwords, in a file Pod's user
+    reads) passed every run. Now it is refused, naming the file; nothing is changed."""
+    before = with_old_block(tree)
+    result = retired_check(tree)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert f"{tree['settings']} (its xAPI block)" in output, output[-3000:]
+    assert "Nothing was changed" in output
+    assert tree["settings"].read_text() == before
+    assert SECRET not in output
+    # Once the block is gone (the operator guide's step), the check passes.
+    tree["settings"].write_text("DEBUG = False\n")
+    result = retired_check(tree)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+def test_the_retired_worker_check_follows_no_link(tree) -> None:
+    """The check reads Pod's file as the writes do: a link pod put there (to a root file
+    holding the markers) is refused, not followed."""
+    tree["canary"].write_text(MARKER.format(mark="BEGIN") + "\n")
+    tree["settings"].unlink()
+    tree["settings"].symlink_to(tree["canary"])
+    result = retired_check(tree)
+    assert result.returncode != 0
+    assert "is not a plain file on a plain path" in result.stdout, result.stdout[-3000:]
+
+
+def test_removing_an_absent_block_leaves_the_file_as_it_is(tree) -> None:
+    """With the bundled worker the removal runs on every worker host: a settings_local.py
+    without the block (Pod's own, pod's and 0644 here) is not rewritten, nor given to root;
+    a host without Pod's tree has nothing to remove."""
+    settings = tree["settings"]
+    settings.chmod(0o644)
+    before = settings.stat()
+    result = run(tree, [settings_block(settings, "absent")])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "changed=0" in result.stdout, result.stdout[-3000:]
+    after = settings.stat()
+    assert (after.st_ino, after.st_uid, after.st_mode) == (
+        before.st_ino,
+        before.st_uid,
+        before.st_mode,
+    )
+    missing = tree["root"] / "no-pod" / "pod" / "custom" / "settings_local.py"
+    result = run(tree, [settings_block(missing, "absent")])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "changed=0" in result.stdout, result.stdout[-3000:]

@@ -47,6 +47,7 @@ def migrate(
                         "xapi_encodage_worker_user": me.pw_name,
                         "xapi_encodage_worker_group": me.pw_name,
                         "xapi_encodage_pod_user": POD,
+                        "xapi_encodage_spool_max_mb": 0,
                     },
                 }
             ]
@@ -130,16 +131,40 @@ def test_a_leftover_of_roots_is_removed_and_the_move_done(tmp_path: Path) -> Non
     assert not leftover.exists()
 
 
-def test_a_foreign_file_stops_the_run_even_once_moved(tmp_path: Path) -> None:
-    """The directory the worker's, a file of a third user in it: refused."""
+def test_a_foreign_entry_once_moved_is_reported_not_refused(tmp_path: Path) -> None:
+    """The directory the worker's and nothing of Pod's in it: an entry the worker would not
+    own alone (here a link the worker's user could make) stopped every run, so the worker's
+    user could keep every fix from the host (the first Ansible review, L8). Root does nothing
+    with it: reported, the run goes on, nothing changed. With a move due, it is refused."""
     spool = tmp_path / "spool"
     spool.mkdir(mode=0o700)
     stray = spool / "xapi.sqlite3"
-    stray.write_text("rows")
-    os.chown(stray, 12345, 12345)
+    stray.symlink_to("/etc/shadow")
     run = migrate(spool, tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "changed=0" in run.stdout and "failed=0" in run.stdout, run.stdout[-3000:]
+    said = " ".join(run.stdout.split())
+    assert f"Warning: {spool} holds entries the worker would not own alone: {stray} (sym" in said
+    pods_file(spool / "other.sqlite3")
+    due = migrate(spool, tmp_path)
+    assert due.returncode != 0
+    assert f"{stray} (symbolic link, 1 links, owner" in due.stdout
+    assert (spool / "other.sqlite3").stat().st_uid == pwd.getpwnam(POD).pw_uid
+
+
+def test_a_mistyped_spool_directory_of_pods_is_not_taken(tmp_path: Path) -> None:
+    """A flat directory of Pod's named as the spool (a typo): its files were given to the
+    worker's user whatever their names, and the directory too (session 5's review, L2).
+    Refused before any change, the file named."""
+    media = tmp_path / "media"
+    media.mkdir(mode=0o755)
+    pod = pwd.getpwnam(POD)
+    os.chown(media, pod.pw_uid, pod.pw_gid)
+    video = pods_file(media / "video.mp4")
+    run = migrate(media, tmp_path)
     assert run.returncode != 0
-    assert f"{stray} (regular file, 1 links, owner" in run.stdout
+    assert f"Refused: {video}: not named like a file of the worker's spool" in run.stdout
+    assert media.stat().st_uid == video.stat().st_uid == pod.pw_uid
 
 
 def test_pods_open_descriptor_reaches_nothing_after_the_move(tmp_path: Path) -> None:

@@ -73,6 +73,8 @@ def test_worker_env_has_the_spool_when_on(spool_on: dict[str, str]) -> None:
     assert env["XAPI_WORKER_SPOOL_DIR"] == '"/var/lib/celeryd-xapi/spool"'
     assert env["XAPI_WORKER_SPOOL_MAX_MB"] == "0"
     assert env["XAPI_WORKER_DEAD_LETTER_RETENTION_DAYS"] == "30"
+    assert env["XAPI_WORKER_RETRY_AFTER_MAX_SECONDS"] == "3600"
+    assert env["XAPI_WORKER_MAX_STATEMENT_KB"] == "256"
 
 
 def test_node_unit_may_write_the_spool_only(spool_on: dict[str, str]) -> None:

@@ -168,6 +168,23 @@ def test_an_existing_root_directory_is_not_given_to_the_worker(base: Path, varia
     assert again.returncode == 0, again.stdout + again.stderr
 
 
+def test_the_default_directory_of_another_user_is_refused_with_a_way_out(base: Path) -> None:
+    """The default pid directory, left by the workers of another user (the worker's user or
+    the worker's app changed): the refusal's advice was "choose a path that does not exist
+    yet (the default: <that same path>)" (the review of sec5, N4); it now says what to do."""
+    default = Path("/run/celeryd-xapi")
+    if default.exists():
+        pytest.skip(f"{default} exists on this machine")
+    default.mkdir(mode=0o755)
+    try:
+        run = make_dirs(base, base / "log" / "celeryd-xapi", default)
+        flat = refused(run, "xapi_encodage_sysv_pid_dir")
+    finally:
+        default.rmdir()
+    assert "it is the default path, made earlier for another user" in flat, flat[-3000:]
+    assert "(the default: /run/celeryd-xapi)" not in flat, flat[-3000:]
+
+
 def test_the_example_inventory_shows_the_roles_own_directories() -> None:
     """The production example showed Pod's encoding worker's /var/log/celery and /run/celery
     (Pod's user's, refused now) as the values of the sysv directories."""

@@ -11,12 +11,16 @@ molecule/multi one with a worker host outside `pod_encodage`.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import pwd
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
@@ -163,3 +167,121 @@ def test_the_workers_user_is_created_under_each_tag(tag: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Create the worker's user" in result.stdout
+
+
+def firewall_clients(inventory: Path, directory: Path) -> tuple[list[str], list[str], list[str]]:
+    """The hosts the broker's firewall lets in (roles/xapi_broker, its defaults and vars);
+    Pod's frontals with the worker's hosts as roles/xapi defines them (xapi_worker_hosts); and
+    the hosts of the former fixed list of groups."""
+    play, out = directory / "clients.yml", directory / "clients.json"
+    play.write_text(
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n"
+        f"  vars_files: [{ROOT}/roles/xapi/defaults/main.yml,"
+        f" {ROOT}/roles/xapi_broker/defaults/main.yml, {ROOT}/roles/xapi_broker/vars/main.yml]\n"
+        "  tasks:\n    - ansible.builtin.copy:\n"
+        f"        dest: {out}\n"
+        "        content: >-\n"
+        "          {{ [xapi_broker_firewall_client_hosts | sort,\n"
+        "          (groups.get('pod_frontal', []) + xapi_worker_hosts) | unique | sort,\n"
+        "          groups | dict2items | selectattr('key', 'in', ['pod_frontal',\n"
+        "          'pod_encodage', 'xapi_worker']) | map(attribute='value') | flatten\n"
+        "          | unique | sort]\n"
+        "          | to_json }}\n"
+    )
+    result = subprocess.run(
+        ["ansible-playbook", "-i", str(inventory), str(play)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tuple(json.loads(out.read_text()))
+
+
+def molecule_inventory(scenario: str, directory: Path) -> Path:
+    """A scenario's hosts and groups (molecule.yml's platforms) as an inventory."""
+    platforms = yaml.safe_load((ROOT / f"molecule/{scenario}/molecule.yml").read_text())
+    groups: dict[str, dict] = {}
+    for platform in platforms["platforms"]:
+        for group in platform.get("groups", []):
+            groups.setdefault(group, {"hosts": {}})["hosts"][platform["name"]] = None
+    inventory = directory / f"{scenario}.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": groups}}))
+    return inventory
+
+
+@pytest.mark.parametrize(
+    "inventory",
+    ["inventories/lab", "inventories/production", "default", "sysv", "multi", "resilience"],
+)
+def test_the_firewall_lets_in_the_same_hosts_as_before(tmp_path: Path, inventory: str) -> None:
+    """Review L12: the broker's firewall now lets in Pod's frontals and the worker's hosts
+    (roles/xapi), no longer every encoding host; every inventory of the repository gives the
+    same hosts as the former fixed list [pod_frontal, pod_encodage, xapi_worker]."""
+    if inventory.startswith("inventories/"):  # its hosts (group_vars: the vault's own)
+        path = tmp_path / "hosts.yml"
+        shutil.copy(ROOT / inventory / "hosts.yml", path)
+    else:
+        path = molecule_inventory(inventory, tmp_path)
+    clients, expected, before = firewall_clients(path, tmp_path)
+    assert clients == expected == before
+    assert clients
+
+
+def test_encoding_hosts_out_of_the_worker_group_are_not_let_in(
+    with_group: Path, tmp_path: Path
+) -> None:
+    """Review L12: an encoding host out of xapi_worker (it runs no worker, holds no broker
+    credential: ffmpeg on uploaded media runs there) no longer reaches the broker's port."""
+    clients, expected, before = firewall_clients(with_group, tmp_path)
+    assert clients == expected == ["frontal", "small"]
+    assert before == ["enc1", "enc2", "frontal", "small"]
+
+
+# The worker's command line as a script that records its arguments in the file its config
+# variable names (each host's own): what the playbook asked of each host.
+RECORDER = '#!/bin/sh\nprintf "%s\\n" "$*" > "$XAPI_WORKER_CONFIG"\necho "listed 0"\n'
+
+
+def test_the_brokers_list_is_read_by_the_first_live_host(tmp_path: Path) -> None:
+    """Review L6 (session 5): `--where all` (the broker's list, shared by every worker host)
+    went to the inventory's first worker host only; when that one was unreachable or refused
+    (no bundled worker recorded there), no host read the list and the run said nothing. Now
+    the first host still in the play reads it, and the output says which."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/xapi-worker").write_text(RECORDER)
+    (venv / "bin/xapi-worker").chmod(0o755)
+    (tmp_path / "broker.env").write_text("")
+    hosts = ""
+    for name in ("enc1", "enc2", "enc3"):
+        fact = tmp_path / f"{name}.fact"
+        if name != "enc1":  # enc1: no bundled worker recorded (refused by worker_fact.yml)
+            record = {
+                "app": "xapi_worker",
+                "venv": str(venv),
+                "config": str(tmp_path / f"{name}.args"),
+                "user": pwd.getpwuid(os.getuid()).pw_name,
+                "brokers": [{"address": "b1", "env": str(tmp_path / "broker.env"), "nodes": ["x"]}],
+            }
+            fact.write_text(json.dumps(record))
+        hosts += f"        {name}:\n          xapi_ops_worker_fact: {fact}\n"
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        "all:\n  vars:\n    ansible_connection: local\n    ansible_become: false\n"
+        "    ansible_python_interpreter: /usr/bin/python3\n"
+        f"  children:\n    pod_encodage:\n      hosts:\n{hosts}"
+    )
+    result = subprocess.run(
+        ["ansible-playbook", "-i", str(inventory), str(ROOT / "playbooks/dead-letters.yml")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert "no bundled worker recorded" in output, output[-3000:]
+    assert (tmp_path / "enc2.args").read_text().startswith("dead-letters list --where all ")
+    assert (tmp_path / "enc3.args").read_text().startswith("dead-letters list --where disk ")
+    assert "The broker lists: read by enc2." in output, output[-3000:]

@@ -40,7 +40,10 @@ description:
 options:
   path: {description: Absolute path of the file., type: path, required: true}
   state:
-    description: present or absent (the file, or with I(marker) the block).
+    description:
+      - present or absent (the file, or with I(marker) the block). With I(marker), absent
+        leaves a file without the block as it is (its owner and mode too), and a path whose
+        directory does not exist is nothing to remove.
     type: str
     default: present
     choices: [present, absent]
@@ -57,6 +60,17 @@ options:
         bigger file is refused, naming it, and left unchanged.
     type: int
     default: 4194304
+notes:
+  - In check mode nothing is written; with I(marker), the result's C(found) says whether the
+    file holds a line of the markers (read the same way), so a read-only check can look for a
+    block without following a link of the tree's owner.
+"""
+
+RETURN = r"""
+found:
+  description: With I(marker), whether the file holds the BEGIN or the END line of the markers.
+  returned: with marker
+  type: bool
 """
 
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -134,6 +148,12 @@ def read_existing(
         os.close(fd)
 
 
+def has_block(original: bytes | None, marker: str) -> bool:
+    """Whether ``original`` holds a line of the markers (BEGIN or END)."""
+    lines = set((original or b"").splitlines(True))
+    return any(marker.replace("{mark}", m).encode() + b"\n" in lines for m in ("BEGIN", "END"))
+
+
 def with_block(original: bytes | None, marker: str, block: str, present: bool) -> bytes:
     """``original`` with the marked block replaced, added at the end, or removed (the layout
     ansible.builtin.blockinfile gives: the markers' lines, the block, a line break each)."""
@@ -203,20 +223,20 @@ def run(module: AnsibleModule) -> dict[str, Any]:
         raise Refused(f"{p['path']} is not a plain absolute path")
     name = os.path.basename(path)
     present = p["state"] == "present"
-    uid = pwd.getpwnam(p["owner"]).pw_uid
-    gid = grp.getgrnam(p["group"]).gr_gid
+    marked = {"found": False} if p["marker"] is not None else {}
     mode = int(p["mode"], 8)
     try:
         dir_fd = open_directory(path)
     except FileNotFoundError:
-        if module.check_mode:  # a new host: Pod's tree comes with the run
-            return {"changed": present}
+        if module.check_mode or not present:  # a new host: Pod's tree comes with the run
+            return {"changed": present, **marked}
         raise
     try:
         original, st = read_existing(dir_fd, name, path, p["max_bytes"])
         if p["marker"] is not None:
-            if original is None and not present:
-                return {"changed": False}
+            marked["found"] = has_block(original, p["marker"])
+            if not present and not marked["found"]:  # nothing to remove: left as it is
+                return {"changed": False, **marked}
             wanted = with_block(original, p["marker"], p["block"] or "", present)
         elif present:
             wanted = (p["content"] or "").encode()
@@ -234,6 +254,8 @@ def run(module: AnsibleModule) -> dict[str, Any]:
                 module.fail_json(
                     msg=f"{path} would not compile as Python (line {line}): left unchanged"
                 )
+        uid = pwd.getpwnam(p["owner"]).pw_uid
+        gid = grp.getgrnam(p["group"]).gr_gid
         same_content = original == wanted
         same_attrs = st is not None and (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
             uid,
@@ -241,10 +263,10 @@ def run(module: AnsibleModule) -> dict[str, Any]:
             mode,
         )
         if same_content and same_attrs:
-            return {"changed": False}
+            return {"changed": False, **marked}
         if not module.check_mode:
             write_new(dir_fd, name, wanted, uid, gid, mode)
-        return {"changed": True}
+        return {"changed": True, **marked}
     finally:
         os.close(dir_fd)
 

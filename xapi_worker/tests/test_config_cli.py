@@ -118,3 +118,38 @@ def test_a_spool_limit_under_four_of_the_largest_batches_stops_worker(tmp_path):
     )
     smaller = _celery(config, {"XAPI_WORKER_BATCH_SIZE": "50", "XAPI_WORKER_SPOOL_MAX_MB": "40"})
     assert smaller.returncode == 3 and "at least 52 with" in smaller.stderr
+
+
+def test_a_spool_limit_the_dead_letters_alone_can_fill_stops_worker(tmp_path):
+    """The spool's limit covers its file, dead letters included: 200 MiB (four batches of
+    the largest statements, and more) beside the default 512 MiB of dead letters let the
+    dead letters make the spool full, the node stop taking with a hint about the LRS, and
+    the dead letters' own limit (and its CRITICAL) never be met."""
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    config = _base(tmp_path, XAPI_WORKER_SPOOL_DIR=str(spool), XAPI_WORKER_SPOOL_MAX_MB="200")
+    result = _celery(config)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert (
+        "XAPI_WORKER_SPOOL_MAX_MB must be 0 (automatic) or at least 616: "
+        "XAPI_WORKER_DEAD_LETTER_MAX_MB (512)" in result.stderr
+    )
+    assert run_cli(config, "settings").returncode == 3
+    # the dead letters' limit lowered to fit: taken
+    fits = run_cli(config, "settings", extra={"XAPI_WORKER_DEAD_LETTER_MAX_MB": "96"})
+    assert fits.returncode == 0, fits.stderr
+    assert json.loads(fits.stdout)["XAPI_WORKER_SPOOL_MAX_MB"] == 200
+
+
+def test_the_retry_after_cap_is_a_setting_within_its_bounds(tmp_path):
+    """XAPI_WORKER_RETRY_AFTER_MAX_SECONDS: the longest Retry-After honoured, 1 s to a day."""
+    config = _base(tmp_path)
+    default = run_cli(config, "settings")
+    assert default.returncode == 0, default.stderr
+    assert json.loads(default.stdout)["XAPI_WORKER_RETRY_AFTER_MAX_SECONDS"] == 3600.0
+    for bad in ("0.5", "86401", "soon"):
+        result = run_cli(config, "settings", extra={"XAPI_WORKER_RETRY_AFTER_MAX_SECONDS": bad})
+        assert result.returncode == 3, (bad, result.stderr)
+        assert "XAPI_WORKER_RETRY_AFTER_MAX_SECONDS" in result.stderr
+    set_ = run_cli(config, "settings", extra={"XAPI_WORKER_RETRY_AFTER_MAX_SECONDS": "600"})
+    assert json.loads(set_.stdout)["XAPI_WORKER_RETRY_AFTER_MAX_SECONDS"] == 600.0

@@ -483,3 +483,43 @@ def test_a_producers_eta_or_expires_is_not_obeyed(redis_srv, ralph, make_config,
     assert sorted(ralph.stored_ids()) == sorted(everything)
     assert wait_for(lambda: r.llen("xapi") == 0 and r.hlen("unacked") == 0, 30)
     assert r.llen("xapi.dead_letters") == 0
+
+
+def test_the_largest_statement_taken_is_a_setting(
+    tmp_path: Path, redis_srv, ralph, make_config, start_worker
+):
+    """XAPI_WORKER_MAX_STATEMENT_KB: a statement above it is dead-lettered alone, one below is
+    stored, on the live path and through the spool; the spool's headroom (a batch of the
+    largest) follows it, and its bounds are checked."""
+    from support import run_cli
+    from xapi_worker.spool import ROW_OVERHEAD_BYTES, Spool
+
+    small = video_statement("played", 1)
+    small["result"] = {"extensions": {"https://w3id.org/xapi/video/extensions/pad": "a" * 10_000}}
+    large = video_statement("played", 2)
+    large["result"] = {"extensions": {"https://w3id.org/xapi/video/extensions/pad": "a" * 20_000}}
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o700)
+    config = make_config(
+        ralph.url,
+        XAPI_WORKER_SPOOL_DIR=spool_dir,
+        XAPI_WORKER_MAX_STATEMENT_KB=16,
+        XAPI_WORKER_BATCH_SIZE=10,
+    )
+    worker = start_worker(config, name="bound")
+    r = redis_srv.client()
+    with pod_producer(redis_srv.url()) as delay:
+        delay(small)
+        delay(large)
+    assert wait_for(lambda: len(ralph.stored()) == 1, 30), worker.text()[-3000:]
+    assert ralph.stored_ids() == [small["id"]]
+    assert wait_for(lambda: len(_dead(r, spool_dir)) == 1, 30), worker.text()[-3000:]
+    [entry] = _dead(r, spool_dir)
+    assert entry["statement"]["id"] == large["id"]
+    assert entry["reason"] == "too large: its JSON text is longer than 16384 bytes in UTF-8"
+    spool = Spool(spool_dir, "x@h", 0, 10, 16 * 1024)
+    assert spool.stats(counts=False).headroom == 10 * (16 * 1024 + ROW_OVERHEAD_BYTES)
+    spool.close()
+    for bad in ("8", "2048", "big"):
+        result = run_cli(config, "settings", extra={"XAPI_WORKER_MAX_STATEMENT_KB": bad})
+        assert result.returncode == 3 and "XAPI_WORKER_MAX_STATEMENT_KB" in result.stderr, bad

@@ -566,3 +566,236 @@ def test_list_with_no_node_file_yet_prints_nothing(tmp_path, make_config):
         timeout=60,
     )
     assert out.returncode == 0 and out.stdout == "", out.stderr
+
+
+# --- the move stays roomy; a spooled row's dead letter is written once -------------------------
+def _settings(config: Path) -> Any:
+    from xapi_worker.settings import load_settings
+
+    return load_settings({"XAPI_WORKER_CONFIG": str(config)})
+
+
+def test_the_move_from_the_broker_leaves_the_nodes_dead_letters_roomy(
+    tmp_path, redis_srv, make_config, caplog
+):
+    """A broker's list larger than a node's dead letters may hold: the move stopped only at
+    the hard limit, which left the store full (less than a batch of room), and the node
+    stopped taking live statements for dead letters that harmed nothing where they were.
+    Now it moves only while the store stays roomy, leaves the rest in the broker's list,
+    and says so (once a minute)."""
+    from xapi_worker.drain import Drainer
+    from xapi_worker.spool import Spool
+    from xapi_worker.worker import make_celery
+
+    r = redis_srv.client()
+
+    def element(n: int) -> bytes:
+        # 2,000 bytes each: two chunks of the move (400) fit in the hard limit of 4 MiB,
+        # with less than a batch's headroom left (full)
+        base = {"statement": {"id": f"{n:04d}", "pad": ""}, "reason": "r"}
+        base["statement"]["pad"] = "x" * (2000 - len(json.dumps(base)))
+        return json.dumps(base).encode()
+
+    elements = [element(n) for n in range(500)]
+    assert {len(e) for e in elements} == {2000}
+    r.rpush(LEGACY, *elements)
+    spool_dir = _spool_dir(tmp_path)
+    config = make_config(
+        "http://127.0.0.1:9/",
+        XAPI_WORKER_SPOOL_DIR=spool_dir,
+        XAPI_WORKER_BATCH_SIZE=1,
+        XAPI_WORKER_DEAD_LETTER_MAX_MB=4,
+    )
+    settings = _settings(config)
+    node = "roomy@host"
+    drainer = Drainer(make_celery(settings), settings, Spool(spool_dir, node), node)
+    try:
+        assert drainer.dead is not None
+        with caplog.at_level("WARNING", logger="xapi_worker.spool"):
+            for _ in range(3):
+                drainer.move_dead_letters()
+        stats = drainer.dead.stats()
+        assert 0 < stats.count < len(elements)
+        assert stats.roomy and not stats.full, stats
+        assert r.llen(LEGACY) == len(elements) - stats.count
+        assert r.lrange(LEGACY, 0, -1) == elements[stats.count :]  # the rest, in order
+        said = [m for m in caplog.messages if "stay in the broker's" in m]
+        assert len(said) == 1, caplog.messages
+        assert f"{len(elements) - stats.count} dead letters stay" in said[0]
+    finally:
+        drainer._finish()
+
+
+def test_a_spooled_rows_dead_letter_and_its_deletion_are_one_transaction(
+    tmp_path, redis_srv, ralph, make_config
+):
+    """The drainer wrote a refused row's dead letter, and deleted the row only on its next
+    turn: a kill in between (or a reschedule of another row that failed, or `spool drain`
+    beside the node delivering the same rows) sent the row again and wrote a second dead
+    letter. Now the row is gone once its dead letter is written, and a second delivery of
+    rows read before writes none."""
+    from xapi_worker.drain import DrainProcessor
+    from xapi_worker.spool import Spool
+    from xapi_worker.worker import make_celery
+
+    proxy = _refusing(ralph)
+    spool_dir = _spool_dir(tmp_path)
+    node = "once@host"
+    statements = [video_statement("played", n) for n in range(3)]
+    spool = Spool(spool_dir, node)
+    spool.open()
+    now = time.time()
+    from xapi_worker.spool import Entry
+
+    spool.add([Entry(s, f"t{n}", 1, now, now) for n, s in enumerate(statements)])
+    spool.close()
+    try:
+        settings = _settings(make_config(proxy.url, XAPI_WORKER_SPOOL_DIR=spool_dir))
+        app = make_celery(settings)
+        first, second = Spool(spool_dir, node), Spool(spool_dir, node)
+        try:
+            rows = first.due(10)
+            assert len(rows) == 3
+            # the drainer delivers; it is killed before its next turn deletes anything
+            assert sorted(DrainProcessor(app, settings, first).deliver(rows)) == sorted(
+                r.id for r in rows
+            )
+            assert first.stats().depth == 0
+            assert len(disk_dead_letters(spool_dir)) == 3
+            # another process had read the same rows (spool drain beside the node)
+            DrainProcessor(app, settings, second).deliver(rows)
+            dead = disk_dead_letters(spool_dir)
+            assert sorted(e["statement"]["id"] for e in dead) == sorted(s["id"] for s in statements)
+        finally:
+            first.close()
+            second.close()
+    finally:
+        proxy.stop()
+
+
+# --- replay beside a moving node ------------------------------------------------------------
+def _queued_ids(r: Any) -> list[str]:
+    """The statement ids of the messages on the queue (Celery's protocol 2, kombu's base64)."""
+    import base64
+
+    ids = []
+    for raw in r.lrange("xapi", 0, -1):
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        ids.append(json.loads(body)[0][0]["id"])
+    return ids
+
+
+def test_a_replay_beside_a_moving_node_sends_a_dead_letter_or_leaves_it(
+    tmp_path, redis_srv, make_config
+):
+    """`dead-letters replay` read the broker's list, then sent each statement and removed
+    its element: an element a node moved to its disk meanwhile was replayed and kept on that
+    disk (listed, and replayed again by a later run), the removal finding nothing, unsaid.
+    Now each element is claimed before its statement is sent: one moved meanwhile is not
+    sent, and the replay says how many were."""
+    from support import worker_env
+    from xapi_worker.deadstore import DiskDeadLetters, move_legacy
+    from xapi_worker.spool import Spool
+
+    r = redis_srv.client()
+    elements = _legacy_elements(3000)[:3000]
+    r.rpush(LEGACY, *elements)
+    every = {json.loads(e)["statement"]["id"] for e in elements}
+    spool_dir = _spool_dir(tmp_path)
+    config = make_config("http://127.0.0.1:9/", XAPI_WORKER_SPOOL_DIR=spool_dir)
+    replay = subprocess.Popen(
+        [str(VENV_BIN / "xapi-worker"), "dead-letters", "replay", "--where", "broker"],
+        env=worker_env(config),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not r.llen("xapi") and time.monotonic() < deadline:
+            time.sleep(0.002)
+        # the replay has read the list and is sending: a node moves the rest to its disk
+        spool = Spool(spool_dir, "mover@host", 0, 1)
+        spool.open()
+        try:
+            store = DiskDeadLetters(spool, 1 << 40)
+            moved = move_legacy(r, LEGACY, "xapi.inflight.mover@host.dead_letters", store, 10**6)
+            on_disk = {e["statement"]["id"] for _, e in store.entries()}
+        finally:
+            spool.close()
+        out, err = replay.communicate(timeout=120)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+    assert replay.returncode == 0, err
+    assert 0 < moved < len(elements), "the move did not land while the replay ran"
+    queued = _queued_ids(r)
+    assert len(queued) == len(set(queued))
+    assert not set(queued) & on_disk, "replayed and kept on a node's disk"
+    assert set(queued) | on_disk == every
+    assert r.llen(LEGACY) == 0
+    assert f"replayed {len(queued)} dead letters" in out
+    # on stdout: what playbooks/dead-letters.yml shows
+    assert f"{len(on_disk)} dead letters were moved or removed by another process" in out
+    # the run left the registry, its heartbeat and its claim list
+    assert not [m for m in r.smembers("xapi.inflight") if b"replay-" in m]
+    assert not list(r.scan_iter("xapi.inflight.replay-*"))
+
+
+def test_a_replay_killed_leaves_its_claim_where_forget_and_the_workers_find_it(
+    tmp_path, redis_srv, make_config
+):
+    """A replay killed between a claim and its deletion: the element is in the run's claim
+    list, registered as a node's with a heartbeat (so forget reads it); once the heartbeat
+    has expired, a worker node puts it back at the head of the broker's list."""
+    from kombu import Connection, Consumer, Exchange, Queue
+    from support import worker_env
+    from xapi_worker.transport import ALIAS, DEAD_LETTERS_OPTION, NODE_OPTION
+
+    r = redis_srv.client()
+    elements = _legacy_elements(3000)[:3000]
+    r.rpush(LEGACY, *elements)
+    config = make_config("http://127.0.0.1:9/")
+    replay = subprocess.Popen(
+        [str(VENV_BIN / "xapi-worker"), "dead-letters", "replay"],
+        env=worker_env(config),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while r.llen("xapi") < 200 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    replay.kill()
+    replay.wait(10)
+    members = [m.decode() for m in r.smembers("xapi.inflight") if b"replay-" in m]
+    assert len(members) == 1, members
+    [member] = members
+    assert r.exists(member + ".alive")
+    claimed = r.lrange(member + ".dead_letters", 0, -1)
+    queued = set(_queued_ids(r))
+    left = r.lrange(LEGACY, 0, -1)
+    every = {json.loads(e)["statement"]["id"] for e in elements}
+    assert len(claimed) <= 1
+    held = {json.loads(e)["statement"]["id"] for e in [*claimed, *left]}
+    assert held | queued == every, "a dead letter lost"
+    # the heartbeat expires (by hand here): a worker node's recovery puts the claim back
+    r.delete(member + ".alive", "xapi")  # (the replayed messages: delivered elsewhere)
+    conn = Connection(
+        redis_srv.url(),
+        transport=ALIAS,
+        transport_options={NODE_OPTION: "other", DEAD_LETTERS_OPTION: LEGACY},
+    )
+    try:
+        channel = conn.channel()
+        queue = Queue("xapi", Exchange("xapi", "direct"), "xapi")
+        Consumer(channel, [queue], callbacks=[], accept=["json"]).consume()
+        with contextlib.suppress(socket.timeout, TimeoutError):
+            conn.drain_events(timeout=1.5)  # the first take: the orphans' recovery
+    finally:
+        conn.release()
+    assert not r.sismember("xapi.inflight", member)
+    assert r.llen(member + ".dead_letters") == 0
+    assert r.lrange(LEGACY, 0, -1) == [*claimed, *left]

@@ -78,7 +78,7 @@ def test_a_learner_is_matched_in_any_agent_of_a_statement_and_nowhere_else():
     assert not account.matches(
         statement(actor={"account": {"homePage": "https://pod.example.org", "name": "bob"}})
     )
-    named = Learner.of({"name": "Alice Martin"})
+    named = Learner.of({"name": "Alice Martin"}, name_is_unique=True)
     assert named.matches(_of(ALICE, 4))
     assert not named.matches(statement(actor=BOB, object_name={"en": "Alice Martin"}))
     # any depth, no recursion
@@ -105,6 +105,110 @@ def test_a_learner_given_wrong_is_refused_naming_the_field_not_the_value():
             assert "alice@example.org" not in str(exc)
         else:
             raise AssertionError(f"accepted {bad}")
+
+
+def test_a_name_with_an_mbox_or_an_account_is_not_used_and_alone_needs_the_operators_word():
+    """forget by name erased every homonym's statements, and a name given with an mbox
+    matched on either (review of the worker, L7). Then the name narrowed, and the learner's
+    own statements under another name were missed while forget said complete (review of
+    session 6, M1). With an mbox or an account the name is not used; a name alone is refused
+    unless the operator says names are unique."""
+    homonym = agent("Alice Martin", "mailto:alice.martin@other.example.org")
+    renamed = agent("A. Martin", "mailto:alice.martin@example.org")
+    both = Learner.of({"mbox": "alice.martin@example.org", "name": "Alice Martin"})
+    assert both.matches(_of(ALICE, 1))
+    assert not both.matches(_of(homonym, 2))  # the name does not widen
+    assert both.matches(_of(renamed, 3))  # nor narrow: her statements under another name
+    assert both.matches(_of({"mbox": "mailto:alice.martin@example.org"}, 4))  # or none
+    assert both.name_ignored
+    by_mbox = Learner.of({"mbox": "alice.martin@example.org"})
+    assert by_mbox.matches(_of(renamed, 3)) and not by_mbox.matches(_of(homonym, 2))
+    assert not by_mbox.name_ignored
+    home = "https://pod.example.org"
+    account = Learner.of({"account": {"homePage": home, "name": "amartin"}, "name": "Alice"})
+    assert account.matches(
+        statement(actor={"account": {"homePage": home, "name": "amartin"}, "name": "Alice"})
+    )
+    assert account.matches(
+        statement(actor={"account": {"homePage": home, "name": "amartin"}, "name": "A."})
+    )
+    assert not account.matches(
+        statement(actor={"account": {"homePage": home, "name": "bob"}, "name": "Alice"})
+    )
+    try:
+        Learner.of({"name": "Alice Martin"})
+    except LearnerError as exc:
+        assert "--name-is-unique" in str(exc) and "name_is_unique" in str(exc)
+        assert "Alice" not in str(exc)
+    else:
+        raise AssertionError("a name alone was taken")
+    unique = Learner.of({"name": "Alice Martin"}, name_is_unique=True)
+    assert unique.matches(_of(ALICE, 4)) and unique.matches(_of(homonym, 5))
+
+
+def test_an_element_that_is_no_json_is_matched_on_whole_values_only():
+    """For an element that is no JSON the match was a substring: alice@example.org matched
+    malice@example.org, the name "Li" any element holding "Li" (review of the worker, L7)."""
+    alice = Learner.of({"mbox": "alice@example.org"})
+    for text in (
+        '{"mbox": "mailto:malice@example.org"',
+        '{"mbox": "mailto:alice@example.org.evil"',
+        '{"mbox": "mailto:alice@example.organic"',
+        '{"mbox": "mailto:bob.alice@example.org"',
+        '{"mbox": "mailto:alice@sub-example.org"',
+    ):
+        assert not alice.in_text(text), text
+    for text in (
+        '[[{"actor": {"mbox": "mailto:Alice@Example.org", "name": "A"',
+        "mbox=mailto:alice@example.org; cut",
+        '\\"mbox\\": \\"mailto:alice@example.org\\"',
+        "alice@example.org.",
+        hashlib.sha1(b"mailto:alice@example.org", usedforsecurity=False).hexdigest() + '"',
+    ):
+        assert alice.in_text(text), text
+    li = Learner.of({"name": "Li"}, name_is_unique=True)
+    assert li.in_text('[[{"actor": {"name": "Li", "mbox": "mailto:li@x.org"')
+    assert li.in_text('{"body": "[{\\"actor\\": {\\"name\\": \\"Li\\"')
+    assert not li.in_text('{"actor": {"name": "Lise"}, "object": {"id": "http://Li.org/"}')
+    home = "https://pod.example.org"
+    account = Learner.of({"account": {"homePage": home + "/", "name": "li"}})
+    assert account.in_text(f'"account": {{"homePage": "{home}", "name": "li"}}')
+    assert not account.in_text(f'"account": {{"homePage": "{home}", "name": "lise"}}')
+    assert not account.in_text(f'"account": {{"homePage": "{home}.evil", "name": "li"}}')
+    # a name given with the mbox is not used in text either
+    both = Learner.of({"mbox": "alice@example.org", "name": "Alice"})
+    assert both.in_text('{"name": "Alice", "mbox": "mailto:alice@example.org"')
+    assert both.in_text('{"name": "Bob", "mbox": "mailto:alice@example.org"')
+
+
+def test_forget_by_name_alone_is_refused_without_the_flag_and_removes_only_that_name(
+    tmp_path, redis_srv, make_config
+):
+    """Through the CLI: a name alone exits with a usage error and touches nothing; with
+    --name-is-unique it removes that name's statements; an mbox with a name removes the
+    mbox's statements, whatever name they carry, and says the name was not used."""
+    config = make_config(
+        "http://127.0.0.1:9/xAPI/statements/", XAPI_WORKER_SPOOL_DIR=_spool_dir(tmp_path)
+    )
+    client = redis_srv.client()
+    homonym = agent("Alice Martin", "mailto:alice.martin@other.example.org")
+    with pod_producer(redis_srv.url()) as produce:
+        for n, actor in enumerate((ALICE, homonym, BOB)):
+            produce(_of(actor, n))
+    assert client.llen("xapi") == 3
+    code, report, err = _forget(config, json.dumps({"name": "Alice Martin"}), "--wait", "0")
+    assert code == 2 and "--name-is-unique" in err and "Alice" not in err, (code, err)
+    assert client.llen("xapi") == 3
+    by_both = json.dumps({"mbox": "alice.martin@example.org", "name": "Alice Martin"})
+    code, report, err = _forget(config, by_both, "--wait", "0")
+    assert code == 0 and report["removed"]["queue"] == 1, (code, report, err)
+    assert "the name given was not used" in err and "Alice" not in err, err
+    code, report, err = _forget(
+        config, json.dumps({"name": "Alice Martin"}), "--wait", "0", "--name-is-unique"
+    )
+    assert code == 0 and report["removed"]["queue"] == 1, (code, report, err)
+    (left,) = [decode(raw) for raw in client.lrange("xapi", 0, -1)]
+    assert "bob" in json.dumps(left)
 
 
 # --- every place, at rest -------------------------------------------------------------------
@@ -520,3 +624,54 @@ def test_a_claimed_dead_letter_committed_after_forgets_disk_read_is_met_by_anoth
     assert commits == [1]
     assert report.complete and report.passes >= 2
     assert _disk_letters_of_alice(spool_dir, settings) == 0
+
+
+# --- the worker's own passes removing elements meanwhile --------------------------------------
+def test_the_hourly_purge_running_during_forget_makes_it_skip_none_of_the_learners(
+    tmp_path, redis_srv
+):
+    """forget reads a list a chunk at a time from its head; the drainer's hourly purge
+    removes the expired dead letters there meanwhile, which moved the learner's ones left
+    past where forget read on: they were skipped and the run said complete (review of the
+    worker, L2). The real purge is made to run right after forget's first chunk."""
+    from xapi_worker.deadletters import RedisAccess
+    from xapi_worker.forget import CHUNK, Forgetter
+
+    settings, _ = _in_process(tmp_path, redis_srv)
+    client = redis_srv.client()
+    key = settings.dead_letter_key
+
+    def letter(actor: dict[str, Any], n: int, written: str) -> bytes:
+        entry = {"statement": _of(actor, n), "reason": "rejected (HTTP 400)", "time": written}
+        return json.dumps(entry).encode()
+
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    expired = [letter(BOB, n, "2020-01-01T00:00:00Z") for n in range(CHUNK + 100)]
+    alices = [letter(ALICE, 10_000 + n, now) for n in range(10)]
+    recent = [letter(BOB, 20_000 + n, now) for n in range(CHUNK + 100)]
+    client.rpush(key, *expired, *alices, *recent)  # appended: the oldest at the head
+    purged: list[int] = []
+
+    class PurgedAfterTheFirstChunk:
+        """The broker as forget sees it: the hourly purge runs once forget has read the
+        first chunk of the dead letters."""
+
+        def __init__(self, real: Any) -> None:
+            self._real = real
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._real, name)
+
+        def lrange(self, name: str, start: int, end: int) -> Any:
+            chunk = self._real.lrange(name, start, end)
+            if name == key and start == 0 and not purged:
+                purged.append(RedisAccess(settings).purge_older(30))
+            return chunk
+
+    report = Forgetter(
+        settings, PurgedAfterTheFirstChunk(client), Learner.of(json.loads(ALICE_ON_STDIN)), 0
+    ).run()
+    assert purged == [len(expired)]
+    assert report.removed["dead_letters"] == len(alices), report.as_dict()
+    assert report.complete
+    assert client.lrange(key, 0, -1) == recent

@@ -85,3 +85,11 @@ def test_eviction_policy(broker) -> None:
 
 def test_unreachable() -> None:
     assert preflight(free_port(), timeout=2)["reason"] == "unreachable"
+
+
+def test_unreadable_ca(tmp_path) -> None:
+    """The check runs as nobody (session 5's review, L7): a CA file it cannot read is said as
+    such, not as an unreachable broker."""
+    answer = preflight(free_port(), tls=True, ca_file=str(tmp_path / "missing-ca.pem"))
+    assert answer["reason"] == "ca_unreadable", answer
+    assert "missing-ca.pem" in answer["detail"], answer

@@ -111,3 +111,15 @@ def test_the_workers_acl_covers_every_key(key: str) -> None:
 @pytest.mark.parametrize("key", check_broker.KEYS_READ)
 def test_the_monitoring_acl_covers_what_check_xapi_reads(key: str) -> None:
     assert covered(key, acl_patterns(MONITOR_ACL)), key
+
+
+def test_a_replay_run_is_told_from_a_worker_node() -> None:
+    """A `dead-letters replay` run registers as a node while it runs (its claim list):
+    check_xapi counts it as no worker node."""
+    replay = names.inflight_key(names.QUEUE, names.replay_node("123.ab", "host"))
+    assert names.dead_claim_key(names.QUEUE, names.replay_node("123.ab", "host")) == (
+        replay + names.DEAD_CLAIM
+    )
+    assert names.is_replay(replay)
+    assert not names.is_replay(names.inflight_key(names.QUEUE, "xapi@host"))
+    assert not names.is_replay(names.inflight_key(names.QUEUE, "replay@host"))

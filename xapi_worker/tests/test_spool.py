@@ -95,20 +95,37 @@ def test_outage_moves_the_queue_to_the_spool_then_drains(
     assert client.llen("xapi.dead_letters") == 0
 
 
+def _described(statement: dict[str, Any]) -> dict[str, Any]:
+    """``statement`` with its video's description (Pod's videos have one), 7,000 characters."""
+    statement["object"]["definition"]["description"] = {"fr": "Description de la video. " * 280}
+    return statement
+
+
 def test_full_spool_stops_taking_and_drops_nothing(
     tmp_path, redis_srv, ralph, make_config, start_worker
 ):
     spool_dir = _spool_dir(tmp_path)
-    # 6 MiB: the smallest limit for batches of 5 (four batches of the largest statements)
+    # 4 MiB: statements of 16 KiB at most, batches of 5 (a headroom of 120 KiB), the dead
+    # letters' smallest limit (1 MiB) within the same file: about 3,900 statements fill it
     config = make_config(
         ralph.url,
         XAPI_WORKER_SPOOL_DIR=spool_dir,
-        XAPI_WORKER_SPOOL_MAX_MB=6,
+        XAPI_WORKER_SPOOL_MAX_MB=4,
+        XAPI_WORKER_DEAD_LETTER_MAX_MB=1,
+        XAPI_WORKER_MAX_STATEMENT_KB=16,
         XAPI_WORKER_BATCH_SIZE=5,
     )
     worker = start_worker(config, name="full")
     ralph.stop()
-    statements = [video_statement("paused", n, with_id=True) for n in range(4000)]
+    # More than the spool can hold by their text alone, so the node stops taking with
+    # statements still waiting in the broker whatever the timing. (4,000 short ones took
+    # 4.3 MB spooled at once, under the 4.9 MB where the node stops: it stopped before
+    # taking them all only when the drainer's rewrites of the rows meanwhile had grown the
+    # file enough, and otherwise took them all, nothing waiting.) Fewer, larger statements:
+    # fewer POSTs of 5 in the drain, which Ralph's FS backend makes slow (a read of its
+    # whole store each).
+    statements = [_described(video_statement("paused", n, with_id=True)) for n in range(1000)]
+    assert sum(len(json.dumps(s).encode()) for s in statements) > 6 * 1024**2
     _produce(redis_srv.url(), statements)
     assert wait_for(lambda: "FULL" in worker.text(), 90), worker.text()[-3000:]
     state = wait_for_value(lambda: _status(config), lambda s: s["spool_full"], 20)
@@ -118,9 +135,10 @@ def test_full_spool_stops_taking_and_drops_nothing(
     waiting = client.llen("xapi") + client.hlen("unacked")
     spooled = _spool_depth(spool_dir, worker_node("full"))
     assert spooled > 0 and waiting > 0
-    assert spooled + waiting >= 4000
+    assert spooled + waiting >= len(statements)
     ralph.start()
-    assert wait_for(lambda: len(set(ralph.stored_ids())) >= 4000, 240), worker.text()[-3000:]
+    stored = wait_for(lambda: len(set(ralph.stored_ids())) >= len(statements), 240)
+    assert stored, worker.text()[-3000:]
     _exactly_once(ralph.stored_ids(), {s["id"] for s in statements})
     assert "takes from the broker again" in worker.text()
 

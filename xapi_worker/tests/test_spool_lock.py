@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from support import run_cli
 from xapi_testsupport.statements import video_statement
 from xapi_worker.salvage import salvage
-from xapi_worker.spool import CHECK_MARK, CHECKED_MARK, Entry, Spool, SpoolHeld
+from xapi_worker.spool import CHECK_MARK, CHECKED_MARK, Entry, Spool, SpoolError, SpoolHeld
 
 
 def _entries(first: int, count: int) -> list[Entry]:
@@ -222,3 +222,35 @@ def test_a_salvage_killed_between_chunks_and_run_again_takes_each_row_once(
     assert len(ids) == rows and len(set(ids)) == rows
     assert spool.damaged_files() == []
     spool.close()
+
+
+def test_a_trigger_planted_in_the_file_runs_nothing_unsafe(tmp_path: Path) -> None:
+    """A spool file left by another user (Pod's, before the spool became the worker's user's:
+    the first Ansible review, L1) may carry a trigger of its own. The worker's connections do
+    not trust the file's schema (``trusted_schema`` off): a trigger using what SQLite does not
+    mark harmless (here a ``pragma_*`` table) fails instead of running as the worker's user,
+    and nothing is written."""
+    first = Spool(tmp_path, "xapi@enc")
+    first.open()
+    first.close()
+    planted = sqlite3.connect(first.path)
+    planted.execute("CREATE TABLE seen (file TEXT)")
+    planted.execute(
+        "CREATE TRIGGER planted AFTER INSERT ON spool"
+        " BEGIN INSERT INTO seen SELECT file FROM pragma_database_list; END"
+    )
+    planted.commit()
+    planted.close()
+    spool = Spool(tmp_path, "xapi@enc")
+    spool.open()
+    try:
+        with pytest.raises(SpoolError, match="unsafe use of virtual table"):
+            spool.add(_entries(0, 1))
+    finally:
+        spool.close()
+    assert _count(first.path) == 0
+    conn = sqlite3.connect(first.path)
+    try:
+        assert conn.execute("SELECT count(*) FROM seen").fetchone() == (0,)
+    finally:
+        conn.close()

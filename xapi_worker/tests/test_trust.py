@@ -726,6 +726,71 @@ def test_a_statement_that_times_out_alone_again_and_again_is_poison_after_the_ru
     assert sorted(stored) == sorted(s["id"] for s in [late, *good])  # each once
 
 
+def test_a_statement_behind_a_slow_lrs_is_poison_only_after_lone_timeouts_proved_absent(ralph):
+    """The same rule through a real read timeout (review of the worker, L3; issue #33, item
+    2): the LRS does not answer in time whenever the batch holds this statement, and stores
+    the others. Each exchange times out, splits, times out alone, and the LRS, asked by id,
+    says it does not hold it: one lone failure per exchange, never a dead letter on one, a
+    dead letter after ``poison_after`` of them (a smaller number than POISON_AFTER, whose
+    count the test above proves: each exchange here waits out the read timeout twice)."""
+    slow = video_statement("paused", 779)
+    poison_after = 3
+
+    def lrs(req):
+        if req.method == "POST" and slow["id"] in _posted_ids(req):
+            time.sleep(3.0)  # past the worker's read timeout; never stored
+            return 503, JSON, b"{}"
+        return None
+
+    proxy = Proxy(upstream_port=ralph.port, respond=lrs).start()
+    settings = settings_from_mapping(
+        {
+            "XAPI_LRS_URL": proxy.url,
+            "XAPI_LRS_LOGIN": LRS_USER,
+            "XAPI_LRS_PWD": LRS_PASSWORD,
+            "XAPI_CELERY_BROKER_URL": "redis://127.0.0.1:1/6",
+            "XAPI_WORKER_READ_TIMEOUT": "2",
+        }
+    )
+    lrs_client = LRSClient(settings)
+    lrs_client.get_statement(slow["id"])  # Ralph's first read is slow: not the one measured
+    good: list[dict] = []
+    pending = [Item("slow", slow, attempt=3)]
+    dead: list[Result] = []
+    counts: list[int] = []
+    try:
+        while pending and len(counts) < poison_after + 2:
+            fresh = [video_statement("played", 2000 + len(good) + n) for n in range(2)]
+            good.extend(fresh)
+            batch = pending + [Item(s["id"], s, attempt=3) for s in fresh]
+            results = deliver(
+                batch,
+                lrs_client.post_statements,
+                fetch=lrs_client.get_statement,
+                poison_after=poison_after,
+            )
+            pending = []
+            for res in results:
+                if res.verdict is Verdict.DEAD:
+                    dead.append(res)
+                elif res.verdict is Verdict.RETRY:
+                    assert res.answer.timed_out and res.absent, res.answer
+                    res.item.attempt += 1
+                    pending.append(res.item)
+            counts.append(_lone_failures_of_slow(results))
+    finally:
+        proxy.stop()
+    assert counts == list(range(1, poison_after + 1)), counts
+    assert [r.item.key for r in dead] == ["slow"], [(r.item.key, r.reason) for r in dead]
+    assert "does not hold it" in dead[0].reason and "timed out" in dead[0].reason.lower()
+    assert sorted(ralph.stored_ids()) == sorted(s["id"] for s in good)  # each once
+
+
+def _lone_failures_of_slow(results: list[Result]) -> int:
+    (slow,) = [r.item for r in results if r.item.key == "slow"]
+    return slow.lone_failures
+
+
 def test_a_signed_header_set_put_on_other_messages_holds_nothing(
     redis_srv, ralph, make_config, start_worker
 ):

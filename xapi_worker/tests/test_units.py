@@ -341,10 +341,10 @@ def test_retry_delay_bounds():
 
 
 def test_parse_retry_after():
-    assert parse_retry_after("12", 0) == 12.0
-    assert parse_retry_after(None, 0) is None
-    assert parse_retry_after("Thu, 01 Jan 1970 00:01:40 GMT", 40.0) == 60.0
-    assert parse_retry_after("garbage", 0) is None
+    assert parse_retry_after("12", 0, 3600.0) == 12.0
+    assert parse_retry_after(None, 0, 3600.0) is None
+    assert parse_retry_after("Thu, 01 Jan 1970 00:01:40 GMT", 40.0, 3600.0) == 60.0
+    assert parse_retry_after("garbage", 0, 3600.0) is None
 
 
 def test_answer_excerpt_masked_before_it_is_cut():
@@ -384,13 +384,15 @@ def test_any_content_has_a_json_text_and_a_reason_when_unsendable():
 
 def test_retry_after_is_capped():
     """A Retry-After of a date in 2028 used to hold every POST for 389 days."""
-    from xapi_worker.delivery import RETRY_AFTER_MAX_SECONDS
+    from xapi_worker.settings import Settings
 
+    cap = Settings.__dataclass_fields__["retry_after_max_seconds"].default
+    assert cap == 3600.0
     now = 1_796_000_000.0  # 2026-11-30
-    assert parse_retry_after("Fri, 01 Dec 2028 00:00:00 GMT", now) == RETRY_AFTER_MAX_SECONDS
-    assert parse_retry_after("99999999999999999999", now) == RETRY_AFTER_MAX_SECONDS
-    assert parse_retry_after("120", now) == 120.0
-    assert RETRY_AFTER_MAX_SECONDS == 3600.0
+    assert parse_retry_after("Fri, 01 Dec 2028 00:00:00 GMT", now, cap) == cap
+    assert parse_retry_after("99999999999999999999", now, cap) == cap
+    assert parse_retry_after("120", now, cap) == 120.0
+    assert parse_retry_after("120", now, 60.0) == 60.0  # XAPI_WORKER_RETRY_AFTER_MAX_SECONDS
 
 
 def test_a_split_stops_at_its_deadline():

@@ -7,7 +7,7 @@ answers 502 pages), and Pod's producer queues a few hundred statements, a handfu
 invalid: the worker puts them in its spool. Ralph comes back behind the balancer, whose
 second backend is broken: every other POST is answered 503 with an HTML page. A few POSTs
 into the drain, the balancer answers every POST 503 with `Retry-After` two years ahead: the
-worker must hold for its cap (`delivery.RETRY_AFTER_MAX_SECONDS`), not for two years; it is
+worker must hold for its cap (`XAPI_WORKER_RETRY_AFTER_MAX_SECONDS`), not for two years; it is
 then restarted (rows parked beyond its longest retry delay are due at start:
 xapi_worker/README.md), and the spool drains through the broken backend. Expected: every
 valid statement stored once, none dead-lettered, every invalid one dead-lettered with the
@@ -37,6 +37,7 @@ from hosts import (
     LRS_STORE,
     WORK,
     WORKER_ENV,
+    all_dead_letters,
     broker_state,
     copy_to,
     lrs_store_ids,
@@ -88,18 +89,19 @@ def worker_setting(name: str) -> float:
     raise AssertionError(f"no default for {name} in xapi_worker/settings.py")
 
 
-def worker_constant(module: str, name: str) -> float:
-    """A constant of the worker's source (declared there once), read without importing it."""
-    tree = ast.parse((ROOT / f"xapi_worker/src/xapi_worker/{module}.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == name for t in node.targets
-        ):
-            return float(ast.literal_eval(node.value))
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == name:
-            assert node.value is not None
-            return float(ast.literal_eval(node.value))
-    raise AssertionError(f"{name} not in xapi_worker/{module}.py")
+def retry_after_cap() -> float:
+    """The longest Retry-After the deployed worker honours (XAPI_WORKER_RETRY_AFTER_MAX_SECONDS,
+    written from xapi_encodage_retry_after_max_seconds): the scenario's value, else the role's
+    default."""
+    name = "xapi_encodage_retry_after_max_seconds"
+    for path in (
+        "molecule/resilience/host_vars/res-encodage.yml",
+        "roles/xapi_encodage/defaults/main.yml",
+    ):
+        values = yaml.safe_load((ROOT / path).read_text())
+        if name in values:
+            return float(values[name])
+    raise AssertionError(f"no {name} in the scenario or the role's defaults")
 
 
 def statement(n: int) -> tuple[dict[str, Any], bool]:
@@ -121,16 +123,6 @@ def worker_cli(*args: str) -> list[dict[str, Any]]:
     )
     out = sh("encodage", command).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-def dead_letters() -> dict[str, dict[str, Any]]:
-    """Every dead letter by statement id, as the operator's command lists them (wherever the
-    worker keeps them)."""
-    return {
-        entry["statement"].get("id"): entry
-        for entry in worker_cli("dead-letters", "list")
-        if isinstance(entry.get("statement"), dict)
-    }
 
 
 def set_mode(mode: str) -> None:
@@ -201,7 +193,7 @@ def test_the_spool_drains_through_a_broken_backend_and_a_far_retry_after(report_
     retry_max = worker_setting("XAPI_WORKER_RETRY_MAX_SECONDS")
     isolate_after = worker_setting("XAPI_WORKER_ISOLATE_AFTER")
     batch = int(worker_setting("XAPI_WORKER_BATCH_SIZE"))
-    cap = worker_constant("delivery", "RETRY_AFTER_MAX_SECONDS")
+    cap = retry_after_cap()
     plan = [statement(n) for n in range(VALID + VALID // INVALID_EVERY)]
     valid = {s["id"] for s, ok in plan if ok}
     invalid_ids = {s["id"] for s, ok in plan if not ok}
@@ -283,7 +275,7 @@ def test_the_spool_drains_through_a_broken_backend_and_a_far_retry_after(report_
         def settled() -> bool:
             state = broker_state()
             waiting = state["queue"] or state["unacked"] or state["in_flight"] or state["spooled"]
-            return not waiting and everything <= set(lrs_store_ids()) | set(dead_letters())
+            return not waiting and everything <= set(lrs_store_ids()) | set(all_dead_letters(state))
 
         drained = wait_until(settled, bound, 3)
         drain_took = time.monotonic() - restarted
@@ -295,8 +287,8 @@ def test_the_spool_drains_through_a_broken_backend_and_a_far_retry_after(report_
         sh("lrs", f"systemctl stop {BALANCER_UNIT}", check=False)
 
     stored = lrs_store_ids()
-    dead = dead_letters()
     state = broker_state()
+    dead = all_dead_letters(state)  # the broker's list and the worker's disk
     lost = everything - set(stored) - set(dead)
     report = "\n".join(
         [

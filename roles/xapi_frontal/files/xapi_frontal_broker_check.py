@@ -5,8 +5,11 @@ Reads {host, port, user, password, db, tls, ca_file, timeout, eviction} as JSON 
 db, PING, and with "eviction" true (a broker the bundle does not manage) INFO memory, whose
 maxmemory_policy must be noeviction: Celery's messages must never be evicted. Prints
 {"ok": bool, "reason": ..., "detail": ...}; reason is one of ok, unreachable,
-auth_refused, noauth, noperm, protocol, evicts, policy_unknown. No message echoes the
-password.
+auth_refused, noauth, noperm, protocol, evicts, policy_unknown, ca_unreadable. No message
+echoes the password.
+
+The role runs it as nobody (it parses whatever answers on the broker's port): the broker's
+CA, the one file it opens, must be readable by every user.
 
 The Redis client is the worker package's (xapi_worker/resp.py): the role runs this file
 before anything is installed, with the client's source as its first argument
@@ -53,6 +56,12 @@ def classify(code: str, step: str) -> str:
 
 def check(cfg: dict, resp: Any) -> tuple[str, str]:  # noqa: ANN401
     where = f"{cfg['host']}:{cfg['port']}"
+    if cfg.get("tls") and cfg.get("ca_file"):
+        try:
+            with open(cfg["ca_file"], "rb"):
+                pass
+        except OSError as exc:
+            return "ca_unreadable", f"{cfg['ca_file']}: {exc.strerror}"
     try:
         client = resp.Connection(
             cfg["host"],

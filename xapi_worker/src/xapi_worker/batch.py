@@ -37,7 +37,7 @@ from .metrics import Metrics
 from .names import LAST_DELIVERY as LAST_DELIVERY_KEY
 from .retries import Republish, ToSpool
 from .settings import Settings
-from .settle import Retries, Settler, write_dead_letter
+from .settle import Retries, Settler
 from .spool import Spool
 from .transport import HEADER_KEY_OPTION, NODE_OPTION
 from .urls import mask_url
@@ -145,7 +145,7 @@ class Processor:
 
     def write_dead_letter(self, letter: DeadLetter) -> bool:
         """Write the dead letter of a message that cannot be delivered (settle.py)."""
-        return write_dead_letter(self.dead, self.metrics, letter, self.node, self.dead_letters)
+        return self.settler.write_dead_letter(letter)
 
     @property
     def node(self) -> str:
@@ -230,7 +230,7 @@ class Processor:
             # The LRS asked (Retry-After) not to be called before then, or keeps failing
             # (spool on): nothing is sent.
             answer = Answer(status=None, error=f"held: no POST to the LRS for {held:.0f} s more")
-            sendable, results = unsendable(leaders)
+            sendable, results = unsendable(leaders, self.settings.max_statement_bytes)
             results.extend(Result(i, Verdict.RETRY, answer) for i in sendable)
             return self.settler.settle(results, now, hold=held, batch=self._batch)
         try:
@@ -242,6 +242,7 @@ class Processor:
                 isolate_after=self.settings.isolate_after,
                 stored_before=self._stored_recently,
                 deadline=self._deadline(taken_at),
+                max_statement_bytes=self.settings.max_statement_bytes,
             )
         except Exception as exc:  # a bug of ours: keep the statements, try again later
             log.exception("internal error while delivering a batch")

@@ -20,7 +20,7 @@ import requests
 from . import __version__
 from .consumer import BODY
 from .content import json_text
-from .deadletters import STATUS_FIELDS, RedisAccess
+from .deadletters import STATUS_FIELDS, RedisAccess, ReplayClaim
 from .deadstore import DiskDeadLetters, disk_dead_letters
 from .lrs import LRSClient, excerpt
 from .names import QUEUE, XAPI_VERSION
@@ -176,22 +176,37 @@ def _dead_stores(settings: Settings, args: argparse.Namespace) -> list[DiskDeadL
         stem = path.name.removesuffix(".sqlite3")
         if wanted and stem not in wanted and stem.partition("@")[0] not in names:
             continue
-        spool = Spool(directory, stem, settings.spool_max_mb * 1024**2, settings.batch_size)
+        spool = Spool(
+            directory,
+            stem,
+            settings.spool_max_mb * 1024**2,
+            settings.batch_size,
+            settings.max_statement_bytes,
+        )
         stores.append(disk_dead_letters(spool, settings))
     return stores
 
 
+def _always() -> bool:
+    return True
+
+
 def _dead_entries(
-    settings: Settings, args: argparse.Namespace, access: RedisAccess
-) -> Iterator[tuple[Callable[[], int], dict[str, Any]]]:
+    settings: Settings,
+    args: argparse.Namespace,
+    access: RedisAccess,
+    claim: ReplayClaim | None = None,
+) -> Iterator[tuple[Callable[[], bool], Callable[[], int], dict[str, Any]]]:
     """Every dead letter to act on, oldest first where by where (this host's disk, then the
-    broker's list), each with what removes it, at most ``--limit``."""
+    broker's list), each with what takes it (False: gone meanwhile) and what removes it
+    (returns how many it removed), at most ``--limit``. ``claim``: a broker element is taken
+    through it (ReplayClaim), else it is removed where it is."""
     n = 0
     for store in _dead_stores(settings, args):
         with _opened(store.spool):
             for row_id, entry in store.entries(args.limit - n if args.limit else 0):
                 entry["kept_in"] = store.spool.path.name
-                yield functools.partial(store.delete, [row_id]), entry
+                yield _always, functools.partial(store.delete, [row_id]), entry
                 n += 1
         if args.limit and n >= args.limit:
             return
@@ -201,36 +216,51 @@ def _dead_entries(
         if args.limit and n >= args.limit:
             return
         entry["kept_in"] = access.key
-        yield functools.partial(access.remove, raw), entry
+        if claim is None:
+            yield _always, functools.partial(access.remove, raw), entry
+        else:
+            yield functools.partial(claim.take, raw), claim.done, entry
         n += 1
 
 
 def cmd_dead_list(settings: Settings, args: argparse.Namespace) -> int:
     with _broker(settings) as access:
-        for _remove, entry in _dead_entries(settings, args, access):
+        for _take, _remove, entry in _dead_entries(settings, args, access):
             print(json_text(entry, compact=False))
     return Exit.OK
 
 
 def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
     """Each dead letter's statement back on the queue, then the dead letter removed (a stop
-    between the two replays it again: the statement keeps its id, the LRS stores it once)."""
+    between the two replays it again: the statement keeps its id, the LRS stores it once).
+    An element of the broker's list is claimed first (deadletters.ReplayClaim): one taken
+    meanwhile by another process (a node moving it to its disk) is not sent, and counted."""
     from .worker import make_celery  # Celery only for the commands that publish
 
-    replayed = skipped = 0
+    replayed = skipped = gone = 0
     with _broker(settings) as access:
         app = make_celery(settings, name="xapi_worker_replay")
+        claim = ReplayClaim(access.client, access.key, settings.visibility_timeout)
         try:
-            for remove, entry in _dead_entries(settings, args, access):
-                statement = entry.get("statement")
-                # Not a statement: the head of a message the worker could not read
-                # (consumer.py), which the LRS would refuse under another reason.
-                if not isinstance(statement, dict) or "unparsable" in entry or BODY in statement:
-                    skipped += 1
-                    continue
-                app.send_task(TASK_NAME, args=[statement])
-                remove()
-                replayed += 1
+            with claim:
+                for take, remove, entry in _dead_entries(settings, args, access, claim):
+                    statement = entry.get("statement")
+                    # Not a statement: the head of a message the worker could not read
+                    # (consumer.py), which the LRS would refuse under another reason.
+                    if (
+                        not isinstance(statement, dict)
+                        or "unparsable" in entry
+                        or BODY in statement
+                    ):
+                        skipped += 1
+                        continue
+                    if not take():
+                        gone += 1
+                        continue
+                    app.send_task(TASK_NAME, args=[statement])
+                    if not remove():
+                        gone += 1  # replayed, and removed meanwhile by another
+                    replayed += 1
         except (redis.RedisError, Failure):
             raise
         except Exception as exc:  # kombu's OperationalError and friends
@@ -242,6 +272,12 @@ def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             app.close()
     print(f"replayed {replayed} dead letters onto queue {QUEUE}; skipped {skipped}")
+    if gone:
+        print(
+            f"{gone} dead letters were moved or removed by another process while this replay "
+            "ran (a node moving the broker's list to its disk, another replay, a purge): "
+            "run `dead-letters list` again"
+        )
     return Exit.OK
 
 
@@ -291,7 +327,7 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
                 agent["account"] = {"homePage": args.account[0], "name": args.account[1]}
             if args.name is not None:
                 agent["name"] = args.name
-        learner = Learner.of(agent)
+        learner = Learner.of(agent, name_is_unique=args.name_is_unique)
     except (ValueError, LearnerError) as exc:
         # The reason names the field; a JSON error may quote the input: not printed.
         why = str(exc) if isinstance(exc, LearnerError) else "stdin is not one JSON object"
@@ -300,6 +336,12 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     if args.wait < 0:
         print("--wait takes a number of seconds >= 0", file=sys.stderr)
         return Exit.USAGE
+    if learner.name_ignored:
+        print(
+            "forget: the name given was not used: the mbox or the account identifies the "
+            "learner (a name would only narrow the match and miss statements)",
+            file=sys.stderr,
+        )
     with _broker(settings) as access:
         report = Forgetter(settings, access.client, learner, wait_seconds=args.wait).run()
     print(json.dumps(report.as_dict()))
@@ -344,7 +386,13 @@ def _spools(settings: Settings, node: str | None) -> list[Spool]:
         names = sorted(p.name for p in directory.glob("*.sqlite3"))
     limit = settings.spool_max_mb * 1024**2
     return [
-        Spool(directory, name.removesuffix(".sqlite3"), limit, settings.batch_size)
+        Spool(
+            directory,
+            name.removesuffix(".sqlite3"),
+            limit,
+            settings.batch_size,
+            settings.max_statement_bytes,
+        )
         for name in names
     ]
 
@@ -493,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     fgt = sub.add_parser(
         "forget",
         help="remove a learner's statements from the broker and this host's spools",
-        description="Remove the statements of one learner (any agent of a statement: mbox, "
-        "account or name) from the queue, the in-flight lists, unacked, this host's spools, "
+        description="Remove the statements of one learner (any agent of a statement: by mbox "
+        "or account, a name narrowing them; by name alone only with --name-is-unique) from "
+        "the queue, the in-flight lists, unacked, this host's spools, "
         "the dead letters and xapi.unreadable; prints how many were removed where. Not "
         "reached: the LRS, backups, Pod's own Redis. Options on the command line are seen "
         "by other users of the host (ps): prefer --stdin.",
@@ -503,11 +552,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--stdin",
         action="store_true",
         help='the learner as a JSON object on stdin: {"mbox": ...}, {"account": {"homePage": '
-        '..., "name": ...}}, {"name": ...}, or several of these keys',
+        '..., "name": ...}}, or both, with or without "name" (narrowing); {"name": ...} '
+        "alone with --name-is-unique",
     )
     fgt.add_argument("--mbox", help="mailto:address (or the address)")
     fgt.add_argument("--account", nargs=2, metavar=("HOMEPAGE", "NAME"), help="an account")
-    fgt.add_argument("--name", help="the agent's name (Pod: the user name, or its hash)")
+    fgt.add_argument(
+        "--name",
+        help="the agent's name (Pod: the user name, or its hash); with --mbox or --account "
+        "it is not used (it would miss statements under another name), alone it needs "
+        "--name-is-unique",
+    )
+    fgt.add_argument(
+        "--name-is-unique",
+        action="store_true",
+        help="take a name alone (--name, or stdin's name without mbox or account): every "
+        "statement of an agent of that name is erased, so only where names are unique "
+        "(XAPI_ANONYMIZE_ACTOR: a hash as the name)",
+    )
     fgt.add_argument(
         "--wait",
         type=float,

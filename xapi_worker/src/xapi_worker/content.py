@@ -33,17 +33,25 @@ LONE_SURROGATE = (
 )
 NOT_A_NUMBER = "not valid JSON: a number is NaN or infinite"
 TOO_DEEP = "not encodable: nested too deep"
-#: The largest statement the worker takes: its JSON text, in UTF-8. Pod's statements are 1
-#: to 3 kB (a long session's played-segments, a few more); a browser can send anything.
-#: Larger, it is dead-lettered alone without a POST. This bounds what one batch can write
-#: to the spool (spool.batch_bytes), the spool's headroom.
+#: The largest statement the worker takes by default (``XAPI_WORKER_MAX_STATEMENT_KB``): its
+#: JSON text, in UTF-8. Pod's statements are 1 to 3 kB (a long session's played-segments, a
+#: few more); a browser can send anything. Larger, it is dead-lettered alone without a POST.
+#: This bounds what one batch can write to the spool (spool.batch_bytes), the spool's
+#: headroom.
 MAX_STATEMENT_BYTES = 256 * 1024
-TOO_LARGE = f"too large: its JSON text is longer than {MAX_STATEMENT_BYTES} bytes in UTF-8"
 
 
-def problem(value: Any) -> str | None:  # noqa: ANN401 (any JSON value)
-    """Why ``value`` cannot be sent as a JSON text in UTF-8, or is larger than the worker
-    takes (:data:`MAX_STATEMENT_BYTES`) (None: it can). Checked
+def too_large(max_bytes: int = MAX_STATEMENT_BYTES) -> str:
+    """The reason of a statement larger than ``max_bytes``."""
+    return f"too large: its JSON text is longer than {max_bytes} bytes in UTF-8"
+
+
+TOO_LARGE = too_large()
+
+
+def problem(value: Any, max_bytes: int = MAX_STATEMENT_BYTES) -> str | None:  # noqa: ANN401
+    """Why ``value`` (any JSON value) cannot be sent as a JSON text in UTF-8, or is larger
+    than the worker takes (``max_bytes``) (None: it can). Checked
     :data:`DEPTH_MARGIN` levels deeper than the value is: the POST encodes it from deeper in
     the call stack, where Python's recursion limit comes sooner."""
     for _ in range(DEPTH_MARGIN):
@@ -56,8 +64,8 @@ def problem(value: Any) -> str | None:  # noqa: ANN401 (any JSON value)
         return TOO_DEEP
     except (TypeError, ValueError):
         return NOT_A_NUMBER
-    if size - 2 * DEPTH_MARGIN > MAX_STATEMENT_BYTES:
-        return TOO_LARGE
+    if size - 2 * DEPTH_MARGIN > max_bytes:
+        return too_large(max_bytes)
     return None
 
 

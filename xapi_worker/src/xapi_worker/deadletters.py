@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,12 +23,23 @@ import redis
 
 from .content import json_text
 from .delivery import iso, parse_iso
-from .names import INFLIGHT, QUEUE, SPOOL_FIELDS, UNACKED, registry_key, unreadable_key
+from .names import (
+    INFLIGHT,
+    QUEUE,
+    SPOOL_FIELDS,
+    UNACKED,
+    alive_key,
+    dead_claim_key,
+    inflight_key,
+    registry_key,
+    replay_node,
+    unreadable_key,
+)
 from .names import LAST_DELIVERY as LAST_DELIVERY_KEY
 from .names import SPOOL as SPOOL_SUFFIX
 from .redisclient import ForkSafeRedis
 from .retention import unreadable_oldest
-from .scripts import push, set_value
+from .scripts import Scripts, claim_one, move_all, push, set_value
 from .settings import Settings
 
 log = logging.getLogger("xapi_worker")
@@ -208,6 +222,68 @@ class RedisAccess:
         }
         state.update(spool_summary(spools))
         return state
+
+
+class ReplayClaim:
+    """How ``dead-letters replay`` takes the elements of the broker's list, one at a time:
+    each is moved to the run's claim list (``xapi.inflight.replay-<run>@<host>.dead_letters``,
+    names.replay_node) before its statement is sent, and the claim list deleted after. An
+    element another process took since the replay read the list (a node's drainer moving it
+    to its disk, another replay, a purge) is found missing: not sent, counted
+    (:meth:`take` is False).
+
+    The run registers as a node (the registry of in-flight lists, a heartbeat refreshed while
+    it runs, expiring after ``ttl`` seconds), as a worker node does for its own claim list
+    (deadstore.move_legacy): a replay killed between the claim and the deletion leaves its
+    claim (one element) where ``forget`` reads it and where any worker node, once the
+    heartbeat has expired, puts it back at the head of the broker's list
+    (transport.recover_orphans). A replay that ends puts an element it claimed and did not
+    send back there itself, then leaves the registry."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl: int, host: str | None = None) -> None:
+        self.client = client
+        self.key = key  # the broker's dead letters (XAPI_WORKER_DEAD_LETTER_KEY)
+        self.ttl = max(30, int(ttl))
+        run = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self.node = replay_node(run, host or socket.gethostname())
+        self.member = inflight_key(QUEUE, self.node)
+        self.claim = dead_claim_key(QUEUE, self.node)
+        self._next_beat: float | None = None  # monotonic; None: not registered
+
+    def __enter__(self) -> ReplayClaim:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        if self._next_beat is None or now >= self._next_beat:
+            Scripts(self.client).heartbeat(
+                keys=[alive_key(self.member), registry_key(QUEUE)],
+                args=[self.node, self.ttl, self.member],
+                client=self.client,
+            )
+            self._next_beat = now + self.ttl / 3
+
+    def take(self, raw: bytes) -> bool:
+        """Claim ``raw``; False when the broker's list holds it no more."""
+        self._beat()
+        return claim_one(self.client, self.key, self.claim, raw)
+
+    def done(self) -> int:
+        """The claimed element was sent: its dead letter is gone."""
+        return int(self.client.delete(self.claim))  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        if self._next_beat is None:
+            return
+        back = move_all(self.client, self.claim, self.key, "RIGHT", "LEFT")
+        if back:
+            log.warning("%d claimed dead letter(s) not replayed: back on %s", back, self.key)
+        self.client.delete(alive_key(self.member))
+        self.client.srem(registry_key(QUEUE), self.member)
+        self._next_beat = None
 
 
 def _age(since: float | None) -> float | None:

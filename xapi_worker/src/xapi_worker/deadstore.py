@@ -134,19 +134,31 @@ class DiskDeadLetters:
         self.spool = spool
         self.max_bytes = max_bytes
         self.retention_days = retention_days
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # with the spool's statement_bytes: the headroom
 
     def __repr__(self) -> str:
         return f"DiskDeadLetters({str(self.spool.path)!r})"
 
     # --- writes -------------------------------------------------------------------------------
-    def add(self, entries: Sequence[dict[str, Any]], now: float | None = None) -> None:
+    def add(
+        self,
+        entries: Sequence[dict[str, Any]],
+        now: float | None = None,
+        settles: Sequence[int] = (),
+    ) -> bool:
         """Write these dead letters (each as DeadLetter.entry() makes it), committed to disk
         on return; raise :class:`DeadLettersFull` or :class:`spool.SpoolError` (nothing
-        written) when they cannot be."""
+        written) when they cannot be.
+
+        ``settles``: the ids of the spooled rows these dead letters settle (the drainer's),
+        deleted from the spool in the same transaction, so that a row is gone once its dead
+        letter is written, whatever stops the drainer next (a kill, a reschedule of another
+        row that fails). When none of them is still spooled (another process, ``spool
+        drain`` beside the node, settled them meanwhile), nothing is written and False is
+        returned: a row never has two dead letters."""
         now = time.time() if now is None else now
         rows = [(blob, now, len(blob) + ROW_OVERHEAD_BYTES, None) for blob in map(_blob, entries)]
-        self._insert(rows, now)
+        return self._insert(rows, now, settles) > 0 or not settles
 
     def add_raw(self, raws: Sequence[bytes], now: float | None = None) -> int:
         """Elements of the broker's list, as they are (bytes), each once whatever the number
@@ -165,7 +177,14 @@ class DiskDeadLetters:
         ]
         return self._insert(rows, now)
 
-    def _insert(self, rows: Sequence[tuple[bytes, float, int, str | None]], now: float) -> int:
+    def _insert(
+        self,
+        rows: Sequence[tuple[bytes, float, int, str | None]],
+        now: float,
+        settles: Sequence[int] = (),
+    ) -> int:
+        """Insert ``rows``; returns how many were new (0 too when ``settles`` named rows of
+        the spool of which none was left: nothing inserted)."""
         if not rows:
             return 0
         incoming = sum(r[2] for r in rows)
@@ -179,6 +198,10 @@ class DiskDeadLetters:
                     "not written"
                 )
             with self.spool.transaction() as conn:
+                if settles and not sum(
+                    conn.execute("DELETE FROM spool WHERE id = ?", (i,)).rowcount for i in settles
+                ):
+                    return 0
                 used = int(conn.execute("SELECT bytes FROM dead_letter_size").fetchone()[0])
                 expired = 0
                 if used + incoming > self.max_bytes:
@@ -320,7 +343,7 @@ class DiskDeadLetters:
             max_bytes=self.max_bytes,
             new=int(new),
             oldest=None if oldest is None else float(oldest),
-            headroom=batch_bytes(self.batch_size),
+            headroom=batch_bytes(self.batch_size, self.spool.statement_bytes),
         )
 
 
@@ -334,24 +357,41 @@ def disk_dead_letters(spool: Spool, settings: Settings) -> DiskDeadLetters:
     )
 
 
+def move_room(store: DiskDeadLetters) -> int:
+    """Bytes of the broker's dead letters ``store`` may still take in (:func:`move_legacy`):
+    up to one batch's headroom below where a full store takes again (DeadStats.roomy), so
+    that the move never makes a node's dead letters full and stop the node taking (the
+    dead letters harm nothing where they are, in the broker's list)."""
+    stats = store.stats(counts=False)
+    return int(stats.max_bytes * RESUME_SHARE) - stats.headroom - stats.bytes
+
+
 def move_legacy(
     client: redis.Redis,
     legacy: str,
     claim: str,
     store: DiskDeadLetters,
     most: int = MOVE_PER_TURN,
+    roomy: bool = False,
 ) -> int:
     """Move up to ``most`` elements of the broker's list ``legacy`` to ``store``, through the
     node's claim list ``claim`` (see the module's docstring); what the claim list holds from
     a run that was stopped is committed first. Returns how many elements left the broker
     (those of a stopped run, committed already, are not added twice). When the store is
     full, what is claimed goes back to the head of ``legacy`` and DeadLettersFull is
-    raised."""
+    raised. ``roomy`` (the drainer's): each chunk claims only the elements that fit in
+    :func:`move_room`, and the move stops at the first that does not: the rest stays in
+    ``legacy``."""
     added = moved = 0
     while moved < most:
         pending: list[bytes] = client.lrange(claim, 0, -1)  # type: ignore[assignment]
         if not pending:
-            if not move_some(client, legacy, claim, min(CHUNK, most - moved), "LEFT", "RIGHT"):
+            want = min(CHUNK, most - moved)
+            if roomy:
+                want = _fitting(client.lrange(legacy, 0, want - 1), move_room(store))  # type: ignore[arg-type]
+                if not want:
+                    break
+            if not move_some(client, legacy, claim, want, "LEFT", "RIGHT"):
                 break
             pending = client.lrange(claim, 0, -1)  # type: ignore[assignment]
         try:
@@ -365,3 +405,14 @@ def move_legacy(
     if added:
         log.warning("%d dead letters moved from the broker's %s to %s", added, legacy, store)
     return moved
+
+
+def _fitting(head: Sequence[bytes], room_bytes: int) -> int:
+    """How many of ``head``'s elements, from the first, fit in ``room_bytes`` on disk."""
+    fits = 0
+    for raw in head:
+        room_bytes -= len(raw) + ROW_OVERHEAD_BYTES
+        if room_bytes < 0:
+            break
+        fits += 1
+    return fits

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from .content import problem
+from .content import MAX_STATEMENT_BYTES, problem
 
 # Namespace of the ids given to statements that arrive without one: uuid5(NS, task id), so a
 # redelivery of the same Celery message produces the same statement id (idempotent at the LRS).
@@ -290,14 +290,16 @@ def maybe_stored(answer: Answer) -> bool:
     return not answer.unverified and (answer.timed_out or answer.status == 504)
 
 
-def unsendable(items: Sequence[Item]) -> tuple[list[Item], list[Result]]:
+def unsendable(
+    items: Sequence[Item], max_bytes: int = MAX_STATEMENT_BYTES
+) -> tuple[list[Item], list[Result]]:
     """The items whose statement can travel as JSON in UTF-8, and a dead-letter Result for
     each other one (a lone surrogate, NaN, nesting too deep, too large: content.py). One
     check per statement (its size is its own), about the cost of one of the whole batch."""
     sendable: list[Item] = []
     dead: list[Result] = []
     for item in items:
-        why = problem(item.statement)
+        why = problem(item.statement, max_bytes)
         if why is None:
             sendable.append(item)
         else:
@@ -336,6 +338,7 @@ def deliver(
     stored_before: bool | Callable[[], bool] = False,
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    max_statement_bytes: int = MAX_STATEMENT_BYTES,
 ) -> list[Result]:
     """POST ``items`` as one batch and settle each statement.
 
@@ -366,7 +369,7 @@ def deliver(
       of slow answers, stops there and what is not settled is retried, so the batch's
       messages are settled before the broker's visibility timeout hands them to another.
     """
-    items, results = unsendable(items)
+    items, results = unsendable(items, max_statement_bytes)
     walk = _Walk()
     asked: list[bool] = []
 
@@ -502,26 +505,23 @@ def deliver(
     return results
 
 
-#: The longest ``Retry-After`` honoured: an LRS's (or a proxy's) date far ahead, a typo, a
-#: clock gone wrong would otherwise hold every POST for as long (a date in 2028: 389 days).
-RETRY_AFTER_MAX_SECONDS = 3600.0
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
+def parse_retry_after(value: str | None, now: float, maximum: float) -> float | None:
     """Seconds to wait according to a ``Retry-After`` header (delta-seconds or HTTP-date),
-    at most :data:`RETRY_AFTER_MAX_SECONDS`."""
+    at most ``maximum`` (``XAPI_WORKER_RETRY_AFTER_MAX_SECONDS``: an LRS's or a proxy's date
+    far ahead, a typo, a clock gone wrong would otherwise hold every POST for as long; a date
+    in 2028 held them 389 days)."""
     if not value:
         return None
     value = value.strip()
     if value.isdigit():
-        return min(float(value), RETRY_AFTER_MAX_SECONDS)
+        return min(float(value), maximum)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)  # noqa: UP017 (Python 3.9 on Debian 11)
-    return min(max(0.0, when.timestamp() - now), RETRY_AFTER_MAX_SECONDS)
+    return min(max(0.0, when.timestamp() - now), maximum)
 
 
 def retry_delay(

@@ -41,14 +41,29 @@ from celery import Celery
 
 from . import events, names
 from .batch import Processor
-from .deadstore import DeadStats, DiskDeadLetters, disk_dead_letters, move_legacy
+from .deadstore import (
+    MOVE_PER_TURN,
+    DeadStats,
+    DiskDeadLetters,
+    disk_dead_letters,
+    move_legacy,
+)
 from .delivery import Item, merge_duplicates
 from .names import QUEUE, dead_claim_key, spool_state_key, unreadable_key
 from .retention import Retention
 from .retries import Reschedule
 from .scripts import set_fields
 from .settings import Settings
-from .spool import DISK_RESERVE_BYTES, SHRINK_ABOVE_BYTES, Row, Spool, SpoolFull, Stats
+from .settle import keys
+from .spool import (
+    DISK_RESERVE_BYTES,
+    RESUME_SHARE,
+    SHRINK_ABOVE_BYTES,
+    Row,
+    Spool,
+    SpoolFull,
+    Stats,
+)
 from .transport import TAKING
 
 log = logging.getLogger("xapi_worker.spool")
@@ -65,6 +80,8 @@ class DrainProcessor(Processor):
     def __init__(self, app: Celery, settings: Settings, spool: Spool) -> None:
         self.reschedule = Reschedule(spool, settings)
         super().__init__(app, settings, spool, self.reschedule)
+        # A row's dead letter and the row's deletion: one transaction (deadstore.py).
+        self.settler.rows = lambda item: [int(k) for k in keys(item)]
 
     def deliver(self, rows: Sequence[Row]) -> list[int]:
         """One batch of the spool to the LRS; returns the ids of the rows it settled (the
@@ -114,7 +131,7 @@ class Drainer:
         self.node = node
         # A Spool of its own: an SQLite connection serves the thread that made it.
         self.spool = (
-            Spool(spool.directory, node, spool.max_bytes, spool.batch_size)
+            Spool(spool.directory, node, spool.max_bytes, spool.batch_size, spool.statement_bytes)
             if spool is not None
             else None
         )
@@ -129,7 +146,7 @@ class Drainer:
         self._dead_stats: DeadStats | None = None
         # The bookkeeping thread's own Spool: its connection is made, used and closed there.
         self._ahead_spool = (
-            Spool(spool.directory, node, spool.max_bytes, spool.batch_size)
+            Spool(spool.directory, node, spool.max_bytes, spool.batch_size, spool.statement_bytes)
             if spool is not None
             else None
         )
@@ -141,6 +158,7 @@ class Drainer:
         self._next_state = 0.0
         self._next_purge = 0.0
         self._full_logged = -1e9
+        self._move_warned = -1e9  # monotonic: the last "dead letters stay in the broker"
         self._woken = False
         self._stopping = False
         self.paused = False
@@ -248,7 +266,7 @@ class Drainer:
 
     def wake_parked(self) -> None:
         """At start: rows parked beyond the longest retry delay (an LRS's Retry-After, up to
-        delivery.RETRY_AFTER_MAX_SECONDS, by the process before this one) are due now; the
+        XAPI_WORKER_RETRY_AFTER_MAX_SECONDS, by the process before this one) are due now; the
         first batch asks the LRS afresh, and a failure parks them again with the backoff."""
         assert self.spool is not None
         woken = self.spool.wake(beyond=self.settings.retry_max_seconds)
@@ -306,11 +324,29 @@ class Drainer:
         try:
             if not client.llen(legacy) and not client.llen(claim):
                 return
-            move_legacy(client, legacy, claim, self.dead)
+            # Only while this node's dead letters stay roomy: moved past that, they would
+            # stop the node taking live statements (DeadStats.full), every node in turn.
+            moved = move_legacy(client, legacy, claim, self.dead, MOVE_PER_TURN, roomy=True)
+            left = 0 if moved >= MOVE_PER_TURN else int(client.llen(legacy))  # type: ignore[arg-type]
         except SpoolFull as exc:
             log.error("%s: the broker's dead letters stay in %s", exc, legacy)
+            return
         except Exception:
             log.warning("dead letters of %s not moved this time", legacy, exc_info=True)
+            return
+        now = time.monotonic()
+        if left and now - self._move_warned >= 60:
+            self._move_warned = now
+            log.warning(
+                "%d dead letters stay in the broker's %s: this node's dead letters (%s) have "
+                "no room for them below %d%% of XAPI_WORKER_DEAD_LETTER_MAX_MB (%d MiB) less "
+                "one batch; replay or purge them (`xapi-worker dead-letters`)",
+                left,
+                legacy,
+                self.dead.spool.path,
+                round(RESUME_SHARE * 100),
+                self.dead.max_bytes // 1024**2,
+            )
 
     def _gate(self, stats: Stats, dead: DeadStats | None = None) -> None:
         dead_full = dead is not None and dead.full
@@ -351,13 +387,23 @@ class Drainer:
                     f"less than one batch of the largest statements "
                     f"({stats.headroom / 1024**2:.1f} MiB) from its limit"
                 )
+                # The file holds the node's dead letters too: the LRS taking the spool
+                # frees none of their bytes.
+                held = (
+                    f"; {dead.bytes // 1024**2} MiB of the file are {dead.count} dead letters "
+                    "(XAPI_WORKER_DEAD_LETTER_MAX_MB within XAPI_WORKER_SPOOL_MAX_MB), which "
+                    "only their replay, purge (`xapi-worker dead-letters`) or expiry frees"
+                    if dead is not None and dead.count and not stats.disk_full
+                    else ""
+                )
                 log.error(
-                    "spool %s FULL (%d statements, %s): this node takes nothing from the "
+                    "spool %s FULL (%d statements, %s%s): this node takes nothing from the "
                     "broker until the LRS takes the spool or the disk has room; statements "
                     "wait in Redis, none is dropped",
                     self.spool.path if self.spool else "-",
                     stats.depth,
                     why,
+                    held,
                 )
                 events.emit(
                     "spool_full",

@@ -36,6 +36,7 @@ import binascii
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -94,20 +95,29 @@ def _mbox(value: str) -> str:
 
 @dataclass(frozen=True)
 class Learner:
-    """Who to forget: one or more of an mbox, an account (home page and name) and a name.
-    A statement is the learner's when any agent or group in it (its actor, an agent as its
-    object, an instructor, a team, a member, a sub-statement's) carries any of them."""
+    """Who to forget: an mbox, an account (home page and name), or both, and a name.
+    A statement is the learner's when an agent or group in it (its actor, an agent as its
+    object, an instructor, a team, a member, a sub-statement's) carries the mbox (or its
+    ``mbox_sha1sum``) or the account. A name given with them is not used (:attr:`name_ignored`):
+    it would only narrow, and a learner's statements carrying another name (Pod writes the
+    user name, an address or a hash there; a name changed since, a stray space, an agent with
+    none) would be missed and the erasure said complete. A name alone matches every agent of
+    that name, the learner's homonyms too: taken only when the caller says names are unique
+    (``name_is_unique``: Pod's ``XAPI_ANONYMIZE_ACTOR`` writes a hash as the name)."""
 
     mbox: str | None = None  # "mailto:" + the address, lower case
     home_page: str | None = None
     account_name: str | None = None
     name: str | None = None
     sha1: frozenset[str] = field(default=frozenset(), compare=False)
+    name_ignored: bool = field(default=False, compare=False)  # given with an mbox or account
 
     @classmethod
-    def of(cls, data: Mapping[str, Any]) -> Learner:
+    def of(cls, data: Mapping[str, Any], *, name_is_unique: bool = False) -> Learner:
         """From an agent-like object: ``{"mbox": ...}``, ``{"account": {"homePage": ...,
-        "name": ...}}``, ``{"name": ...}``, or several of them."""
+        "name": ...}}``, or both, with or without ``"name"``; ``{"name": ...}`` alone only
+        with ``name_is_unique`` (else :class:`LearnerError`: it would erase the statements
+        of every learner of that name)."""
         if not isinstance(data, Mapping):
             raise LearnerError("the learner must be a JSON object")
         unknown = set(data) - {"mbox", "account", "name", "objectType"}
@@ -131,6 +141,8 @@ class Learner:
             raise LearnerError("name must be a non-empty string")
         if mbox is None and account is None and name is None:
             raise LearnerError("give an mbox, an account or a name")
+        if mbox is None and account is None and not name_is_unique:
+            raise LearnerError(NAME_ALONE)
         sha1: set[str] = set()
         if mbox is not None:
             # mbox_sha1sum is the SHA-1 of the mbox as the producer wrote it: the address as
@@ -144,15 +156,26 @@ class Learner:
             mbox=_mbox(mbox) if mbox is not None else None,
             home_page=home_page.rstrip("/") if home_page is not None else None,
             account_name=account_name,
-            name=name,
+            name=None if (mbox is not None or account is not None) else name,
             sha1=frozenset(sha1),
+            name_ignored=name is not None and (mbox is not None or account is not None),
         )
 
     def __repr__(self) -> str:  # personal data: never in a log or a traceback
         return "Learner(<hidden>)"
 
     # --- matching ---------------------------------------------------------------------------
+    @property
+    def _identified(self) -> bool:
+        """An mbox or an account was given: those identify (a name given with them is not
+        kept: :meth:`of`)."""
+        return self.mbox is not None or self.home_page is not None
+
     def _is(self, agent: Mapping[str, Any]) -> bool:
+        if self.name is not None and agent.get("name") != self.name:
+            return False  # a name alone (with name_is_unique): it is all there is
+        if not self._identified:
+            return True
         if self.mbox is not None:
             mbox = agent.get("mbox")
             if isinstance(mbox, str) and _mbox(mbox) == self.mbox:
@@ -169,7 +192,7 @@ class Learner:
                 and account["homePage"].rstrip("/") == self.home_page
             ):
                 return True
-        return self.name is not None and agent.get("name") == self.name
+        return False
 
     def matches(self, value: Any) -> bool:  # noqa: ANN401 (any JSON value)
         """True when ``value`` (a statement, a message, a dead letter: any JSON value) holds an
@@ -193,14 +216,49 @@ class Learner:
         return False
 
     def in_text(self, text: str) -> bool:
-        """For an element that is no JSON: every string of one of the learner's identifiers
-        appears in it (the address of the mbox in any case)."""
-        if self.mbox is not None and self.mbox[len("mailto:") :] in text.lower():
+        """For an element that is no JSON (the head of a message's body, a message set aside
+        unread): the learner's identifiers appear in it as whole values, never inside
+        another (``alice@example.org`` is not in ``malice@example.org``): the mbox's address
+        (in any case) or its SHA-1 as a token, the account's home page and name as quoted
+        JSON strings, both; and the name, when given, as a quoted JSON string too."""
+        if self.name is not None and not _quoted(self.name, text):
+            return False
+        if not self._identified:
             return True
-        if self.home_page is not None and self.account_name is not None:
-            if self.home_page in text and self.account_name in text:
+        if self.mbox is not None:
+            address = re.escape(self.mbox[len("mailto:") :])
+            if re.search(_ADDRESS_BEFORE + address + _ADDRESS_AFTER, text, re.IGNORECASE):
                 return True
-        return self.name is not None and self.name in text
+            digests = "|".join(sorted(self.sha1))
+            if re.search(rf"(?<![0-9A-Fa-f])(?:{digests})(?![0-9A-Fa-f])", text, re.IGNORECASE):
+                return True
+        if self.home_page is not None and self.account_name is not None:
+            home = (self.home_page, self.home_page + "/")
+            if any(_quoted(h, text) for h in home) and _quoted(self.account_name, text):
+                return True
+        return False
+
+
+#: What a name alone is refused with (Learner.of), naming the option that takes it.
+NAME_ALONE = (
+    "a name alone matches every learner of that name (homonyms' statements would be erased "
+    "too): give the mbox or the account (a name with them is not used), or say that "
+    "names are unique on this site (XAPI_ANONYMIZE_ACTOR: a hash as the name) with "
+    "--name-is-unique (playbooks/forget.yml: -e name_is_unique=true)"
+)
+# An address in text is whole when no character of an address's local part comes before it
+# and none of its domain after it (a dot followed by more domain: a longer domain).
+_ADDRESS_BEFORE = r"(?<![\w.!#$%&'*+/=?^`{|}~-])"
+_ADDRESS_AFTER = r"(?![\w-]|\.[\w-])"
+
+
+def _quoted(value: str, text: str) -> bool:
+    """``value`` is in ``text`` as a JSON string, whole: ``"value"``, escaped or not, or one
+    level deeper (a JSON text inside a JSON string: ``\\"value\\"``)."""
+    for form in {json.dumps(value), json.dumps(value, ensure_ascii=False)}:
+        if form in text or json.dumps(form)[1:-1] in text:
+            return True
+    return False
 
 
 def decode(raw: bytes | str) -> Any | None:  # noqa: ANN401 (any JSON value)

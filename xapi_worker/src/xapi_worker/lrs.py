@@ -87,7 +87,11 @@ class LRSClient:
         return Answer(
             status=response.status_code,
             excerpt=excerpt(response.text, self._settings.lrs_password),
-            retry_after=parse_retry_after(response.headers.get("Retry-After"), time.time()),
+            retry_after=parse_retry_after(
+                response.headers.get("Retry-After"),
+                time.time(),
+                self._settings.retry_after_max_seconds,
+            ),
             latency_ms=latency,
             ids=_ids(response) if response.status_code == 200 else None,
         )

@@ -73,6 +73,23 @@ def dead_claim_key(queue: str, node: str) -> str:
     return inflight_key(queue, node) + DEAD_CLAIM
 
 
+#: ``replay-<run>@<host>``: the node name a ``dead-letters replay`` run takes while it runs
+#: (registered with a heartbeat, as a worker node): each element of the broker's dead letters
+#: it replays goes through its claim list (:func:`dead_claim_key`), where a stopped replay's
+#: claim is found again (transport.recover_orphans puts it back, forget reads it).
+REPLAY_NODE = "replay-"
+
+
+def replay_node(run: str, host: str) -> str:
+    """The node name of the replay run ``run`` on ``host``."""
+    return f"{REPLAY_NODE}{run}@{host}"
+
+
+def is_replay(member: str, queue: str = QUEUE) -> bool:
+    """Whether the registry's ``member`` is a replay run's (not a worker node)."""
+    return node_of(member, queue).startswith(REPLAY_NODE)
+
+
 def unreadable_key(queue: str = QUEUE) -> str:
     """Where the worker sets aside what it found on ``queue`` that is not a message."""
     return queue + UNREADABLE
@@ -93,6 +110,10 @@ KEYS = (
     inflight_key(QUEUE, "node"),
     alive_key(inflight_key(QUEUE, "node")),
     spool_state_key(QUEUE, "node"),
+    dead_claim_key(QUEUE, "node"),
+    inflight_key(QUEUE, replay_node("run", "host")),
+    alive_key(inflight_key(QUEUE, replay_node("run", "host"))),
+    dead_claim_key(QUEUE, replay_node("run", "host")),
     unreadable_key(),
 )
 

@@ -28,7 +28,7 @@ from urllib.request import pathname2url
 
 from .content import printable
 from .deadstore import DiskDeadLetters
-from .spool import SALVAGED, Entry, Spool, SpoolError
+from .spool import SALVAGED, Entry, Spool, SpoolError, connect
 
 log = logging.getLogger("xapi_worker.spool")
 
@@ -73,7 +73,7 @@ class Salvage:
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{pathname2url(str(path))}?mode=ro", uri=True)
+    return connect(f"file:{pathname2url(str(path))}?mode=ro", uri=True)
 
 
 class _Reader:

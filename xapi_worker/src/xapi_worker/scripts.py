@@ -153,6 +153,20 @@ return moved
 """
 )
 
+# KEYS[1] source list, KEYS[2] claim list; ARGV[1] an element. Moves one element equal to it
+# from the source to the tail of the claim list; returns 1, or 0 when the source holds none
+# (taken meanwhile by another).
+CLAIM_ONE = (
+    _HEADER
+    + """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+)
+
 # KEYS[1] a key; ARGV[1] its value. A plain SET of the worker's own (xapi.last_delivery): a few
 # bytes replaced, so it need not be refused at maxmemory while the worker drains.
 SET_VALUE = _HEADER + "return redis.call('SET', KEYS[1], ARGV[1])\n"
@@ -192,6 +206,13 @@ def move_some(
     atomically, at ``maxmemory`` too."""
     script = client.register_script(MOVE_SOME)
     return int(script(keys=[source, destination], args=[most, src, dst], client=client))
+
+
+def claim_one(client: redis.Redis, source: str, claim: str, value: bytes) -> bool:
+    """Move one element equal to ``value`` from list ``source`` to list ``claim``, at
+    ``maxmemory`` too; False when ``source`` holds none."""
+    script = client.register_script(CLAIM_ONE)
+    return bool(script(keys=[source, claim], args=[value], client=client))
 
 
 def push(client: redis.Redis, key: str, values: list[Any], left: bool = True) -> int:

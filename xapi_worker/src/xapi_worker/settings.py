@@ -25,6 +25,13 @@ from .urls import mask_url
 CONFIG_ENV = "XAPI_WORKER_CONFIG"
 TASK_NAME = "pod.xapi.xapi_tasks.send_xapi_statement_task"
 
+#: XAPI_WORKER_RETRY_AFTER_MAX_SECONDS's bounds: at least a second, at most a day (an LRS
+#: that asks for more is down for maintenance; the operator is better told by the backlog).
+RETRY_AFTER_BOUNDS = (1.0, 86400.0)
+#: XAPI_WORKER_MAX_STATEMENT_KB's bounds: Pod's statements are 1 to 3 kB; a batch of the
+#: largest must stay a reasonable POST, and the spool's headroom (a batch of them) small.
+STATEMENT_KB_BOUNDS = (16, 1024)
+
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ESCAPE_RE = re.compile(r'\\(["\\])')
 
@@ -157,6 +164,11 @@ class Settings:
     visibility_timeout: int = setting("XAPI_WORKER_VISIBILITY_TIMEOUT", _positive_int, 600)
     retry_base_seconds: float = setting("XAPI_WORKER_RETRY_BASE_SECONDS", _positive_float, 2.0)
     retry_max_seconds: float = setting("XAPI_WORKER_RETRY_MAX_SECONDS", _positive_float, 300.0)
+    # The longest Retry-After of the LRS honoured (a longer one, or a date further ahead, is
+    # cut to it): between RETRY_AFTER_BOUNDS.
+    retry_after_max_seconds: float = setting(
+        "XAPI_WORKER_RETRY_AFTER_MAX_SECONDS", _positive_float, 3600.0
+    )
     dead_letter_key: str = setting("XAPI_WORKER_DEAD_LETTER_KEY", _nonempty, DEAD_LETTERS)
     # 0 = derived: 2 x batch size
     prefetch_multiplier: int = setting("XAPI_WORKER_PREFETCH_MULTIPLIER", _non_negative_int, 0)
@@ -175,10 +187,19 @@ class Settings:
     # With the spool on, a node's dead letters are kept in its spool file (deadstore.py), up
     # to this many MiB (within the spool's own limit, which covers the whole file).
     dead_letter_max_mb: int = setting("XAPI_WORKER_DEAD_LETTER_MAX_MB", _positive_int, 512)
+    # The largest statement taken (its JSON text in UTF-8, KiB; larger: dead-lettered without
+    # a POST), the unit of the spool's headroom: between STATEMENT_KB_BOUNDS.
+    max_statement_kb: int = setting(
+        "XAPI_WORKER_MAX_STATEMENT_KB", _positive_int, MAX_STATEMENT_BYTES // 1024
+    )
 
     @property
     def broker_url_masked(self) -> str:
         return mask_url(self.broker_url)
+
+    @property
+    def max_statement_bytes(self) -> int:
+        return self.max_statement_kb * 1024
 
     @property
     def spool_enabled(self) -> bool:
@@ -235,26 +256,53 @@ def settings_from_mapping(values: Mapping[str, str]) -> Settings:
             "XAPI_WORKER_FLUSH_INTERVAL_MS/1000 + XAPI_WORKER_CONNECT_TIMEOUT + "
             f"XAPI_WORKER_READ_TIMEOUT (= {budget:g} s)"
         )
+    low_kb, high_kb = STATEMENT_KB_BOUNDS
+    if not low_kb <= settings.max_statement_kb <= high_kb:
+        raise SettingsError(
+            f"XAPI_WORKER_MAX_STATEMENT_KB must be between {low_kb} and {high_kb}: it is "
+            f"{settings.max_statement_kb}"
+        )
+    statement = settings.max_statement_bytes
+    low, high = RETRY_AFTER_BOUNDS
+    if not low <= settings.retry_after_max_seconds <= high:
+        raise SettingsError(
+            f"XAPI_WORKER_RETRY_AFTER_MAX_SECONDS must be between {low:g} and {high:g} "
+            f"seconds: it is {settings.retry_after_max_seconds:g}"
+        )
     if settings.retry_base_seconds > settings.retry_max_seconds:
         raise SettingsError(
             "XAPI_WORKER_RETRY_BASE_SECONDS must not exceed XAPI_WORKER_RETRY_MAX_SECONDS"
         )
     # A spool counts as full with less room than one batch of the largest statements: a
     # limit must hold a few such batches (spool.min_max_bytes).
-    smallest = -(-min_max_bytes(settings.batch_size) // 1024**2)
+    smallest = -(-min_max_bytes(settings.batch_size, statement) // 1024**2)
     if 0 < settings.spool_max_mb < smallest:
         raise SettingsError(
             f"XAPI_WORKER_SPOOL_MAX_MB must be 0 (automatic) or at least {smallest} with "
             f"XAPI_WORKER_BATCH_SIZE={settings.batch_size} (four batches of the largest "
-            f"statements, {MAX_STATEMENT_BYTES // 1024} KiB): it is {settings.spool_max_mb}"
+            f"statements, XAPI_WORKER_MAX_STATEMENT_KB={settings.max_statement_kb}): it is "
+            f"{settings.spool_max_mb}"
         )
     # A node's dead letters count as full with less room than one batch of the largest.
-    smallest = -(-2 * batch_bytes(settings.batch_size) // 1024**2)
+    smallest = -(-2 * batch_bytes(settings.batch_size, statement) // 1024**2)
     if settings.spool_enabled and settings.dead_letter_max_mb < smallest:
         raise SettingsError(
             f"XAPI_WORKER_DEAD_LETTER_MAX_MB must be at least {smallest} with "
             f"XAPI_WORKER_BATCH_SIZE={settings.batch_size} (two batches of the largest "
             f"statements): it is {settings.dead_letter_max_mb}"
+        )
+    # The spool's limit covers the whole file, its dead letters too: a limit that the dead
+    # letters alone can fill makes the spool full (the node stops taking) while the LRS
+    # takes every statement, and the dead letters' own limit is never met.
+    spool_min = -(-min_max_bytes(settings.batch_size, statement) // 1024**2)
+    needed = settings.dead_letter_max_mb + spool_min
+    if settings.spool_enabled and 0 < settings.spool_max_mb < needed:
+        raise SettingsError(
+            f"XAPI_WORKER_SPOOL_MAX_MB must be 0 (automatic) or at least {needed}: "
+            f"XAPI_WORKER_DEAD_LETTER_MAX_MB ({settings.dead_letter_max_mb}), which the dead "
+            f"letters take of the same file, plus {spool_min} for the statements (four "
+            f"batches of the largest with XAPI_WORKER_BATCH_SIZE={settings.batch_size}): it "
+            f"is {settings.spool_max_mb}"
         )
     return settings
 

@@ -1,8 +1,8 @@
 """Settling a batch: what each statement's result (``delivery.Result``) becomes.
 
 - Delivered, or already stored with the same content: counted; its message is acknowledged.
-- Refused for good: its dead letter is written (:func:`write_dead_letter`, the one path of
-  every dead letter the worker writes), then its message is acknowledged.
+- Refused for good: its dead letter is written (:meth:`Settler.write_dead_letter`, the one
+  path of every dead letter the worker writes), then its message is acknowledged.
 - To be tried again: dead-lettered instead when it is too old (:func:`too_old`, the one
   place of that rule); otherwise handed to the :class:`Retries` the caller gave, which knows
   where a retry goes (retries.py): a live batch re-publishes it with a countdown or spools it,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +33,9 @@ from .urls import mask_url
 
 log = logging.getLogger("xapi_worker")
 
+#: The least time between two "dead letters full" messages of one settler (seconds).
+FULL_WARN_SECONDS = 60.0
+
 
 def keys(item: Item) -> list[str]:
     """The keys ``item`` settles: its own and its duplicates' (delivery.merge_duplicates)."""
@@ -48,51 +51,6 @@ def too_old(item: Item, answer: Answer, now: float, settings: Settings) -> str |
     if now - item.first_seen > settings.max_age_days * 86400:
         return f"max age exceeded ({settings.max_age_days:g} days), last error: {answer.what}"
     return None
-
-
-#: monotonic time of the last "dead letters full" message (one a minute at most)
-_full_warned = [-1e9]
-
-
-def write_dead_letter(
-    dead: RedisAccess,
-    metrics: Metrics,
-    letter: DeadLetter,
-    node: str,
-    disk: DiskDeadLetters | None = None,
-) -> bool:
-    """Write ``letter`` (to the node's disk, ``disk``, when its spool is on; to the broker's
-    list otherwise), count it, say so (event ``dead_letter``); False, logged, when it cannot
-    be written: its message then goes back."""
-    try:
-        if disk is not None:
-            disk.add([letter.entry()])
-        else:
-            dead.add(letter)
-    except SpoolFull as exc:
-        # The node's dead letters (or its spool file) are full: kept where it is; the
-        # drainer stops the node taking (drain.py) until they have room.
-        now_m = time.monotonic()
-        if now_m - _full_warned[0] >= 60:
-            _full_warned[0] = now_m
-            log.critical("%s: task %s put back", exc, letter.task_id)
-        return False
-    except Exception:
-        log.exception("cannot write dead letter for task %s: put back", letter.task_id)
-        return False
-    metrics.count(DEAD_LETTERED)
-    statement_id = letter.statement.get("id")
-    events.emit(
-        "dead_letter",
-        logging.WARNING,
-        statement_id=statement_id if isinstance(statement_id, str) else None,
-        task_id=letter.task_id,
-        reason=letter.reason[:300],
-        lrs_status=letter.status,
-        attempts=letter.attempts,
-        node=node,
-    )
-    return True
 
 
 @dataclass(frozen=True)
@@ -134,6 +92,7 @@ class Settler:
         retries: Retries,
         hold_for: Callable[[float], None],
         disk: Callable[[], DiskDeadLetters | None] = lambda: None,
+        rows: Callable[[Item], Sequence[int]] = lambda _item: (),
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -142,6 +101,51 @@ class Settler:
         self.retries = retries
         self.hold_for = hold_for
         self.disk = disk  # the node's dead letters on its disk (None: the broker's list)
+        # The spooled rows an item's dead letter settles (the drainer: its keys are row ids),
+        # deleted with its writing; none for a live batch.
+        self.rows = rows
+        self._full_warned = -1e9  # monotonic time of the last "dead letters full" message
+
+    def write_dead_letter(self, letter: DeadLetter, settles: Sequence[int] = ()) -> bool:
+        """Write ``letter`` (to the node's disk, :attr:`disk`, when its spool is on; to the
+        broker's list otherwise), count it, say so (event ``dead_letter``); False, logged,
+        when it cannot be written: its message then goes back. ``settles``: the spooled rows
+        it settles (the drainer's), deleted with its writing (deadstore.DiskDeadLetters.add);
+        when none of them was left (settled meanwhile by another process), nothing is
+        written, nothing counted."""
+        disk = self.disk()
+        try:
+            if disk is not None:
+                if not disk.add([letter.entry()], settles=settles):
+                    log.info("task %s settled meanwhile by another process", letter.task_id)
+                    return True
+            else:
+                self.dead.add(letter)
+        except SpoolFull as exc:
+            # The node's dead letters (or its spool file) are full: kept where it is; the
+            # drainer stops the node taking (drain.py) until they have room. Said once a
+            # minute at most.
+            now_m = time.monotonic()
+            if now_m - self._full_warned >= FULL_WARN_SECONDS:
+                self._full_warned = now_m
+                log.critical("%s: task %s put back", exc, letter.task_id)
+            return False
+        except Exception:
+            log.exception("cannot write dead letter for task %s: put back", letter.task_id)
+            return False
+        self.metrics.count(DEAD_LETTERED)
+        statement_id = letter.statement.get("id")
+        events.emit(
+            "dead_letter",
+            logging.WARNING,
+            statement_id=statement_id if isinstance(statement_id, str) else None,
+            task_id=letter.task_id,
+            reason=letter.reason[:300],
+            lrs_status=letter.status,
+            attempts=letter.attempts,
+            node=self.node(),
+        )
+        return True
 
     def settle(
         self, results: list[Result], now: float, hold: float = 0.0, batch: int = 0
@@ -191,7 +195,7 @@ class Settler:
             first_seen=item.first_seen,
             conflict=res.conflict,
         )
-        if not write_dead_letter(self.dead, self.metrics, letter, self.node(), self.disk()):
+        if not self.write_dead_letter(letter, self.rows(item)):
             return False
         log.warning(
             "dead letter: statement %s (task %s, attempt %d): %s: %s",

@@ -26,11 +26,12 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.request import pathname2url
 
 from .content import MAX_STATEMENT_BYTES, json_text, printable
@@ -275,18 +276,18 @@ def row_bytes(statement_text: str, *others: str) -> int:
     )
 
 
-def batch_bytes(batch_size: int) -> int:
+def batch_bytes(batch_size: int, statement_bytes: int = MAX_STATEMENT_BYTES) -> int:
     """The most one batch can write to the spool: ``batch_size`` statements of the largest
-    size the worker takes (content.MAX_STATEMENT_BYTES; a larger one is dead-lettered
-    without reaching the spool), each with its row's overhead. A spool with less room than
-    this counts as full (Stats.full)."""
-    return batch_size * (MAX_STATEMENT_BYTES + ROW_OVERHEAD_BYTES)
+    size the worker takes (``statement_bytes``, XAPI_WORKER_MAX_STATEMENT_KB; a larger one
+    is dead-lettered without reaching the spool), each with its row's overhead. A spool with
+    less room than this counts as full (Stats.full)."""
+    return batch_size * (statement_bytes + ROW_OVERHEAD_BYTES)
 
 
-def min_max_bytes(batch_size: int) -> int:
+def min_max_bytes(batch_size: int, statement_bytes: int = MAX_STATEMENT_BYTES) -> int:
     """The smallest size limit a spool may be given: room for four batches of the largest
     statements (a smaller one would count as full before it held a few)."""
-    return 4 * batch_bytes(batch_size)
+    return 4 * batch_bytes(batch_size, statement_bytes)
 
 
 def room(used_bytes: int, max_bytes: int, free: int) -> int:
@@ -324,6 +325,29 @@ def node_file(node: str) -> str:
     return re.sub(r"[^A-Za-z0-9@._-]", "_", node) + ".sqlite3"
 
 
+def connect(
+    target: str | Path,
+    uri: bool = False,
+    timeout: float = BUSY_TIMEOUT_MS / 1000,
+    isolation_level: Literal["DEFERRED", "EXCLUSIVE", "IMMEDIATE"] | None = "DEFERRED",
+) -> sqlite3.Connection:
+    """An SQLite connection (``sqlite3.connect``'s arguments) that trusts nothing the file's
+    schema holds: ``trusted_schema`` off (a trigger, view or default of the file may use no
+    function or virtual table that SQLite does not mark harmless, such as the ``pragma_*``
+    tables), and SQLite's defensive mode where Python can set it (``Connection.setconfig``,
+    Python 3.12 and later; Python 3.11's sqlite3 has no way to). A spool file may have been
+    written by another user (Pod's, before the spool became the worker's user's)."""
+    conn = sqlite3.connect(target, timeout=timeout, isolation_level=isolation_level, uri=uri)
+    try:
+        conn.execute("PRAGMA trusted_schema = OFF")
+        if sys.version_info >= (3, 12):
+            conn.setconfig(sqlite3.SQLITE_DBCONFIG_DEFENSIVE, True)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def free_bytes(directory: Path) -> int:
     """Free space of the filesystem holding ``directory``, for an unprivileged writer."""
     st = os.statvfs(directory)
@@ -350,12 +374,18 @@ class Spool:
     uses it; the connection is rebuilt after a fork."""
 
     def __init__(
-        self, directory: str | Path, node: str, max_bytes: int = 0, batch_size: int = 100
+        self,
+        directory: str | Path,
+        node: str,
+        max_bytes: int = 0,
+        batch_size: int = 100,
+        statement_bytes: int = MAX_STATEMENT_BYTES,
     ) -> None:
         self.directory = Path(directory)
         self.path = self.directory / node_file(node)
         self._max_bytes = max_bytes  # 0: automatic, computed at open
         self.batch_size = batch_size  # the node's XAPI_WORKER_BATCH_SIZE: the headroom's unit
+        self.statement_bytes = statement_bytes  # XAPI_WORKER_MAX_STATEMENT_KB, in bytes
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._lock_fd: int | None = None  # LOCK, held from open() to release()
@@ -453,7 +483,7 @@ class Spool:
         self._refuse_newer()
         old = os.umask(0o077)
         try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn = connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         finally:
             os.umask(old)
         try:
@@ -497,7 +527,7 @@ class Spool:
         except OSError:
             return
         try:
-            peek = sqlite3.connect(
+            peek = connect(
                 f"file:{pathname2url(str(self.path))}?mode=ro",
                 uri=True,
                 timeout=BUSY_TIMEOUT_MS / 1000,
@@ -1000,5 +1030,5 @@ class Spool:
             free_bytes=free_bytes(self.directory),
             damaged_files=tuple(p.name for p in damaged),
             damaged_since=min(times, default=None),
-            headroom=batch_bytes(self.batch_size),
+            headroom=batch_bytes(self.batch_size, self.statement_bytes),
         )

@@ -171,7 +171,8 @@ class XapiBatches(Batches):  # type: ignore[misc]
         (the message acknowledged); a message whose dead letter fails is put back."""
         args, kwargs, _embed = request._payload
         candidate = args[0] if len(args) == 1 and not kwargs else {"args": args, "kwargs": kwargs}
-        why = problem(candidate)
+        limit = self.processor.settings.max_statement_bytes if self.processor else None
+        why = problem(candidate) if limit is None else problem(candidate, limit)
         if why is None:
             try:
                 pickle.dumps(_slim(request))
@@ -265,7 +266,9 @@ def _run_the_spool(app: Celery, processor: Processor) -> None:
         node = str(sender)
         if processor.settings.spool_enabled:
             s = processor.settings
-            spool = Spool(s.spool_dir, node, s.spool_max_mb * 1024**2, s.batch_size)
+            spool = Spool(
+                s.spool_dir, node, s.spool_max_mb * 1024**2, s.batch_size, s.max_statement_bytes
+            )
             try:
                 spool.open(exclusive=True)  # the node's own: no other holder
             except Exception as exc:

@@ -235,7 +235,8 @@ def read_broker(broker: Broker, timeout: float, dead_window: float) -> BrokerSta
         for member in members:
             in_flight += client.integer("LLEN", member)
             alive = bool(client.integer("EXISTS", names.alive_key(member)))
-            nodes += 1 if alive else 0
+            # a `dead-letters replay` run registers as a node while it runs: not one
+            nodes += 1 if alive and not names.is_replay(member) else 0
             spool = read_spool(client, member, alive, now)
             if spool is not None:
                 spools.append(spool)
