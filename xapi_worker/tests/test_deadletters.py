@@ -6,6 +6,7 @@ replayed and purged wherever they are."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from support import (
     pod_producer,
     run_cli,
     wait_for,
+    worker_env,
 )
 from xapi_testsupport.statements import video_statement
 from xapi_worker.delivery import iso
@@ -696,7 +698,6 @@ def test_a_replay_beside_a_moving_node_sends_a_dead_letter_or_leaves_it(
     disk (listed, and replayed again by a later run), the removal finding nothing, unsaid.
     Now each element is claimed before its statement is sent: one moved meanwhile is not
     sent, and the replay says how many were."""
-    from support import worker_env
     from xapi_worker.deadstore import DiskDeadLetters, move_legacy
     from xapi_worker.spool import Spool
 
@@ -752,7 +753,6 @@ def test_a_replay_killed_leaves_its_claim_where_forget_and_the_workers_find_it(
     list, registered as a node's with a heartbeat (so forget reads it); once the heartbeat
     has expired, a worker node puts it back at the head of the broker's list."""
     from kombu import Connection, Consumer, Exchange, Queue
-    from support import worker_env
     from xapi_worker.transport import ALIAS, DEAD_LETTERS_OPTION, NODE_OPTION
 
     r = redis_srv.client()
@@ -799,3 +799,97 @@ def test_a_replay_killed_leaves_its_claim_where_forget_and_the_workers_find_it(
     assert not r.sismember("xapi.inflight", member)
     assert r.llen(member + ".dead_letters") == 0
     assert r.lrange(LEGACY, 0, -1) == [*claimed, *left]
+
+
+# --- a statement too large to keep ------------------------------------------------------------
+def _huge(n: int, mbox: str, name: str = "Jane") -> dict[str, Any]:
+    """A statement of about 300 kB (a result extension), far over a limit of 16 KiB."""
+    statement = video_statement("played", n)
+    statement["actor"] = {"objectType": "Agent", "name": name, "mbox": mbox}
+    pad = {"https://w3id.org/xapi/video/extensions/pad": "a" * 300_000}
+    statement["result"] = {"extensions": pad}
+    return statement
+
+
+@pytest.mark.parametrize("spool", [False, True], ids=["broker", "disk"])
+def test_a_statement_too_large_is_dead_lettered_as_a_bounded_summary(
+    tmp_path, spool, redis_srv, ralph, make_config, start_worker
+):
+    """A statement over XAPI_WORKER_MAX_STATEMENT_KB was dead-lettered whole (up to Pod's
+    2.5 MiB request limit): about 250 anonymous POSTs filled a node's dead letters, and the
+    node stopped taking (review s6, M2). Its dead letter is now a summary of at most a few
+    KiB: id, actor, verb and object ids, length, SHA-256, head of its text. Replay skips it
+    and says so; forget still finds the learner in it, by its actor or, when the actor was
+    too large to keep, by what is left of it."""
+    from xapi_worker.content import (
+        STATEMENT_BYTES,
+        STATEMENT_CUT,
+        STATEMENT_HEAD,
+        STATEMENT_SHA256,
+        json_text,
+    )
+
+    spool_dir = _spool_dir(tmp_path) if spool else None
+    extra: dict[str, Any] = {"XAPI_WORKER_SPOOL_DIR": spool_dir} if spool else {}
+    config = make_config(
+        ralph.url, XAPI_WORKER_MAX_STATEMENT_KB=16, XAPI_WORKER_BATCH_SIZE=10, **extra
+    )
+    jane = "mailto:jane@example.org"
+    kept_actor = _huge(1, jane)
+    long_name = _huge(2, jane, name="J" * 5000)  # the actor too large: its mbox is kept
+    other = _huge(3, "mailto:bob@example.org")
+    # a group too large to keep: her mbox is found in the head of the text
+    group = _huge(4, jane)
+    members = [{"mbox": f"mailto:m{n}@example.org", "name": f"M {n}"} for n in range(40)]
+    group["actor"] = {"objectType": "Group", "member": [group["actor"], *members]}
+    huge = [kept_actor, long_name, other, group]
+    worker = start_worker(config, name="huge")
+    with pod_producer(redis_srv.url()) as delay:
+        for s in huge:
+            delay(s)
+    r = redis_srv.client()
+
+    def dead() -> list[dict[str, Any]]:
+        kept = [json.loads(x) for x in r.lrange(LEGACY, 0, -1)]
+        return kept + (disk_dead_letters(spool_dir) if spool_dir is not None else [])
+
+    assert wait_for(lambda: len(dead()) == 4, 30), worker.text()[-3000:]
+    worker.stop()
+    assert ralph.stored() == []
+    letters = {e["statement"].get("id"): e for e in dead()}
+    assert set(letters) == {s["id"] for s in huge}
+    for s in huge:
+        entry = letters[s["id"]]
+        text = json_text(s).encode("utf-8")
+        summary = entry["statement"]
+        assert STATEMENT_CUT in summary
+        assert entry["reason"] == "too large: its JSON text is longer than 16384 bytes in UTF-8"
+        assert summary["verb"] == {"id": s["verb"]["id"]}
+        assert summary["object"] == {"id": s["object"]["id"]}
+        assert summary[STATEMENT_BYTES] == len(text)
+        assert summary[STATEMENT_SHA256] == hashlib.sha256(text).hexdigest()
+        assert summary[STATEMENT_HEAD] == text[:4096].decode("utf-8")
+        assert len(json.dumps(entry).encode("utf-8")) < 16 * 1024  # not 300 kB
+    assert letters[kept_actor["id"]]["statement"]["actor"] == kept_actor["actor"]
+    assert letters[long_name["id"]]["statement"]["actor"] == {"objectType": "Agent", "mbox": jane}
+    assert "actor" not in letters[group["id"]]["statement"]
+    assert jane in letters[group["id"]]["statement"][STATEMENT_HEAD]
+    # replay: nothing to send, said; the dead letters stay
+    replay = run_cli(config, "dead-letters", "replay")
+    assert replay.returncode == 0, replay.stderr
+    assert "replayed 0 dead letters onto queue xapi; skipped 4" in replay.stdout
+    assert "4 of the skipped dead letters keep only the summary" in replay.stdout
+    assert r.llen("xapi") == 0 and len(dead()) == 4
+    # forget finds the learner in her three summaries, and leaves the other's
+    out = subprocess.run(
+        [str(VENV_BIN / "xapi-worker"), "forget", "--stdin", "--wait", "0"],
+        env=worker_env(config),
+        input=json.dumps({"mbox": jane}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["removed"]["dead_letters"] == 3, report
+    assert [e["statement"]["id"] for e in dead()] == [other["id"]]

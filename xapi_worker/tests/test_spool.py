@@ -897,3 +897,52 @@ def test_a_salvage_stopped_by_a_full_spool_says_the_rest_stays_in_the_set_aside_
     assert "stay in the set-aside file" in result.error, result.line()
     assert "broker" not in result.error
     node.close()
+
+
+def test_a_statement_made_of_its_id_takes_its_bound_once_in_a_row(tmp_path):
+    """The row's ``statement_id`` column repeated the id whole: a statement within
+    XAPI_WORKER_MAX_STATEMENT_KB made mostly of its id (a browser's, sent while the LRS is
+    down: no 400 for it yet) counted about twice its bound in the row, so a batch of them was
+    refused by add() while the spool was not full, the node taking, putting back, taking
+    (review s6, L1). The column is cut: a row weighs its statement and the overhead."""
+    from xapi_worker.spool import ID_COLUMN_CHARS, SpoolFull, min_max_bytes
+
+    kb, batch = 16, 10
+    limit = kb * 1024
+    spool = Spool(
+        tmp_path,
+        "n@h",
+        max_bytes=min_max_bytes(batch, limit),
+        batch_size=batch,
+        statement_bytes=limit,
+    )
+    spool.open(exclusive=True)
+    try:
+        now = time.time()
+        filler = {
+            "actor": {"mbox": "mailto:a@example.org"},
+            "verb": {"id": "v"},
+            "pad": "p" * 12000,
+        }
+        n = 0
+        # Up to just above one headroom of room: the node still takes (not full).
+        while (stats := spool.stats()).room >= stats.headroom + 3 * 30_000:
+            spool.add([Entry(dict(filler, n=n), f"t{n}", 1, now, now)])
+            n += 1
+        stats = spool.stats()
+        assert not stats.full and stats.room >= stats.headroom
+        hostile = {"id": "x" * (limit - 200), "actor": {"mbox": "mailto:a@example.org"}}
+        try:
+            spool.add([Entry(dict(hostile), f"h{j}", 1, now, now) for j in range(batch)])
+        except SpoolFull as exc:
+            pytest.fail(f"a batch within the limit refused while the node takes: {exc}")
+        with sqlite3.connect(spool.path) as conn:
+            ids = [
+                r[0] for r in conn.execute("SELECT statement_id FROM spool WHERE task_id LIKE 'h%'")
+            ]
+        assert ids == ["x" * ID_COLUMN_CHARS] * batch
+        # the statement itself keeps its id whole
+        kept = [r.statement["id"] for r in spool.rows() if r.task_id.startswith("h")]
+        assert kept == [hostile["id"]] * batch
+    finally:
+        spool.close()

@@ -19,7 +19,7 @@ import requests
 
 from . import __version__
 from .consumer import BODY
-from .content import json_text
+from .content import STATEMENT_CUT, json_text
 from .deadletters import STATUS_FIELDS, RedisAccess, ReplayClaim
 from .deadstore import DiskDeadLetters, disk_dead_letters
 from .lrs import LRSClient, excerpt
@@ -237,7 +237,7 @@ def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
     meanwhile by another process (a node moving it to its disk) is not sent, and counted."""
     from .worker import make_celery  # Celery only for the commands that publish
 
-    replayed = skipped = gone = 0
+    replayed = skipped = cut = gone = 0
     with _broker(settings) as access:
         app = make_celery(settings, name="xapi_worker_replay")
         claim = ReplayClaim(access.client, access.key, settings.visibility_timeout)
@@ -253,6 +253,11 @@ def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
                         or BODY in statement
                     ):
                         skipped += 1
+                        continue
+                    # The summary of a statement too large to keep (content.bounded): the
+                    # statement itself is gone, and would be too large again.
+                    if STATEMENT_CUT in statement:
+                        cut += 1
                         continue
                     if not take():
                         gone += 1
@@ -271,7 +276,13 @@ def cmd_dead_replay(settings: Settings, args: argparse.Namespace) -> int:
             ) from None
         finally:
             app.close()
-    print(f"replayed {replayed} dead letters onto queue {QUEUE}; skipped {skipped}")
+    print(f"replayed {replayed} dead letters onto queue {QUEUE}; skipped {skipped + cut}")
+    if cut:
+        print(
+            f"{cut} of the skipped dead letters keep only the summary of a statement too "
+            f"large to send ({STATEMENT_CUT}: its id, actor, size, SHA-256 and head); they "
+            "stay until purged or expired"
+        )
     if gone:
         print(
             f"{gone} dead letters were moved or removed by another process while this replay "

@@ -17,6 +17,7 @@ written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -67,6 +68,80 @@ def problem(value: Any, max_bytes: int = MAX_STATEMENT_BYTES) -> str | None:  # 
     if size - 2 * DEPTH_MARGIN > max_bytes:
         return too_large(max_bytes)
     return None
+
+
+#: The key that marks a dead letter's ``statement`` as the summary of a statement too large
+#: to keep whole (:func:`bounded`); ``dead-letters replay`` skips such a letter (no
+#: statement to send). Its value says why.
+STATEMENT_CUT = "statement_cut"
+#: The summary's other keys besides ``id``, ``actor``, ``verb`` and ``object``: the length
+#: of the statement's JSON text in UTF-8, its SHA-256 (hex), and the start of that text.
+STATEMENT_BYTES = "statement_bytes"
+STATEMENT_SHA256 = "statement_sha256"
+STATEMENT_HEAD = "statement_head"
+#: Most bytes (UTF-8) of the statement's text kept in its summary.
+SUMMARY_HEAD_BYTES = 4096
+#: Most characters of an id (the statement's, its verb's, its object's) kept in a summary.
+SUMMARY_ID_CHARS = 256
+#: Most bytes of the actor's JSON text kept in a summary (larger: its identifying fields
+#: only, or none; ``forget`` then reads the head).
+SUMMARY_ACTOR_BYTES = 1024
+#: The identifying fields of an actor kept when the whole actor is too large.
+_ACTOR_FIELDS = ("objectType", "name", "mbox", "mbox_sha1sum", "openid")
+
+
+def _short(value: Any) -> str | None:  # noqa: ANN401
+    return value[:SUMMARY_ID_CHARS] if isinstance(value, str) else None
+
+
+def _small_actor(actor: Any) -> dict[str, Any] | None:  # noqa: ANN401
+    """``actor`` when its JSON text fits :data:`SUMMARY_ACTOR_BYTES`; else its identifying
+    fields that are short strings, when there are any and they fit; else None (a group's
+    members are not kept: the head of the text holds the first of them)."""
+    if not isinstance(actor, dict):
+        return None
+    if len(json_text(actor).encode("utf-8")) <= SUMMARY_ACTOR_BYTES:
+        return actor
+    short: dict[str, Any] = {
+        k: v
+        for k in _ACTOR_FIELDS
+        if isinstance(v := actor.get(k), str) and len(v) <= SUMMARY_ID_CHARS
+    }
+    account = actor.get("account")
+    if isinstance(account, dict):
+        fields = {k: account.get(k) for k in ("homePage", "name")}
+        if all(isinstance(v, str) and len(v) <= SUMMARY_ID_CHARS for v in fields.values()):
+            short["account"] = fields
+    if set(short) - {"objectType"} and len(json_text(short).encode("utf-8")) <= SUMMARY_ACTOR_BYTES:
+        return short
+    return None
+
+
+def bounded(statement: dict[str, Any], max_bytes: int = MAX_STATEMENT_BYTES) -> dict[str, Any]:
+    """``statement`` as its dead letter keeps it: whole when its JSON text is at most
+    ``max_bytes`` in UTF-8; otherwise a summary marked :data:`STATEMENT_CUT` (its id, actor,
+    verb id and object id when small, cut to a bound; its length, SHA-256 and the first
+    :data:`SUMMARY_HEAD_BYTES` of its text), at most about 15 KiB whatever was sent: a dead
+    letter never weighs more than a statement the worker takes (the dead letters' headroom,
+    deadstore.py), so a flood of huge statements cannot fill them."""
+    data = json_text(statement).encode("utf-8")
+    if len(data) <= max_bytes:
+        return statement
+    summary: dict[str, Any] = {
+        STATEMENT_CUT: f"longer than {max_bytes} bytes: only this summary is kept",
+    }
+    if (sid := _short(statement.get("id"))) is not None:
+        summary["id"] = sid
+    if (actor := _small_actor(statement.get("actor"))) is not None:
+        summary["actor"] = actor
+    for key in ("verb", "object"):
+        part = statement.get(key)
+        if isinstance(part, dict) and (pid := _short(part.get("id"))) is not None:
+            summary[key] = {"id": pid}
+    summary[STATEMENT_BYTES] = len(data)
+    summary[STATEMENT_SHA256] = hashlib.sha256(data).hexdigest()
+    summary[STATEMENT_HEAD] = data[:SUMMARY_HEAD_BYTES].decode("utf-8", "ignore")
+    return summary
 
 
 def _cut(value: Any, depth: int) -> Any:  # noqa: ANN401

@@ -48,6 +48,7 @@ import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from .consumer import BODY
+from .content import STATEMENT_HEAD
 from .deadstore import DiskDeadLetters, disk_dead_letters
 from .names import DEAD_CLAIM, QUEUE, UNACKED, UNACKED_INDEX, registry_key, unreadable_key
 from .retention import unwrap
@@ -300,9 +301,16 @@ def belongs(learner: Learner, raw: bytes | str) -> bool:
         return True
     # The dead letter of a message the worker could not read keeps the head of its body as
     # text (consumer.py): the learner's agent is in that text, not in the JSON around it.
+    # So does the summary of a statement too large to keep (content.bounded) when its actor
+    # was too large to keep too.
     statement = value.get("statement") if isinstance(value, Mapping) else None
-    body = statement.get(BODY) if isinstance(statement, Mapping) else None
-    return isinstance(body, str) and (belongs(learner, body) or learner.in_text(body))
+    if not isinstance(statement, Mapping):
+        return False
+    body = statement.get(BODY)
+    if isinstance(body, str) and (belongs(learner, body) or learner.in_text(body)):
+        return True
+    head = statement.get(STATEMENT_HEAD)
+    return isinstance(head, str) and learner.in_text(head)
 
 
 @dataclass

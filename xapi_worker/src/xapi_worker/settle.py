@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from . import events
-from .content import printable
+from .content import bounded, printable
 from .deadletters import DeadLetter, RedisAccess
 from .deadstore import DiskDeadLetters
 from .delivery import Answer, Item, Kind, Result, Verdict
@@ -112,7 +112,11 @@ class Settler:
         when it cannot be written: its message then goes back. ``settles``: the spooled rows
         it settles (the drainer's), deleted with its writing (deadstore.DiskDeadLetters.add);
         when none of them was left (settled meanwhile by another process), nothing is
-        written, nothing counted."""
+        written, nothing counted. A statement larger than the worker takes is kept as its
+        summary (content.bounded): a dead letter weighs no more than a statement taken."""
+        statement = bounded(letter.statement, self.settings.max_statement_bytes)
+        if statement is not letter.statement:
+            letter = replace(letter, statement=statement)
         disk = self.disk()
         try:
             if disk is not None:

@@ -46,6 +46,10 @@ AUTO_SHARE = 0.25
 #: columns (ids, the last error, cut at 500 characters), SQLite's record and cell headers,
 #: its two index entries, and the unused end of its last overflow page (a page).
 ROW_OVERHEAD_BYTES = 8 * 1024
+#: Most characters of the ``statement_id`` column (a statement's id, for a person reading the
+#: file; no code reads it: the id travels in the statement). A UUID takes 36; a browser can
+#: send an id of any length, which, kept whole there too, would count twice in the row.
+ID_COLUMN_CHARS = 64
 #: A full spool takes again below this share of its limit, and with this much room above
 #: where it stopped on its disk: far enough that it does not stop again at once.
 RESUME_SHARE = 0.9
@@ -817,7 +821,7 @@ class Spool:
         now = time.time() if now is None else now
         rows = [
             (
-                printable(str(e.statement.get("id", ""))),
+                printable(str(e.statement.get("id", ""))[:ID_COLUMN_CHARS]),
                 json_text(e.statement),
                 e.task_id,
                 e.attempts,
