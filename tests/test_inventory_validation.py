@@ -680,6 +680,19 @@ def inventory(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+#: useradd's options for an account as tasks/user.yml makes the worker's (account_checks.yml
+#: knows it by them).
+ROLES_ACCOUNT = [
+    "--no-create-home",
+    "--home-dir",
+    "/nonexistent",
+    "--shell",
+    "/usr/sbin/nologin",
+    "--comment",
+    "xAPI worker (Esup-Pod xAPI bundle)",
+]
+
+
 def check_run(inventory: Path, tmp_path: Path, playbook: str, values: dict) -> tuple[int, str]:
     """``playbook`` in check mode with ``values`` as extra vars: exit status and output."""
     extra = tmp_path / "vars.yml"
@@ -999,13 +1012,7 @@ def test_a_worker_user_with_uid_0_is_refused(inventory: Path, tmp_path: Path) ->
             "0",
             "--gid",
             "nogroup",
-            "--no-create-home",
-            "--home-dir",
-            "/nonexistent",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--comment",
-            "xAPI worker (Esup-Pod xAPI bundle)",
+            *ROLES_ACCOUNT,
             name,
         ],
         check=True,
@@ -1034,13 +1041,7 @@ def test_the_roles_own_worker_account_is_accepted(inventory: Path, tmp_path: Pat
             "useradd",
             "--system",
             "--user-group",
-            "--no-create-home",
-            "--home-dir",
-            "/nonexistent",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--comment",
-            "xAPI worker (Esup-Pod xAPI bundle)",
+            *ROLES_ACCOUNT,
             name,
         ],
         check=True,
@@ -1109,13 +1110,7 @@ def test_a_fixed_system_group_is_refused_even_as_the_roles_users_own(
                 "--system",
                 "--gid",
                 name,
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--comment",
-                "xAPI worker (Esup-Pod xAPI bundle)",
+                *ROLES_ACCOUNT,
                 name,
             ],
             check=True,
